@@ -1,0 +1,1 @@
+"""kvplug: KV-cache compression declared once, run in HF transformers and vLLM."""
