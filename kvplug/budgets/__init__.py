@@ -1,0 +1,1 @@
+"""Budgets: how many tokens each layer and KV head keeps, given the scorer's ranking."""

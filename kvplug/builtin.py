@@ -1,0 +1,25 @@
+"""kvplug's own strategy parts, registered through the public hook like any plugin."""
+
+from __future__ import annotations
+
+from kvplug.budgets.adakv import AdaKV
+from kvplug.budgets.pyramid import Pyramid
+from kvplug.budgets.uniform import Uniform
+from kvplug.codecs.fp8 import Fp8
+from kvplug.codecs.integer import Int2, Int4, Int8
+from kvplug.codecs.kivi import Kivi
+from kvplug.codecs.none import NoCodec
+from kvplug.hookspecs import hookimpl
+from kvplug.scorers.h2o import H2O
+from kvplug.scorers.knorm import KNorm
+from kvplug.scorers.random import RandomScorer
+from kvplug.scorers.snapkv import SnapKV
+from kvplug.scorers.streaming import Streaming
+from kvplug.scorers.tova import Tova
+
+
+@hookimpl
+def kvplug_parts() -> list[type]:
+    return [NoCodec, Int8, Int4, Int2, Kivi, Fp8,
+            Streaming, H2O, SnapKV, Tova, KNorm, RandomScorer,
+            Uniform, Pyramid, AdaKV]

@@ -1,0 +1,1 @@
+"""Codecs: how one token's K/V is stored (quantized, packed) and read back."""

@@ -1,0 +1,48 @@
+"""The codec contract: encode/decode K or V tensors and say what a token costs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+
+from kvplug.parts import Part
+
+Role = Literal["key", "value"]
+Encoded = dict[str, torch.Tensor]
+"""Encoded tensors; every one has the token axis at -2 (codes, scales, zeros...)."""
+
+
+@dataclass(frozen=True)
+class Codec(Part):
+    """Stores K/V tensors shaped ``[..., tokens, head_dim]``.
+
+    ``token_group`` tokens are encoded together (1: each token alone, so a token may be written
+    into any free slot); the newest ``residual`` tokens stay in full precision.
+    """
+
+    kind: ClassVar[str] = "codec"
+
+    @property
+    def token_group(self) -> int:
+        return 1
+
+    @property
+    def residual(self) -> int:
+        return 0
+
+    def bytes_per_token(self, head_dim: int, dtype_bytes: int = 2) -> float:
+        """Bytes one token takes for K and V together, per KV head (residual not counted)."""
+        raise NotImplementedError
+
+    def check_head_dim(self, head_dim: int) -> None:
+        """Raise a clear error if this codec cannot store heads of ``head_dim``."""
+
+    def encode(self, x: torch.Tensor, role: Role, valid: torch.Tensor | None = None) -> Encoded:
+        """Encode ``x`` (``[..., T, D]``); ``valid`` (``[..., T]``) marks tokens that count."""
+        raise NotImplementedError
+
+    def decode(self, enc: Encoded, role: Role, dtype: torch.dtype) -> torch.Tensor:
+        """Values of ``enc`` as ``[..., T, D]`` in ``dtype``."""
+        raise NotImplementedError

@@ -1,0 +1,30 @@
+"""The contract kvplug plugins implement (pluggy hook specifications, project name ``kvplug``).
+
+A plugin is a module (or object) with ``@hookimpl`` functions, registered under the entry-point
+group ``kvplug`` in its distribution's metadata::
+
+    [project.entry-points.kvplug]
+    myplugin = "my_package.kvplug_plugin"
+
+kvplug's own strategies are registered through these same hooks (``kvplug.builtin``).
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+PROJECT = "kvplug"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def kvplug_parts() -> list[type]:
+    """Return the strategy part classes this plugin provides.
+
+    Each is a frozen dataclass subclassing one of :class:`kvplug.codecs.base.Codec` (how a token
+    is stored), :class:`kvplug.scorers.base.Scorer` (which tokens are kept) or
+    :class:`kvplug.budgets.base.Budget` (how many per layer/head), with a unique ``name`` (used in
+    spec strings), a ``paper`` and parameters declared with :func:`kvplug.parts.param`. A name
+    already taken by an earlier plugin is refused with a warning.
+    """

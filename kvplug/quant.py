@@ -1,0 +1,82 @@
+"""Affine integer quantization and bit packing, the one format every integer codec and kernel shares.
+
+The format (the Triton kernels in ``kvplug.triton_ops`` reproduce it bit for bit):
+
+* values are quantized in groups; per group ``scale = fp16((max - min) / (2**bits - 1))`` and
+  ``zero = fp16(min)``, computed in float32 then rounded to float16; a group whose scale rounds to
+  0 (a constant group) stores ``scale = 1`` so that every element decodes to ``zero`` exactly;
+* ``code = clamp(floor((x - zero) / scale + 0.5), 0, 2**bits - 1)`` in float32 arithmetic, using
+  the stored (float16-rounded) scale and zero, so decode sees exactly what encode assumed;
+* ``x_hat = code * scale + zero`` in float32;
+* codes are packed *planar* along the last axis: for ``n`` codes of ``bits`` each, byte ``j`` of
+  the ``n * bits / 8`` packed bytes holds element ``j + k * (n * bits / 8)`` at bit ``k * bits``,
+  ``k = 0 .. 8 / bits - 1``. A kernel unpacks one plane with a shift and a mask, no shuffles.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SCALE_DTYPE = torch.float16
+FP16_MAX = torch.finfo(torch.float16).max
+
+
+def check_finite(x: torch.Tensor, what: str) -> None:
+    """Refuse NaN/Inf and values beyond float16 metadata range, with one clear line."""
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{what}: cannot quantize NaN or Inf values")
+    if x.numel() and x.abs().max() > FP16_MAX:
+        raise ValueError(f"{what}: values beyond +-{FP16_MAX:.0f} do not fit the float16 scale/zero")
+
+
+def affine_params(
+    x: torch.Tensor, bits: int, dim: int = -1, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero (float16) of ``x`` reduced over ``dim`` (kept as size 1).
+
+    ``valid`` (broadcastable to ``x``) excludes elements, e.g. empty slots, from the range.
+    """
+    xf = x.float()
+    if valid is None:
+        lo, hi = xf.amin(dim, keepdim=True), xf.amax(dim, keepdim=True)
+    else:
+        lo = xf.masked_fill(~valid, float("inf")).amin(dim, keepdim=True)
+        hi = xf.masked_fill(~valid, float("-inf")).amax(dim, keepdim=True)
+        empty = torch.isinf(lo)
+        lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
+    scale = ((hi - lo) / (2**bits - 1)).to(SCALE_DTYPE)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return scale, lo.to(SCALE_DTYPE)
+
+
+def affine_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes (uint8) of ``x`` for the given float16 scale/zero (broadcast)."""
+    q = torch.floor((x.float() - zero.float()) / scale.float() + 0.5)
+    return q.clamp_(0, 2**bits - 1).to(torch.uint8)
+
+
+def affine_decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """float32 values of ``codes`` (broadcast against scale/zero)."""
+    return codes.float() * scale.float() + zero.float()
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes of ``bits`` along the last axis, planar (see module docstring)."""
+    if bits == 8:
+        return codes
+    per_byte = 8 // bits
+    n = codes.shape[-1]
+    if n % per_byte:
+        raise ValueError(f"cannot pack {n} {bits}-bit codes: length must be a multiple of {per_byte}")
+    planes = codes.reshape(*codes.shape[:-1], per_byte, n // per_byte).to(torch.int32)
+    shifts = torch.arange(0, 8, bits, device=codes.device, dtype=torch.int32).unsqueeze(-1)
+    return (planes << shifts).sum(-2).to(torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack`."""
+    if bits == 8:
+        return packed
+    shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.int32).unsqueeze(-1)
+    planes = (packed.to(torch.int32).unsqueeze(-2) >> shifts) & (2**bits - 1)
+    return planes.reshape(*packed.shape[:-1], -1).to(torch.uint8)

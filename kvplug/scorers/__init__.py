@@ -1,0 +1,1 @@
+"""Scorers: which tokens a layer keeps (higher score = kept first)."""

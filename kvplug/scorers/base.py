@@ -1,0 +1,99 @@
+"""The scorer contract: rank a layer's tokens at prefill, and optionally keep ranking at decode.
+
+Scores are ``[B, Hkv, T]``; ``+inf`` marks tokens that must be kept (sinks, recent window),
+``-inf`` tokens that never are (padding). The budget part turns scores into a kept set.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from kvplug.attention import accumulated_attention, window_attention
+from kvplug.parts import Part
+
+NEVER = float("-inf")
+ALWAYS = float("inf")
+
+
+@dataclass(eq=False)
+class ScoreInputs:
+    """What a scorer may look at for one layer at prefill (tensors only, no engine objects).
+
+    ``queries`` holds the last ``observation_window`` prompt queries ``[B, Hq, W, D]`` (all of
+    them when the scorer needs accumulated attention); ``valid`` ``[B, T]`` is False on padding.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    queries: torch.Tensor
+    valid: torch.Tensor
+    scale: float
+    layer_idx: int = 0
+    num_layers: int = 1
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.keys.shape[1]
+
+    @functools.cached_property
+    def positions(self) -> torch.Tensor:
+        """Index of each token among its row's valid tokens ``[B, T]`` (-1 on padding)."""
+        return torch.where(self.valid, self.valid.long().cumsum(-1) - 1, -1)
+
+    @functools.cached_property
+    def window_probs(self) -> torch.Tensor:
+        """Causal attention of the observation-window queries over all tokens ``[B, Hq, W, T]``."""
+        return window_attention(self.queries, self.keys, self.valid, self.scale)
+
+    @functools.cached_property
+    def accumulated(self) -> torch.Tensor:
+        """Attention received by each token, summed over all prompt queries ``[B, Hq, T]``."""
+        return accumulated_attention(self.queries, self.keys, self.valid, self.scale)
+
+    def finish(self, scores: torch.Tensor) -> torch.Tensor:
+        """Scores with padding set to never-keep, broadcast to ``[B, Hkv, T]``, float32."""
+        b, t = self.valid.shape
+        scores = scores.float().expand(b, self.num_kv_heads, t)
+        return scores.masked_fill(~self.valid[:, None, :], NEVER)
+
+
+@dataclass(frozen=True)
+class Scorer(Part):
+    """Ranks tokens. Subclasses implement :meth:`score` and say what they need."""
+
+    kind: ClassVar[str] = "scorer"
+    needs_all_queries: ClassVar[bool] = False
+    evicts_on_decode: ClassVar[bool] = False
+    needs_decode_attention: ClassVar[bool] = False
+
+    @property
+    def observation_window(self) -> int:
+        """How many of the last prompt queries :meth:`score` needs (0: none)."""
+        return 0
+
+    def kept_tokens(self, present: int) -> int:
+        """Tokens per KV head this scorer keeps when ``present`` tokens are there."""
+        raise NotImplementedError
+
+    def score(self, inputs: ScoreInputs) -> torch.Tensor:
+        """Scores ``[B, Hkv, T]`` (see module docstring)."""
+        raise NotImplementedError
+
+    # Decode-time eviction (only for scorers with ``evicts_on_decode``).
+    def new_token_score(self, step: torch.Tensor) -> torch.Tensor:
+        """Score (float32) a token starts with when written at logical positions ``step``."""
+        return torch.zeros_like(step, dtype=torch.float32)
+
+    def decode_update(self, scores: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
+        """New scores ``[B, Hkv, S]`` after one decode step; ``probs`` ``[B, Hkv, S]`` is that step's
+        attention (mean over the group's query heads) when ``needs_decode_attention``."""
+        return scores
+
+    def protected(self, positions: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """Slots (by logical ``positions`` ``[B, Hkv, S]``) that must not be evicted when the token
+        at logical position ``step`` (``[B, 1, 1]``) arrives."""
+        return torch.zeros_like(positions, dtype=torch.bool)

@@ -1,0 +1,53 @@
+"""``h2o``: heavy hitters (most attended tokens) plus recent tokens.
+
+H2O (Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language
+Models", NeurIPS 2023, arXiv 2306.14048): a small set of tokens receives most of the attention;
+keeping those (by accumulated attention) and the most recent ones preserves quality. Scores keep
+accumulating while generating and the least attended old token is evicted at each step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kvplug.attention import group_mean
+from kvplug.parts import param
+from kvplug.scorers.base import ALWAYS, ScoreInputs, Scorer
+from kvplug.tokens import TokenCount
+
+
+@dataclass(frozen=True)
+class H2O(Scorer):
+    """H2O: keep the tokens with the most accumulated attention plus the most recent ones."""
+
+    name = "h2o"
+    paper = "H2O, arXiv 2306.14048"
+    needs_all_queries = True
+    evicts_on_decode = True
+    needs_decode_attention = True
+    budget: TokenCount = param(TokenCount(tokens=1024), doc="tokens kept per head (count or %)")
+    recent_ratio: float = param(0.5, low=0.0, high=1.0, doc="share of the budget kept as recent tokens")
+
+    def kept_tokens(self, present: int) -> int:
+        return self.budget.resolve(present)
+
+    def recent(self, kept: int) -> int:
+        return math.floor(kept * self.recent_ratio)
+
+    def score(self, inputs: ScoreInputs) -> torch.Tensor:
+        scores = group_mean(inputs.accumulated, inputs.num_kv_heads)
+        present = inputs.valid.sum(-1, keepdim=True)
+        recent = torch.tensor([self.recent(self.kept_tokens(int(n))) for n in present.flatten()],
+                              device=present.device).view_as(present)
+        is_recent = inputs.positions >= present - recent
+        return inputs.finish(torch.where(is_recent[:, None, :], ALWAYS, scores))
+
+    def decode_update(self, scores: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
+        return scores + probs
+
+    def protected(self, positions: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        kept = positions.shape[-1]
+        return positions > step - self.recent(kept)

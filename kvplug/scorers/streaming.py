@@ -1,0 +1,41 @@
+"""``streaming``: attention sinks plus a recent window.
+
+StreamingLLM (Xiao et al., "Efficient Streaming Language Models with Attention Sinks", ICLR 2024,
+arXiv 2309.17453): the first few tokens absorb attention mass and must stay; with them, a window
+of the most recent tokens suffices for stable generation. The footprint stays at
+``sinks + window`` tokens while generating.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvplug.parts import param
+from kvplug.scorers.base import ALWAYS, ScoreInputs, Scorer
+
+
+@dataclass(frozen=True)
+class Streaming(Scorer):
+    """StreamingLLM: keep the first `sinks` tokens and the `window` most recent."""
+
+    name = "streaming"
+    paper = "StreamingLLM, arXiv 2309.17453"
+    evicts_on_decode = True
+    sinks: int = param(4, low=0, high=1 << 20, doc="first tokens always kept")
+    window: int = param(1020, low=1, high=1 << 24, doc="most recent tokens kept")
+
+    def kept_tokens(self, present: int) -> int:
+        return self.sinks + self.window
+
+    def score(self, inputs: ScoreInputs) -> torch.Tensor:
+        pos = inputs.positions.float()
+        scores = torch.where(inputs.positions < self.sinks, ALWAYS, pos)
+        return inputs.finish(scores[:, None, :])
+
+    def new_token_score(self, step: torch.Tensor) -> torch.Tensor:
+        return step.float()
+
+    def protected(self, positions: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        return positions < self.sinks

@@ -1,0 +1,42 @@
+"""``tova``: keep the tokens the current query attends to most.
+
+TOVA (Oren et al., "Transformers are Multi-State RNNs", arXiv 2401.06104): at each step, drop the
+token with the lowest attention from the newest query, averaged over all heads of the layer (one
+decision per layer). At prefill the last prompt query ranks the prompt; while generating, each new
+query ranks the cache and the lowest token is evicted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvplug.parts import param
+from kvplug.scorers.base import ScoreInputs, Scorer
+from kvplug.tokens import TokenCount
+
+
+@dataclass(frozen=True)
+class Tova(Scorer):
+    """TOVA: evict the token least attended by the newest query (mean over the layer's heads)."""
+
+    name = "tova"
+    paper = "TOVA, arXiv 2401.06104"
+    evicts_on_decode = True
+    needs_decode_attention = True
+    budget: TokenCount = param(TokenCount(tokens=1024), doc="tokens kept per head (count or %)")
+
+    @property
+    def observation_window(self) -> int:
+        return 1
+
+    def kept_tokens(self, present: int) -> int:
+        return self.budget.resolve(present)
+
+    def score(self, inputs: ScoreInputs) -> torch.Tensor:
+        last = inputs.window_probs[:, :, -1, :].mean(1, keepdim=True)  # [B, 1, T]
+        return inputs.finish(last)
+
+    def decode_update(self, scores: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
+        return probs.mean(1, keepdim=True).expand_as(scores).clone()

@@ -1,0 +1,93 @@
+"""A strategy: one codec, at most one scorer and one budget, composed with ``+`` in a spec.
+
+Tensor in, tensor out: adapters hand :meth:`Strategy.select` a layer's K/V and queries and get
+back which tokens to keep; they store them with :attr:`Strategy.codec`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kvplug.budgets.base import Budget
+from kvplug.budgets.uniform import Uniform
+from kvplug.codecs.base import Codec
+from kvplug.codecs.none import NoCodec
+from kvplug.scorers.base import ScoreInputs, Scorer
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Kept tokens of one layer: ``indices`` ``[B, Hkv, K]`` in prompt order, the first
+    ``counts[b, h]`` of each row being real (the rest repeat index 0 as padding)."""
+
+    indices: torch.Tensor
+    counts: torch.Tensor
+
+    @classmethod
+    def from_mask(cls, keep: torch.Tensor) -> Selection:
+        t = keep.shape[-1]
+        order = torch.arange(t, device=keep.device)
+        key = torch.where(keep, order, order + t)
+        counts = keep.sum(-1)
+        width = int(counts.max()) if counts.numel() else 0
+        indices = key.sort(-1).values[..., :width]
+        indices = torch.where(indices >= t, torch.zeros_like(indices), indices)
+        return cls(indices=indices, counts=counts)
+
+    def valid(self) -> torch.Tensor:
+        """``[B, Hkv, K]``: True where an index is real."""
+        width = self.indices.shape[-1]
+        return torch.arange(width, device=self.indices.device) < self.counts[..., None]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """codec + optional scorer + budget."""
+
+    codec: Codec = field(default_factory=NoCodec)
+    scorer: Scorer | None = None
+    budget: Budget = field(default_factory=Uniform)
+
+    @property
+    def parts(self) -> list:
+        return [p for p in (self.scorer, None if isinstance(self.budget, Uniform) else self.budget,
+                            self.codec) if p is not None]
+
+    def __str__(self) -> str:
+        parts = [p for p in self.parts if not (isinstance(p, NoCodec) and self.scorer is not None)]
+        return "+".join(str(p) for p in parts)
+
+    @property
+    def evicts(self) -> bool:
+        return self.scorer is not None
+
+    def check_head_dim(self, head_dim: int) -> None:
+        """Raise a one-line :class:`SpecError` if the codec cannot store heads of ``head_dim``."""
+        self.codec.check_head_dim(head_dim)
+
+    def bytes_per_token(self, head_dim: int, dtype_bytes: int = 2) -> float:
+        """K+V bytes per stored token per KV head (eviction not counted)."""
+        return self.codec.bytes_per_token(head_dim, dtype_bytes)
+
+    def memory_ratio(self, head_dim: int, kept_share: float = 1.0, dtype_bytes: int = 2) -> float:
+        """How many times smaller than fp16 K/V the cache is when ``kept_share`` of tokens stay."""
+        return 2 * head_dim * dtype_bytes / (self.bytes_per_token(head_dim, dtype_bytes) * kept_share)
+
+    def kept_per_row(self, valid: torch.Tensor) -> torch.Tensor:
+        """Mean tokens per KV head each row keeps ``[B]`` (all of them without a scorer)."""
+        present = valid.sum(-1)
+        if self.scorer is None:
+            return present
+        kept = [min(self.scorer.kept_tokens(int(n)), int(n)) for n in present.tolist()]
+        return torch.tensor(kept, dtype=torch.long, device=valid.device)
+
+    def select(self, inputs: ScoreInputs) -> Selection:
+        """Which tokens each KV head of this layer keeps after prefill."""
+        if self.scorer is None:
+            keep = inputs.valid[:, None, :].expand(-1, inputs.num_kv_heads, -1)
+        else:
+            scores = self.scorer.score(inputs)
+            keep = self.budget.allocate(scores, self.kept_per_row(inputs.valid), inputs.layer_idx, inputs.num_layers)
+        return Selection.from_mask(keep)

@@ -1,0 +1,156 @@
+"""Codec round trips against an independent float64 reference of the documented format."""
+
+import math
+
+import pytest
+import torch
+
+from kvplug import SpecError, parse
+from kvplug.codecs.fp8 import Fp8
+from kvplug.codecs.integer import Int2, Int4, Int8
+from kvplug.codecs.kivi import Kivi
+from kvplug.codecs.none import NoCodec
+from kvplug.quant import pack, unpack
+from kvplug.rotation import hadamard
+
+
+def inputs(kind, shape, gen):
+    x = torch.randn(*shape, generator=gen)
+    if kind == "outliers":
+        x[..., 3] *= 40  # a channel outlier (keys)
+        mask = torch.rand(*shape, generator=gen) < 0.01
+        x = torch.where(mask, x * 100, x)
+    if kind == "constant":
+        x = torch.full(shape, 0.731)
+        x[..., 1, :] = -2.5
+    return x.to(torch.float16)
+
+
+def naive_affine(x, bits):
+    """Float64 loop-free reference: per group min/max, fp16 rounding of scale and zero."""
+    x = x.double()
+    lo, hi = x.min(-1, keepdim=True).values, x.max(-1, keepdim=True).values
+    scale = ((hi - lo).float() / (2**bits - 1)).half().double()
+    scale[scale == 0] = 1.0
+    zero = lo.half().double()
+    code = torch.clamp(torch.floor((x.float() - zero.float()).double() / scale + 0.5), 0, 2**bits - 1)
+    return code, scale, zero
+
+
+@pytest.mark.parametrize("codec", [Int8(), Int4(), Int2(), Int4(group=32), Int2(group=16)])
+@pytest.mark.parametrize("kind", ["random", "outliers", "constant"])
+def test_integer_round_trip_bound(codec, kind, gen):
+    x = inputs(kind, (2, 3, 17, 64), gen)
+    enc = codec.encode(x, "key")
+    y = codec.decode(enc, "key", torch.float32)
+    g = codec.group_size(64)
+    groups = x.float().reshape(2, 3, 17, 64 // g, g)
+    step = (groups.amax(-1, keepdim=True) - groups.amin(-1, keepdim=True)) / (2**codec.bits - 1)
+    # half a step, plus float16 rounding of the stored scale (over 2^bits steps) and zero
+    bound = step * (0.5 + 2**codec.bits * 2**-10) + groups.abs().amax(-1, keepdim=True) * 2**-10 + 1e-6
+    err = (y.reshape(groups.shape) - groups).abs()
+    assert (err <= bound).all(), (err - bound).max()
+    if kind == "constant":
+        assert torch.equal(y, x.float())
+
+
+@pytest.mark.parametrize("bits, codec", [(8, Int8()), (4, Int4()), (2, Int2())])
+def test_codes_match_naive_reference(bits, codec, gen):
+    x = inputs("outliers", (4, 5, 128), gen)
+    code, scale, zero = naive_affine(x, bits)
+    enc = codec.encode(x, "value")
+    assert torch.equal(unpack(enc["codes"], bits).long(), code.long())
+    assert torch.equal(enc["scale"].double(), scale)
+    assert torch.equal(enc["zero"].double(), zero)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_planar_packing_layout(bits, gen):
+    codes = torch.randint(0, 2**bits, (3, 64), generator=gen, dtype=torch.uint8)
+    packed = pack(codes, bits)
+    n = 64 * bits // 8
+    assert packed.shape == (3, n)
+    for j in (0, 1, n - 1):
+        for k in range(8 // bits):
+            assert torch.equal((packed[:, j].int() >> (k * bits)) & (2**bits - 1), codes[:, j + k * n].int())
+    assert torch.equal(unpack(packed, bits), codes)
+
+
+def test_rotation_is_orthonormal_and_helps_outliers(gen):
+    h = hadamard(128)
+    assert torch.allclose(h @ h.T, torch.eye(128), atol=1e-6)
+    x = inputs("outliers", (64, 128), gen)
+    plain = (Int2().decode(Int2().encode(x, "key"), "key", torch.float32) - x.float()).norm()
+    rot = Int2(rotate=True)
+    rotated = (rot.decode(rot.encode(x, "key"), "key", torch.float32) - x.float()).norm()
+    assert rotated < plain
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("kind", ["random", "outliers", "constant"])
+def test_kivi_keys_per_channel_values_per_token(bits, kind, gen):
+    codec = Kivi(bits=bits, group=16, residual=0)
+    x = inputs(kind, (2, 2, 32, 64), gen)
+    keys = codec.decode(codec.encode(x, "key"), "key", torch.float32)
+    blocks = x.float().reshape(2, 2, 2, 16, 64)
+    step = (blocks.amax(-2, keepdim=True) - blocks.amin(-2, keepdim=True)) / (2**bits - 1)
+    bound = step * (0.5 + 2**bits * 2**-10) + blocks.abs().amax(-2, keepdim=True) * 2**-10 + 1e-6
+    assert ((keys.reshape(blocks.shape) - blocks).abs() <= bound).all()
+    values = codec.decode(codec.encode(x, "value"), "value", torch.float32)
+    groups = x.float().reshape(2, 2, 32, 4, 16)
+    step = (groups.amax(-1, keepdim=True) - groups.amin(-1, keepdim=True)) / (2**bits - 1)
+    bound = step * (0.5 + 2**bits * 2**-10) + groups.abs().amax(-1, keepdim=True) * 2**-10 + 1e-6
+    assert ((values.reshape(groups.shape) - groups).abs() <= bound).all()
+
+
+def test_kivi_valid_mask_excludes_empty_slots_from_the_range(gen):
+    codec = Kivi(bits=4, group=8, residual=0)
+    x = torch.randn(1, 1, 8, 64, generator=gen).half()
+    valid = torch.tensor([[[True] * 5 + [False] * 3]])
+    poisoned = x.clone()
+    poisoned[..., 5:, :] = 1000.0
+    y = codec.decode(codec.encode(poisoned, "key", valid=valid), "key", torch.float32)
+    # the step of the 5 real tokens' range is < 0.6 for N(0,1) data; with the 1000s it would be > 60
+    assert (y[..., :5, :] - x[..., :5, :].float()).abs().max() < 0.3
+
+
+def test_fp8_relative_error(gen):
+    x = inputs("outliers", (8, 128), gen)
+    y = Fp8().decode(Fp8().encode(x, "key"), "key", torch.float32)
+    amax = x.float().abs().amax(-1, keepdim=True)
+    assert ((y - x.float()).abs() <= x.float().abs() * 2**-3 + amax * 2**-9 + 1e-6).all()
+
+
+@pytest.mark.parametrize("codec", [Int8(), Int4(), Int2(), Kivi(bits=2, group=16, residual=0), Fp8()])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e5])
+def test_non_finite_and_out_of_range_refused(codec, bad, gen):
+    x = torch.randn(1, 16, 64, generator=gen)
+    x[0, 3, 5] = bad
+    with pytest.raises(ValueError, match="NaN or Inf|beyond"):
+        codec.encode(x, "key")
+
+
+@pytest.mark.parametrize("spec", ["none", "int8", "int4", "int2", "int4(group=32)", "fp8",
+                                  "kivi(bits=2, group=32, residual=0)", "kivi(bits=4, group=64, residual=0)"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_bytes_per_token_is_what_encode_produces(spec, head_dim, gen):
+    codec = parse(spec).codec
+    t = 128
+    x = torch.randn(t, head_dim, generator=gen).half()
+    stored = sum(sum(v.numel() * v.element_size() for v in codec.encode(x, role).values()) for role in ("key", "value"))
+    assert math.isclose(stored / t, codec.bytes_per_token(head_dim))
+
+
+def test_memory_ratios_at_head_dim_128():
+    # per token-head scale/zero: the ratios a paged cache gets (vLLM's int4 per token-head: 3.76x)
+    assert parse("int8").memory_ratio(128) == pytest.approx(512 / 264)
+    assert parse("int4").memory_ratio(128) >= 3.7
+    assert parse("int2").memory_ratio(128) >= 6.5
+
+
+def test_head_dim_checks():
+    with pytest.raises(SpecError, match="group=48 must divide head_dim=64"):
+        Int4(group=48).check_head_dim(64)
+    with pytest.raises(SpecError, match="power-of-two"):
+        Int4(rotate=True).check_head_dim(96)
+    NoCodec().check_head_dim(80)

@@ -1,0 +1,27 @@
+"""The wheel installs everything under ``kvplug``; ``import kvplug`` stays engine-free."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_has_only_the_kvplug_top_level(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(ROOT)], check=True)
+    wheel = next(tmp_path.glob("kvplug-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"kvplug"}
+    for module in ("kvplug/adapters/hf/__init__.py", "kvplug/adapters/vllm/__init__.py",
+                   "kvplug/triton_ops/__init__.py", "kvplug/cli.py"):
+        assert module in names
+
+
+def test_import_kvplug_loads_no_engine():
+    code = ("import sys, kvplug, kvplug.cli; kvplug.parse('snapkv(budget=8)+kivi'); "
+            "print(sorted(m for m in ('transformers', 'vllm', 'triton') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,0 +1,167 @@
+"""Each scorer and budget picks the tokens its paper defines: compared with naive loops."""
+
+import math
+
+import pytest
+import torch
+
+from kvplug import parse
+from kvplug.scorers.base import ScoreInputs
+
+
+def make_inputs(gen, b=2, hkv=2, group=2, t=40, d=16, window=None, pad=(0, 5)):
+    keys = torch.randn(b, hkv, t, d, generator=gen)
+    values = torch.randn(b, hkv, t, d, generator=gen)
+    queries = torch.randn(b, hkv * group, t, d, generator=gen)
+    valid = torch.ones(b, t, dtype=torch.bool)
+    for row, p in enumerate(pad[:b]):
+        valid[row, :p] = False  # left padding
+    w = t if window is None else window
+    return ScoreInputs(keys=keys, values=values, queries=queries[:, :, t - w:], valid=valid, scale=d**-0.5)
+
+
+def naive_probs(q, k, valid, first, scale):
+    """Loop over every query and key, float64."""
+    hq, tq, _ = q.shape
+    t = k.shape[1]
+    out = torch.zeros(hq, tq, t, dtype=torch.float64)
+    g = hq // k.shape[0]
+    for h in range(hq):
+        for i in range(tq):
+            logits = [float(q[h, i].double() @ k[h // g, j].double()) * scale
+                      if valid[j] and j <= first + i else -math.inf for j in range(t)]
+            m = max(logits)
+            if m == -math.inf:
+                continue
+            e = [math.exp(x - m) for x in logits]
+            out[h, i] = torch.tensor(e) / sum(e)
+    return out
+
+
+def kept_sets(selection):
+    return [[set(selection.indices[b, h, :selection.counts[b, h]].tolist())
+             for h in range(selection.indices.shape[1])] for b in range(selection.indices.shape[0])]
+
+
+def naive_topk(scores, k, must=()):
+    """Indices of the k best scores (ties to the earlier index), `must` first."""
+    order = sorted(range(len(scores)), key=lambda j: (j not in must, -scores[j], j))
+    return set(order[:k])
+
+
+def test_streaming_keeps_exactly_sinks_and_window(gen):
+    inputs = make_inputs(gen, window=1)
+    sel = parse("streaming(sinks=3, window=10)").select(inputs)
+    for b, heads in enumerate(kept_sets(sel)):
+        first = int((~inputs.valid[b]).sum())
+        expect = set(range(first, first + 3)) | set(range(40 - 10, 40))
+        assert all(h == expect for h in heads)
+
+
+def test_streaming_short_prompt_keeps_everything(gen):
+    inputs = make_inputs(gen, t=12, window=1, pad=(0, 0))
+    sel = parse("streaming(sinks=4, window=20)").select(inputs)
+    assert all(h == set(range(12)) for heads in kept_sets(sel) for h in heads)
+
+
+def test_snapkv_matches_naive_loop(gen):
+    w, budget, kernel = 6, 15, 5
+    inputs = make_inputs(gen, window=w)
+    sel = parse(f"snapkv(budget={budget}, window={w}, kernel={kernel})").select(inputs)
+    got = kept_sets(sel)
+    for b in range(2):
+        valid = inputs.valid[b]
+        for h in range(2):
+            probs = naive_probs(inputs.queries[b], inputs.keys[b], valid, 40 - w, inputs.scale)
+            attn = probs[2 * h:2 * h + 2].sum(1).mean(0)  # window sum, group mean
+            pooled = [max(attn[max(0, j - kernel // 2):j + kernel // 2 + 1]).item() for j in range(40)]
+            scores = [pooled[j] if valid[j] else -math.inf for j in range(40)]
+            window = set(range(40 - w, 40))
+            k = min(budget, int(valid.sum()))
+            expect = naive_topk(scores, k, must=window)
+            assert got[b][h] == expect
+
+
+def test_h2o_matches_naive_accumulated_attention(gen):
+    inputs = make_inputs(gen)
+    sel = parse("h2o(budget=12, recent_ratio=0.25)").select(inputs)
+    got = kept_sets(sel)
+    for b in range(2):
+        valid = inputs.valid[b]
+        n = int(valid.sum())
+        probs = naive_probs(inputs.queries[b], inputs.keys[b], valid, 0, inputs.scale)
+        probs = probs * valid.double()[None, :, None]  # padded queries do not vote
+        for h in range(2):
+            acc = probs[2 * h:2 * h + 2].sum(1).mean(0)
+            recent = set(range(40 - 3, 40))  # floor(12 * 0.25)
+            scores = [acc[j].item() if valid[j] else -math.inf for j in range(40)]
+            assert got[b][h] == naive_topk(scores, min(12, n), must=recent)
+
+
+def test_tova_uses_last_query_mean_over_all_heads(gen):
+    inputs = make_inputs(gen, window=1)
+    sel = parse("tova(budget=9)").select(inputs)
+    got = kept_sets(sel)
+    for b in range(2):
+        valid = inputs.valid[b]
+        probs = naive_probs(inputs.queries[b], inputs.keys[b], valid, 39, inputs.scale)
+        scores = [probs[:, 0, j].mean().item() if valid[j] else -math.inf for j in range(40)]
+        expect = naive_topk(scores, 9)
+        assert got[b] == [expect, expect]
+
+
+def test_knorm_keeps_smallest_norms(gen):
+    inputs = make_inputs(gen, window=1)
+    sel = parse("knorm(budget=25%)").select(inputs)
+    got = kept_sets(sel)
+    for b in range(2):
+        valid = inputs.valid[b]
+        k = math.ceil(0.25 * int(valid.sum()))
+        for h in range(2):
+            scores = [-inputs.keys[b, h, j].double().norm().item() if valid[j] else -math.inf for j in range(40)]
+            assert got[b][h] == naive_topk(scores, k)
+
+
+def test_random_is_reproducible_and_respects_budget(gen):
+    inputs = make_inputs(gen, window=1)
+    a = parse("random(budget=7, seed=3)").select(inputs)
+    b = parse("random(budget=7, seed=3)").select(inputs)
+    assert torch.equal(a.indices, b.indices) and (a.counts == 7).all()
+    kept = a.indices[1]  # the padded row: never a padding token
+    assert (kept >= 5).all()
+
+
+def test_pyramid_budgets_decrease_and_average(gen):
+    strategy = parse("knorm(budget=20)+pyramid(beta=4)")
+    inputs = make_inputs(gen, t=64, window=1, pad=(0, 0))
+    counts = []
+    for layer in range(5):
+        inputs.layer_idx, inputs.num_layers = layer, 5
+        counts.append(int(strategy.select(inputs).counts[0, 0]))
+    expect = [round(35 - (35 - 5) * layer / 4) for layer in range(5)]  # 2*20-20/4 .. 20/4
+    assert counts == expect and sum(counts) == 5 * 20
+
+
+def test_adakv_shares_budget_across_heads_with_floor(gen):
+    inputs = make_inputs(gen, hkv=4, window=8, pad=(0, 0))
+    sel = parse("snapkv(budget=10, window=8)+adakv(alpha=0.5)").select(inputs)
+    assert (sel.counts.sum(-1) == 40).all()
+    scores = parse("snapkv(budget=10, window=8)").scorer.score(inputs)
+    for b in range(2):
+        floor_sets = [naive_topk(scores[b, h].tolist(), 5) for h in range(4)]
+        pool = [(scores[b, h, j].item(), h, j) for h in range(4) for j in range(40) if j not in floor_sets[h]]
+        pool.sort(key=lambda x: (-x[0], x[1] * 40 + x[2]))
+        extra = {(h, j) for _, h, j in pool[:20]}
+        for h in range(4):
+            expect = floor_sets[h] | {j for hh, j in extra if hh == h}
+            assert kept_sets(sel)[b][h] == expect
+
+
+def test_selection_is_in_prompt_order(gen):
+    inputs = make_inputs(gen, window=4)
+    sel = parse("snapkv(budget=10, window=4)").select(inputs)
+    valid = sel.valid()
+    for b in range(2):
+        for h in range(2):
+            idx = sel.indices[b, h][valid[b, h]]
+            assert torch.all(idx[1:] > idx[:-1])
