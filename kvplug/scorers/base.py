@@ -84,6 +84,11 @@ class Scorer(Part):
         raise NotImplementedError
 
     # Decode-time eviction (only for scorers with ``evicts_on_decode``).
+    def running_scores(self, inputs: ScoreInputs) -> torch.Tensor:
+        """Finite per-token scores ``[B, Hkv, T]`` that decode-time eviction starts from (the
+        protection of sinks/recent tokens is :meth:`protected`'s job, not an infinite score)."""
+        return self.score(inputs)
+
     def new_token_score(self, step: torch.Tensor) -> torch.Tensor:
         """Score (float32) a token starts with when written at logical positions ``step``."""
         return torch.zeros_like(step, dtype=torch.float32)

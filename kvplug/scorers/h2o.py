@@ -45,6 +45,9 @@ class H2O(Scorer):
         is_recent = inputs.positions >= present - recent
         return inputs.finish(torch.where(is_recent[:, None, :], ALWAYS, scores))
 
+    def running_scores(self, inputs: ScoreInputs) -> torch.Tensor:
+        return group_mean(inputs.accumulated, inputs.num_kv_heads)
+
     def decode_update(self, scores: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
         return scores + probs
 

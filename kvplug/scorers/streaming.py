@@ -34,6 +34,9 @@ class Streaming(Scorer):
         scores = torch.where(inputs.positions < self.sinks, ALWAYS, pos)
         return inputs.finish(scores[:, None, :])
 
+    def running_scores(self, inputs: ScoreInputs) -> torch.Tensor:
+        return inputs.positions.float()[:, None, :].expand(-1, inputs.num_kv_heads, -1)
+
     def new_token_score(self, step: torch.Tensor) -> torch.Tensor:
         return step.float()
 

@@ -1,0 +1,70 @@
+"""What users call: ``kvplug.hf.cache(model, spec)`` and ``kvplug.hf.compress(model, spec)``."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+from kvplug.config import resolve
+from kvplug.errors import SpecError
+
+from .attention import NAME, register
+from .cache import KVPlugCache
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox")
+
+
+def check_model(model) -> None:
+    """Refuse, in one line, a model whose attention kvplug does not drive."""
+    config = model.config
+    kind = getattr(config, "model_type", None)
+    if kind not in SUPPORTED:
+        raise SpecError(f"kvplug.hf supports model types {', '.join(SUPPORTED)}; got {kind!r}")
+    layer_types = getattr(config, "layer_types", None) or []
+    sliding = [t for t in layer_types if t != "full_attention"]
+    if sliding or (kind == "mistral" and getattr(config, "sliding_window", None)):
+        raise SpecError(f"kvplug.hf does not support sliding-window attention layers yet ({kind}: "
+                        f"sliding_window={getattr(config, 'sliding_window', None)})")
+
+
+def use_kvplug_attention(model) -> None:
+    """Switch the model to the ``kvplug`` attention function (plain SDPA for any other cache)."""
+    register()
+    if model.config._attn_implementation != NAME:
+        model.set_attn_implementation(NAME)
+
+
+def cache(model, spec=None) -> KVPlugCache:
+    """A fresh compressed cache for ``model`` following ``spec`` (string, dict, Strategy; default
+    ``$KVPLUG_STRATEGY`` or none). Pass it as ``model.generate(..., past_key_values=cache)``.
+
+    Also switches the model's attention implementation to ``kvplug`` (see :mod:`.attention`).
+    """
+    strategy = resolve(spec)
+    check_model(model)
+    text = model.config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    strategy.check_head_dim(head_dim)
+    use_kvplug_attention(model)
+    return KVPlugCache(strategy, text.num_hidden_layers)
+
+
+@contextlib.contextmanager
+def compress(model, spec=None):
+    """Within the block, every ``model.generate()`` without its own ``past_key_values`` runs
+    with a fresh kvplug cache; yields the strategy. Outside it, ``generate`` is as before."""
+    strategy = resolve(spec)
+    cache(model, strategy)  # validates model and spec up front
+    original = model.generate
+
+    @functools.wraps(original)
+    def generate(*args, **kwargs):
+        if kwargs.get("past_key_values") is None:
+            kwargs["past_key_values"] = cache(model, strategy)
+        return original(*args, **kwargs)
+
+    model.generate = generate
+    try:
+        yield strategy
+    finally:
+        del model.generate

@@ -1,0 +1,178 @@
+"""The HF adapter inside generate(): exactness, eviction, core/adapter parity, memory."""
+
+import pytest
+import torch
+from transformers import (AttentionInterface, DynamicCache, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig,
+                          GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+import kvplug.hf
+from kvplug import SpecError, parse
+from kvplug.scorers.base import ScoreInputs
+
+SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=1024)
+
+
+def tiny(kind="llama", seed=0):
+    torch.manual_seed(seed)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**SMALL, num_key_value_heads=2, head_dim=32))
+    elif kind == "mistral":
+        model = MistralForCausalLM(MistralConfig(**SMALL, num_key_value_heads=2, head_dim=32, sliding_window=None))
+    elif kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**SMALL, num_key_value_heads=1))
+    elif kind == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=32))
+    else:
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(**SMALL))
+    return model.eval()
+
+
+def prompts(gen, batch=2, length=48, pad=7):
+    ids = torch.randint(0, 96, (batch, length), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1:, :pad] = 0  # left padding
+    return ids, mask
+
+
+def greedy(model, ids, mask, steps=24, cache=None):
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
+                          past_key_values=cache, pad_token_id=0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "gpt_neox"])
+def test_none_equals_plain_transformers(kind, gen):
+    model = tiny(kind)
+    ids, mask = prompts(gen)
+    plain = greedy(model, ids, mask, cache=DynamicCache(config=model.config))
+    ours = greedy(model, ids, mask, cache=kvplug.hf.cache(model, "none"))
+    assert torch.equal(plain, ours)
+
+
+def test_streaming_short_prompt_is_uncompressed_and_long_keeps_sinks_and_window(gen):
+    model = tiny()
+    ids, mask = prompts(gen, length=20, pad=3)
+    plain = greedy(model, ids, mask, steps=8, cache=DynamicCache(config=model.config))
+    assert torch.equal(plain, greedy(model, ids, mask, steps=8, cache=kvplug.hf.cache(model, "streaming(sinks=4, window=40)")))
+    ids, mask = prompts(gen, length=60, pad=9)
+    cache = kvplug.hf.cache(model, "streaming(sinks=4, window=12)")
+    model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+    for layer in cache.layers:
+        for b, n in enumerate(mask.sum(-1).tolist()):
+            for h in range(2):
+                kept = sorted(p for p in layer.slots.positions[b, h].tolist() if p >= 0)
+                assert kept == list(range(4)) + list(range(n - 12, n))
+    # while generating, the footprint stays at sinks + window and the newest tokens are kept
+    cache = kvplug.hf.cache(model, "streaming(sinks=4, window=12)")
+    out = greedy(model, ids, mask, steps=10, cache=cache)
+    for layer in cache.layers:
+        for b, n in enumerate(mask.sum(-1).tolist()):
+            kept = sorted(p for p in layer.slots.positions[b, 0].tolist() if p >= 0)
+            assert kept == list(range(4)) + list(range(n + 9 - 12, n + 9))
+    assert out.shape[1] == 70
+
+
+class Recorder:
+    """An attention function that records each layer's prompt queries/keys/values."""
+
+    def __init__(self):
+        self.calls = {}
+
+    def __call__(self, module, query, key, value, attention_mask, **kwargs):
+        self.calls[module.layer_idx] = (query, key, value, attention_mask)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+@pytest.mark.parametrize("spec", ["snapkv(budget=13, window=5)", "h2o(budget=25%)", "tova(budget=11)",
+                                  "knorm(budget=9)", "random(budget=10, seed=4)", "streaming(sinks=3, window=8)",
+                                  "snapkv(budget=12, window=4)+pyramid(beta=3)", "snapkv(budget=10, window=4)+adakv"])
+def test_kept_tokens_match_core_scorer(spec, gen):
+    model = tiny()
+    ids, mask = prompts(gen, length=40, pad=5)
+    recorder = Recorder()
+    AttentionInterface.register("kvplug_test_recorder", recorder)
+    AttentionMaskInterface.register("kvplug_test_recorder", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model.set_attn_implementation("kvplug_test_recorder")
+    model(input_ids=ids, attention_mask=mask)
+    cache = kvplug.hf.cache(model, spec)
+    model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+    strategy = parse(spec)
+    for idx, layer in enumerate(cache.layers):
+        query, key, value, attn_mask = recorder.calls[idx]
+        valid = mask.bool()
+        w = 40 if strategy.scorer.needs_all_queries else min(strategy.scorer.observation_window, 40)
+        inputs = ScoreInputs(keys=key, values=value, queries=query[:, :, 40 - w:], valid=valid,
+                             scale=32**-0.5, layer_idx=idx, num_layers=2)
+        sel = strategy.select(inputs)
+        for b in range(2):
+            for h in range(2):
+                core = sorted(inputs.positions[b, sel.indices[b, h, :sel.counts[b, h]]].tolist())
+                adapter = sorted(p for p in layer.slots.positions[b, h].tolist() if p >= 0)
+                assert adapter == core
+
+
+def test_int8_logits_close_to_fp32_and_memory_is_exact(gen):
+    model = tiny()
+    ids, _ = prompts(gen, batch=1, length=64)
+    steps = ids[:, 48:]
+    logits = {}
+    caches = {}
+    for spec in ("none", "int8", "int4"):
+        cache = kvplug.hf.cache(model, spec)
+        model(input_ids=ids[:, :48], past_key_values=cache)
+        out = [model(input_ids=steps[:, i:i + 1], past_key_values=cache).logits for i in range(16)]
+        logits[spec], caches[spec] = torch.cat(out, 1), cache
+    ref = logits["none"]
+    rel8 = (logits["int8"] - ref).norm() / ref.norm()
+    rel4 = (logits["int4"] - ref).norm() / ref.norm()
+    assert rel8 < 5e-3 and rel8 < rel4
+    dynamic = DynamicCache(config=model.config)
+    model(input_ids=ids, past_key_values=dynamic)
+    dynamic_bytes = sum(l.keys.numel() * l.keys.element_size() * 2 for l in dynamic.layers)
+    tokens = 2 * 2 * 64  # layers x KV heads x tokens
+    for spec, cache in caches.items():
+        per_token = parse(spec).bytes_per_token(32, dtype_bytes=4)
+        assert cache.kept_tokens() == tokens
+        assert cache.stored_bytes() == tokens * per_token
+    assert caches["none"].stored_bytes() == dynamic_bytes
+    assert dynamic_bytes / caches["int4"].stored_bytes() == pytest.approx(256 / (2 * (16 + 4)))
+
+
+def test_kivi_keeps_residual_in_full_precision_and_quantizes_whole_groups(gen):
+    model = tiny()
+    ids, _ = prompts(gen, batch=1, length=50)
+    cache = kvplug.hf.cache(model, "kivi(bits=2, group=8, residual=16)")
+    out = greedy(model, ids, torch.ones_like(ids), steps=20, cache=cache)
+    for layer in cache.layers:
+        assert layer.groups.tokens % 8 == 0
+        assert 16 <= int(layer.slots.counts.min()) < 16 + 8
+        assert layer.groups.tokens + int(layer.slots.counts[0, 0]) == 50 + 19
+    assert out.shape[1] == 70
+
+
+def test_compress_context_manager(gen):
+    model = tiny()
+    ids, mask = prompts(gen)
+    with kvplug.hf.compress(model, "streaming(sinks=2, window=8)") as strategy:
+        inside = greedy(model, ids, mask)
+    assert strategy.scorer.name == "streaming"
+    assert "generate" not in vars(model)
+    explicit = greedy(model, ids, mask, cache=kvplug.hf.cache(model, "streaming(sinks=2, window=8)"))
+    assert torch.equal(inside, explicit)
+    plain = greedy(model, ids, mask, cache=DynamicCache(config=model.config))
+    assert torch.equal(greedy(model, ids, mask), plain)  # after the block: uncompressed again
+
+
+def test_clear_errors():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(SpecError, match="supports model types .*got 'gpt2'"):
+        kvplug.hf.cache(gpt2, "int4")
+    with pytest.raises(SpecError, match="sliding-window"):
+        kvplug.hf.cache(MistralForCausalLM(MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=16)), "int4")
+    with pytest.raises(SpecError, match="unknown strategy part"):
+        kvplug.hf.cache(tiny(), "int5")
+    with pytest.raises(SpecError, match="streaming evicts while generating"):
+        kvplug.hf.cache(tiny(), "streaming+kivi")
