@@ -176,3 +176,30 @@ def test_clear_errors():
         kvplug.hf.cache(tiny(), "int5")
     with pytest.raises(SpecError, match="streaming evicts while generating"):
         kvplug.hf.cache(tiny(), "streaming+kivi")
+
+
+@pytest.mark.parametrize("spec", ["none", "int8", "int4", "streaming(sinks=2, window=20)+int4",
+                                  "snapkv(budget=20, window=4)+int8"])
+def test_paged_layout_matches_slot_store(spec, gen):
+    """The paged layout the Triton kernels read (here through their PyTorch references) gives the
+    logits of the plain slot store, within bfloat16 rounding, and holds the same bytes."""
+    model = tiny().to(torch.bfloat16)
+    ids, _ = prompts(gen, length=64)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    logits, caches = [], []
+    for paged in (False, True):
+        cache = kvplug.hf.cache(model, spec, paged=paged)
+        model(input_ids=ids[:, :48], attention_mask=mask[:, :48], past_key_values=cache)
+        steps = [model(input_ids=ids[:, i:i + 1], attention_mask=mask[:, :i + 1], past_key_values=cache).logits
+                 for i in range(48, 64)]
+        logits.append(torch.cat(steps, 1).float())
+        caches.append(cache)
+    assert type(caches[1].layers[0].slots).__name__ == "PagedStore"
+    assert (logits[0] - logits[1]).norm() / logits[0].norm() < 2e-2
+    assert caches[0].stored_bytes() == caches[1].stored_bytes()
+    def kept(layer):
+        return [sorted(p for p in row if p >= 0) for row in layer.slots.positions.flatten(0, 1).tolist()]
+
+    for a, b in zip(caches[0].layers, caches[1].layers):
+        assert kept(a) == kept(b)

@@ -12,8 +12,8 @@ from .layer import KVPlugLayer
 class KVPlugCache(Cache):
     """One :class:`KVPlugLayer` per decoder layer, all following one strategy."""
 
-    def __init__(self, strategy: Strategy, num_layers: int):
-        super().__init__(layers=[KVPlugLayer(strategy, i, num_layers) for i in range(num_layers)])
+    def __init__(self, strategy: Strategy, num_layers: int, paged: bool | None = None):
+        super().__init__(layers=[KVPlugLayer(strategy, i, num_layers, paged) for i in range(num_layers)])
         self.strategy = strategy
 
     def kept_tokens(self) -> int:

@@ -21,7 +21,7 @@ from kvplug.errors import SpecError
 from kvplug.scorers.base import ScoreInputs
 from kvplug.strategy import Strategy
 
-from .store import GroupStore, SlotStore
+from .store import GroupStore, PagedStore, SlotStore
 
 just_updated: contextvars.ContextVar = contextvars.ContextVar("kvplug_just_updated", default=None)
 """(layer, key tensor) of the last ``update``: the attention call that follows reads it."""
@@ -34,7 +34,7 @@ class KVPlugLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, strategy: Strategy, layer_idx: int, num_layers: int):
+    def __init__(self, strategy: Strategy, layer_idx: int, num_layers: int, paged: bool | None = None):
         super().__init__()
         codec, scorer = strategy.codec, strategy.scorer
         if scorer is not None and scorer.evicts_on_decode and codec.token_group > 1:
@@ -42,6 +42,7 @@ class KVPlugLayer(CacheLayerMixin):
                             f"groups of {codec.token_group} tokens); use a per-token codec (int8/int4/int2/fp8) "
                             f"or a prefill-only scorer (snapkv, knorm, random)")
         self.strategy, self.layer_idx, self.num_layers = strategy, layer_idx, num_layers
+        self.paged = paged  # None: the paged Triton layout on CUDA, where the codec allows it
         self.seen = 0
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.slots: SlotStore | None = None
@@ -79,7 +80,7 @@ class KVPlugLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.__init__(self.strategy, self.layer_idx, self.num_layers)
+        self.__init__(self.strategy, self.layer_idx, self.num_layers, self.paged)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("kvplug caches do not support beam search yet")
@@ -110,7 +111,11 @@ class KVPlugLayer(CacheLayerMixin):
         self.next_pos = valid.sum(-1)
         codec = strategy.codec
         if codec.token_group == 1:
-            self.slots = SlotStore(codec, self.dtype)
+            paged = self.device.type == "cuda" if self.paged is None else self.paged
+            if paged and PagedStore.supports(codec, self.dtype, d):
+                self.slots = PagedStore(codec, self.dtype, h, d, self.device)
+            else:
+                self.slots = SlotStore(codec, self.dtype)
             self.slots.init(kept_k, kept_v, kept_valid, positions, scores)
             return
         g = codec.token_group
@@ -148,6 +153,10 @@ class KVPlugLayer(CacheLayerMixin):
         """Attention of this step's queries ``[B, Hq, Tq, D]`` over the compressed cache (reference
         path: decode to the model dtype, mask empty and future slots). Returns ``[B, Tq, Hq, D]``."""
         b, hq, tq, d = queries.shape
+        scorer = self.strategy.scorer
+        needs_probs = scorer is not None and scorer.needs_decode_attention
+        if tq == 1 and isinstance(self.slots, PagedStore) and not needs_probs:
+            return self.slots.attend_one(queries[:, :, 0], scale)[:, None]
         keys, values, filled = self.slots.decode()
         qpos = self.next_pos.view(b, 1, 1, 1) - tq + torch.arange(tq, device=queries.device).view(1, 1, tq, 1)
         visible = filled[:, :, None, :] & (self.slots.positions[:, :, None, :] <= qpos)
@@ -159,8 +168,7 @@ class KVPlugLayer(CacheLayerMixin):
         h = keys.shape[1]
         mask = visible.repeat_interleave(hq // h, dim=1)
         out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=hq != h)
-        scorer = self.strategy.scorer
-        if scorer is not None and scorer.needs_decode_attention:
+        if needs_probs:
             last = queries[:, :, -1:].float()
             logits = (last.reshape(b, h, hq // h, d) @ keys.float().transpose(-1, -2)) * scale
             logits = logits.masked_fill(~visible[:, :, -1:, :], float("-inf"))

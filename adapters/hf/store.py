@@ -124,3 +124,102 @@ class GroupStore:
 
     def stored_bytes(self) -> int:
         return sum(_nbytes(e) for e in self.keys + self.values)
+
+
+class PagedStore:
+    """Per-head compact slots in the paged layout of :mod:`kvplug.triton_ops`.
+
+    Row ``b`` owns blocks ``b * nb .. (b + 1) * nb - 1``. On CUDA the Triton kernels quantize and
+    store each token in one pass and decode attention reads the codes directly; elsewhere their
+    PyTorch references do the same work.
+    """
+
+    BLOCK = 16
+
+    def __init__(self, codec: Codec, dtype: torch.dtype, num_kv_heads: int, head_dim: int, device: torch.device):
+        from kvplug import triton_ops
+
+        self.ops = triton_ops
+        self.codec, self.dtype = codec, dtype
+        self.layout = triton_ops.PagedLayout.for_codec(codec, self.BLOCK, num_kv_heads, head_dim, dtype)
+        self.kernels = device.type == "cuda"
+        self.device = device
+        self.cache: torch.Tensor | None = None
+        self.counts = self.positions = self.scores = None
+
+    @staticmethod
+    def supports(codec: Codec, dtype: torch.dtype, head_dim: int) -> bool:
+        """Whether the paged kernels can hold this codec (their layout accepts it; no rotation)."""
+        from kvplug.triton_ops import PagedLayout
+
+        if getattr(codec, "rotate", False):
+            return False
+        try:
+            PagedLayout.for_codec(codec, PagedStore.BLOCK, 1, head_dim, dtype)
+        except ValueError:
+            return False
+        return True
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.positions is None else self.positions.shape[-1]
+
+    def _allocate(self, batch: int, slots: int) -> None:
+        blocks = -(-max(slots, 1) // self.BLOCK)
+        old, old_blocks = self.cache, (0 if self.cache is None else self.cache.shape[0] // batch)
+        self.cache = self.layout.allocate(batch * blocks, self.device)
+        if old is not None:
+            self.cache.view(batch, blocks, *self.cache.shape[1:])[:, :old_blocks] = old.view(batch, old_blocks,
+                                                                                           *old.shape[1:])
+        self.block_tables = torch.arange(batch * blocks, dtype=torch.int32, device=self.device).view(batch, blocks)
+
+    def _store(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> None:
+        """Write ``[B, H, N, D]`` tokens at per-head ``slots`` ``[B, H, N]`` (-1: skip)."""
+        b, h, n, d = keys.shape
+        row = torch.arange(b, device=slots.device).view(b, 1, 1) * self.capacity
+        flat = torch.where(slots >= 0, slots + row, -1).permute(0, 2, 1).reshape(b * n, h)
+        k = keys.permute(0, 2, 1, 3).reshape(b * n, h, d).to(self.dtype)
+        v = values.permute(0, 2, 1, 3).reshape(b * n, h, d).to(self.dtype)
+        store = self.ops.store_kv if self.kernels else self.ops.store_kv_reference
+        store(k, v, self.cache, flat.int() if self.kernels else flat, self.layout)
+
+    def init(self, keys, values, valid, positions, scores=None) -> None:
+        b, h, s, _ = keys.shape
+        self._allocate(b, s + GROWTH)
+        cap = self.cache.shape[0] // b * self.BLOCK
+        self.positions = _pad(positions.masked_fill(~valid, -1), cap - s, -1, -1)
+        base = torch.zeros_like(positions, dtype=torch.float32) if scores is None else scores.float()
+        self.scores = _pad(base, cap - s, -1)
+        slots = torch.arange(s, device=keys.device).expand(b, h, s)
+        self._store(keys, values, torch.where(valid, slots, -1))
+        self.counts = valid.sum(-1)
+
+    def write(self, keys, values, slots, positions, scores) -> None:
+        top = int(slots.max()) + 1 if slots.numel() else 0
+        if top > self.capacity:
+            b = slots.shape[0]
+            self._allocate(b, top + GROWTH)
+            extra = self.cache.shape[0] // b * self.BLOCK - self.positions.shape[-1]
+            self.positions, self.scores = _pad(self.positions, extra, -1, -1), _pad(self.scores, extra, -1)
+        self._store(keys, values, slots)
+        self.positions.scatter_(-1, slots, positions)
+        self.scores.scatter_(-1, slots, scores)
+        self.counts = (self.positions >= 0).sum(-1)
+
+    def decode(self):
+        k, v = self.ops.gather_kv(self.cache, self.layout, self.block_tables, self.capacity, self.dtype)
+        return k, v, self.positions >= 0
+
+    def attend_one(self, queries: torch.Tensor, scale: float) -> torch.Tensor:
+        """Decode attention of one query per sequence ``[B, Hq, D]`` straight from the codes."""
+        attend = self.ops.decode_attention if self.kernels else self.ops.decode_attention_reference
+        out = attend(queries.contiguous(), self.cache, self.layout, self.block_tables, self.counts.int(), scale)
+        return out.to(queries.dtype)
+
+    def stored_bytes(self) -> int:
+        if self.counts is None:
+            return 0
+        return int(self.counts.sum()) * self.layout.bytes_per_token() // self.layout.num_kv_heads
+
+    def allocated_bytes(self) -> int:
+        return 0 if self.cache is None else self.cache.numel() * self.cache.element_size()
