@@ -16,6 +16,7 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 import kvplug.hf
+from kvplug.config import split_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "kvplug-ref"
@@ -58,27 +59,13 @@ def main() -> None:
         table.add_column(col)
     snippet = lambda toks: repr(tokenizer.decode(toks[:24]))[:60]  # noqa: E731
     table.add_row("DynamicCache", "-", f"{full:,}", "1.00x", "-", f"{seconds:.1f}", snippet(reference))
-    for spec in [s.strip() for s in _split(args.specs)]:
+    for spec in split_specs(args.specs):
         cache = kvplug.hf.cache(model, spec)
         tokens, seconds = run(cache)
         same = (tokens == reference).float().mean().item()
         table.add_row(spec, f"{cache.kept_tokens():,}", f"{cache.stored_bytes():,}",
                       f"{full / cache.stored_bytes():.2f}x", f"{same:.0%}", f"{seconds:.1f}", snippet(tokens))
     console.print(table)
-
-
-def _split(specs: str) -> list[str]:
-    """Split on commas outside parentheses."""
-    parts, depth, current = [], 0, ""
-    for ch in specs:
-        depth += ch == "("
-        depth -= ch == ")"
-        if ch == "," and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += ch
-    return parts + [current] if current.strip() else parts
 
 
 if __name__ == "__main__":

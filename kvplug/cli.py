@@ -1,4 +1,4 @@
-"""``kvplug`` command line: list the registered strategy parts, show what a spec means."""
+"""``kvplug`` command line: list the registered parts, show a spec, evaluate and benchmark strategies."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from kvplug.config import parse
+from kvplug.config import parse, split_specs
+from kvplug.defaults import BENCH_CACHES, EVAL_STRATEGIES, EVAL_TASKS
 from kvplug.errors import SpecError
 from kvplug.registry import default_registry
 
@@ -52,6 +53,50 @@ def _show(args: argparse.Namespace, console: Console) -> None:
     console.print(f"at {args.context} prompt tokens: keeps {kept} per head; KV memory ratio vs fp16: {ratio:.2f}x")
 
 
+def _eval(args: argparse.Namespace, console: Console) -> None:
+    from pathlib import Path
+
+    from kvplug.eval import EvalSettings, evaluate, load_runs, plots, table, write
+
+    if args.compare:
+        runs = load_runs(args.compare)
+        console.print(table(runs))
+        for path in plots(runs, Path(args.out)):
+            console.print(f"wrote {path}")
+        return
+    settings = EvalSettings(strategies=split_specs(args.strategies), tasks=args.tasks.split(","),
+                            contexts=[int(c) for c in args.contexts.split(",")],
+                            depths=[float(d) for d in args.depths.split(",")], trials=args.trials, seed=args.seed)
+    if args.model:
+        settings.model = args.model
+    if args.device:
+        settings.device = args.device
+    results = evaluate(settings, console)
+    out = Path(args.out)
+    console.print(table([results]))
+    console.print(f"wrote {write(results, out)}")
+    for path in plots([results], out):
+        console.print(f"wrote {path}")
+
+
+def _bench(args: argparse.Namespace, console: Console) -> None:
+    import json
+
+    import torch
+
+    from kvplug import bench
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    model = bench.load_model(args.model, args.preset, device, dtype)
+    rows = bench.run(model, args.caches.split(";"), [int(b) for b in args.batch.split(",")],
+                     [int(c) for c in args.contexts.split(",")], args.steps, device, console)
+    console.print(bench.table(rows, f"kvplug bench: {args.model or args.preset}, {dtype}, {device}"))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
 def _all_valid(n: int):
     import torch
 
@@ -67,10 +112,33 @@ def main(argv: list[str] | None = None) -> int:
     p_show.add_argument("spec")
     p_show.add_argument("--head-dim", type=int, default=128)
     p_show.add_argument("--context", type=int, default=8192, help="prompt length for eviction ratios")
+    p_eval = sub.add_parser("eval", help="quality, retrieval, agreement and memory of strategies on a model")
+    p_eval.add_argument("--model", help="checkpoint path or hub id (default: the shipped reference model)")
+    p_eval.add_argument("--strategies", default=",".join(EVAL_STRATEGIES),
+                        help="comma-separated specs (budgets may be percentages); 'none' is always added")
+    p_eval.add_argument("--tasks", default=",".join(EVAL_TASKS))
+    p_eval.add_argument("--contexts", default="1024,2048,4096", help="prompt lengths in tokens")
+    p_eval.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="needle depths for retrieval")
+    p_eval.add_argument("--trials", type=int, default=8, help="retrieval trials per (context, depth) cell")
+    p_eval.add_argument("--device", default=None)
+    p_eval.add_argument("--seed", type=int, default=0)
+    p_eval.add_argument("--out", default="kvplug-eval", help="folder for results.json and plots")
+    p_eval.add_argument("--compare", nargs="+", metavar="RESULTS_JSON", help="table and plot of earlier runs")
+    p_bench = sub.add_parser("bench", help="decode tokens/s and memory of strategies vs DynamicCache")
+    p_bench.add_argument("--model", help="checkpoint (default: a random Llama of --preset)")
+    p_bench.add_argument("--preset", default="tiny", choices=("tiny", "llama-8l"))
+    p_bench.add_argument("--caches", default=";".join(BENCH_CACHES),
+                         help="';'-separated: DynamicCache, QuantizedCache-4/-2 (optimum-quanto), kvplug specs")
+    p_bench.add_argument("--batch", default="1")
+    p_bench.add_argument("--contexts", default="1024,4096")
+    p_bench.add_argument("--steps", type=int, default=16)
+    p_bench.add_argument("--device", default=None)
+    p_bench.add_argument("--dtype", default=None, help="default bfloat16 on cuda, float32 on cpu")
+    p_bench.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     console = Console()
     try:
-        {"list": _list, "show": _show}[args.command](args, console)
+        {"list": _list, "show": _show, "eval": _eval, "bench": _bench}[args.command](args, console)
     except SpecError as e:
         print(f"kvplug: error: {e}", file=sys.stderr)
         return 2

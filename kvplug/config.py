@@ -136,6 +136,19 @@ def parse(spec: Any, registry: Registry | None = None) -> Strategy:
     return Strategy(**chosen)
 
 
+def split_specs(text: str) -> list[str]:
+    """Split a comma-separated list of specs, ignoring commas inside parentheses."""
+    parts, depth, current = [], 0, ""
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    return [p for p in parts + [current.strip()] if p]
+
+
 def resolve(spec: Any = None, registry: Registry | None = None) -> Strategy:
     """``spec`` if given, else ``$KVPLUG_STRATEGY``, else no compression."""
     if spec is None:

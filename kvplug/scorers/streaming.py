@@ -14,6 +14,7 @@ import torch
 
 from kvplug.parts import param
 from kvplug.scorers.base import ALWAYS, ScoreInputs, Scorer
+from kvplug.tokens import TokenCount
 
 
 @dataclass(frozen=True)
@@ -24,10 +25,10 @@ class Streaming(Scorer):
     paper = "StreamingLLM, arXiv 2309.17453"
     evicts_on_decode = True
     sinks: int = param(4, low=0, high=1 << 20, doc="first tokens always kept")
-    window: int = param(1020, low=1, high=1 << 24, doc="most recent tokens kept")
+    window: TokenCount = param(TokenCount(tokens=1020), doc="most recent tokens kept (count or % of the prompt)")
 
     def kept_tokens(self, present: int) -> int:
-        return self.sinks + self.window
+        return self.sinks + self.window.resolve(present)
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         pos = inputs.positions.float()

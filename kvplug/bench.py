@@ -1,27 +1,24 @@
-"""Decode speed and memory of kvplug caches in HF transformers, beside DynamicCache and HF's QuantizedCache.
+"""``kvplug bench``: decode speed and memory of kvplug caches in HF transformers, beside
+DynamicCache and HF's QuantizedCache.
 
 For each (batch, context) and each cache: prefill ``context`` random tokens (one forward,
-``logits_to_keep=1``), then time ``--steps`` single-token decode steps; report the median ms per
-step, generated tokens/s, the K/V bytes the cache holds, and on CUDA the peak memory over the
-weights. Random weights: speed and memory do not depend on them.
-
-    python benchmarks/hf_decode.py --preset tiny --device cpu --batch 1 --contexts 1024,4096
-    python benchmarks/hf_decode.py --preset llama-8l --device cuda --batch 1,8 --contexts 8192,32768
+``logits_to_keep=1``), then time single-token decode steps; report the median ms per step,
+generated tokens/s, the K/V bytes the cache holds, and on CUDA the peak memory over the weights.
+Random weights (``--preset``) or any checkpoint (``--model``): speed and memory do not depend on
+the weights.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 
 import torch
-from rich.console import Console
 from rich.table import Table
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import kvplug.hf
+from transformers import DynamicCache
+
 
 PRESETS = {
     # 2 layers, GQA 4:1, head_dim 64: runs in seconds on a laptop CPU
@@ -39,6 +36,7 @@ def sync(device: str) -> None:
 
 
 def make_cache(name: str, model):
+    """``DynamicCache``, ``QuantizedCache-4``/``-2`` (HF's, quanto backend) or a kvplug spec."""
     if name == "DynamicCache":
         return DynamicCache(config=model.config)
     if name.startswith("QuantizedCache"):
@@ -70,6 +68,7 @@ def held_bytes(cache) -> int:
 
 
 def bench(model, name, batch, context, steps, device, gen) -> dict:
+    """One row: prefill ``context`` random tokens for ``batch`` sequences, then time ``steps`` steps."""
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, context), generator=gen).to(device)
     if device == "cuda":
@@ -97,51 +96,46 @@ def bench(model, name, batch, context, steps, device, gen) -> dict:
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=PRESETS, default="tiny")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--batch", default="1")
-    parser.add_argument("--contexts", default="1024,4096")
-    parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--caches", default="DynamicCache;QuantizedCache-4;QuantizedCache-2;none;int4;kivi(bits=2);"
-                                            "snapkv(budget=25%)+int4",
-                        help="';'-separated: DynamicCache, QuantizedCache-4/-2 (needs optimum-quanto), kvplug specs")
-    parser.add_argument("--out", default=None, help="write the rows as JSON here")
-    args = parser.parse_args()
-    if args.device == "cuda":
-        torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN re-plans per KV length (see docs/BENCHMARKS.md)
+def load_model(model: str | None, preset: str, device: str, dtype: torch.dtype):
+    """A checkpoint (``model``) or a random Llama of ``preset``, on ``device`` in ``dtype``."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    config = LlamaConfig(**PRESETS[args.preset], max_position_embeddings=131072)
-    model = LlamaForCausalLM(config).to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
+    if model:
+        net = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+    else:
+        net = LlamaForCausalLM(LlamaConfig(**PRESETS[preset], max_position_embeddings=131072)).to(dtype)
+    return net.to(device).eval()
+
+
+def run(model, caches, batches, contexts, steps, device, console=None) -> list[dict]:
+    """Rows of :func:`bench` for every combination; a failing cache becomes a row with its error."""
+    if device.startswith("cuda"):
+        torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN re-plans per KV length (docs/BENCHMARKS.md)
     kvplug.hf.cache(model, "none")  # switches attention to kvplug (plain SDPA for other caches)
     gen = torch.Generator().manual_seed(0)
-    console = Console()
     rows = []
-    for batch in map(int, args.batch.split(",")):
-        for context in map(int, args.contexts.split(",")):
-            for name in args.caches.split(";"):
+    for batch in batches:
+        for context in contexts:
+            for name in caches:
                 try:
-                    rows.append(bench(model, name, batch, context, args.steps, args.device, gen))
+                    rows.append(bench(model, name, batch, context, steps, device, gen))
                 except Exception as e:  # one failing cache must not hide the others
-                    rows.append(dict(cache=name, batch=batch, context=context, error=f"{type(e).__name__}: {e}"[:120]))
-                console.print(rows[-1])
-    table = Table(title=f"HF decode, {args.preset}, {args.dtype}, {args.device}")
+                    rows.append(dict(cache=name, batch=batch, context=context, error=f"{type(e).__name__}: {e}"[:160]))
+                if console is not None:
+                    console.print(rows[-1])
+    return rows
+
+
+def table(rows: list[dict], title: str) -> Table:
+    t = Table(title=title)
     for col in ("B", "context", "cache", "ms/step", "tokens/s", "KV MiB held", "peak GiB over weights"):
-        table.add_column(col)
+        t.add_column(col)
     for r in rows:
         if "error" in r:
-            table.add_row(str(r["batch"]), str(r["context"]), r["cache"], "error", r["error"], "", "")
+            t.add_row(str(r["batch"]), str(r["context"]), r["cache"], "error", r["error"][:60], "", "")
             continue
-        table.add_row(str(r["batch"]), str(r["context"]), r["cache"], f"{r['ms_per_step']:.2f}",
-                      f"{r['tokens_per_s']:.0f}", f"{r['kv_bytes'] / 2**20:.1f}",
-                      f"{r.get('peak_gib_over_weights', float('nan')):.2f}")
-    console.print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
-
-
-if __name__ == "__main__":
-    main()
+        peak = r.get("peak_gib_over_weights")
+        t.add_row(str(r["batch"]), str(r["context"]), r["cache"], f"{r['ms_per_step']:.2f}",
+                  f"{r['tokens_per_s']:.0f}", f"{r['kv_bytes'] / 2**20:.1f}", "-" if peak is None else f"{peak:.2f}")
+    return t

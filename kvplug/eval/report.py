@@ -1,0 +1,138 @@
+"""Results of ``kvplug eval`` as a table, a validated JSON file and PNG plots; several runs compared."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+SCHEMA_FILE = Path(__file__).with_name("schema.json")
+
+
+def validate(results: dict) -> None:
+    """Raise ``jsonschema.ValidationError`` unless ``results`` follows ``schema.json``."""
+    import jsonschema
+
+    jsonschema.validate(results, json.loads(SCHEMA_FILE.read_text()))
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def retrieval_accuracy(result: dict, context: str) -> float | None:
+    cells = result.get("retrieval", {}).get(context, {})
+    return _mean(c["accuracy"] for c in cells.values())
+
+
+def table(runs: list[dict]) -> Table:
+    """One row per (run, strategy): memory ratio, then per context ppl (delta), retrieval, agreement."""
+    contexts = sorted({c for run in runs for c in run["settings"]["contexts"]})
+    t = Table(title="kvplug eval" + (f" ({runs[0]['model']}, {runs[0]['device']})" if len(runs) == 1 else ""))
+    t.add_column("strategy")
+    t.add_column("KV vs DynamicCache")
+    for c in contexts:
+        t.add_column(f"ppl @{c} (vs none)")
+        t.add_column(f"retrieval @{c}")
+        t.add_column(f"agree @{c}")
+    for run in runs:
+        for r in run["results"]:
+            name = r["strategy"] if len(runs) == 1 else f"{r['strategy']} [{Path(run.get('_file', run['model'])).stem}]"
+            if not r["ok"]:
+                t.add_row(name, "[red]failed[/red]", r["error"][:80], *[""] * (3 * len(contexts) - 1))
+                continue
+            mem = _mean(m["ratio_vs_dynamic"] for m in r.get("memory", {}).values())
+            cells = [f"{mem:.2f}x" if mem else "-"]
+            for c in map(str, contexts):
+                p = r.get("perplexity", {}).get(c)
+                d = p and p["delta_vs_none"]
+                cells.append(f"{p['ppl']:.3f} ({d:+.2%})" if p and d is not None else (f"{p['ppl']:.3f}" if p else "-"))
+                acc = retrieval_accuracy(r, c)
+                cells.append("-" if acc is None else f"{acc:.0%}")
+                a = r.get("agreement", {}).get(c)
+                cells.append("-" if a is None else f"{a['share']:.0%}")
+            t.add_row(name, *cells)
+    return t
+
+
+def plots(runs: list[dict], out: Path) -> list[Path]:
+    """quality_vs_memory.png (perplexity and retrieval vs KV bytes per token) and one retrieval
+    heatmap (depth x context) per strategy of the first run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    fig, (ax_p, ax_r) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for run in runs:
+        tag = "" if len(runs) == 1 else f" [{Path(run.get('_file', run['model'])).stem}]"
+        for r in run["results"]:
+            if not r["ok"] or "memory" not in r:
+                continue
+            bpt = _mean(m["kv_bytes_per_token"] for m in r["memory"].values())
+            if "perplexity" in r:
+                ax_p.scatter(bpt, _mean(p["ppl"] for p in r["perplexity"].values()))
+                ax_p.annotate(r["strategy"] + tag, (bpt, _mean(p["ppl"] for p in r["perplexity"].values())), fontsize=7)
+            accs = [retrieval_accuracy(r, c) for c in r.get("retrieval", {})]
+            if accs:
+                ax_r.scatter(bpt, _mean(accs))
+                ax_r.annotate(r["strategy"] + tag, (bpt, _mean(accs)), fontsize=7)
+    for ax, label in ((ax_p, "decode perplexity (mean over contexts)"), (ax_r, "retrieval accuracy (mean)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("KV bytes held per token (all layers)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"quality vs KV memory: {runs[0]['model']}")
+    fig.tight_layout()
+    path = out / "quality_vs_memory.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
+    for r in runs[0]["results"]:
+        grid = r.get("retrieval")
+        if not r["ok"] or not grid:
+            continue
+        contexts = sorted(grid, key=int)
+        depths = sorted(grid[contexts[0]], key=float)
+        data = [[grid[c][d]["accuracy"] for c in contexts] for d in depths]
+        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(contexts), 1.0 + 0.45 * len(depths)))
+        im = ax.imshow(data, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(contexts)), contexts)
+        ax.set_yticks(range(len(depths)), depths)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("needle depth")
+        ax.set_title(f"retrieval: {r['strategy']}", fontsize=9)
+        for i, row in enumerate(data):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.0%}", ha="center", va="center", fontsize=7, color="w" if v < 0.6 else "k")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        safe = "".join(ch if ch.isalnum() else "_" for ch in r["strategy"]).strip("_")
+        path = out / f"retrieval_{safe}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write(results: dict, out: Path) -> Path:
+    """Validate and write ``results.json`` in ``out``."""
+    validate(results)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    path.write_text(json.dumps(results, indent=1))
+    return path
+
+
+def load_runs(paths: list[str]) -> list[dict]:
+    runs = []
+    for p in paths:
+        run = json.loads(Path(p).read_text())
+        validate(run)
+        run["_file"] = p
+        runs.append(run)
+    return runs

@@ -1,0 +1,100 @@
+"""``kvplug eval`` checks itself: decode perplexity, exact-match retrieval, schema, failures."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from kvplug.cli import main as cli
+from kvplug.eval import EvalSettings, evaluate, measure, validate
+from kvplug.eval.runner import load
+
+REF = Path(__file__).resolve().parents[1] / "models" / "kvplug-ref"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A random Llama with the reference tokenizer and held-out text beside it."""
+    if not (REF / "tokenizer.json").exists():
+        pytest.skip("reference tokenizer not present")
+    path = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=8192, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=1, head_dim=64,
+                                 max_position_embeddings=4096)).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(REF / name, path)
+    (path / "heldout.txt").write_text((REF / "heldout.txt").read_text()[:200_000])
+    return path
+
+
+def test_decode_perplexity_of_none_equals_full_forward(tiny_model):
+    model, _, source = load(EvalSettings(model=str(tiny_model), device="cpu"))
+    import random
+
+    ids = measure.windows(source, 300, 3, random.Random(1), "cpu")
+    nll = measure.decode_nll(model, "none", ids, 200)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, 199:-1]
+    full = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 200:].reshape(-1))
+    assert math.isclose(float(nll), float(full), rel_tol=1e-4)
+    assert float(measure.decode_nll(model, "int4", ids, 200)) != pytest.approx(float(full), rel=1e-6)
+
+
+def test_only_the_exact_value_counts(tiny_model, monkeypatch):
+    model, tokenizer, source = load(EvalSettings(model=str(tiny_model), device="cpu"))
+    seen = {}
+
+    def oracle(model, spec, prompts, steps, wrong_digit=None):
+        # the true answers, recovered from the samples the cell made
+        answers = torch.tensor([s.answer_ids for s in seen["samples"]])
+        if wrong_digit is not None:
+            answers[::2, wrong_digit] = (answers[::2, wrong_digit] + 1) % 10 + answers[::2, wrong_digit] // 10 * 10
+        return answers, None
+
+    real_make = measure.make_sample
+
+    def recording_make(*args, **kwargs):
+        sample = real_make(*args, **kwargs)
+        seen.setdefault("samples", []).append(sample)
+        return sample
+
+    monkeypatch.setattr(measure, "make_sample", recording_make)
+    monkeypatch.setattr(measure, "greedy", oracle)
+    assert measure.retrieval_cell(model, tokenizer, "none", source, 512, 0.5, 6, 0, "cpu") == (6, 6)
+    seen.clear()
+    monkeypatch.setattr(measure, "greedy", lambda *a: oracle(*a, wrong_digit=-1))
+    assert measure.retrieval_cell(model, tokenizer, "none", source, 512, 0.5, 6, 0, "cpu") == (3, 6)
+
+
+def test_evaluate_writes_valid_results_and_reports_failures(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    code = cli(["eval", "--model", str(tiny_model), "--strategies", "int4,int4(group=48),snapkv(budget=25%)",
+                "--contexts", "256", "--depths", "0.5", "--trials", "2", "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    validate(results)
+    by_name = {r["strategy"]: r for r in results["results"]}
+    assert list(by_name) == ["none", "int4", "int4(group=48)", "snapkv(budget=25%)"]
+    assert not by_name["int4(group=48)"]["ok"] and "group=48" in by_name["int4(group=48)"]["error"]
+    assert by_name["snapkv(budget=25%)"]["ok"]
+    assert by_name["none"]["perplexity"]["256"]["delta_vs_none"] == 0
+    assert by_name["none"]["agreement"]["256"]["share"] == 1.0
+    mem = by_name["int4"]["memory"]["256"]
+    assert mem["ratio_vs_dynamic"] == pytest.approx(4 * 64 * 2 / (2 * (32 + 4)))  # fp32 model vs int4 + meta
+    snap = by_name["snapkv(budget=25%)"]["memory"]["256"]
+    assert snap["kv_bytes"] < by_name["none"]["memory"]["256"]["kv_bytes"] * 0.4
+    assert (out / "quality_vs_memory.png").stat().st_size > 1000
+    assert (out / "retrieval_int4.png").exists()
+    assert cli(["eval", "--compare", str(out / "results.json"), str(out / "results.json"), "--out", str(tmp_path / "c")]) == 0
+
+
+def test_bad_settings_are_one_line_errors(capsys):
+    assert cli(["eval", "--tasks", "speed"]) == 2
+    assert "unknown task 'speed'" in capsys.readouterr().err
+    assert cli(["eval", "--strategies", "int5"]) == 2
