@@ -15,9 +15,12 @@ def test_wheel_has_only_the_kvplug_top_level(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"kvplug"}
-    for module in ("kvplug/adapters/hf/__init__.py", "kvplug/adapters/vllm/__init__.py",
-                   "kvplug/triton_ops/__init__.py", "kvplug/cli.py"):
-        assert module in names
+    sources = {"kvplug": ROOT / "kvplug", "kvplug/adapters": ROOT / "adapters", "kvplug/triton_ops": ROOT / "triton_ops"}
+    for prefix, folder in sources.items():
+        for path in folder.rglob("*.py"):
+            if "__pycache__" not in path.parts:
+                assert f"{prefix}/{path.relative_to(folder).as_posix()}" in names, path
+    assert "kvplug/eval/schema.json" in names
 
 
 def test_import_kvplug_loads_no_engine():
