@@ -92,11 +92,8 @@ def _decode(tokenizer, ids: Sequence[int]) -> str:
 
 
 def _vocab_size(tokenizer) -> int:
-    for name in ("get_vocab_size",):
-        fn = getattr(tokenizer, name, None)
-        if callable(fn):
-            return int(fn())
-    return len(tokenizer)
+    fn = getattr(tokenizer, "get_vocab_size", None)  # tokenizers.Tokenizer
+    return int(fn()) if callable(fn) else len(tokenizer)
 
 
 def _key_split(key: str) -> str:
