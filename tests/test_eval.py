@@ -34,42 +34,43 @@ def tiny_model(tmp_path_factory):
 
 
 def test_decode_perplexity_of_none_equals_full_forward(tiny_model):
-    model, _, source = load(EvalSettings(model=str(tiny_model), device="cpu"))
     import random
 
+    model, _, source = load(EvalSettings(model=str(tiny_model), device="cpu"))
     ids = measure.windows(source, 300, 3, random.Random(1), "cpu")
-    nll = measure.decode_nll(model, "none", ids, 200)
+    prompt = measure.Prompt(model, ids[:, :200])
+    nll = measure.decode_nll(prompt, "none", ids[:, 200:])
     with torch.no_grad():
         logits = model(input_ids=ids).logits[:, 199:-1]
     full = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 200:].reshape(-1))
-    assert math.isclose(float(nll), float(full), rel_tol=1e-4)
-    assert float(measure.decode_nll(model, "int4", ids, 200)) != pytest.approx(float(full), rel=1e-6)
+    assert math.isclose(nll, float(full), rel_tol=1e-4)
+    assert measure.decode_nll(prompt, "int4", ids[:, 200:]) != pytest.approx(float(full), rel=1e-6)
 
 
-def test_only_the_exact_value_counts(tiny_model, monkeypatch):
-    model, tokenizer, source = load(EvalSettings(model=str(tiny_model), device="cpu"))
-    seen = {}
+def test_forked_cache_equals_a_fresh_run(tiny_model):
+    import random
 
-    def oracle(model, spec, prompts, steps, wrong_digit=None):
-        # the true answers, recovered from the samples the cell made
-        answers = torch.tensor([s.answer_ids for s in seen["samples"]])
-        if wrong_digit is not None:
-            answers[::2, wrong_digit] = (answers[::2, wrong_digit] + 1) % 10 + answers[::2, wrong_digit] // 10 * 10
-        return answers, None
+    model, _, source = load(EvalSettings(model=str(tiny_model), device="cpu"))
+    ids = measure.windows(source, 160, 2, random.Random(2), "cpu")
+    prompt = measure.Prompt(model, ids)
+    forked, _ = measure.greedy(prompt, "snapkv(budget=40, window=8)+int4", 12)
+    import kvplug.hf
 
-    real_make = measure.make_sample
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                         past_key_values=kvplug.hf.cache(model, "snapkv(budget=40, window=8)+int4"), pad_token_id=0)
+    assert torch.equal(forked, out[:, 160:])
 
-    def recording_make(*args, **kwargs):
-        sample = real_make(*args, **kwargs)
-        seen.setdefault("samples", []).append(sample)
-        return sample
 
-    monkeypatch.setattr(measure, "make_sample", recording_make)
-    monkeypatch.setattr(measure, "greedy", oracle)
-    assert measure.retrieval_cell(model, tokenizer, "none", source, 512, 0.5, 6, 0, "cpu") == (6, 6)
-    seen.clear()
-    monkeypatch.setattr(measure, "greedy", lambda *a: oracle(*a, wrong_digit=-1))
-    assert measure.retrieval_cell(model, tokenizer, "none", source, 512, 0.5, 6, 0, "cpu") == (3, 6)
+def test_only_the_exact_value_counts(tiny_model):
+    import random
+
+    _, tokenizer, source = load(EvalSettings(model=str(tiny_model), device="cpu"))
+    samples = measure.lookup_samples(tokenizer, source, 512, 0.5, 6, seed=random.randrange(10**6))
+    answers = torch.tensor([s.answer_ids for s in samples])
+    assert measure.exact_matches(answers, samples) == 6
+    wrong = answers.clone()
+    wrong[::2, -1] += 1  # one wrong digit in half the rows: those do not count at all
+    assert measure.exact_matches(wrong, samples) == 3
 
 
 def test_evaluate_writes_valid_results_and_reports_failures(tiny_model, tmp_path):

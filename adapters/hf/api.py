@@ -34,13 +34,14 @@ def use_kvplug_attention(model) -> None:
         model.set_attn_implementation(NAME)
 
 
-def cache(model, spec=None, paged: bool | None = None) -> KVPlugCache:
+def cache(model, spec=None, paged: bool | None = None, keep_prompt: bool = False) -> KVPlugCache:
     """A fresh compressed cache for ``model`` following ``spec`` (string, dict, Strategy; default
     ``$KVPLUG_STRATEGY`` or none). Pass it as ``model.generate(..., past_key_values=cache)``.
 
     ``paged`` (default: on CUDA) keeps per-token codecs in the paged layout that the Triton
     kernels read, so decoding never dequantizes the whole cache. Also switches the model's
-    attention implementation to ``kvplug`` (see :mod:`.attention`).
+    attention implementation to ``kvplug`` (see :mod:`.attention`). ``keep_prompt`` retains the
+    prompt's K/V and queries so that :meth:`KVPlugCache.fork` can compress it for other strategies.
     """
     strategy = resolve(spec)
     check_model(model)
@@ -48,7 +49,7 @@ def cache(model, spec=None, paged: bool | None = None) -> KVPlugCache:
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     strategy.check_head_dim(head_dim)
     use_kvplug_attention(model)
-    return KVPlugCache(strategy, text.num_hidden_layers, paged)
+    return KVPlugCache(strategy, text.num_hidden_layers, paged, keep_prompt)
 
 
 @contextlib.contextmanager

@@ -12,9 +12,23 @@ from .layer import KVPlugLayer
 class KVPlugCache(Cache):
     """One :class:`KVPlugLayer` per decoder layer, all following one strategy."""
 
-    def __init__(self, strategy: Strategy, num_layers: int, paged: bool | None = None):
-        super().__init__(layers=[KVPlugLayer(strategy, i, num_layers, paged) for i in range(num_layers)])
-        self.strategy = strategy
+    def __init__(self, strategy: Strategy, num_layers: int, paged: bool | None = None, keep_prompt: bool = False):
+        super().__init__(layers=[KVPlugLayer(strategy, i, num_layers, paged, keep_prompt) for i in range(num_layers)])
+        self.strategy, self.paged = strategy, paged
+
+    def fork(self, strategy: Strategy) -> KVPlugCache:
+        """A cache for ``strategy`` holding this cache's prompt compressed its way, without running
+        the model again: the prompt's attention does not depend on the strategy, only what is kept
+        afterwards does. Needs a cache made with ``keep_prompt=True`` that has seen only a prompt."""
+        other = KVPlugCache(strategy, len(self.layers), self.paged)
+        for mine, theirs in zip(self.layers, other.layers):
+            if mine.prompt is None or mine.seen != mine.prompt[0].shape[-2]:
+                raise RuntimeError("fork() needs a keep_prompt=True cache that has seen only its prompt")
+            keys, values, queries, valid, scale = mine.prompt
+            theirs.lazy_initialization(keys, values)
+            theirs.pending, theirs.seen = (keys, values), mine.seen
+            theirs.compress_prompt(queries, valid, scale)
+        return other
 
     def kept_tokens(self) -> int:
         """Tokens held, summed over layers, KV heads and sequences."""

@@ -34,7 +34,8 @@ class KVPlugLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, strategy: Strategy, layer_idx: int, num_layers: int, paged: bool | None = None):
+    def __init__(self, strategy: Strategy, layer_idx: int, num_layers: int, paged: bool | None = None,
+                 keep_prompt: bool = False):
         super().__init__()
         codec, scorer = strategy.codec, strategy.scorer
         if scorer is not None and scorer.evicts_on_decode and codec.token_group > 1:
@@ -43,6 +44,8 @@ class KVPlugLayer(CacheLayerMixin):
                             f"or a prefill-only scorer (snapkv, knorm, random)")
         self.strategy, self.layer_idx, self.num_layers = strategy, layer_idx, num_layers
         self.paged = paged  # None: the paged Triton layout on CUDA, where the codec allows it
+        self.keep_prompt = keep_prompt
+        self.prompt: tuple | None = None  # (keys, values, queries, valid, scale) when keep_prompt
         self.seen = 0
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.slots: SlotStore | None = None
@@ -80,7 +83,7 @@ class KVPlugLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.__init__(self.strategy, self.layer_idx, self.num_layers, self.paged)
+        self.__init__(self.strategy, self.layer_idx, self.num_layers, self.paged, self.keep_prompt)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("kvplug caches do not support beam search yet")
@@ -90,6 +93,8 @@ class KVPlugLayer(CacheLayerMixin):
         """Pick and store the prompt tokens to keep, now that the prompt's ``queries`` are known."""
         keys, values = self.pending
         self.pending = None
+        if self.keep_prompt:
+            self.prompt = (keys, values, queries, valid, scale)
         b, h, t, d = keys.shape
         strategy, scorer = self.strategy, self.strategy.scorer
         window = 0 if scorer is None else (t if scorer.needs_all_queries else min(scorer.observation_window, t))

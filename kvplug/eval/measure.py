@@ -1,8 +1,10 @@
-"""The measurements ``kvplug eval`` makes of one strategy on one model (HF transformers).
+"""The measurements ``kvplug eval`` makes (HF transformers), each for many strategies at once.
 
-Every measurement runs the model through a fresh kvplug cache, prompt first, then one token at a
-time, so it sees what a user sees while generating. Inputs of equal length are batched (no
-padding), so any strategy and the baseline see exactly the same tokens.
+A prompt is run through the model once (:class:`Prompt`); every strategy then gets that prompt
+compressed its own way (``KVPlugCache.fork``: the prompt's attention does not depend on the
+strategy, only what is kept afterwards does) and continues one token at a time, so it sees what a
+user sees while generating, on exactly the same inputs as the others. Inputs of one call have
+equal lengths (no padding).
 """
 
 from __future__ import annotations
@@ -13,19 +15,25 @@ import torch
 import torch.nn.functional as F
 
 import kvplug.hf
+from kvplug.config import parse
 from kvplug.retrieval import make_sample
 
 
-@torch.no_grad()
-def _prefill(model, ids: torch.Tensor, spec):
-    cache = kvplug.hf.cache(model, spec)
-    logits = model(input_ids=ids, past_key_values=cache, logits_to_keep=1).logits[:, -1]
-    return cache, logits
+class Prompt:
+    """A batch of prompts ``[B, T]`` run through the model once, kept for every strategy."""
 
+    @torch.no_grad()
+    def __init__(self, model, ids: torch.Tensor):
+        self.model = model
+        self.cache = kvplug.hf.cache(model, "none", keep_prompt=True)
+        self.logits = model(input_ids=ids, past_key_values=self.cache, logits_to_keep=1).logits[:, -1]
 
-@torch.no_grad()
-def _step(model, cache, tokens: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=tokens[:, None], past_key_values=cache).logits[:, -1]
+    def cache_for(self, spec):
+        return self.cache.fork(parse(spec))
+
+    @torch.no_grad()
+    def step(self, cache, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=tokens[:, None], past_key_values=cache).logits[:, -1]
 
 
 def windows(source: list[int], length: int, count: int, rng: random.Random, device) -> torch.Tensor:
@@ -35,41 +43,41 @@ def windows(source: list[int], length: int, count: int, rng: random.Random, devi
 
 
 @torch.no_grad()
-def decode_nll(model, spec, ids: torch.Tensor, context: int) -> torch.Tensor:
-    """Mean negative log-likelihood of ``ids[:, context:]``, fed one token at a time after a
-    prompt of ``ids[:, :context]`` through the compressed cache."""
-    cache, logits = _prefill(model, ids[:, :context], spec)
-    total = torch.zeros((), dtype=torch.float64)
-    for t in range(context, ids.shape[1]):
-        total += F.cross_entropy(logits.float(), ids[:, t], reduction="sum").double().cpu()
-        if t + 1 < ids.shape[1]:
-            logits = _step(model, cache, ids[:, t])
-    return total / (ids.shape[0] * (ids.shape[1] - context))
+def decode_nll(prompt: Prompt, spec, continuation: torch.Tensor) -> float:
+    """Mean negative log-likelihood of ``continuation`` ``[B, N]``, fed one token at a time after
+    the prompt, through ``spec``'s cache."""
+    cache, logits = prompt.cache_for(spec), prompt.logits
+    total = 0.0
+    for t in range(continuation.shape[1]):
+        total += float(F.cross_entropy(logits.float(), continuation[:, t], reduction="sum"))
+        if t + 1 < continuation.shape[1]:
+            logits = prompt.step(cache, continuation[:, t])
+    return total / continuation.numel()
 
 
 @torch.no_grad()
-def greedy(model, spec, prompt: torch.Tensor, steps: int):
-    """Greedy continuation ``[B, steps]`` of ``prompt`` and the cache it ends with."""
-    cache, logits = _prefill(model, prompt, spec)
+def greedy(prompt: Prompt, spec, steps: int):
+    """Greedy continuation ``[B, steps]`` after the prompt, and the cache it ends with."""
+    cache, logits = prompt.cache_for(spec), prompt.logits
     out = []
     for i in range(steps):
         token = logits.argmax(-1)
         out.append(token)
         if i + 1 < steps:
-            logits = _step(model, cache, token)
+            logits = prompt.step(cache, token)
     return torch.stack(out, 1), cache
 
 
-def retrieval_cell(model, tokenizer, spec, source: list[int], context: int, depth: float, trials: int,
-                   seed: int, device) -> tuple[int, int]:
-    """(correct, trials) of the lookup task at one context length and needle depth; a trial
-    counts only if every token of the value is produced exactly."""
+def lookup_samples(tokenizer, source: list[int], context: int, depth: float, trials: int, seed: int):
+    """``trials`` lookup samples (fresh keys from the evaluation key space, held-out text)."""
     rng = random.Random(seed)
-    samples = [make_sample(tokenizer, source, context, depth, rng) for _ in range(trials)]
-    prompts = torch.tensor([s.prompt_ids for s in samples], device=device)
-    answers = torch.tensor([s.answer_ids for s in samples], device=device)
-    produced, _ = greedy(model, spec, prompts, answers.shape[1])
-    return int((produced == answers).all(-1).sum()), trials
+    return [make_sample(tokenizer, source, context, depth, rng) for _ in range(trials)]
+
+
+def exact_matches(produced: torch.Tensor, samples) -> int:
+    """How many rows of ``produced`` equal their sample's answer in every token."""
+    answers = torch.tensor([s.answer_ids for s in samples], device=produced.device)
+    return int((produced == answers).all(-1).sum())
 
 
 def kv_bytes_dynamic(model, tokens: int) -> int:

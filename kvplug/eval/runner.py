@@ -74,58 +74,81 @@ def load(settings: EvalSettings):
     return model, tokenizer, source
 
 
-def _run_strategy(spec: str, settings: EvalSettings, model, tokenizer, source, baseline: dict, progress,
-                  task_id) -> dict:
-    rng = random.Random(settings.seed)
-    result: dict = {"strategy": spec, "ok": True, "error": None}
-    device = settings.device
-    for context in settings.contexts:
-        key = str(context)
-        if "perplexity" in settings.tasks:
-            ids = measure.windows(source, context + settings.ppl_tokens, settings.ppl_sequences, rng, device)
-            nll = float(measure.decode_nll(model, spec, ids, context))
-            ppl = math.exp(nll)
-            base = ppl if spec == "none" else baseline.get("perplexity", {}).get(key, {}).get("ppl")
-            result.setdefault("perplexity", {})[key] = {
-                "ppl": ppl, "nll": nll, "tokens": settings.ppl_sequences * settings.ppl_tokens,
-                "delta_vs_none": None if base is None else ppl / base - 1}
-            progress.advance(task_id)
-        if "retrieval" in settings.tasks:
-            cells = {}
-            for i, depth in enumerate(settings.depths):
-                correct, trials = measure.retrieval_cell(model, tokenizer, spec, source, context, depth,
-                                                         settings.trials, settings.seed * 1000 + i, device)
-                cells[f"{depth:g}"] = {"correct": correct, "trials": trials, "accuracy": correct / trials}
-                progress.advance(task_id)
-            result.setdefault("retrieval", {})[key] = cells
-        if "agreement" in settings.tasks:
-            prompt = measure.windows(source, context, settings.agreement_sequences, random.Random(context), device)
-            tokens, _ = measure.greedy(model, spec, prompt, settings.agreement_tokens)
-            ref = baseline.get("_agreement_tokens", {}).get(key)
-            if ref is None:
-                result.setdefault("_agreement_tokens", {})[key] = tokens
-                share = 1.0
-            else:
-                share = float((tokens == ref).float().mean())
-            result.setdefault("agreement", {})[key] = {"share": share, "tokens": tokens.numel()}
-            progress.advance(task_id)
-        if "memory" in settings.tasks:
-            prompt = measure.windows(source, context, 1, rng, device)
-            _, cache = measure.greedy(model, spec, prompt, 17)
-            held, logical = cache.stored_bytes(), context + 16
-            dynamic = measure.kv_bytes_dynamic(model, logical)
-            result.setdefault("memory", {})[key] = {
-                "kv_bytes": held, "tokens": logical, "kv_bytes_per_token": held / logical,
-                "dynamic_cache_bytes": dynamic, "ratio_vs_dynamic": dynamic / held}
-            progress.advance(task_id)
-    return result
+class _Board:
+    """Per-strategy results; a strategy that raises is marked failed and skipped from then on."""
+
+    def __init__(self, strategies: list[str]):
+        self.results = {s: {"strategy": s, "ok": True, "error": None} for s in strategies}
+
+    def live(self) -> list[str]:
+        return [s for s, r in self.results.items() if r["ok"]]
+
+    def each(self, fn) -> dict:
+        """``fn(spec)`` for every live strategy; failures are recorded, not raised."""
+        out = {}
+        for spec in self.live():
+            try:
+                out[spec] = fn(spec)
+            except Exception as e:  # reported in the table; the run goes on
+                self.results[spec].update(ok=False, error=f"{type(e).__name__}: {e}",
+                                          traceback=traceback.format_exc(limit=4))
+        return out
+
+    def put(self, task: str, context: int, values: dict) -> None:
+        for spec, value in values.items():
+            if self.results[spec]["ok"]:
+                self.results[spec].setdefault(task, {})[str(context)] = value
+
+
+def _context(board: _Board, settings: EvalSettings, context: int, model, tokenizer, source, progress, bar) -> None:
+    rng, device = random.Random(settings.seed * 7919 + context), settings.device
+    if "perplexity" in settings.tasks:
+        ids = measure.windows(source, context + settings.ppl_tokens, settings.ppl_sequences, rng, device)
+        prompt = measure.Prompt(model, ids[:, :context])
+        nll = board.each(lambda spec: measure.decode_nll(prompt, spec, ids[:, context:]))
+        base = nll.get("none")
+        board.put("perplexity", context, {
+            spec: {"ppl": math.exp(v), "nll": v, "tokens": ids[:, context:].numel(),
+                   "delta_vs_none": None if base is None else math.exp(v - base) - 1} for spec, v in nll.items()})
+        progress.advance(bar)
+    if "retrieval" in settings.tasks:
+        cells: dict[str, dict] = {}
+        for i, depth in enumerate(settings.depths):
+            samples = measure.lookup_samples(tokenizer, source, context, depth, settings.trials,
+                                             settings.seed * 1000 + i)
+            prompt = measure.Prompt(model, torch.tensor([s.prompt_ids for s in samples], device=device))
+            steps = len(samples[0].answer_ids)
+            hits = board.each(lambda spec: measure.exact_matches(measure.greedy(prompt, spec, steps)[0], samples))
+            for spec, correct in hits.items():
+                cells.setdefault(spec, {})[f"{depth:g}"] = {"correct": correct, "trials": len(samples),
+                                                            "accuracy": correct / len(samples)}
+            progress.advance(bar)
+        board.put("retrieval", context, cells)
+    if "agreement" in settings.tasks:
+        prompt = measure.Prompt(model, measure.windows(source, context, settings.agreement_sequences, rng, device))
+        tokens = board.each(lambda spec: measure.greedy(prompt, spec, settings.agreement_tokens)[0])
+        ref = tokens.get("none")
+        if ref is not None:
+            board.put("agreement", context, {spec: {"share": float((t == ref).float().mean()), "tokens": t.numel()}
+                                             for spec, t in tokens.items()})
+        progress.advance(bar)
+    if "memory" in settings.tasks:
+        prompt = measure.Prompt(model, measure.windows(source, context, 1, rng, device))
+        steps = 16
+        held = board.each(lambda spec: measure.greedy(prompt, spec, steps + 1)[1].stored_bytes())
+        logical = context + steps
+        dynamic = measure.kv_bytes_dynamic(model, logical)
+        board.put("memory", context, {
+            spec: {"kv_bytes": b, "tokens": logical, "kv_bytes_per_token": b / logical,
+                   "dynamic_cache_bytes": dynamic, "ratio_vs_dynamic": dynamic / b} for spec, b in held.items()})
+        progress.advance(bar)
 
 
 def evaluate(settings: EvalSettings | None = None, console=None) -> dict:
     """Run ``settings`` and return the results (schema ``kvplug-eval/1``, see ``schema.json``).
 
-    ``none`` is always measured first: deltas and agreement are relative to it. A strategy that
-    fails is recorded with ``ok: false`` and its error; the others still run.
+    ``none`` is always measured: deltas and agreement are relative to it. A strategy that fails
+    is recorded with ``ok: false`` and its error; the others still run.
     """
     settings = settings or EvalSettings()
     settings.check()
@@ -136,22 +159,13 @@ def evaluate(settings: EvalSettings | None = None, console=None) -> dict:
     per_context = (("perplexity" in settings.tasks) + ("agreement" in settings.tasks) + ("memory" in settings.tasks)
                    + len(settings.depths) * ("retrieval" in settings.tasks))
     started = time.time()
-    results, baseline = [], {}
-    with Progress(console=console, transient=False) as progress:
-        task_id = progress.add_task("kvplug eval", total=len(strategies) * len(settings.contexts) * per_context)
-        for spec in strategies:
-            progress.update(task_id, description=f"{spec}")
-            try:
-                result = _run_strategy(spec, settings, model, tokenizer, source, baseline, progress, task_id)
-            except Exception as e:  # reported in the table; the run goes on
-                result = {"strategy": spec, "ok": False, "error": f"{type(e).__name__}: {e}",
-                          "traceback": traceback.format_exc(limit=3)}
-                progress.advance(task_id, per_context * len(settings.contexts))
-            if spec == "none":
-                baseline = result
-            results.append(result)
-    for r in results:
-        r.pop("_agreement_tokens", None)
+    board = _Board(strategies)
+    with Progress(console=console) as progress:
+        bar = progress.add_task(f"{len(strategies)} strategies", total=len(settings.contexts) * per_context)
+        for context in settings.contexts:
+            progress.update(bar, description=f"{len(strategies)} strategies, context {context}")
+            _context(board, settings, context, model, tokenizer, source, progress, bar)
+    results = list(board.results.values())
     return {
         "schema": SCHEMA,
         "model": settings.model,
