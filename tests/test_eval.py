@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvplug.cli import main as cli
-from kvplug.eval import EvalSettings, evaluate, measure, validate
+from kvplug.eval import EvalSettings, inputs, measure, validate
 from kvplug.eval.runner import load
 
 REF = Path(__file__).resolve().parents[1] / "models" / "kvplug-ref"
@@ -37,7 +37,7 @@ def test_decode_perplexity_of_none_equals_full_forward(tiny_model):
     import random
 
     model, _, source = load(EvalSettings(model=str(tiny_model), device="cpu"))
-    ids = measure.windows(source, 300, 3, random.Random(1), "cpu")
+    ids = inputs.windows(source, 300, 3, random.Random(1), "cpu")
     prompt = measure.Prompt(model, ids[:, :200])
     nll = measure.decode_nll(prompt, "none", ids[:, 200:])
     with torch.no_grad():
@@ -51,7 +51,7 @@ def test_forked_cache_equals_a_fresh_run(tiny_model):
     import random
 
     model, _, source = load(EvalSettings(model=str(tiny_model), device="cpu"))
-    ids = measure.windows(source, 160, 2, random.Random(2), "cpu")
+    ids = inputs.windows(source, 160, 2, random.Random(2), "cpu")
     prompt = measure.Prompt(model, ids)
     forked, _ = measure.greedy(prompt, "snapkv(budget=40, window=8)+int4", 12)
     import kvplug.hf
@@ -65,12 +65,12 @@ def test_only_the_exact_value_counts(tiny_model):
     import random
 
     _, tokenizer, source = load(EvalSettings(model=str(tiny_model), device="cpu"))
-    samples = measure.lookup_samples(tokenizer, source, 512, 0.5, 6, seed=random.randrange(10**6))
+    samples = inputs.lookup_samples(tokenizer, source, random.randrange(10**6), 512, 0.5, 6)
     answers = torch.tensor([s.answer_ids for s in samples])
-    assert measure.exact_matches(answers, samples) == 6
+    assert inputs.exact_matches(answers, samples) == 6
     wrong = answers.clone()
     wrong[::2, -1] += 1  # one wrong digit in half the rows: those do not count at all
-    assert measure.exact_matches(wrong, samples) == 3
+    assert inputs.exact_matches(wrong, samples) == 3
 
 
 def test_evaluate_writes_valid_results_and_reports_failures(tiny_model, tmp_path):

@@ -1,7 +1,6 @@
 """Plugins: a real throwaway distribution found through the ``kvplug`` entry-point group."""
 
 import sys
-import textwrap
 import warnings
 
 import pytest

@@ -9,14 +9,11 @@ equal lengths (no padding).
 
 from __future__ import annotations
 
-import random
-
 import torch
 import torch.nn.functional as F
 
 import kvplug.hf
 from kvplug.config import parse
-from kvplug.retrieval import make_sample
 
 
 class Prompt:
@@ -34,12 +31,6 @@ class Prompt:
     @torch.no_grad()
     def step(self, cache, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=tokens[:, None], past_key_values=cache).logits[:, -1]
-
-
-def windows(source: list[int], length: int, count: int, rng: random.Random, device) -> torch.Tensor:
-    """``count`` random windows of ``length`` tokens of ``source``: ``[count, length]``."""
-    starts = [rng.randrange(len(source) - length) for _ in range(count)]
-    return torch.tensor([source[s:s + length] for s in starts], device=device)
 
 
 @torch.no_grad()
@@ -66,18 +57,6 @@ def greedy(prompt: Prompt, spec, steps: int):
         if i + 1 < steps:
             logits = prompt.step(cache, token)
     return torch.stack(out, 1), cache
-
-
-def lookup_samples(tokenizer, source: list[int], context: int, depth: float, trials: int, seed: int):
-    """``trials`` lookup samples (fresh keys from the evaluation key space, held-out text)."""
-    rng = random.Random(seed)
-    return [make_sample(tokenizer, source, context, depth, rng) for _ in range(trials)]
-
-
-def exact_matches(produced: torch.Tensor, samples) -> int:
-    """How many rows of ``produced`` equal their sample's answer in every token."""
-    answers = torch.tensor([s.answer_ids for s in samples], device=produced.device)
-    return int((produced == answers).all(-1).sum())
 
 
 def kv_bytes_dynamic(model, tokens: int) -> int:

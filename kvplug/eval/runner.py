@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import platform
-import random
 import sys
 import time
 import traceback
@@ -18,7 +17,7 @@ from kvplug.config import parse
 from kvplug.defaults import EVAL_STRATEGIES, EVAL_TASKS
 from kvplug.errors import SpecError
 
-from . import measure
+from . import inputs, measure
 
 SCHEMA = "kvplug-eval/1"
 TASKS = EVAL_TASKS
@@ -101,9 +100,9 @@ class _Board:
 
 
 def _context(board: _Board, settings: EvalSettings, context: int, model, tokenizer, source, progress, bar) -> None:
-    rng, device = random.Random(settings.seed * 7919 + context), settings.device
+    seed, device = settings.seed, settings.device
     if "perplexity" in settings.tasks:
-        ids = measure.windows(source, context + settings.ppl_tokens, settings.ppl_sequences, rng, device)
+        ids = inputs.perplexity_ids(source, seed, context, settings.ppl_sequences, settings.ppl_tokens, device)
         prompt = measure.Prompt(model, ids[:, :context])
         nll = board.each(lambda spec: measure.decode_nll(prompt, spec, ids[:, context:]))
         base = nll.get("none")
@@ -113,19 +112,18 @@ def _context(board: _Board, settings: EvalSettings, context: int, model, tokeniz
         progress.advance(bar)
     if "retrieval" in settings.tasks:
         cells: dict[str, dict] = {}
-        for i, depth in enumerate(settings.depths):
-            samples = measure.lookup_samples(tokenizer, source, context, depth, settings.trials,
-                                             settings.seed * 1000 + i)
+        for depth in settings.depths:
+            samples = inputs.lookup_samples(tokenizer, source, seed, context, depth, settings.trials)
             prompt = measure.Prompt(model, torch.tensor([s.prompt_ids for s in samples], device=device))
             steps = len(samples[0].answer_ids)
-            hits = board.each(lambda spec: measure.exact_matches(measure.greedy(prompt, spec, steps)[0], samples))
+            hits = board.each(lambda spec: inputs.exact_matches(measure.greedy(prompt, spec, steps)[0], samples))
             for spec, correct in hits.items():
                 cells.setdefault(spec, {})[f"{depth:g}"] = {"correct": correct, "trials": len(samples),
                                                             "accuracy": correct / len(samples)}
             progress.advance(bar)
         board.put("retrieval", context, cells)
     if "agreement" in settings.tasks:
-        prompt = measure.Prompt(model, measure.windows(source, context, settings.agreement_sequences, rng, device))
+        prompt = measure.Prompt(model, inputs.agreement_prompts(source, seed, context, settings.agreement_sequences, device))
         tokens = board.each(lambda spec: measure.greedy(prompt, spec, settings.agreement_tokens)[0])
         ref = tokens.get("none")
         if ref is not None:
@@ -133,7 +131,7 @@ def _context(board: _Board, settings: EvalSettings, context: int, model, tokeniz
                                              for spec, t in tokens.items()})
         progress.advance(bar)
     if "memory" in settings.tasks:
-        prompt = measure.Prompt(model, measure.windows(source, context, 1, rng, device))
+        prompt = measure.Prompt(model, inputs.memory_prompt(source, seed, context, device))
         steps = 16
         held = board.each(lambda spec: measure.greedy(prompt, spec, steps + 1)[1].stored_bytes())
         logical = context + steps
