@@ -36,7 +36,8 @@ def sync(device: str) -> None:
 
 
 def make_cache(name: str, model):
-    """``DynamicCache``, ``QuantizedCache-4``/``-2`` (HF's, quanto backend) or a kvplug spec."""
+    """``DynamicCache``, ``QuantizedCache-4``/``-2`` (HF's, quanto backend), a kvplug spec, or
+    ``paged:SPEC`` (the spec in the paged layout read by the Triton decode kernel)."""
     if name == "DynamicCache":
         return DynamicCache(config=model.config)
     if name.startswith("QuantizedCache"):
@@ -44,6 +45,8 @@ def make_cache(name: str, model):
 
         bits = int(name.split("-")[1])
         return QuantizedCache(backend="quanto", config=model.config, nbits=bits, q_group_size=64, residual_length=128)
+    if name.startswith("paged:"):
+        return kvplug.hf.cache(model, name.removeprefix("paged:"), paged=True)
     return kvplug.hf.cache(model, name)
 
 

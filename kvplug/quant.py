@@ -44,7 +44,9 @@ def affine_params(
         hi = xf.masked_fill(~valid, float("-inf")).amax(dim, keepdim=True)
         empty = torch.isinf(lo)
         lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
-    scale = ((hi - lo) / (2**bits - 1)).to(SCALE_DTYPE)
+    # divide by a tensor: CUDA turns division by a Python scalar into a multiply by its reciprocal,
+    # which is not correctly rounded, and the kernels (and the CPU) divide exactly
+    scale = ((hi - lo) / torch.full_like(hi, 2**bits - 1)).to(SCALE_DTYPE)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     return scale, lo.to(SCALE_DTYPE)
 

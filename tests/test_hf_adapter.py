@@ -43,20 +43,33 @@ def greedy(model, ids, mask, steps=24, cache=None):
                           past_key_values=cache, pad_token_id=0)
 
 
+def assert_same_greedy(model, ids, mask, cache, steps=24, tie=1e-4):
+    """Greedy tokens with ``cache`` equal plain transformers' token for token, except where plain's
+    two best logits are a numerical tie (|gap| < ``tie``): from there on the runs may diverge."""
+    plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
+                           past_key_values=DynamicCache(config=model.config), pad_token_id=0,
+                           output_logits=True, return_dict_in_generate=True)
+    ours = greedy(model, ids, mask, steps, cache)
+    new = plain.sequences[:, ids.shape[1]:], ours[:, ids.shape[1]:]
+    for b in range(ids.shape[0]):
+        for t in range(steps):
+            if new[0][b, t] != new[1][b, t]:
+                top2 = plain.logits[t][b].float().topk(2).values
+                assert top2[0] - top2[1] < tie, f"row {b} step {t}: not a tie ({top2.tolist()})"
+                break
+
+
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "gpt_neox"])
 def test_none_equals_plain_transformers(kind, gen):
     model = tiny(kind)
     ids, mask = prompts(gen)
-    plain = greedy(model, ids, mask, cache=DynamicCache(config=model.config))
-    ours = greedy(model, ids, mask, cache=kvplug.hf.cache(model, "none"))
-    assert torch.equal(plain, ours)
+    assert_same_greedy(model, ids, mask, kvplug.hf.cache(model, "none"))
 
 
 def test_streaming_short_prompt_is_uncompressed_and_long_keeps_sinks_and_window(gen):
     model = tiny()
     ids, mask = prompts(gen, length=20, pad=3)
-    plain = greedy(model, ids, mask, steps=8, cache=DynamicCache(config=model.config))
-    assert torch.equal(plain, greedy(model, ids, mask, steps=8, cache=kvplug.hf.cache(model, "streaming(sinks=4, window=40)")))
+    assert_same_greedy(model, ids, mask, kvplug.hf.cache(model, "streaming(sinks=4, window=40)"), steps=8)
     ids, mask = prompts(gen, length=60, pad=9)
     cache = kvplug.hf.cache(model, "streaming(sinks=4, window=12)")
     model(input_ids=ids, attention_mask=mask, past_key_values=cache)

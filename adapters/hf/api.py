@@ -34,12 +34,14 @@ def use_kvplug_attention(model) -> None:
         model.set_attn_implementation(NAME)
 
 
-def cache(model, spec=None, paged: bool | None = None, keep_prompt: bool = False) -> KVPlugCache:
+def cache(model, spec=None, paged: bool = False, keep_prompt: bool = False) -> KVPlugCache:
     """A fresh compressed cache for ``model`` following ``spec`` (string, dict, Strategy; default
     ``$KVPLUG_STRATEGY`` or none). Pass it as ``model.generate(..., past_key_values=cache)``.
 
-    ``paged`` (default: on CUDA) keeps per-token codecs in the paged layout that the Triton
-    kernels read, so decoding never dequantizes the whole cache. Also switches the model's
+    ``paged=True`` keeps per-token codecs (none/int8/int4/int2, fp16/bf16 models) in the paged
+    layout of :mod:`kvplug.triton_ops`; on CUDA its Triton kernel then decodes straight from the
+    packed codes instead of dequantizing the cache each step. It is opt-in until the kernels have
+    been verified on a GPU (so far: Triton's interpreter on CPU). Also switches the model's
     attention implementation to ``kvplug`` (see :mod:`.attention`). ``keep_prompt`` retains the
     prompt's K/V and queries so that :meth:`KVPlugCache.fork` can compress it for other strategies.
     """

@@ -12,7 +12,7 @@ from .layer import KVPlugLayer
 class KVPlugCache(Cache):
     """One :class:`KVPlugLayer` per decoder layer, all following one strategy."""
 
-    def __init__(self, strategy: Strategy, num_layers: int, paged: bool | None = None, keep_prompt: bool = False):
+    def __init__(self, strategy: Strategy, num_layers: int, paged: bool = False, keep_prompt: bool = False):
         super().__init__(layers=[KVPlugLayer(strategy, i, num_layers, paged, keep_prompt) for i in range(num_layers)])
         self.strategy, self.paged = strategy, paged
 

@@ -34,7 +34,7 @@ class KVPlugLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, strategy: Strategy, layer_idx: int, num_layers: int, paged: bool | None = None,
+    def __init__(self, strategy: Strategy, layer_idx: int, num_layers: int, paged: bool = False,
                  keep_prompt: bool = False):
         super().__init__()
         codec, scorer = strategy.codec, strategy.scorer
@@ -43,7 +43,7 @@ class KVPlugLayer(CacheLayerMixin):
                             f"groups of {codec.token_group} tokens); use a per-token codec (int8/int4/int2/fp8) "
                             f"or a prefill-only scorer (snapkv, knorm, random)")
         self.strategy, self.layer_idx, self.num_layers = strategy, layer_idx, num_layers
-        self.paged = paged  # None: the paged Triton layout on CUDA, where the codec allows it
+        self.paged = bool(paged)  # the paged layout read by kvplug.triton_ops, where the codec allows it
         self.keep_prompt = keep_prompt
         self.prompt: tuple | None = None  # (keys, values, queries, valid, scale) when keep_prompt
         self.seen = 0
@@ -115,19 +115,21 @@ class KVPlugLayer(CacheLayerMixin):
             self.capacity = torch.where((present > budget)[:, None], sel.counts, budget[:, None])
         self.next_pos = valid.sum(-1)
         codec = strategy.codec
+        # quantized K/V are read back in float32: rounding them to a 16-bit dtype before the
+        # attention would add error on top of the codec's (large logits amplify it)
+        read = self.dtype if isinstance(codec, NoCodec) else torch.float32
         if codec.token_group == 1:
-            paged = self.device.type == "cuda" if self.paged is None else self.paged
-            if paged and PagedStore.supports(codec, self.dtype, d):
-                self.slots = PagedStore(codec, self.dtype, h, d, self.device)
+            if self.paged and PagedStore.supports(codec, self.dtype, d):
+                self.slots = PagedStore(codec, self.dtype, h, d, self.device, read)
             else:
-                self.slots = SlotStore(codec, self.dtype)
+                self.slots = SlotStore(codec, read)
             self.slots.init(kept_k, kept_v, kept_valid, positions, scores)
             return
         g = codec.token_group
         n_quant = max(0, (int(sel.counts.min()) - codec.residual) // g * g)
-        self.groups = GroupStore(codec, self.dtype)
+        self.groups = GroupStore(codec, read)
         self.groups.append(kept_k[..., :n_quant, :], kept_v[..., :n_quant, :])
-        self.slots = SlotStore(NoCodec(), self.dtype)
+        self.slots = SlotStore(NoCodec(), read)
         self.slots.init(kept_k[..., n_quant:, :], kept_v[..., n_quant:, :], kept_valid[..., n_quant:],
                         positions[..., n_quant:])
 
@@ -172,7 +174,8 @@ class KVPlugLayer(CacheLayerMixin):
             visible = torch.cat([always, visible], -1)
         h = keys.shape[1]
         mask = visible.repeat_interleave(hq // h, dim=1)
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=hq != h)
+        out = F.scaled_dot_product_attention(queries.to(keys.dtype), keys, values, attn_mask=mask, scale=scale,
+                                             enable_gqa=hq != h).to(queries.dtype)
         if needs_probs:
             last = queries[:, :, -1:].float()
             logits = (last.reshape(b, h, hq // h, d) @ keys.float().transpose(-1, -2)) * scale

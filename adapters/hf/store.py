@@ -26,7 +26,9 @@ def _nbytes(tensors: Encoded) -> int:
 
 
 class SlotStore:
-    """Per-head compact slots of a token-wise codec, with per-slot positions and scores."""
+    """Per-head compact slots of a token-wise codec, with per-slot positions and scores.
+
+    ``dtype``: what :meth:`decode` returns."""
 
     def __init__(self, codec: Codec, dtype: torch.dtype):
         self.codec, self.dtype = codec, dtype
@@ -136,11 +138,12 @@ class PagedStore:
 
     BLOCK = 16
 
-    def __init__(self, codec: Codec, dtype: torch.dtype, num_kv_heads: int, head_dim: int, device: torch.device):
+    def __init__(self, codec: Codec, dtype: torch.dtype, num_kv_heads: int, head_dim: int, device: torch.device,
+                 read_dtype: torch.dtype | None = None):
         from kvplug import triton_ops
 
         self.ops = triton_ops
-        self.codec, self.dtype = codec, dtype
+        self.codec, self.dtype, self.read_dtype = codec, dtype, read_dtype or dtype
         self.layout = triton_ops.PagedLayout.for_codec(codec, self.BLOCK, num_kv_heads, head_dim, dtype)
         self.kernels = device.type == "cuda"
         self.device = device
@@ -207,7 +210,7 @@ class PagedStore:
         self.counts = (self.positions >= 0).sum(-1)
 
     def decode(self):
-        k, v = self.ops.gather_kv(self.cache, self.layout, self.block_tables, self.capacity, self.dtype)
+        k, v = self.ops.gather_kv(self.cache, self.layout, self.block_tables, self.capacity, self.read_dtype)
         return k, v, self.positions >= 0
 
     def attend_one(self, queries: torch.Tensor, scale: float) -> torch.Tensor:
