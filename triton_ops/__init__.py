@@ -1,0 +1,158 @@
+"""Triton kernels shared by the HF and vLLM adapters: quantize-and-store into a paged KV cache and
+decode attention that reads the compressed cache directly.
+
+Layout: :class:`PagedLayout` (one tensor per layer). Kernels: :func:`store_kv`,
+:func:`decode_attention`; their plain-PyTorch references: :func:`store_kv_reference`,
+:func:`decode_attention_reference`. Triton is imported only when a kernel is called, so this module
+imports without it (and ``import kvplug`` never imports it). Rotated codecs (``rotate=true``) are
+handled by the caller: rotate q before and the attention output after.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .layout import PagedLayout
+from .reference import decode_attention_reference, gather_kv, store_kv_reference
+
+__all__ = ["PagedLayout", "store_kv", "decode_attention", "store_kv_reference",
+           "decode_attention_reference", "gather_kv", "default_num_splits"]
+
+
+def _kernels():
+    try:
+        from . import kernels
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("kvplug.triton_ops kernels need triton (pip install 'kvplug[triton]'); "
+                          "the *_reference functions work without it") from e
+    return kernels
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor,
+             layout: PagedLayout) -> None:
+    """Quantize this step's ``k``, ``v`` and write them into ``cache`` in one pass (in place).
+
+    k, v: ``[num_tokens, num_kv_heads, head_dim]`` float16/bfloat16 (last dim contiguous).
+    slot_mapping: int ``[num_tokens]`` (one slot for all heads, vLLM) or
+    ``[num_tokens, num_kv_heads]`` (a slot per head); slot = block * block_size + offset; -1 skips.
+    Codes are bit-identical to the core codec (:mod:`kvplug.quant`).
+    """
+    layout.check(cache)
+    t, h, d = k.shape
+    if v.shape != k.shape or h != layout.num_kv_heads or d != layout.head_dim:
+        raise ValueError(f"store_kv: k {tuple(k.shape)} / v {tuple(v.shape)} do not match {layout}")
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("store_kv: k and v need a contiguous last dimension")
+    if slot_mapping.dim() == 1:
+        st, sh = slot_mapping.stride(0), 0
+    elif tuple(slot_mapping.shape) == (t, h):
+        st, sh = slot_mapping.stride()
+    else:
+        raise ValueError(f"store_kv: slot_mapping must be [{t}] or [{t}, {h}], got {tuple(slot_mapping.shape)}")
+    if slot_mapping.shape[0] != t:
+        raise ValueError(f"store_kv: slot_mapping has {slot_mapping.shape[0]} rows for {t} tokens")
+    if t == 0:
+        return
+    kern = _kernels()
+    meta = cache.view(torch.float16) if layout.quantized else cache
+    s = cache.stride()
+    kern._store_kernel[(t,)](
+        k, v, slot_mapping, cache, meta,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), st, sh,
+        s[0], s[1], s[2],
+        H=h, H_PAD=_pow2(h), D=d, BS=layout.block_size, BITS=layout.bits,
+        CB=layout.code_bytes if layout.quantized else d,
+        num_warps=4 if h * d >= 1024 else 2)
+
+
+def default_num_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int,
+                       num_sms: int = 132) -> int:
+    """Splits of the context so that about two waves of programs fill the GPU, each split at
+    least ``4 * block_n`` tokens long; a power of two."""
+    progs = batch * num_kv_heads
+    want = max(1, -(-2 * num_sms // progs))
+    most = max(1, max_len // (4 * block_n))
+    return _pow2(min(want, most)) if min(want, most) > 1 else 1
+
+
+def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
+                     block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                     sm_scale: float | None = None, *, num_splits: int | None = None,
+                     block_n: int | None = None, num_warps: int | None = None, num_stages: int = 2,
+                     min_rows: int = 16,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """One decode step of attention over a paged (compressed) KV cache.
+
+    q: ``[batch, num_q_heads, head_dim]`` (num_q_heads a multiple of num_kv_heads, GQA).
+    block_tables: int32 ``[batch, max_blocks]``. seq_lens: int32 ``[batch]`` or
+    ``[batch, num_kv_heads]`` (a length per head: tokens ``0..len-1`` of the sequence's slots).
+    A head with length 0 gives zeros. Returns ``[batch, num_q_heads, head_dim]`` in q's dtype.
+    ``num_splits`` (default :func:`default_num_splits` from the block table's capacity, no host
+    sync), ``block_n`` (tokens per tile), ``num_warps``, ``num_stages``, ``min_rows``
+    (query rows of a KV head padded to at least this for the tensor-core dot; Triton >= 3.3 pads
+    small dots itself, so 1 saves the softmax work of padded rows): tuning knobs.
+    ``out`` (optional, like q) receives the result.
+    """
+    layout.check(cache)
+    b, hq, d = q.shape
+    h = layout.num_kv_heads
+    if d != layout.head_dim or hq % h:
+        raise ValueError(f"decode_attention: q {tuple(q.shape)} does not match {layout}")
+    if q.stride(-1) != 1:
+        raise ValueError("decode_attention: q needs a contiguous last dimension")
+    g = hq // h
+    sm_scale = d ** -0.5 if sm_scale is None else float(sm_scale)
+    if seq_lens.dim() == 1:
+        lb, lh = seq_lens.stride(0), 0
+    elif tuple(seq_lens.shape) == (b, h):
+        lb, lh = seq_lens.stride()
+    else:
+        raise ValueError(f"decode_attention: seq_lens must be [{b}] or [{b}, {h}], got {tuple(seq_lens.shape)}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != b or block_tables.stride(-1) != 1:
+        raise ValueError("decode_attention: block_tables must be [batch, max_blocks] with contiguous rows")
+    if out is None:
+        out = torch.empty_like(q)
+    if b == 0:
+        return out
+    if block_n is None:
+        block_n = 64
+    if num_warps is None:       # fastest measured on the H100 (docs/BENCHMARKS.md)
+        num_warps = 2 if layout.quantized else 4
+    max_len = block_tables.shape[1] * layout.block_size
+    splits = num_splits or default_num_splits(b, h, max_len, block_n,
+                                              _num_sms(q.device))
+    kern = _kernels()
+    meta = cache.view(torch.float16) if layout.quantized else cache
+    words = cache.view(torch.int32) if layout.quantized else cache
+    cs = cache.stride()
+    if splits > 1:
+        po = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
+        pml = torch.empty(b, hq, splits, 2, dtype=torch.float32, device=q.device)
+    else:
+        po = pml = out
+    kern._decode_kernel[(b * h, splits)](
+        q, cache, words, meta, block_tables, seq_lens, out, po, pml, sm_scale, splits,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), lb, lh,
+        cs[0], cs[1], cs[2],
+        HKV=h, G=g, G_PAD=max(min_rows, _pow2(g)), D=d, BS=layout.block_size, BITS=layout.bits,
+        CB=layout.code_bytes if layout.quantized else d, BLOCK_N=block_n, SPLIT=splits > 1,
+        num_warps=num_warps, num_stages=num_stages)
+    if splits > 1:
+        kern._reduce_kernel[(b * hq,)](po, pml, out, splits, out.stride(0), out.stride(1),
+                                       HQ=hq, D=d, S_PAD=_pow2(splits), num_warps=4)
+    return out
+
+
+_SMS: dict = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device]

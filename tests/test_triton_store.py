@@ -1,0 +1,98 @@
+"""store_kv (Triton, interpreter mode on CPU) against the core codec: bit-exact codes."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kvplug import quant  # noqa: E402
+from kvplug.codecs.integer import Int4  # noqa: E402
+from kvplug.triton_ops import PagedLayout, store_kv, store_kv_reference  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _poisoned(layout, num_blocks, gen):
+    cache = layout.allocate(num_blocks, DEV)
+    if layout.quantized:
+        cache.copy_(torch.randint(0, 256, cache.shape, dtype=torch.uint8, generator=gen))
+        layout.meta(cache).fill_(float("nan"))
+    else:
+        cache.fill_(float("nan"))
+    return cache
+
+
+def _inputs(t, h, d, dtype, gen):
+    k = torch.randn(t, h, d, generator=gen) * torch.rand(t, h, 1, generator=gen) * 4
+    v = torch.randn(t, h, d, generator=gen) + torch.randn(t, h, 1, generator=gen)
+    k[0, 0] = 0.75                         # a constant head: scale rounds to 0 -> stored as 1
+    v[1 % t, -1, :5] = 300.0               # an outlier
+    return k.to(DEV, dtype), v.to(DEV, dtype)
+
+
+@pytest.mark.parametrize("bits,d,bs,h,dtype,per_head", [
+    (16, 64, 16, 2, torch.float16, False),
+    (16, 128, 32, 3, torch.bfloat16, True),
+    (8, 64, 16, 2, torch.float16, False),
+    (8, 128, 64, 4, torch.bfloat16, True),
+    (4, 64, 32, 3, torch.float16, True),
+    (4, 128, 16, 2, torch.bfloat16, False),
+    (2, 64, 64, 2, torch.bfloat16, False),
+    (2, 128, 16, 4, torch.float16, True),
+])
+def test_store_matches_core_codec(bits, d, bs, h, dtype, per_head, gen):
+    layout = PagedLayout(bs, h, d, bits, dtype)
+    nb, t = 6, 37
+    cache = _poisoned(layout, nb, gen)
+    ref = cache.clone()
+    k, v = _inputs(t, h, d, dtype, gen)
+    if per_head:
+        slots = torch.stack([torch.randperm(nb * bs, generator=gen)[:t] for _ in range(h)], 1).int()
+        slots[torch.rand(t, h, generator=gen) < 0.2] = -1
+    else:
+        slots = torch.randperm(nb * bs, generator=gen)[:t].int()
+        slots[torch.rand(t, generator=gen) < 0.2] = -1
+    slots = slots.to(DEV)
+    store_kv(k, v, cache, slots, layout)
+    store_kv_reference(k, v, ref, slots, layout)
+    # whole tensor: written slots bit-exact, every other byte (the poison) untouched
+    assert torch.equal(cache.view(torch.uint8), ref.view(torch.uint8))
+
+
+def test_store_int4_decodes_close_to_input(gen):
+    layout = PagedLayout(16, 2, 128, 4, torch.float16)
+    cache = _poisoned(layout, 2, gen)
+    k, v = _inputs(20, 2, 128, torch.float16, gen)
+    slots = torch.arange(20, device=DEV, dtype=torch.int32) + 5
+    store_kv(k, v, cache, slots, layout)
+    blk, off = (slots // 16).long(), (slots % 16).long()
+    codes = layout.codes(cache)[blk, 1, :, off]           # [20, 2, 64]
+    meta = layout.meta(cache)[blk, 1, :, off]
+    enc = Int4().encode(v, "value")
+    assert torch.equal(codes, enc["codes"])
+    x = quant.affine_decode(quant.unpack(codes, 4), meta[..., :1], meta[..., 1:])
+    err = (x - v.float()).abs() / meta[..., :1].float()
+    assert err.max() <= 0.5 + 1e-3                          # at most half a step
+
+
+def test_layout_sizes():
+    for bits in (16, 8, 4, 2):
+        lay = PagedLayout(16, 8, 128, bits)
+        c = lay.allocate(3)
+        assert c.numel() * c.element_size() == 3 * lay.page_bytes()
+        if bits != 16:
+            assert lay.codes(c).shape == (3, 2, 8, 16, 128 * bits // 8)
+            assert lay.scale(c).shape == (3, 2, 8, 16)
+            assert lay.bytes_per_token() == 2 * 8 * (128 * bits // 8 + 4)
+    assert PagedLayout.for_codec("int4", 16, 8, 128).bits == 4
+    with pytest.raises(ValueError):
+        PagedLayout.for_codec(Int4(group=32), 16, 8, 128)
+
+
+def test_import_kvplug_does_not_import_triton():
+    code = ("import sys, kvplug, kvplug.triton_ops; "
+            "assert 'triton' not in sys.modules, 'triton imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,97 @@
+"""Plain-PyTorch references of the paged kernels (float32 by default), built on the core codecs."""
+
+from __future__ import annotations
+
+import torch
+
+from kvplug import quant
+from kvplug.codecs.integer import Int2, Int4, Int8
+
+from .layout import PagedLayout
+
+_CODECS = {8: Int8(), 4: Int4(), 2: Int2()}
+
+
+def _slots(slot_mapping: torch.Tensor, num_tokens: int, heads: int) -> torch.Tensor:
+    s = slot_mapping.long()
+    if s.dim() == 1:
+        s = s[:, None].expand(num_tokens, heads)
+    if tuple(s.shape) != (num_tokens, heads):
+        raise ValueError(f"slot_mapping must be [num_tokens] or [num_tokens, num_kv_heads], got {tuple(slot_mapping.shape)}")
+    return s
+
+
+def store_kv_reference(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
+                       slot_mapping: torch.Tensor, layout: PagedLayout) -> None:
+    """Quantize ``k``, ``v`` (``[tokens, kv_heads, head_dim]``) with the core codec and write them
+    in place into ``cache`` at ``slot_mapping`` (``[tokens]`` or ``[tokens, kv_heads]``; -1 skips)."""
+    layout.check(cache)
+    t, h, d = k.shape
+    slots = _slots(slot_mapping, t, h)
+    keep = slots >= 0
+    tok, head = keep.nonzero(as_tuple=True)
+    s = slots[tok, head]
+    blk, off = s // layout.block_size, s % layout.block_size
+    for kv, x in ((0, k), (1, v)):
+        x = x[tok, head]                                   # [n, D]
+        if not layout.quantized:
+            cache[blk, kv, head, off] = x.to(cache.dtype)
+            continue
+        enc = _CODECS[layout.bits].encode(x, "key" if kv == 0 else "value")
+        layout.codes(cache)[blk, kv, head, off] = enc["codes"]
+        layout.scale(cache)[blk, kv, head, off] = enc["scale"][:, 0]
+        layout.zero(cache)[blk, kv, head, off] = enc["zero"][:, 0]
+
+
+def gather_kv(cache: torch.Tensor, layout: PagedLayout, block_tables: torch.Tensor, max_len: int,
+              dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantized K and V, ``[batch, kv_heads, max_len, head_dim]`` in ``dtype``, of the first
+    ``max_len`` slots of each sequence's blocks."""
+    bs = layout.block_size
+    t = torch.arange(max_len, device=cache.device)
+    blk = block_tables.long()[:, t // bs]                 # [B, L]
+    off = (t % bs)[None, :].expand_as(blk)
+    out = []
+    for kv in (0, 1):
+        if layout.quantized:
+            codes = layout.codes(cache)[:, kv]             # [NB, H, BS, CB]
+            meta = layout.meta(cache)[:, kv]               # [NB, H, BS, 2]
+            c = codes[blk, :, off].permute(0, 2, 1, 3)     # [B, H, L, CB]
+            m = meta[blk, :, off].permute(0, 2, 1, 3)      # [B, H, L, 2]
+            x = quant.affine_decode(quant.unpack(c, layout.bits), m[..., :1], m[..., 1:])
+        else:
+            x = cache[:, kv][blk, :, off].permute(0, 2, 1, 3)
+        out.append(x.to(dtype))
+    return out[0], out[1]
+
+
+def decode_attention_reference(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
+                               block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                               sm_scale: float | None = None,
+                               compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Attention of one query token per sequence over its dequantized paged K/V.
+
+    q ``[batch, q_heads, head_dim]``; ``seq_lens`` ``[batch]`` or ``[batch, kv_heads]``. Returns
+    ``[batch, q_heads, head_dim]`` in ``compute_dtype``; a head with length 0 gives zeros.
+    """
+    layout.check(cache)
+    b, hq, d = q.shape
+    h = layout.num_kv_heads
+    g = hq // h
+    sm_scale = d ** -0.5 if sm_scale is None else sm_scale
+    lens = seq_lens.long()
+    if lens.dim() == 1:
+        lens = lens[:, None].expand(b, h)
+    max_len = int(lens.max()) if lens.numel() else 0
+    if max_len == 0:
+        return torch.zeros(b, hq, d, dtype=compute_dtype, device=q.device)
+    k, v = gather_kv(cache, layout, block_tables, max_len, compute_dtype)   # [B, H, L, D]
+    valid = torch.arange(max_len, device=q.device)[None, None, :] < lens[:, :, None]   # [B, H, L]
+    k = k.masked_fill(~valid[..., None], 0.0)              # slots past a head's length: never read
+    v = v.masked_fill(~valid[..., None], 0.0)
+    qf = q.to(compute_dtype).view(b, h, g, d)
+    s = torch.einsum("bhgd,bhld->bhgl", qf, k) * sm_scale
+    s = s.masked_fill(~valid[:, :, None, :], float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)           # all -inf rows (length 0) -> 0
+    o = torch.einsum("bhgl,bhld->bhgd", p, v)
+    return o.reshape(b, hq, d)
