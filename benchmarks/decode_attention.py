@@ -87,7 +87,7 @@ def build(bits, bs, k_tok, v_tok, b, length, dev):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    ap.add_argument("--out", default=os.environ.get("OUT", "runs/decode_attention"))
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (interpreter)")
     ap.add_argument("--budget", type=float, default=400.0, help="seconds; later variants are skipped")
     ap.add_argument("--shapes", default="", help="e.g. 8x32768,1x131072")

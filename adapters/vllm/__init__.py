@@ -1,0 +1,179 @@
+"""vLLM adapter: a general plugin whose compressed KV cache frees memory in vLLM's block manager.
+
+Installed with kvplug (entry point ``vllm.general_plugins`` -> :func:`register`); it changes
+nothing until a strategy is selected, in order of precedence:
+
+    vllm serve MODEL --additional-config '{"kvplug": "int4"}'
+    LLM(model, additional_config={"kvplug": "int4(rotate=true)"})
+    KVPLUG_STRATEGY=int4 vllm serve MODEL
+
+A bad spec stops start-up with the parser's one-line :class:`kvplug.SpecError`; a spec this
+adapter cannot honour (eviction, KIVI's token groups, a platform without a kvplug backend) is
+refused the same way, never run uncompressed.
+
+How it reaches the engine (details and the 0.26 differences in :mod:`.compat`): ``register()``
+routes the platform's attention-backend choice, made in each worker while the model is built (when
+``get_current_vllm_config()`` holds the user's ``additional_config``), to
+:class:`.backend.KVPlugCPUBackend` when a strategy is selected; that backend reports the
+compressed page size to vLLM (``customize_spec``), so the block manager hands out proportionally
+more blocks, and its impl stores and reads the compressed layout (:mod:`.layout`) itself.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from kvplug.config import ENV_VAR, resolve
+from kvplug.errors import SpecError
+from kvplug.strategy import Strategy
+
+KEY = "kvplug"
+"""The key of ``additional_config`` that selects a strategy."""
+
+PREFILL_KEY = "kvplug_prefill"
+"""Optional ``additional_config`` key: what a request's first step attends over (:func:`prefill_mode`)."""
+PREFILL_MODES = ("uncompressed", "compressed")
+
+CPU_BACKEND = "kvplug.adapters.vllm.backend.KVPlugCPUBackend"
+
+__all__ = ["register", "selected_spec", "selected_strategy", "check_supported", "prefill_mode", "KEY",
+           "PREFILL_KEY", "CPU_BACKEND", "StartupError"]
+
+
+class StartupError(RuntimeError):
+    """A selected strategy that stops vLLM's start-up; the message is the one line of the
+    :class:`kvplug.SpecError` it comes from (``__cause__``). Not a ValueError, so that vLLM's
+    config validation (pydantic) passes it through instead of rewrapping it in a multi-line report."""
+
+
+def selected_spec(vllm_config=None) -> Any | None:
+    """The spec the user selected for this engine: ``additional_config["kvplug"]``, else
+    ``$KVPLUG_STRATEGY``, else None (kvplug stays out of the way)."""
+    from . import compat
+
+    extra = compat.additional_config(vllm_config) if vllm_config is not None else {}
+    if extra.get(KEY) is not None:
+        return extra[KEY]
+    return os.environ.get(ENV_VAR) or None
+
+
+def prefill_mode(vllm_config=None) -> str:
+    """``uncompressed`` (default): a request's first step attends over its own K/V before they are
+    stored, as the HF adapter's prefill does (same first tokens in both engines). Tokens served from
+    vLLM's prefix cache, or earlier chunks of a chunked prefill, are read back compressed, so with
+    a lossy codec greedy output can depend on cache hits and chunking. ``compressed``: every step
+    attends over the stored (decoded) K/V, its own included: output independent of both."""
+    from . import compat
+
+    extra = compat.additional_config(vllm_config) if vllm_config is not None else {}
+    mode = extra.get(PREFILL_KEY) or PREFILL_MODES[0]
+    if mode not in PREFILL_MODES:
+        raise SpecError(f"{PREFILL_KEY}={mode!r}: allowed: {', '.join(PREFILL_MODES)}")
+    return mode
+
+
+def check_supported(strategy: Strategy, head_dim: int | None = None, dtype=None) -> None:
+    """Refuse, in one line, what the vLLM adapter cannot run yet."""
+    if strategy.scorer is not None:
+        raise SpecError(f"kvplug in vLLM: eviction ({strategy.scorer.name}) is not supported yet, only codecs "
+                        f"(none, int8, int4, int2, optionally rotate=true); got {str(strategy)!r}")
+    codec = strategy.codec
+    if codec.token_group != 1 or codec.residual:
+        raise SpecError(f"kvplug in vLLM: {codec.name} quantizes groups of {codec.token_group} tokens with a "
+                        f"full-precision window, which paged blocks cannot hold yet; use int2/int4 "
+                        f"(optionally rotate=true)")
+    if head_dim is not None:
+        import torch
+
+        from .layout import TokenLayout
+
+        TokenLayout.for_codec(codec, head_dim, dtype or torch.bfloat16)
+
+
+def selected_strategy(vllm_config=None) -> Strategy | None:
+    """The parsed, checked strategy of ``vllm_config`` (None when none is selected)."""
+    spec = selected_spec(vllm_config)
+    if spec is None:
+        return None
+    strategy = resolve(spec)
+    from . import compat
+
+    model_config = getattr(vllm_config, "model_config", None)
+    check_supported(strategy, compat.head_size(vllm_config), getattr(model_config, "dtype", None))
+    return strategy
+
+
+def _pick_backend(stock_path: str) -> str | None:
+    """Called where vLLM chooses a layer's attention backend (in the worker, config set)."""
+    from . import compat
+
+    strategy = selected_strategy(compat.current_config())
+    if strategy is None:
+        return None
+    if stock_path == CPU_BACKEND or stock_path == compat.stock_cpu_backend_path():
+        return CPU_BACKEND
+    raise SpecError(f"kvplug in vLLM has no compressed backend for {stock_path.rsplit('.', 1)[-1]} on "
+                    f"{compat.platform().device_name!r} yet (the CPU platform is supported); remove the "
+                    f"{KEY!r} key / ${ENV_VAR} to run uncompressed")
+
+
+def _check_config(vllm_config) -> None:
+    """Called when a VllmConfig is completed, in the process the user started."""
+    from . import compat
+
+    compat.clear_backend_cache()
+    try:
+        strategy = selected_strategy(vllm_config)
+        prefill_mode(vllm_config)
+        if strategy is not None:
+            _check_engine(vllm_config, strategy)
+    except SpecError as e:
+        raise StartupError(str(e)) from e
+
+
+def _check_engine(vllm_config, strategy: Strategy) -> None:
+    from . import compat
+
+    plat = compat.platform()
+    if not plat.is_cpu():
+        raise SpecError(f"kvplug in vLLM runs on the CPU platform so far (the Triton GPU path is not wired "
+                        f"yet); this is {plat.device_name!r}: remove the {KEY!r} key / ${ENV_VAR} to run "
+                        f"uncompressed")
+    cache_dtype = getattr(getattr(vllm_config, "cache_config", None), "cache_dtype", "auto")
+    if cache_dtype not in ("auto", None):
+        raise SpecError(f"kvplug stores its own codes: keep --kv-cache-dtype auto (got {cache_dtype!r}) "
+                        f"with {KEY}={str(strategy)!r}")
+    version = ".".join(map(str, compat.vllm_version()))
+    _log(f"kvplug: strategy {str(strategy)!r} selected, {prefill_mode(vllm_config)} prefill; attention backend "
+         f"{CPU_BACKEND} (vLLM {version})")
+
+
+def _log(message: str) -> None:
+    try:
+        from vllm.logger import init_logger
+
+        init_logger("vllm.kvplug").info(message)
+    except Exception:  # pragma: no cover
+        pass
+
+
+def register() -> None:
+    """Entry point ``vllm.general_plugins``: runs in every vLLM process, before engines start.
+
+    Installs two small routes (see :mod:`.compat`): the config check and the backend choice.
+    Both are pass-through while no strategy is selected, so an unused plugin changes nothing.
+    """
+    try:
+        import vllm  # noqa: F401
+    except ImportError:  # pragma: no cover - the entry point only fires inside vLLM
+        return
+    from . import compat
+
+    compat.check_config_on_creation(_check_config)
+    compat.route_backend_choice(_pick_backend)
+
+    def is_kvplug_backend(backend) -> bool:
+        return getattr(backend, "kvplug", False) is True
+
+    compat.install_spec_hook(is_kvplug_backend)  # 0.26 only (0.32 asks customize_spec itself)

@@ -1,0 +1,149 @@
+"""kvplug's attention backend for vLLM on the CPU platform (imports vLLM).
+
+:class:`KVPlugCPUBackend` subclasses vLLM's CPU backend; :mod:`kvplug.adapters.vllm` routes the
+platform's choice here only when a strategy is selected. With a strategy:
+
+* the layer's KV-cache spec reports the codec's bytes per token-head (``customize_spec``), so
+  vLLM sizes each page, and so the number of blocks, from the compressed size;
+* the impl stores and reads that page itself (:class:`~.layout.PagedKV`, the core's PyTorch
+  codecs): store = encode + scatter into the step's slots; attention = SDPA over the request's
+  tokens, dequantized through its block-table row. A request's first step (no cached context)
+  attends over its own uncompressed K/V, as the HF adapter does at prefill; later steps attend
+  over the decoded cache, the new tokens included (as the HF adapter does while generating).
+  With ``additional_config["kvplug_prefill"] = "compressed"`` the first step reads the decoded
+  cache too, so output does not depend on prefix-cache hits or chunking (see ``prefill_mode``).
+
+The GPU path (not wired yet) keeps this structure: another ``PagedKV`` whose ``store`` and
+attention call :mod:`kvplug.triton_ops` on the same page bytes (the layout is the Triton one).
+Without a strategy (an engine in the same process that does not select one) every call goes
+to vLLM's own CPU implementation unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from vllm.v1.attention.backend import AttentionType
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
+
+from kvplug.codecs.none import NoCodec
+from kvplug.errors import SpecError
+
+from . import compat, prefill_mode, selected_strategy
+from .layout import PagedKV, TokenLayout
+
+ACTIVE: dict = {"layout": None}
+"""The token layout of the model last built in this process (one engine per worker process):
+``customize_spec`` (a classmethod, called without the config) reads it."""
+
+
+class KVPlugCPUBackend(CPUAttentionBackend):
+    """vLLM's CPU attention backend with a kvplug-compressed paged KV cache."""
+
+    kvplug = True
+    forward_includes_kv_cache_update = True  # the impl stores in forward (also when passing through)
+
+    @staticmethod
+    def get_impl_cls() -> type[KVPlugCPUImpl]:
+        return KVPlugCPUImpl
+
+    @classmethod
+    def customize_spec(cls, spec):
+        stock = getattr(super(), "customize_spec", None)  # 0.32; 0.26 calls this from compat's hook
+        spec = stock(spec) if stock is not None else spec
+        layout: TokenLayout | None = ACTIVE["layout"]
+        if layout is None or isinstance(layout.codec, NoCodec):
+            return spec
+        if spec.head_size != layout.head_dim or getattr(spec, "head_size_v", spec.head_size) != layout.head_dim:
+            raise SpecError(f"kvplug: layer head sizes {spec.head_size}/{spec.head_size_v} differ from "
+                            f"{layout.head_dim}; only equal K/V head sizes are supported")
+        return compat.compressed_spec(spec, layout.token_bytes)
+
+    @staticmethod
+    def get_kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size, cache_dtype_str="auto"):
+        """0.26 only (0.32 derives the shape from the spec)."""
+        layout: TokenLayout | None = ACTIVE["layout"]
+        if layout is None or isinstance(layout.codec, NoCodec):
+            return num_blocks, num_kv_heads, block_size, 2 * head_size
+        return compat.kv_cache_shape(num_blocks, block_size, num_kv_heads, layout.token_bytes)
+
+
+class KVPlugCPUImpl(CPUAttentionBackendImpl):
+    """Stores this step's K/V compressed, attends with torch SDPA over the decoded cache."""
+
+    def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
+                 logits_soft_cap=None, attn_type=AttentionType.DECODER, kv_sharing_target_layer_name=None,
+                 sinks=None, **kwargs):
+        super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
+                         logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks, **kwargs)
+        config = compat.current_config()
+        strategy = selected_strategy(config)
+        self.paged: PagedKV | None = None
+        if strategy is None:
+            ACTIVE["layout"] = None
+            return
+        if attn_type != AttentionType.DECODER:
+            return  # encoder attention keeps no KV cache: vLLM's own path
+        refused = [what for what, present in (
+            ("sliding-window attention", sliding_window is not None),
+            ("ALiBi", alibi_slopes is not None),
+            ("logits soft-capping", bool(logits_soft_cap)),
+            ("attention sinks", sinks is not None),
+            ("KV sharing across layers", kv_sharing_target_layer_name is not None),
+        ) if present]
+        if refused:
+            raise SpecError(f"kvplug in vLLM does not support {', '.join(refused)} yet (strategy {str(strategy)!r})")
+        dtype = getattr(getattr(config, "model_config", None), "dtype", None) or torch.get_default_dtype()
+        layout = TokenLayout.for_codec(strategy.codec, head_size, dtype)
+        ACTIVE["layout"] = layout
+        self.paged = PagedKV(layout)
+        self.raw_prefill = prefill_mode(config) == "uncompressed"
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        if self.paged is None:
+            return self._stock_forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                       output_block_scale)
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("kvplug: fused output quantization is not supported")
+        if attn_metadata is None:  # warm-up / profiling run
+            return output
+        n = attn_metadata.num_actual_tokens
+        query, key, value = query[:n], key[:n], value[:n]
+        self.paged.store(kv_cache, key, value, attn_metadata.slot_mapping[:n])
+        starts = attn_metadata.query_start_loc.tolist()
+        totals = attn_metadata.seq_lens.tolist()
+        table = attn_metadata.block_table
+        for i in range(len(starts) - 1):
+            s, e = starts[i], starts[i + 1]
+            if e <= s:
+                continue
+            context = totals[i] - (e - s)
+            if context == 0 and self.raw_prefill:  # first step of the request: its own uncompressed K/V
+                keys, values = key[s:e].transpose(0, 1), value[s:e].transpose(0, 1)
+            else:
+                keys, values = self.paged.gather(kv_cache, table[i], totals[i])
+            output[s:e] = self._attend(query[s:e], keys, values, context)
+        return output
+
+    def _attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, context: int) -> torch.Tensor:
+        """``query`` ``[Tq, Hq, D]`` at positions ``context ..``; keys/values ``[H, L, D]``."""
+        tq, length = query.shape[0], keys.shape[1]
+        q = query.transpose(0, 1)
+        mask = None
+        if tq > 1:
+            pos = torch.arange(length, device=q.device)
+            mask = pos[None, :] <= (context + torch.arange(tq, device=q.device))[:, None]
+        out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
+                                             scale=self.scale, enable_gqa=q.shape[0] != keys.shape[0])
+        return out.transpose(0, 1)
+
+    def _stock_forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                       output_block_scale):
+        """vLLM's own CPU path (this backend stores in forward, so store first as vLLM would)."""
+        if (attn_metadata is not None and key is not None and value is not None
+                and self.kv_sharing_target_layer_name is None):
+            n = attn_metadata.num_actual_tokens
+            self.do_kv_cache_update(layer, key[:n], value[:n], kv_cache, attn_metadata.slot_mapping[:n])
+        return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                               output_block_scale)

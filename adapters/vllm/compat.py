@@ -1,0 +1,236 @@
+"""Every difference between the vLLM versions kvplug supports (0.26 and 0.32), in one place.
+
+The rest of ``kvplug.adapters.vllm`` calls these functions and never tests a version itself.
+Each one reads vLLM lazily, so this module imports (and is unit-tested) without a running engine.
+
+* Page size of a compressed layer. 0.32: the backend's classmethod ``customize_spec`` returns
+  ``replace(spec, dtype=uint8, state_content_bytes=C)`` and vLLM derives the layer's cache shape
+  ``[blocks, heads, block_size, C]`` from it. 0.26: no hook; ``Attention.get_kv_cache_spec`` is
+  wrapped to return a ``FullAttentionSpec`` subclass whose ``real_page_size_bytes`` is
+  ``block_size * heads * C`` (as 0.26's own ``TQFullAttentionSpec`` does), and the backend's
+  ``get_kv_cache_shape`` returns ``(blocks, heads, block_size, C)`` uint8 (:func:`kv_cache_shape`).
+* Current config in a worker: ``get_current_vllm_config_or_none`` (both; fallback kept).
+* Backend choice: the platform classmethod ``get_attn_backend_cls(selected_backend,
+  attn_selector_config, num_heads)``, same in both, routed by :func:`route_backend_choice`.
+* Config check at start-up: the platform classmethod ``check_and_update_config(vllm_config)``,
+  called from ``VllmConfig.__post_init__`` in both.
+* ``get_supported_kernel_block_sizes`` takes ``kv_cache_spec`` in 0.32, nothing in 0.26.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+ROUTED = "_kvplug_routed"
+
+
+# versions -------------------------------------------------------------------------------------
+def parse_version(text: str) -> tuple[int, int]:
+    """``"0.32.0"`` / ``"0.26.1.dev3+g..."`` -> ``(0, 32)``."""
+    m = re.match(r"\s*(\d+)\.(\d+)", text)
+    if not m:
+        raise ValueError(f"cannot read a vLLM version from {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+@functools.cache
+def vllm_version() -> tuple[int, int]:
+    import vllm
+
+    return parse_version(getattr(vllm, "__version__", "0.0"))
+
+
+def has_customize_spec() -> bool:
+    """0.32+: the backend adjusts the layer's KV-cache spec itself (``customize_spec``)."""
+    from vllm.v1.kv_cache_interface import AttentionSpec
+
+    return "state_content_bytes" in {f.name for f in dataclasses.fields(AttentionSpec)}
+
+
+# config -------------------------------------------------------------------------------------------
+def current_config():
+    """The VllmConfig being built or run in this process, or None outside one."""
+    from vllm import config
+
+    getter = getattr(config, "get_current_vllm_config_or_none", None)
+    if getter is not None:
+        return getter()
+    try:  # pragma: no cover - versions without the *_or_none variant
+        return config.get_current_vllm_config()
+    except AssertionError:
+        return None
+
+
+def additional_config(vllm_config) -> dict[str, Any]:
+    extra = getattr(vllm_config, "additional_config", None)
+    return extra if isinstance(extra, dict) else {}
+
+
+def head_size(vllm_config) -> int | None:
+    model_config = getattr(vllm_config, "model_config", None)
+    if model_config is None:
+        return None
+    try:
+        return model_config.get_head_size()
+    except Exception:  # pragma: no cover - a model config vLLM cannot size yet
+        return None
+
+
+# platform: where the backend is chosen ---------------------------------------------------------------
+def platform():
+    from vllm.platforms import current_platform
+
+    return current_platform
+
+
+def stock_cpu_backend_path() -> str:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    return AttentionBackendEnum.CPU_ATTN.get_path()
+
+
+def wrap_platform_method(platform_cls: type, name: str, make: Callable[[Callable], Callable]) -> bool:
+    """Replace classmethod ``name`` of ``platform_cls`` by ``make(original)`` once (idempotent,
+    across re-imports too: the wrapper carries a marker). Returns True if it installed it now."""
+    bound = getattr(platform_cls, name)  # a classmethod, bound to the class
+    if getattr(bound, ROUTED, False):
+        return False
+    wrapped = make(bound)
+
+    def method(cls, *args, **kwargs):
+        return wrapped(*args, **kwargs)
+
+    setattr(method, ROUTED, True)
+    method.__name__ = name
+    setattr(platform_cls, name, classmethod(method))
+    return True
+
+
+def route_backend_choice(pick: Callable[[str], str | None], platform_cls: type | None = None) -> bool:
+    """Make the platform's backend choice go through ``pick(stock_path) -> path | None`` (None:
+    keep vLLM's choice). Both versions choose with ``get_attn_backend_cls(selected_backend,
+    attn_selector_config, num_heads)`` on the platform class, in the worker, while the model is
+    being built (so the current config is set)."""
+    platform_cls = platform_cls or type(platform())
+
+    def make(original):
+        def get_attn_backend_cls(*args, **kwargs):
+            stock = original(*args, **kwargs)
+            return pick(stock) or stock
+        return get_attn_backend_cls
+
+    return wrap_platform_method(platform_cls, "get_attn_backend_cls", make)
+
+
+def check_config_on_creation(check: Callable[[Any], None], platform_cls: type | None = None) -> bool:
+    """Run ``check(vllm_config)`` whenever a VllmConfig is completed (its ``__post_init__`` calls
+    the platform's ``check_and_update_config`` in both versions), so a bad spec stops start-up in
+    the process the user started, before any engine process."""
+    platform_cls = platform_cls or type(platform())
+
+    def make(original):
+        def check_and_update_config(vllm_config, *args, **kwargs):
+            result = original(vllm_config, *args, **kwargs)
+            check(vllm_config)
+            return result
+        return check_and_update_config
+
+    return wrap_platform_method(platform_cls, "check_and_update_config", make)
+
+
+def clear_backend_cache() -> None:
+    """Forget cached backend choices (``_cached_get_attn_backend``), so that in one process an
+    engine with and one without kvplug do not share a stale choice."""
+    try:
+        from vllm.v1.attention import selector
+    except ImportError:  # pragma: no cover
+        return
+    cached = getattr(selector, "_cached_get_attn_backend", None)
+    if cached is not None and hasattr(cached, "cache_clear"):
+        cached.cache_clear()
+
+
+# page size ----------------------------------------------------------------------------------------
+def compressed_spec(spec, token_bytes: int):
+    """``spec`` (a layer's AttentionSpec) made to report ``token_bytes`` per token-head (K+V)."""
+    if "state_content_bytes" in {f.name for f in dataclasses.fields(spec)}:  # 0.32
+        if spec.state_content_bytes == token_bytes and spec.dtype == torch.uint8:
+            return spec
+        return dataclasses.replace(spec, dtype=torch.uint8, state_content_bytes=token_bytes)
+    return _spec_026(spec, token_bytes)  # 0.26
+
+
+@functools.cache
+def _kvplug_spec_class(base: type) -> type:
+    """0.26: a subclass of ``base`` (FullAttentionSpec) with kvplug's page size."""
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class KVPlugAttentionSpec(base):
+        kvplug_token_bytes: int = 0
+
+        @property
+        def real_page_size_bytes(self) -> int:
+            if self.kvplug_token_bytes:
+                return self.block_size * self.num_kv_heads * self.kvplug_token_bytes
+            return super().real_page_size_bytes
+
+        @classmethod
+        def merge(cls, specs):
+            merged = super().merge(specs)
+            sizes = {s.kvplug_token_bytes for s in specs}
+            if len(sizes) != 1:
+                raise ValueError(f"kvplug: layers of one KV-cache group differ in bytes per token: {sizes}")
+            return dataclasses.replace(merged, kvplug_token_bytes=sizes.pop())
+
+    KVPlugAttentionSpec.__qualname__ = KVPlugAttentionSpec.__name__ = f"KVPlug{base.__name__}"
+    return KVPlugAttentionSpec
+
+
+def _spec_026(spec, token_bytes: int):
+    cls = _kvplug_spec_class(type(spec)) if not hasattr(spec, "kvplug_token_bytes") else type(spec)
+    values = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.init}
+    values.update(dtype=torch.uint8, kvplug_token_bytes=token_bytes)
+    return cls(**values)
+
+
+def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, token_bytes: int) -> tuple[int, ...]:
+    """0.26's ``get_kv_cache_shape`` for a kvplug layer: one uint8 page per block, head-major."""
+    return (num_blocks, num_kv_heads, block_size, token_bytes)
+
+
+def install_spec_hook(is_kvplug_backend: Callable[[type], bool]) -> bool:
+    """0.26 only: wrap ``Attention.get_kv_cache_spec`` so a layer whose backend is kvplug's
+    reports the compressed spec (0.32 asks the backend through ``customize_spec`` itself)."""
+    if has_customize_spec():
+        return False
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    current = Attention.get_kv_cache_spec
+    if getattr(current, ROUTED, False):
+        return False
+
+    @functools.wraps(current)
+    def get_kv_cache_spec(self, vllm_config):
+        spec = current(self, vllm_config)
+        backend = self.get_attn_backend()
+        if spec is not None and is_kvplug_backend(backend):
+            spec = backend.customize_spec(spec)
+        return spec
+
+    setattr(get_kv_cache_spec, ROUTED, True)
+    Attention.get_kv_cache_spec = get_kv_cache_spec
+    return True
+
+
+def kernel_block_sizes(backend_cls: type, spec=None) -> list:
+    """``get_supported_kernel_block_sizes`` (takes the spec in 0.32, nothing in 0.26)."""
+    try:
+        return backend_cls.get_supported_kernel_block_sizes(spec)
+    except TypeError:
+        return backend_cls.get_supported_kernel_block_sizes()

