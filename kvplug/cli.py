@@ -64,6 +64,10 @@ def _eval(args: argparse.Namespace, console: Console) -> None:
         for path in plots(runs, Path(args.out)):
             console.print(f"wrote {path}")
         return
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     settings = EvalSettings(strategies=split_specs(args.strategies), tasks=args.tasks.split(","),
                             contexts=[int(c) for c in args.contexts.split(",")],
                             depths=[float(d) for d in args.depths.split(",")], trials=args.trials, seed=args.seed)
@@ -122,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--trials", type=int, default=8, help="retrieval trials per (context, depth) cell")
     p_eval.add_argument("--device", default=None)
     p_eval.add_argument("--seed", type=int, default=0)
+    p_eval.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 is faster on a small, shared CPU)")
     p_eval.add_argument("--out", default="kvplug-eval", help="folder for results.json and plots")
     p_eval.add_argument("--compare", nargs="+", metavar="RESULTS_JSON", help="table and plot of earlier runs")
     p_bench = sub.add_parser("bench", help="decode tokens/s and memory of strategies vs DynamicCache")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 SCHEMA_FILE = Path(__file__).with_name("schema.json")
@@ -27,6 +28,12 @@ def retrieval_accuracy(result: dict, context: str) -> float | None:
     return _mean(c["accuracy"] for c in cells.values())
 
 
+def run_label(run: dict) -> str:
+    """A short name for a results file: its folder's name (files are all called results.json)."""
+    path = Path(run.get("_file", run["model"]))
+    return path.parent.name if path.name == "results.json" else path.stem
+
+
 def table(runs: list[dict]) -> Table:
     """One row per (run, strategy): memory ratio, then per context ppl (delta), retrieval, agreement."""
     contexts = sorted({c for run in runs for c in run["settings"]["contexts"]})
@@ -39,7 +46,7 @@ def table(runs: list[dict]) -> Table:
         t.add_column(f"agree @{c}")
     for run in runs:
         for r in run["results"]:
-            name = r["strategy"] if len(runs) == 1 else f"{r['strategy']} [{Path(run.get('_file', run['model'])).stem}]"
+            name = escape(r["strategy"] if len(runs) == 1 else f"{r['strategy']} [{run_label(run)}]")
             if not r["ok"]:
                 t.add_row(name, "[red]failed[/red]", r["error"][:80], *[""] * (3 * len(contexts) - 1))
                 continue
@@ -69,7 +76,7 @@ def plots(runs: list[dict], out: Path) -> list[Path]:
     written = []
     fig, (ax_p, ax_r) = plt.subplots(1, 2, figsize=(12, 4.5))
     for run in runs:
-        tag = "" if len(runs) == 1 else f" [{Path(run.get('_file', run['model'])).stem}]"
+        tag = "" if len(runs) == 1 else f" [{run_label(run)}]"
         for r in run["results"]:
             if not r["ok"] or "memory" not in r:
                 continue
