@@ -56,6 +56,7 @@ def test_forked_cache_equals_a_fresh_run(tiny_model):
     forked, _ = measure.greedy(prompt, "snapkv(budget=40, window=8)+int4", 12)
     import kvplug.hf
 
+    model.generation_config.eos_token_id = None  # random weights: never stop early on an "EOS"
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                          past_key_values=kvplug.hf.cache(model, "snapkv(budget=40, window=8)+int4"), pad_token_id=0)
     assert torch.equal(forked, out[:, 160:])

@@ -28,6 +28,7 @@ def tiny(kind="llama", seed=0):
         model = Qwen3ForCausalLM(Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=32))
     else:
         model = GPTNeoXForCausalLM(GPTNeoXConfig(**SMALL))
+    model.generation_config.eos_token_id = None  # random weights: never stop early on an "EOS"
     return model.eval()
 
 
