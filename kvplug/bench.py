@@ -17,6 +17,7 @@ import torch
 from rich.table import Table
 
 import kvplug.hf
+from kvplug.memory import held_bytes
 from transformers import DynamicCache
 
 
@@ -48,26 +49,6 @@ def make_cache(name: str, model):
     if name.startswith("paged:"):
         return kvplug.hf.cache(model, name.removeprefix("paged:"), paged=True)
     return kvplug.hf.cache(model, name)
-
-
-def tensor_bytes(t) -> int:
-    """Bytes of a tensor, looking inside tensor subclasses (quanto's packed QTensors)."""
-    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(t, n)) for n in names)
-    return t.numel() * t.element_size()
-
-
-def held_bytes(cache) -> int:
-    if hasattr(cache, "stored_bytes"):
-        return cache.stored_bytes()
-    total = 0
-    for layer in cache.layers:
-        for attr in ("keys", "values", "_quantized_keys", "_quantized_values"):
-            t = getattr(layer, attr, None)
-            if isinstance(t, torch.Tensor):
-                total += tensor_bytes(t)
-    return total
 
 
 def bench(model, name, batch, context, steps, device, gen) -> dict:

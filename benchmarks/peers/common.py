@@ -79,35 +79,8 @@ def fingerprint(ids: list[int]) -> str:
 
 
 # -- caches ----------------------------------------------------------------------------------------
-def tensor_bytes(t) -> int:
-    """Bytes of a tensor, looking inside tensor subclasses (quanto's packed QTensors: data, scale, shift)."""
-    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(t, n)) for n in names)
-    return t.numel() * t.element_size()
-
-
-def held_bytes(cache) -> int:
-    """K/V bytes a transformers cache holds: full-precision keys/values (for QuantizedCache: the
-    residual) plus quantized states, every layer."""
-    total = 0
-    for layer in cache.layers:
-        for attr in ("keys", "values", "_quantized_keys", "_quantized_values"):
-            t = getattr(layer, attr, None)
-            if isinstance(t, tuple):  # HQQ: (packed tensor, meta dict)
-                q, meta = t
-                total += tensor_bytes(q) + sum(tensor_bytes(v) for v in meta.values() if isinstance(v, torch.Tensor))
-            elif isinstance(t, torch.Tensor):
-                total += tensor_bytes(t)
-    return total
-
-
-def kv_bytes_dynamic(model, tokens: int) -> int:
-    """Bytes a ``DynamicCache`` holds for ``tokens`` tokens of one sequence (all layers, K and V)."""
-    text = model.config.get_text_config()
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    dtype_bytes = next(model.parameters()).element_size()
-    return tokens * text.num_hidden_layers * text.num_key_value_heads * head_dim * 2 * dtype_bytes
+_memory = _load_by_path("kvplug_memory", REPO / "kvplug" / "memory.py")
+held_bytes, kv_bytes_dynamic = _memory.held_bytes, _memory.dynamic_cache_bytes
 
 
 @dataclass

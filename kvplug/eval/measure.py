@@ -57,11 +57,3 @@ def greedy(prompt: Prompt, spec, steps: int):
         if i + 1 < steps:
             logits = prompt.step(cache, token)
     return torch.stack(out, 1), cache
-
-
-def kv_bytes_dynamic(model, tokens: int) -> int:
-    """Bytes a ``DynamicCache`` holds for ``tokens`` tokens per sequence (all layers, K and V)."""
-    text = model.config.get_text_config()
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    dtype_bytes = next(model.parameters()).element_size()
-    return tokens * text.num_hidden_layers * text.num_key_value_heads * head_dim * 2 * dtype_bytes

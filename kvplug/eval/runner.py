@@ -15,6 +15,7 @@ from rich.progress import Progress
 
 from kvplug.config import parse
 from kvplug.defaults import EVAL_STRATEGIES, EVAL_TASKS
+from kvplug.memory import dynamic_cache_bytes
 from kvplug.errors import SpecError
 
 from . import inputs, measure
@@ -135,7 +136,7 @@ def _context(board: _Board, settings: EvalSettings, context: int, model, tokeniz
         steps = 16
         held = board.each(lambda spec: measure.greedy(prompt, spec, steps + 1)[1].stored_bytes())
         logical = context + steps
-        dynamic = measure.kv_bytes_dynamic(model, logical)
+        dynamic = dynamic_cache_bytes(model, logical)
         board.put("memory", context, {
             spec: {"kv_bytes": b, "tokens": logical, "kv_bytes_per_token": b / logical,
                    "dynamic_cache_bytes": dynamic, "ratio_vs_dynamic": dynamic / b} for spec, b in held.items()})
