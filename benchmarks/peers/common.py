@@ -256,6 +256,16 @@ def write(results: dict, out: Path) -> Path:
     return path
 
 
+def finish(results: dict, args) -> None:
+    """Write ``OUT/results.json`` (validated), compare ``none`` with ``--reference``, list strategies."""
+    path = write(results, Path(args.out))
+    print(f"wrote {path}")
+    for line in check_against(results, args.reference):
+        print(line)
+    for r in results["results"]:
+        print(r["strategy"], "ok" if r["ok"] else f"FAILED: {r['error']}", f"{r['seconds']:.1f}s")
+
+
 def add_common_args(p, default_out: str) -> None:
     """The options both peer scripts share, with ``kvplug eval``'s defaults."""
     p.add_argument("--model", default=str(REFERENCE_MODEL),

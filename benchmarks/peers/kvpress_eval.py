@@ -77,13 +77,7 @@ def main(argv=None) -> None:
     results = common.run(model, tokenizer, source, ms, settings, extra={
         "peer": f"kvpress {version('kvpress')}, transformers {transformers.__version__}, torch {version('torch')}",
         "heldout_fingerprint": common.fingerprint(source)})
-    path = common.write(results, Path(args.out))  # validates against kvplug/eval/schema.json
-    print(f"wrote {path}")
-    for line in common.check_against(results, args.reference):
-        print(line)
-    for r in results["results"]:
-        print(r["strategy"], "ok" if r["ok"] else f"FAILED: {r['error']}", f"{r['seconds']:.1f}s")
-
+    common.finish(results, args)  # validates against kvplug/eval/schema.json
 
 if __name__ == "__main__":
     main()
