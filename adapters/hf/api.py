@@ -40,8 +40,8 @@ def cache(model, spec=None, paged: bool = False, keep_prompt: bool = False) -> K
 
     ``paged=True`` keeps per-token codecs (none/int8/int4/int2, fp16/bf16 models) in the paged
     layout of :mod:`kvplug.triton_ops`; on CUDA its Triton kernel then decodes straight from the
-    packed codes instead of dequantizing the cache each step. It is opt-in until the kernels have
-    been verified on a GPU (so far: Triton's interpreter on CPU). Also switches the model's
+    packed codes instead of dequantizing the cache each step. It is opt-in until its GPU logits
+    match the reference path as closely as on the CPU (docs/BENCHMARKS.md). Also switches the model's
     attention implementation to ``kvplug`` (see :mod:`.attention`). ``keep_prompt`` retains the
     prompt's K/V and queries so that :meth:`KVPlugCache.fork` can compress it for other strategies.
     """
