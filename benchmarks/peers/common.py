@@ -1,15 +1,10 @@
 """The measurement protocol of ``kvplug eval``, re-implemented for caches that are not kvplug's.
 
 Used by ``quantized_cache.py`` (main venv, transformers 5.x) and ``kvpress_eval.py`` (kvpress's
-own venv, transformers < 5.3), so it imports only torch, the standard library and two
-transformers-free kvplug modules:
-
-- ``kvplug/eval/inputs.py`` is loaded *by file path* (not ``import kvplug.eval.inputs``): the
-  package ``kvplug.eval``'s ``__init__`` imports its runner, which imports ``kvplug.hf``
-  (transformers 5 only). Running ``inputs.py`` still imports ``kvplug`` (its ``__init__``: config,
-  registry, torch, pluggy) and ``kvplug.retrieval``.
-- ``kvplug/eval/schema.json`` validates the output (the same check as
-  ``kvplug.eval.report.validate``).
+own venv, transformers < 5.3, where kvplug is not installed: the repository root goes on
+``sys.path``), so it imports only torch, the standard library and kvplug modules that need no
+transformers: ``kvplug.eval.inputs`` (the inputs), ``kvplug.memory`` (bytes a cache holds),
+``kvplug.eval.report`` (writes and validates ``results.json``) and ``kvplug.retrieval``.
 
 Every input comes from ``inputs.py`` with the same (seed, context, task), so the tokens are
 exactly those ``kvplug eval`` uses. The protocol is kvplug's (``kvplug/eval/measure.py`` and
@@ -24,7 +19,6 @@ from __future__ import annotations
 
 import array
 import contextlib
-import importlib.util
 import json
 import math
 import platform
@@ -53,24 +47,12 @@ AGREEMENT_SEQUENCES, AGREEMENT_TOKENS = 2, 128
 MEMORY_STEPS = 16
 
 
-def _load_by_path(name: str, path: Path):
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))  # `import kvplug` from the work tree (not installed in kvpress's venv)
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-inputs = _load_by_path("kvplug_eval_inputs", REPO / "kvplug" / "eval" / "inputs.py")
-from kvplug.retrieval import load_heldout_ids  # noqa: E402  (after sys.path is set)
-
-
-def validate(results: dict) -> None:
-    """Raise ``jsonschema.ValidationError`` unless ``results`` follows kvplug's ``schema.json``."""
-    import jsonschema
-
-    jsonschema.validate(results, json.loads((REPO / "kvplug" / "eval" / "schema.json").read_text()))
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # kvplug from the work tree (not installed in kvpress's venv)
+from kvplug import memory  # noqa: E402
+from kvplug.eval import inputs  # noqa: E402
+from kvplug.eval.report import write  # noqa: E402  (validates against kvplug/eval/schema.json)
+from kvplug.retrieval import load_heldout_ids  # noqa: E402
 
 
 def fingerprint(ids: list[int]) -> str:
@@ -79,8 +61,7 @@ def fingerprint(ids: list[int]) -> str:
 
 
 # -- caches ----------------------------------------------------------------------------------------
-_memory = _load_by_path("kvplug_memory", REPO / "kvplug" / "memory.py")
-held_bytes, kv_bytes_dynamic = _memory.held_bytes, _memory.dynamic_cache_bytes
+held_bytes, kv_bytes_dynamic = memory.held_bytes, memory.dynamic_cache_bytes
 
 
 @dataclass
@@ -246,14 +227,6 @@ def run(model, tokenizer, source, methods: list[Method], settings: Settings, ext
         **(extra or {}),
         "results": list(board.results.values()),
     }
-
-
-def write(results: dict, out: Path) -> Path:
-    validate(results)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
-    path.write_text(json.dumps(results, indent=1))
-    return path
 
 
 def finish(results: dict, args) -> None:

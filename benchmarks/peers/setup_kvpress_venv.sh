@@ -26,7 +26,7 @@ fi
 PIP=("$VENV/bin/python" -m pip install --quiet)
 # torch first, alone, so the resolver keeps this exact build for kvpress/peft/accelerate
 "${PIP[@]}" "$TORCH_SPEC"
-"${PIP[@]}" "$TORCH_SPEC" "$KVPRESS_SPEC" "$TRANSFORMERS_SPEC" pluggy jsonschema
+"${PIP[@]}" "$TORCH_SPEC" "$KVPRESS_SPEC" "$TRANSFORMERS_SPEC" pluggy jsonschema rich
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as md
 for name in ("torch", "transformers", "kvpress", "tokenizers", "pluggy"):
