@@ -13,6 +13,7 @@ from kvplug.hookspecs import hookimpl
 from kvplug.scorers.h2o import H2O
 from kvplug.scorers.knorm import KNorm
 from kvplug.scorers.random import RandomScorer
+from kvplug.scorers.simlayerkv import SimLayerKV
 from kvplug.scorers.snapkv import SnapKV
 from kvplug.scorers.streaming import Streaming
 from kvplug.scorers.tova import Tova
@@ -21,5 +22,5 @@ from kvplug.scorers.tova import Tova
 @hookimpl
 def kvplug_parts() -> list[type]:
     return [NoCodec, Int8, Int4, Int2, Kivi, Fp8,
-            Streaming, H2O, SnapKV, Tova, KNorm, RandomScorer,
+            Streaming, H2O, SnapKV, Tova, KNorm, RandomScorer, SimLayerKV,
             Uniform, Pyramid, AdaKV]

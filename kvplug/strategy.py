@@ -20,13 +20,15 @@ from kvplug.scorers.base import ScoreInputs, Scorer
 @dataclass(frozen=True)
 class Selection:
     """Kept tokens of one layer: ``indices`` ``[B, Hkv, K]`` in prompt order, the first
-    ``counts[b, h]`` of each row being real (the rest repeat index 0 as padding)."""
+    ``counts[b, h]`` of each row being real (the rest repeat index 0 as padding), and the
+    ``scorer`` this layer uses from now on (see :meth:`Scorer.for_layer`)."""
 
     indices: torch.Tensor
     counts: torch.Tensor
+    scorer: Scorer | None = None
 
     @classmethod
-    def from_mask(cls, keep: torch.Tensor) -> Selection:
+    def from_mask(cls, keep: torch.Tensor, scorer: Scorer | None = None) -> Selection:
         t = keep.shape[-1]
         order = torch.arange(t, device=keep.device)
         key = torch.where(keep, order, order + t)
@@ -34,7 +36,7 @@ class Selection:
         width = int(counts.max()) if counts.numel() else 0
         indices = key.sort(-1).values[..., :width]
         indices = torch.where(indices >= t, torch.zeros_like(indices), indices)
-        return cls(indices=indices, counts=counts)
+        return cls(indices=indices, counts=counts, scorer=scorer)
 
     def valid(self) -> torch.Tensor:
         """``[B, Hkv, K]``: True where an index is real."""
@@ -75,19 +77,23 @@ class Strategy:
         """How many times smaller than fp16 K/V the cache is when ``kept_share`` of tokens stay."""
         return 2 * head_dim * dtype_bytes / (self.bytes_per_token(head_dim, dtype_bytes) * kept_share)
 
-    def kept_per_row(self, valid: torch.Tensor) -> torch.Tensor:
-        """Mean tokens per KV head each row keeps ``[B]`` (all of them without a scorer)."""
+    def kept_per_row(self, valid: torch.Tensor, scorer: Scorer | None = None) -> torch.Tensor:
+        """Mean tokens per KV head each row keeps ``[B]`` with ``scorer`` (default: the
+        strategy's; all of them without one)."""
+        scorer = scorer or self.scorer
         present = valid.sum(-1)
-        if self.scorer is None:
+        if scorer is None:
             return present
-        kept = [min(self.scorer.kept_tokens(int(n)), int(n)) for n in present.tolist()]
+        kept = [min(scorer.kept_tokens(int(n)), int(n)) for n in present.tolist()]
         return torch.tensor(kept, dtype=torch.long, device=valid.device)
 
     def select(self, inputs: ScoreInputs) -> Selection:
-        """Which tokens each KV head of this layer keeps after prefill."""
-        if self.scorer is None:
+        """Which tokens each KV head of this layer keeps after prefill, and the scorer it uses."""
+        scorer = None if self.scorer is None else self.scorer.for_layer(inputs)
+        if scorer is None:
             keep = inputs.valid[:, None, :].expand(-1, inputs.num_kv_heads, -1)
         else:
-            scores = self.scorer.score(inputs)
-            keep = self.budget.allocate(scores, self.kept_per_row(inputs.valid), inputs.layer_idx, inputs.num_layers)
-        return Selection.from_mask(keep)
+            scores = scorer.score(inputs)
+            keep = self.budget.allocate(scores, self.kept_per_row(inputs.valid, scorer), inputs.layer_idx,
+                                        inputs.num_layers)
+        return Selection.from_mask(keep, scorer)

@@ -102,7 +102,8 @@ class Recorder:
 
 @pytest.mark.parametrize("spec", ["snapkv(budget=13, window=5)", "h2o(budget=25%)", "tova(budget=11)",
                                   "knorm(budget=9)", "random(budget=10, seed=4)", "streaming(sinks=3, window=8)",
-                                  "snapkv(budget=12, window=4)+pyramid(beta=3)", "snapkv(budget=10, window=4)+adakv"])
+                                  "snapkv(budget=12, window=4)+pyramid(beta=3)", "snapkv(budget=10, window=4)+adakv",
+                                  "simlayerkv(threshold=0.3, sinks=2, window=8, obs=4)"])
 def test_kept_tokens_match_core_scorer(spec, gen):
     model = tiny()
     ids, mask = prompts(gen, length=40, pad=5)
@@ -167,6 +168,22 @@ def test_kivi_keeps_residual_in_full_precision_and_quantizes_whole_groups(gen):
     assert out.shape[1] == 70
 
 
+@pytest.mark.parametrize("threshold, lazy", [(0.0, True), (1.0, False)])
+def test_simlayerkv_lazy_layers_stay_at_sinks_and_window_while_generating(threshold, lazy, gen):
+    model = tiny()
+    ids, mask = prompts(gen, length=40, pad=6)
+    cache = kvplug.hf.cache(model, f"simlayerkv(threshold={threshold}, sinks=2, window=8)+int4")
+    greedy(model, ids, mask, steps=12, cache=cache)
+    for layer in cache.layers:
+        assert (layer.scorer is not None) == lazy
+        for b, n in enumerate(mask.sum(-1).tolist()):
+            kept = sorted(p for p in layer.slots.positions[b, 0].tolist() if p >= 0)
+            total = n + 11  # the prompt and the generated tokens the model has seen
+            assert kept == (list(range(2)) + list(range(total - 8, total)) if lazy else list(range(total)))
+    per_token = parse("int4").bytes_per_token(32, dtype_bytes=4)
+    assert cache.stored_bytes() == cache.kept_tokens() * per_token
+
+
 def test_compress_context_manager(gen):
     model = tiny()
     ids, mask = prompts(gen)
@@ -190,6 +207,8 @@ def test_clear_errors():
         kvplug.hf.cache(tiny(), "int5")
     with pytest.raises(SpecError, match="streaming evicts while generating"):
         kvplug.hf.cache(tiny(), "streaming+kivi")
+    with pytest.raises(SpecError, match="simlayerkv evicts while generating"):
+        kvplug.hf.cache(tiny(), "simlayerkv+kivi(bits=2)")
 
 
 @pytest.mark.parametrize("spec", ["none", "int8", "int4", "streaming(sinks=2, window=20)+int4",

@@ -164,3 +164,26 @@ def test_selection_is_in_prompt_order(gen):
         for h in range(2):
             idx = sel.indices[b, h][valid[b, h]]
             assert torch.all(idx[1:] > idx[:-1])
+
+
+def test_simlayerkv_lazy_decision_and_kept_positions_match_naive(gen):
+    inputs = make_inputs(gen, t=48, window=6)
+    sinks, window = 3, 10
+    # naive share: attention of each observation query on the first `sinks` and last `window`
+    # valid tokens, averaged over query heads, queries and sequences
+    shares = []
+    for b in range(2):
+        valid = inputs.valid[b]
+        first = int((~valid).sum())
+        n = int(valid.sum())
+        probs = naive_probs(inputs.queries[b], inputs.keys[b], valid, 48 - 6, inputs.scale)
+        kept = [j for j in range(48) if valid[j] and (j - first < sinks or j - first >= n - window)]
+        shares.append(probs[:, :, kept].sum(-1).mean().item())
+    share = sum(shares) / len(shares)
+    for threshold, lazy in ((share - 1e-4, True), (min(1.0, share + 1e-4), False)):
+        sel = parse(f"simlayerkv(threshold={threshold}, sinks={sinks}, window={window}, obs=6)").select(inputs)
+        assert (sel.scorer is not None) == lazy
+        for b, heads in enumerate(kept_sets(sel)):
+            first = int((~inputs.valid[b]).sum())
+            expect = set(range(first, first + sinks)) | set(range(48 - window, 48)) if lazy else set(range(first, 48))
+            assert all(h == expect for h in heads)

@@ -43,6 +43,7 @@ class KVPlugLayer(CacheLayerMixin):
                             f"groups of {codec.token_group} tokens); use a per-token codec (int8/int4/int2/fp8) "
                             f"or a prefill-only scorer (snapkv, knorm, random)")
         self.strategy, self.layer_idx, self.num_layers = strategy, layer_idx, num_layers
+        self.scorer = scorer  # this layer's own, once the prompt is seen (Scorer.for_layer)
         self.paged = bool(paged)  # the paged layout read by kvplug.triton_ops, where the codec allows it
         self.keep_prompt = keep_prompt
         self.prompt: tuple | None = None  # (keys, values, queries, valid, scale) when keep_prompt
@@ -89,6 +90,7 @@ class KVPlugLayer(CacheLayerMixin):
         raise NotImplementedError("kvplug caches do not support beam search yet")
 
     # prefill ----------------------------------------------------------------------------------
+    @torch.no_grad()
     def compress_prompt(self, queries: torch.Tensor, valid: torch.Tensor, scale: float) -> None:
         """Pick and store the prompt tokens to keep, now that the prompt's ``queries`` are known."""
         keys, values = self.pending
@@ -101,6 +103,7 @@ class KVPlugLayer(CacheLayerMixin):
         inputs = ScoreInputs(keys=keys, values=values, queries=queries[:, :, t - window:], valid=valid,
                              scale=scale, layer_idx=self.layer_idx, num_layers=self.num_layers)
         sel = strategy.select(inputs)
+        self.scorer = scorer = sel.scorer
         idx = sel.indices
         gather = idx[..., None].expand(-1, -1, -1, d)
         kept_k, kept_v = keys.gather(2, gather), values.gather(2, gather)
@@ -134,8 +137,9 @@ class KVPlugLayer(CacheLayerMixin):
                         positions[..., n_quant:])
 
     # decode -----------------------------------------------------------------------------------
+    @torch.no_grad()
     def _append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        scorer = self.strategy.scorer
+        scorer = self.scorer
         evicting = scorer is not None and scorer.evicts_on_decode
         for i in range(keys.shape[-2]):
             step = self.next_pos.view(-1, 1, 1)
@@ -160,7 +164,7 @@ class KVPlugLayer(CacheLayerMixin):
         """Attention of this step's queries ``[B, Hq, Tq, D]`` over the compressed cache (reference
         path: decode to the model dtype, mask empty and future slots). Returns ``[B, Tq, Hq, D]``."""
         b, hq, tq, d = queries.shape
-        scorer = self.strategy.scorer
+        scorer = self.scorer
         needs_probs = scorer is not None and scorer.needs_decode_attention
         if tq == 1 and isinstance(self.slots, PagedStore) and not needs_probs:
             return self.slots.attend_one(queries[:, :, 0], scale)[:, None]

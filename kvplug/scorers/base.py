@@ -79,6 +79,13 @@ class Scorer(Part):
         """Tokens per KV head this scorer keeps when ``present`` tokens are there."""
         raise NotImplementedError
 
+    def for_layer(self, inputs: ScoreInputs) -> Scorer | None:
+        """The scorer this layer uses, decided at prefill from its inputs (None: keep every token).
+
+        Most scorers act the same in every layer; a per-layer method (SimLayerKV) picks a policy
+        for each layer here, and adapters then use what it returns, while generating too."""
+        return self
+
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         """Scores ``[B, Hkv, T]`` (see module docstring)."""
         raise NotImplementedError
