@@ -27,4 +27,10 @@ def kvplug_parts() -> list[type]:
     :class:`kvplug.budgets.base.Budget` (how many per layer/head), with a unique ``name`` (used in
     spec strings), a ``paper`` and parameters declared with :func:`kvplug.parts.param`. A name
     already taken by an earlier plugin is refused with a warning.
+
+    Decisions per layer: a scorer's ``for_layer(inputs)`` is called once per layer at prefill and
+    returns the scorer that layer uses from then on (or None: keep every token); ``inputs``
+    carries ``layer_idx``/``num_layers`` and the layer's K/V and queries. SimLayerKV
+    (``kvplug.scorers.simlayerkv``) and ``examples/depth_plugin`` are built this way. Per-layer
+    budgets are a budget part (``kvplug.budgets.pyramid``).
     """

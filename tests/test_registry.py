@@ -1,6 +1,7 @@
 """Plugins: a real throwaway distribution found through the ``kvplug`` entry-point group."""
 
 import sys
+from pathlib import Path
 import warnings
 
 import pytest
@@ -46,7 +47,7 @@ def install_dist(root, dist, module, source, group_line):
 def site(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     yield tmp_path
-    for mod in ("kvplug_oldest", "kvplug_broken", "kvplug_dup"):
+    for mod in ("kvplug_oldest", "kvplug_broken", "kvplug_dup", "kvplug_depth"):
         sys.modules.pop(mod, None)
 
 
@@ -78,3 +79,27 @@ def test_without_discovery_only_builtins():
     assert set(reg.origin.values()) == {"kvplug.builtin"}
     assert {"none", "int8", "int4", "int2", "kivi", "fp8", "streaming", "h2o", "snapkv", "tova", "knorm",
             "random", "uniform", "pyramid", "adakv"} <= set(reg.names())
+
+
+def test_example_per_layer_plugin_runs_in_hf_generate(site):
+    """examples/depth_plugin, installed as a distribution, is listed and drives each layer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import kvplug.hf
+
+    source = (Path(__file__).resolve().parents[1] / "examples" / "depth_plugin" / "kvplug_depth.py").read_text()
+    install_dist(site, "kvplug-depth", "kvplug_depth", source, "depth = kvplug_depth")
+    reg = Registry()
+    assert reg.origin["depth"] == "depth"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=16)).eval()
+    model.generation_config.eos_token_id = None
+    cache = kvplug.hf.cache(model, parse("depth(full=1, sinks=2, window=6)+int8", registry=reg))
+    ids = torch.randint(0, 64, (1, 30))
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                   past_key_values=cache, pad_token_id=0)
+    kept = [sorted(p for p in layer.slots.positions[0, 0].tolist() if p >= 0) for layer in cache.layers]
+    assert kept[0] == list(range(34))
+    assert kept[1] == kept[2] == [0, 1] + list(range(28, 34))
