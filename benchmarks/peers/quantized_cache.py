@@ -1,6 +1,6 @@
 """HF transformers' own ``QuantizedCache`` measured with ``kvplug eval``'s protocol, on its inputs.
 
-    . /work/venv/bin/activate        # the main venv: transformers 5.x, optimum-quanto
+    . .venv/bin/activate   # the main venv (README set-up), plus: pip install optimum-quanto==0.2.7
     python benchmarks/peers/quantized_cache.py --out runs/peers/hf-quantized
 
 Strategies: ``none`` (a plain ``DynamicCache``, the baseline of deltas and agreement) and
