@@ -77,15 +77,20 @@ class Strategy:
         """How many times smaller than fp16 K/V the cache is when ``kept_share`` of tokens stay."""
         return 2 * head_dim * dtype_bytes / (self.bytes_per_token(head_dim, dtype_bytes) * kept_share)
 
-    def kept_per_row(self, valid: torch.Tensor, scorer: Scorer | None = None) -> torch.Tensor:
-        """Mean tokens per KV head each row keeps ``[B]`` with ``scorer`` (default: the
-        strategy's; all of them without one)."""
+    def budget_per_row(self, valid: torch.Tensor, scorer: Scorer | None = None) -> torch.Tensor:
+        """Tokens per KV head ``scorer`` (default: the strategy's) aims to keep in each row ``[B]``,
+        which may exceed the tokens present (a short prompt grows up to it while generating)."""
         scorer = scorer or self.scorer
         present = valid.sum(-1)
         if scorer is None:
             return present
-        kept = [min(scorer.kept_tokens(int(n)), int(n)) for n in present.tolist()]
-        return torch.tensor(kept, dtype=torch.long, device=valid.device)
+        return torch.tensor([scorer.kept_tokens(int(n)) for n in present.tolist()], dtype=torch.long,
+                            device=valid.device)
+
+    def kept_per_row(self, valid: torch.Tensor, scorer: Scorer | None = None) -> torch.Tensor:
+        """Mean tokens per KV head each row keeps after prefill ``[B]``: the budget, at most the
+        tokens present (all of them without a scorer)."""
+        return torch.minimum(self.budget_per_row(valid, scorer), valid.sum(-1))
 
     def select(self, inputs: ScoreInputs) -> Selection:
         """Which tokens each KV head of this layer keeps after prefill, and the scorer it uses."""

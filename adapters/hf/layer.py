@@ -113,7 +113,7 @@ class KVPlugLayer(CacheLayerMixin):
         if scorer is not None and scorer.evicts_on_decode:
             scores = scorer.running_scores(inputs).gather(-1, idx)
             present = valid.sum(-1)
-            budget = torch.tensor([scorer.kept_tokens(int(n)) for n in present.tolist()], device=valid.device)
+            budget = strategy.budget_per_row(valid, scorer)
             # a head at its budget keeps its count; a short prompt may grow up to the budget
             self.capacity = torch.where((present > budget)[:, None], sel.counts, budget[:, None])
         self.next_pos = valid.sum(-1)

@@ -96,8 +96,6 @@ class SlotStore:
         per_slot = (_nbytes(self.keys) + _nbytes(self.values)) / (self.positions.numel())
         return round(per_slot * int(self.counts.sum()))
 
-    def allocated_bytes(self) -> int:
-        return _nbytes(self.keys) + _nbytes(self.values)
 
 
 class GroupStore:
@@ -223,6 +221,3 @@ class PagedStore:
         if self.counts is None:
             return 0
         return int(self.counts.sum()) * self.layout.bytes_per_token() // self.layout.num_kv_heads
-
-    def allocated_bytes(self) -> int:
-        return 0 if self.cache is None else self.cache.numel() * self.cache.element_size()
