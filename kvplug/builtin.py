@@ -10,6 +10,7 @@ from kvplug.codecs.integer import Int2, Int4, Int8
 from kvplug.codecs.kivi import Kivi
 from kvplug.codecs.none import NoCodec
 from kvplug.hookspecs import hookimpl
+from kvplug.mergers.minicache import MiniCache
 from kvplug.scorers.h2o import H2O
 from kvplug.scorers.knorm import KNorm
 from kvplug.scorers.random import RandomScorer
@@ -23,4 +24,4 @@ from kvplug.scorers.tova import Tova
 def kvplug_parts() -> list[type]:
     return [NoCodec, Int8, Int4, Int2, Kivi, Fp8,
             Streaming, H2O, SnapKV, Tova, KNorm, RandomScorer, SimLayerKV,
-            Uniform, Pyramid, AdaKV]
+            Uniform, Pyramid, AdaKV, MiniCache]

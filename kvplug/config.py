@@ -27,7 +27,7 @@ from kvplug.strategy import Strategy
 ENV_VAR = "KVPLUG_STRATEGY"
 _TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z_][\w.-]*)|(?P<num>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?%?)"
                     r"|(?P<str>\"[^\"]*\"|'[^']*')|(?P<op>[()+,=]))")
-_ROLES = {"codec": "codec", "scorer": "scorer", "budget": "budget"}
+_ROLES = {"codec": "codec", "scorer": "scorer", "budget": "budget", "merger": "merger"}
 
 
 def _tokens(text: str) -> list[tuple[str, str, int]]:
@@ -133,6 +133,9 @@ def parse(spec: Any, registry: Registry | None = None) -> Strategy:
     if "budget" in chosen and "scorer" not in chosen:
         raise SpecError(f"{chosen['budget'].name} splits a scorer's budget; add a scorer, e.g. "
                         f"'snapkv(budget=1024)+{chosen['budget'].name}'")
+    if "merger" in chosen and "scorer" in chosen:
+        raise SpecError(f"{chosen['merger'].name} merges every prompt token of a layer pair, which eviction "
+                        f"({chosen['scorer'].name}) would leave different in the two layers; use one of them")
     return Strategy(**chosen)
 
 

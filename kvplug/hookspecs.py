@@ -23,8 +23,9 @@ def kvplug_parts() -> list[type]:
     """Return the strategy part classes this plugin provides.
 
     Each is a frozen dataclass subclassing one of :class:`kvplug.codecs.base.Codec` (how a token
-    is stored), :class:`kvplug.scorers.base.Scorer` (which tokens are kept) or
-    :class:`kvplug.budgets.base.Budget` (how many per layer/head), with a unique ``name`` (used in
+    is stored), :class:`kvplug.scorers.base.Scorer` (which tokens are kept),
+    :class:`kvplug.budgets.base.Budget` (how many per layer/head) or
+    :class:`kvplug.mergers.base.Merger` (which layers share storage), with a unique ``name`` (used in
     spec strings), a ``paper`` and parameters declared with :func:`kvplug.parts.param`. A name
     already taken by an earlier plugin is refused with a warning.
 
@@ -33,4 +34,9 @@ def kvplug_parts() -> list[type]:
     carries ``layer_idx``/``num_layers`` and the layer's K/V and queries. SimLayerKV
     (``kvplug.scorers.simlayerkv``) and ``examples/depth_plugin`` are built this way. Per-layer
     budgets are a budget part (``kvplug.budgets.pyramid``).
+
+    Decisions across layers: a :class:`kvplug.mergers.base.Merger` part plans which layer pairs
+    share storage (``pairs(num_layers)``) and merges a pair's K or V (``merge``, tensors only);
+    adapters hold the cross-layer state (the first layer's prompt until the second's arrives, one
+    stored copy read by both). MiniCache (``kvplug.mergers.minicache``) is built this way.
     """

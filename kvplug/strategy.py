@@ -1,4 +1,4 @@
-"""A strategy: one codec, at most one scorer and one budget, composed with ``+`` in a spec.
+"""A strategy: one codec, at most one scorer, one budget and one merger, composed with ``+`` in a spec.
 
 Tensor in, tensor out: adapters hand :meth:`Strategy.select` a layer's K/V and queries and get
 back which tokens to keep; they store them with :attr:`Strategy.codec`.
@@ -14,6 +14,7 @@ from kvplug.budgets.base import Budget
 from kvplug.budgets.uniform import Uniform
 from kvplug.codecs.base import Codec
 from kvplug.codecs.none import NoCodec
+from kvplug.mergers.base import Merger
 from kvplug.scorers.base import ScoreInputs, Scorer
 
 
@@ -46,19 +47,21 @@ class Selection:
 
 @dataclass(frozen=True)
 class Strategy:
-    """codec + optional scorer + budget."""
+    """codec + optional scorer + budget + optional merger."""
 
     codec: Codec = field(default_factory=NoCodec)
     scorer: Scorer | None = None
     budget: Budget = field(default_factory=Uniform)
+    merger: Merger | None = None
 
     @property
     def parts(self) -> list:
-        return [p for p in (self.scorer, None if isinstance(self.budget, Uniform) else self.budget,
+        return [p for p in (self.scorer, None if isinstance(self.budget, Uniform) else self.budget, self.merger,
                             self.codec) if p is not None]
 
     def __str__(self) -> str:
-        parts = [p for p in self.parts if not (isinstance(p, NoCodec) and self.scorer is not None)]
+        shown = self.scorer is not None or self.merger is not None
+        parts = [p for p in self.parts if not (isinstance(p, NoCodec) and shown)]
         return "+".join(str(p) for p in parts)
 
     @property

@@ -99,6 +99,7 @@ def test_selection_additional_config_wins_over_env(monkeypatch):
     ("int4(bits=3)", "unknown parameter"),
     ("snapkv(budget=64)+int4", "eviction"),
     ("kivi(bits=2)", "groups of 32 tokens"),
+    ("minicache+int4", "shares pages between layers"),
 ])
 def test_bad_or_unsupported_specs_are_one_line_errors(spec, message, monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)

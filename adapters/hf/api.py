@@ -50,6 +50,9 @@ def cache(model, spec=None, paged: bool = False, keep_prompt: bool = False) -> K
     text = model.config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     strategy.check_head_dim(head_dim)
+    merger = strategy.merger
+    if merger is not None and not merger.pairs(text.num_hidden_layers):
+        raise SpecError(f"{merger}: merges no layer pair of this {text.num_hidden_layers}-layer model; lower start")
     use_kvplug_attention(model)
     return KVPlugCache(strategy, text.num_hidden_layers, paged, keep_prompt)
 

@@ -13,7 +13,9 @@ class KVPlugCache(Cache):
     """One :class:`KVPlugLayer` per decoder layer, all following one strategy."""
 
     def __init__(self, strategy: Strategy, num_layers: int, paged: bool = False, keep_prompt: bool = False):
-        super().__init__(layers=[KVPlugLayer(strategy, i, num_layers, paged, keep_prompt) for i in range(num_layers)])
+        shared: dict = {}  # cross-layer state (a merger's parked prompts), one per cache
+        super().__init__(layers=[KVPlugLayer(strategy, i, num_layers, paged, keep_prompt, shared)
+                                 for i in range(num_layers)])
         self.strategy, self.paged = strategy, paged
 
     def fork(self, strategy: Strategy) -> KVPlugCache:

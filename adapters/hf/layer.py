@@ -3,7 +3,9 @@
 The first ``update`` (the prompt) is held raw until the attention function has seen the queries:
 then the strategy's scorer picks the tokens to keep and the codec stores them. Later tokens are
 stored as they come; a scorer that evicts while generating (streaming, h2o, tova) writes each
-new token over its lowest-ranked slot once a head is at its budget. Positions stay logical:
+new token over its lowest-ranked slot once a head is at its budget. With a merger (MiniCache),
+the first layer of a pair parks its prompt in the cache's shared dict until the second layer has
+its own; the second builds one :class:`~.merged.MergedStore` that both read. Positions stay logical:
 ``get_seq_length`` counts every token ever given (padding included), as masks and RoPE expect.
 """
 
@@ -21,6 +23,7 @@ from kvplug.errors import SpecError
 from kvplug.scorers.base import ScoreInputs
 from kvplug.strategy import Strategy
 
+from .merged import MergedStore
 from .store import GroupStore, PagedStore, SlotStore
 
 just_updated: contextvars.ContextVar = contextvars.ContextVar("kvplug_just_updated", default=None)
@@ -35,7 +38,7 @@ class KVPlugLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(self, strategy: Strategy, layer_idx: int, num_layers: int, paged: bool = False,
-                 keep_prompt: bool = False):
+                 keep_prompt: bool = False, shared: dict | None = None):
         super().__init__()
         codec, scorer = strategy.codec, strategy.scorer
         if scorer is not None and scorer.evicts_on_decode and codec.token_group > 1:
@@ -46,6 +49,10 @@ class KVPlugLayer(CacheLayerMixin):
         self.scorer = scorer  # this layer's own, once the prompt is seen (Scorer.for_layer)
         self.paged = bool(paged)  # the paged layout read by kvplug.triton_ops, where the codec allows it
         self.keep_prompt = keep_prompt
+        self.shared = {} if shared is None else shared  # state between the layers of one cache
+        pairs = [] if strategy.merger is None else strategy.merger.pairs(num_layers)
+        self.pair = next(((p, p.index(layer_idx)) for p in pairs if layer_idx in p), None)  # (pair, 0 | 1)
+        self.merged: tuple[MergedStore, int] | None = None
         self.prompt: tuple | None = None  # (keys, values, queries, valid, scale) when keep_prompt
         self.seen = 0
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -84,7 +91,8 @@ class KVPlugLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.__init__(self.strategy, self.layer_idx, self.num_layers, self.paged, self.keep_prompt)
+        self.shared.clear()
+        self.__init__(self.strategy, self.layer_idx, self.num_layers, self.paged, self.keep_prompt, self.shared)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("kvplug caches do not support beam search yet")
@@ -121,6 +129,11 @@ class KVPlugLayer(CacheLayerMixin):
         # quantized K/V are read back in float32: rounding them to a 16-bit dtype before the
         # attention would add error on top of the codec's (large logits amplify it)
         read = self.dtype if isinstance(codec, NoCodec) else torch.float32
+        if self.pair is not None:
+            m = self._prefix_length(sel.counts)
+            self._merge(kept_k[..., :m, :], kept_v[..., :m, :], kept_valid[..., :m], read)
+            kept_k, kept_v, kept_valid, positions = (kept_k[..., m:, :], kept_v[..., m:, :], kept_valid[..., m:],
+                                                     positions[..., m:])
         if codec.token_group == 1:
             if self.paged and PagedStore.supports(codec, self.dtype, d):
                 self.slots = PagedStore(codec, self.dtype, h, d, self.device, read)
@@ -129,12 +142,31 @@ class KVPlugLayer(CacheLayerMixin):
             self.slots.init(kept_k, kept_v, kept_valid, positions, scores)
             return
         g = codec.token_group
-        n_quant = max(0, (int(sel.counts.min()) - codec.residual) // g * g)
+        n_quant = self._prefix_length(kept_valid.sum(-1))
         self.groups = GroupStore(codec, read)
         self.groups.append(kept_k[..., :n_quant, :], kept_v[..., :n_quant, :])
         self.slots = SlotStore(NoCodec(), read)
         self.slots.init(kept_k[..., n_quant:, :], kept_v[..., n_quant:, :], kept_valid[..., n_quant:],
                         positions[..., n_quant:])
+
+    def _prefix_length(self, counts: torch.Tensor) -> int:
+        """Leading kept slots a grouped codec quantizes now (whole groups, not the residual
+        window); every slot for a per-token codec."""
+        codec = self.strategy.codec
+        if codec.token_group == 1:
+            return int(counts.max())
+        return max(0, (int(counts.min()) - codec.residual) // codec.token_group * codec.token_group)
+
+    def _merge(self, keys: torch.Tensor, values: torch.Tensor, filled: torch.Tensor, read: torch.dtype) -> None:
+        """First layer of a pair: park the prompt; second: merge both into one shared store."""
+        pair, which = self.pair
+        if which == 0:
+            self.shared[pair] = (self, keys, values)
+            return
+        first, first_keys, first_values = self.shared.pop(pair)
+        store = MergedStore(self.strategy.merger, self.strategy.codec, read)
+        store.build((first_keys, first_values), (keys, values), filled)
+        first.merged, self.merged = (store, 0), (store, 1)
 
     # decode -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -166,16 +198,17 @@ class KVPlugLayer(CacheLayerMixin):
         b, hq, tq, d = queries.shape
         scorer = self.scorer
         needs_probs = scorer is not None and scorer.needs_decode_attention
-        if tq == 1 and isinstance(self.slots, PagedStore) and not needs_probs:
+        if self.pair is not None and self.merged is None:
+            raise RuntimeError(f"kvplug: layer {self.layer_idx} shares its prompt with layer {self.pair[0][1]}, "
+                               f"which has not seen it")
+        if tq == 1 and isinstance(self.slots, PagedStore) and not needs_probs and self.merged is None:
             return self.slots.attend_one(queries[:, :, 0], scale)[:, None]
         keys, values, filled = self.slots.decode()
         qpos = self.next_pos.view(b, 1, 1, 1) - tq + torch.arange(tq, device=queries.device).view(1, 1, tq, 1)
         visible = filled[:, :, None, :] & (self.slots.positions[:, :, None, :] <= qpos)
-        grouped = self.groups.decode() if self.groups is not None else None
-        if grouped is not None:
-            keys, values = torch.cat([grouped[0], keys], -2), torch.cat([grouped[1], values], -2)
-            always = torch.ones(*visible.shape[:-1], grouped[0].shape[-2], dtype=torch.bool, device=visible.device)
-            visible = torch.cat([always, visible], -1)
+        for prefix in self._prefixes():  # prompt tokens stored elsewhere: before every query
+            keys, values = torch.cat([prefix[0], keys], -2), torch.cat([prefix[1], values], -2)
+            visible = torch.cat([prefix[2][:, :, None, :].expand(-1, -1, tq, -1), visible], -1)
         h = keys.shape[1]
         mask = visible.repeat_interleave(hq // h, dim=1)
         out = F.scaled_dot_product_attention(queries.to(keys.dtype), keys, values, attn_mask=mask, scale=scale,
@@ -188,16 +221,31 @@ class KVPlugLayer(CacheLayerMixin):
             self.slots.scores = scorer.decode_update(self.slots.scores, probs)
         return out.transpose(1, 2)
 
+    def _prefixes(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(keys, values, filled)`` of the prompt tokens held outside the slots (merged, grouped)."""
+        out = []
+        if self.groups is not None and self.groups.tokens:
+            k, v = self.groups.decode()
+            out.append((k, v, torch.ones(k.shape[:-1], dtype=torch.bool, device=k.device)))
+        if self.merged is not None:
+            store, which = self.merged
+            out.append(store.decode(which))
+        return out
+
     # memory -----------------------------------------------------------------------------------
     def kept_tokens(self) -> int:
         """Tokens held over all heads of all sequences."""
         if self.slots is None:
             return 0
         grouped = self.groups.tokens * self.slots.counts.numel() if self.groups is not None else 0
-        return grouped + int(self.slots.counts.sum())
+        merged = int(self.merged[0].filled.sum()) if self.merged is not None else 0
+        return grouped + merged + int(self.slots.counts.sum())
 
     def stored_bytes(self) -> int:
         """Bytes of the K/V this layer holds (codes, scales, full-precision residual)."""
         if self.slots is None:
             return 0
-        return self.slots.stored_bytes() + (self.groups.stored_bytes() if self.groups is not None else 0)
+        total = self.slots.stored_bytes() + (self.groups.stored_bytes() if self.groups is not None else 0)
+        if self.merged is not None and self.merged[1] == 1:  # a pair's store counts once, in its second layer
+            total += self.merged[0].stored_bytes()
+        return total

@@ -78,6 +78,9 @@ def check_supported(strategy: Strategy, head_dim: int | None = None, dtype=None)
     if strategy.scorer is not None:
         raise SpecError(f"kvplug in vLLM: eviction ({strategy.scorer.name}) is not supported yet, only codecs "
                         f"(none, int8, int4, int2, optionally rotate=true); got {str(strategy)!r}")
+    if strategy.merger is not None:
+        raise SpecError(f"kvplug in vLLM: {strategy.merger.name} shares pages between layers, which the vLLM "
+                        f"adapter does not do yet; got {str(strategy)!r}")
     codec = strategy.codec
     if codec.token_group != 1 or codec.residual:
         raise SpecError(f"kvplug in vLLM: {codec.name} quantizes groups of {codec.token_group} tokens with a "

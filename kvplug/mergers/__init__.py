@@ -1,0 +1,1 @@
+"""Mergers: parts that share storage between layers (MiniCache)."""
