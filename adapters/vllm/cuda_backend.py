@@ -129,7 +129,8 @@ class KVPlugCudaMetadata:
     slot_mapping: torch.Tensor
     block_table: torch.Tensor
     seq_lens: torch.Tensor
-    num_decodes: int
+    num_decodes: int  # rows of the decode kernel
+    num_decode_tokens: int  # where the prefills' tokens start
     num_prefill_tokens: int
     prefill_starts: torch.Tensor | None  # int32 [prefills + 1], from the first prefill token
     prefill_starts_cpu: torch.Tensor | None
@@ -149,11 +150,12 @@ class KVPlugCudaMetadataBuilder(AttentionMetadataBuilder[KVPlugCudaMetadata]):
 
 
 def build_metadata(common: CommonAttentionMetadata) -> KVPlugCudaMetadata:
-    """Split the (reordered) batch into decodes and prefills; host tensors only, no device sync."""
+    """Split the (reordered) batch into decodes and prefills; host tensors only, no device sync.
+
+    Decodes hold one token each (threshold 1). A padded batch (CUDA graphs) may end in requests of
+    no token or in tokens of no request; the decode kernel runs over the rows that have both
+    (padding rows have length 0 and slot -1: nothing read, nothing stored)."""
     num_decodes, num_prefills, num_decode_tokens, num_prefill_tokens = split_decodes_and_prefills(common, 1)
-    if num_decodes != num_decode_tokens:
-        raise RuntimeError(f"kvplug: {num_decodes} decode requests hold {num_decode_tokens} tokens; "
-                           "speculative decoding is not supported")
     starts = starts_cpu = None
     max_len = 0
     if num_prefills:
@@ -162,13 +164,14 @@ def build_metadata(common: CommonAttentionMetadata) -> KVPlugCudaMetadata:
         lens = starts_cpu[1:] - starts_cpu[:-1]
         max_len = int(lens.max())
         seq_lens_cpu = getattr(common, "seq_lens_cpu_upper_bound", None)  # exact for prefill rows
-        if seq_lens_cpu is not None and bool((seq_lens_cpu[num_decodes:n] > lens).any()):
+        if seq_lens_cpu is not None and bool((seq_lens_cpu[num_decodes:n] > lens[:len(seq_lens_cpu) - num_decodes]).any()):
             raise RuntimeError("kvplug in vLLM on CUDA: a prefill with cached context (prefix caching or "
                                "chunked prefill) reached the backend; start the engine with both disabled")
         starts = common.query_start_loc[num_decodes:n + 1] - num_decode_tokens
     return KVPlugCudaMetadata(
         num_actual_tokens=common.num_actual_tokens, slot_mapping=common.slot_mapping,
-        block_table=common.block_table_tensor, seq_lens=common.seq_lens, num_decodes=num_decodes,
+        block_table=common.block_table_tensor, seq_lens=common.seq_lens,
+        num_decodes=min(num_decodes, num_decode_tokens), num_decode_tokens=num_decode_tokens,
         num_prefill_tokens=num_prefill_tokens, prefill_starts=starts, prefill_starts_cpu=starts_cpu,
         max_prefill_len=max_len)
 
@@ -215,7 +218,8 @@ class KVPlugCudaImpl(AttentionImpl):
             triton_ops.decode_attention(query[:nd], cache, self.layout, attn_metadata.block_table[:nd],
                                         attn_metadata.seq_lens[:nd], self.scale, out=output[:nd])
         if attn_metadata.num_prefill_tokens:
-            self._prefill(query[nd:n], key[nd:n], value[nd:n], attn_metadata, output[nd:n])
+            p = attn_metadata.num_decode_tokens
+            self._prefill(query[p:n], key[p:n], value[p:n], attn_metadata, output[p:n])
         return output
 
     def _prefill(self, q, k, v, md: KVPlugCudaMetadata, out) -> None:
