@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -110,10 +111,14 @@ def run_one(args, config: str, random: bool, vocab: int, out: Path) -> dict:
     log = out / f"{safe}.log"
     t = time.perf_counter()
     with open(log, "w") as f:
+        # own session: on timeout the whole group goes, vLLM's engine-core process (and its GPU memory) too
+        proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(job)], stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            rc = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], stdout=f, stderr=subprocess.STDOUT,
-                                timeout=args.timeout).returncode
+            rc = proc.wait(timeout=args.timeout)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             rc = "timeout"
     text = log.read_text(errors="replace")
     result = json.loads(Path(job["out"]).read_text()) if Path(job["out"]).exists() else {"config": config}

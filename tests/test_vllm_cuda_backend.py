@@ -18,23 +18,28 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None or impo
 HKV, G, D, BS = 2, 2, 64, 16
 
 
+SELECTED = {"spec": "int4"}
+"""The strategy the stand-in config of :func:`_config` selects (set by each test)."""
+
+
+def _config(spec):
+    """A stand-in for the worker's VllmConfig (the fields the backend reads)."""
+    model = SimpleNamespace(dtype=torch.float16, get_head_size=lambda: D)
+    return SimpleNamespace(model_config=model, cache_config=SimpleNamespace(block_size=BS),
+                           additional_config={"kvplug": spec})
+
+
 @pytest.fixture
 def cb(monkeypatch):
     from kvplug.adapters.vllm import compat, cuda_backend
 
-    def config(spec):
-        model = SimpleNamespace(dtype=torch.float16, get_head_size=lambda: D)
-        return SimpleNamespace(model_config=model, cache_config=SimpleNamespace(block_size=BS),
-                               additional_config={"kvplug": spec})
-
-    cuda_backend.make_config = config
-    monkeypatch.setattr(compat, "current_config", lambda: config(cuda_backend.SPEC))
+    monkeypatch.setattr(compat, "current_config", lambda: _config(SELECTED["spec"]))
     monkeypatch.setattr(cuda_backend, "ACTIVE", {"layout": None})
     return cuda_backend
 
 
 def _impl(cb, spec):
-    cb.SPEC = spec
+    SELECTED["spec"] = spec
     return cb.KVPlugCudaImpl(HKV * G, D, D ** -0.5, HKV)
 
 
@@ -117,36 +122,36 @@ def test_builder_splits_decodes_first_and_refuses_cached_prefill(cb):
     md = cb.build_metadata(_common([1, 1, 4, 3], [9, 2, 0, 0], torch.arange(9), tables))
     assert (md.num_decodes, md.num_prefill_tokens, md.max_prefill_len) == (2, 7, 4)
     assert md.prefill_starts.tolist() == [0, 4, 7] == md.prefill_starts_cpu.tolist()
+    # a CUDA-graph batch padded with requests of no token: the kernel's rows are the real decodes
+    md = cb.build_metadata(_common([1, 1, 0, 0], [5, 6, 0, 0], torch.arange(2), tables))
+    assert (md.num_decodes, md.num_decode_tokens, md.num_prefill_tokens) == (2, 2, 0)
     with pytest.raises(RuntimeError, match="cached context"):
         cb.build_metadata(_common([1, 4], [3, 5], torch.arange(5), tables[:2]))
 
 
-def test_spec_and_shape_report_the_codec_page(cb):
-    from kvplug.adapters.vllm import compat
+@pytest.mark.parametrize("spec,bits", [("int8", 8), ("int4", 4), ("int2", 2)])
+def test_spec_reports_the_codec_page(cb, spec, bits):
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
     from kvplug.adapters.vllm.layout import TokenLayout
     from kvplug.config import resolve
 
-    impl = _impl(cb, "int4")
-    spec = SimpleNamespace(head_size=D, head_size_v=D)
-    seen = {}
-    cb_compat = compat.compressed_spec
-    try:
-        compat.compressed_spec = lambda s, c: seen.setdefault("bytes", c) and s
-        cb.KVPlugCudaBackend.customize_spec(spec)
-    finally:
-        compat.compressed_spec = cb_compat
-    # the same bytes per token-head as the CPU backend's page (one layout, two engines' paths)
-    assert seen["bytes"] == TokenLayout.for_codec(resolve("int4").codec, D, torch.float16).token_bytes
-    assert seen["bytes"] == 2 * (D // 2 + 4) == cb.token_bytes(impl.layout)
+    impl = _impl(cb, spec)
+    stock = FullAttentionSpec(block_size=BS, num_kv_heads=HKV, head_size=D, dtype=torch.float16)
+    page = cb.KVPlugCudaBackend.customize_spec(stock).page_size_bytes
+    # codes + float16 scale and zero, for K and V of each head; the CPU backend's page is the same
+    assert page == BS * HKV * 2 * (D * bits // 8 + 4) == impl.layout.page_bytes()
+    assert page == BS * HKV * TokenLayout.for_codec(resolve(spec).codec, D, torch.float16).token_bytes
     with pytest.raises(Exception, match="head sizes"):
-        cb.KVPlugCudaBackend.customize_spec(SimpleNamespace(head_size=128, head_size_v=128))
+        cb.KVPlugCudaBackend.customize_spec(FullAttentionSpec(block_size=BS, num_kv_heads=HKV, head_size=2 * D,
+                                                              dtype=torch.float16))
 
 
 def test_refusals_are_one_line(cb):
     from kvplug.config import resolve
     from kvplug.errors import SpecError
 
-    config = cb.make_config("int4")
+    config = _config("int4")
     config.cache_config.enable_prefix_caching = True
     config.scheduler_config = SimpleNamespace(enable_chunked_prefill=True)
     with pytest.raises(SpecError, match="no-enable-prefix-caching.*no-enable-chunked-prefill") as e:
@@ -160,7 +165,7 @@ def test_refusals_are_one_line(cb):
     with pytest.raises(SpecError, match="group"):
         cb.check_engine(config, resolve("int4(group=32)"))
     with pytest.raises(SpecError, match="sliding-window"):
-        cb.SPEC = "int4"
+        SELECTED["spec"] = "int4"
         cb.KVPlugCudaImpl(HKV * G, D, 1.0, HKV, sliding_window=128)
 
 
@@ -172,5 +177,5 @@ def test_cuda_platform_routes_compressed_codecs_only(cb, monkeypatch):
                                                                      device_name="H100"))
     stock = "vllm.v1.attention.backends.flash_attn.FlashAttentionBackend"
     for spec, expected in (("int4", adapter.CUDA_BACKEND), ("int2", adapter.CUDA_BACKEND), ("none", None)):
-        cb.SPEC = spec
+        SELECTED["spec"] = spec
         assert adapter._pick_backend(stock) == expected

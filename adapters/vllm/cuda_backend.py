@@ -80,10 +80,7 @@ class KVPlugCudaBackend(AttentionBackend):
     """A paged KV cache of kvplug codes on CUDA, read by :mod:`kvplug.triton_ops`."""
 
     kvplug = True
-    accept_output_buffer = True
-    forward_includes_kv_cache_update = True
-    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16]
-    supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
+    forward_includes_kv_cache_update = True  # store_kv runs in forward, before attention
 
     @staticmethod
     def get_name() -> str:
@@ -141,7 +138,7 @@ class KVPlugCudaMetadataBuilder(AttentionMetadataBuilder[KVPlugCudaMetadata]):
     _cudagraph_support: ClassVar = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
     reorder_batch_threshold: int | None = 1
 
-    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):  # abstract in vLLM's base
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
