@@ -14,7 +14,8 @@ refused the same way, never run uncompressed.
 How it reaches the engine (details and the 0.26 differences in :mod:`.compat`): ``register()``
 routes the platform's attention-backend choice, made in each worker while the model is built (when
 ``get_current_vllm_config()`` holds the user's ``additional_config``), to
-:class:`.backend.KVPlugCPUBackend` when a strategy is selected; that backend reports the
+:class:`.backend.KVPlugCPUBackend` (CPU) or :class:`.cuda_backend.KVPlugCudaBackend` (CUDA, codecs
+int8/int4/int2; with ``none`` vLLM's own backend runs) when a strategy is selected; the backend reports the
 compressed page size to vLLM (``customize_spec``), so the block manager hands out proportionally
 more blocks, and its impl stores and reads the compressed layout (:mod:`.layout`) itself.
 """
@@ -36,9 +37,10 @@ PREFILL_KEY = "kvplug_prefill"
 PREFILL_MODES = ("uncompressed", "compressed")
 
 CPU_BACKEND = "kvplug.adapters.vllm.backend.KVPlugCPUBackend"
+CUDA_BACKEND = "kvplug.adapters.vllm.cuda_backend.KVPlugCudaBackend"
 
 __all__ = ["register", "selected_spec", "selected_strategy", "check_supported", "prefill_mode", "KEY",
-           "PREFILL_KEY", "CPU_BACKEND", "StartupError"]
+           "PREFILL_KEY", "CPU_BACKEND", "CUDA_BACKEND", "StartupError"]
 
 
 class StartupError(RuntimeError):
@@ -116,8 +118,10 @@ def _pick_backend(stock_path: str) -> str | None:
         return None
     if stock_path == CPU_BACKEND or stock_path == compat.stock_cpu_backend_path():
         return CPU_BACKEND
+    if compat.platform().is_cuda():  # codec none: vLLM's own backend, unchanged
+        return None if _uncompressed(strategy) else CUDA_BACKEND
     raise SpecError(f"kvplug in vLLM has no compressed backend for {stock_path.rsplit('.', 1)[-1]} on "
-                    f"{compat.platform().device_name!r} yet (the CPU platform is supported); remove the "
+                    f"{compat.platform().device_name!r} yet (CPU and CUDA are supported); remove the "
                     f"{KEY!r} key / ${ENV_VAR} to run uncompressed")
 
 
@@ -139,17 +143,29 @@ def _check_engine(vllm_config, strategy: Strategy) -> None:
     from . import compat
 
     plat = compat.platform()
-    if not plat.is_cpu():
-        raise SpecError(f"kvplug in vLLM runs on the CPU platform so far (the Triton GPU path is not wired "
-                        f"yet); this is {plat.device_name!r}: remove the {KEY!r} key / ${ENV_VAR} to run "
-                        f"uncompressed")
+    backend = CPU_BACKEND
+    if plat.is_cuda():
+        backend = "vLLM's own (codec none)" if _uncompressed(strategy) else CUDA_BACKEND
+        if not _uncompressed(strategy):
+            from . import cuda_backend
+
+            cuda_backend.check_engine(vllm_config, strategy)
+    elif not plat.is_cpu():
+        raise SpecError(f"kvplug in vLLM runs on the CPU and CUDA platforms; this is {plat.device_name!r}: "
+                        f"remove the {KEY!r} key / ${ENV_VAR} to run uncompressed")
     cache_dtype = getattr(getattr(vllm_config, "cache_config", None), "cache_dtype", "auto")
     if cache_dtype not in ("auto", None):
         raise SpecError(f"kvplug stores its own codes: keep --kv-cache-dtype auto (got {cache_dtype!r}) "
                         f"with {KEY}={str(strategy)!r}")
     version = ".".join(map(str, compat.vllm_version()))
     _log(f"kvplug: strategy {str(strategy)!r} selected, {prefill_mode(vllm_config)} prefill; attention backend "
-         f"{CPU_BACKEND} (vLLM {version})")
+         f"{backend} (vLLM {version})")
+
+
+def _uncompressed(strategy: Strategy) -> bool:
+    from kvplug.codecs.none import NoCodec
+
+    return isinstance(strategy.codec, NoCodec)
 
 
 def _log(message: str) -> None:

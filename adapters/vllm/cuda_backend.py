@@ -1,0 +1,246 @@
+"""kvplug's attention backend for vLLM on CUDA GPUs (imports vLLM; the kernels only when run).
+
+:mod:`kvplug.adapters.vllm` routes the platform's backend choice here when a strategy with a
+quantizing codec (int8/int4/int2) is selected; with ``none`` (or no strategy) vLLM's own backend
+runs unchanged. Each step, in the layer's forward:
+
+* store: :func:`kvplug.triton_ops.store_kv` quantizes the step's K/V and writes them at vLLM's
+  ``slot_mapping`` (one kernel, no other pass over the cache);
+* decode requests (one query token, batched first by the builder's ``reorder_batch_threshold``):
+  :func:`kvplug.triton_ops.decode_attention` over vLLM's block table and ``seq_lens``, reading the
+  codes in place (vLLM's ``[blocks, heads, block_size, C]`` page is viewed as the kernels'
+  :class:`~kvplug.triton_ops.PagedLayout`: same bytes, :func:`.layout.as_triton_cache`);
+* prefill requests: causal attention over the step's own uncompressed K/V (vLLM's FlashAttention
+  varlen kernel; torch SDPA where vLLM has none), as the HF adapter's prefill does.
+
+A prefill with cached context (prefix-cache hit, a later chunk of a chunked prefill) would need
+attention over compressed context plus its own tokens, which is not written yet: start-up refuses
+prefix caching and chunked prefill (:func:`check_engine`), and the builder stops on such a batch
+rather than attend over part of the context. The decode path allocates nothing outside the
+kernels' own scratch and never syncs, so pure-decode batches run as full CUDA graphs
+(``UNIFORM_SINGLE_TOKEN_DECODE``); mixed batches run piecewise, attention eager.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, AttentionImpl,
+                                       AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata)
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+
+from kvplug import triton_ops
+from kvplug.errors import SpecError
+
+from . import KEY, PREFILL_KEY, compat, prefill_mode, selected_strategy
+from .layout import as_triton_cache
+
+ACTIVE: dict = {"layout": None}
+"""The :class:`~kvplug.triton_ops.PagedLayout` of the model last built in this process (one engine
+per worker): ``customize_spec`` and ``get_kv_cache_shape`` (class methods, no config) read it."""
+
+
+def paged_layout(codec, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype):
+    """The kernels' layout for ``codec``, or a one-line :class:`SpecError` naming what they lack."""
+    if getattr(codec, "rotate", False):
+        raise SpecError(f"kvplug in vLLM on CUDA: {codec} (rotate=true) has no GPU path yet; use it without "
+                        "rotate")
+    try:
+        return triton_ops.PagedLayout.for_codec(codec, block_size, num_kv_heads, head_dim, dtype)
+    except ValueError as e:
+        raise SpecError(f"kvplug in vLLM on CUDA: {e}") from None
+
+
+def check_engine(vllm_config, strategy) -> None:
+    """Refuse, at start-up, a codec the kernels cannot hold and the scheduling this backend cannot
+    attend over (see the module doc)."""
+    model = getattr(vllm_config, "model_config", None)
+    head_dim = compat.head_size(vllm_config)
+    if head_dim is not None:
+        paged_layout(strategy.codec, 16, 1, head_dim, getattr(model, "dtype", None) or torch.bfloat16)
+    cache = getattr(vllm_config, "cache_config", None)
+    sched = getattr(vllm_config, "scheduler_config", None)
+    on = [flag for flag, enabled in (
+        ("--no-enable-prefix-caching / enable_prefix_caching=False", getattr(cache, "enable_prefix_caching", False)),
+        ("--no-enable-chunked-prefill / enable_chunked_prefill=False",
+         getattr(sched, "enable_chunked_prefill", False)),
+    ) if enabled]
+    if prefill_mode(vllm_config) != "uncompressed":
+        on.append(f"no {PREFILL_KEY}={prefill_mode(vllm_config)!r} (the CPU backend's option)")
+    if on:
+        raise SpecError(f"kvplug in vLLM on CUDA attends prefills over their own tokens only; pass "
+                        f"{' and '.join(on)} with {KEY}")
+
+
+class KVPlugCudaBackend(AttentionBackend):
+    """A paged KV cache of kvplug codes on CUDA, read by :mod:`kvplug.triton_ops`."""
+
+    kvplug = True
+    forward_includes_kv_cache_update = True  # store_kv runs in forward, before attention
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls() -> type[KVPlugCudaImpl]:
+        return KVPlugCudaImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[KVPlugCudaMetadataBuilder]:
+        return KVPlugCudaMetadataBuilder
+
+    @classmethod
+    def customize_spec(cls, spec):
+        """The codec's bytes per token-head as the page (0.32 calls this; 0.26 through compat's hook)."""
+        layout = ACTIVE["layout"]
+        if layout is None:
+            return spec
+        if spec.head_size != layout.head_dim or getattr(spec, "head_size_v", spec.head_size) != layout.head_dim:
+            raise SpecError(f"kvplug: layer head sizes {spec.head_size}/{spec.head_size_v} differ from "
+                            f"{layout.head_dim}; only equal K/V head sizes are supported")
+        return compat.compressed_spec(spec, token_bytes(layout))
+
+    @staticmethod
+    def get_kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size, cache_dtype_str="auto"):
+        layout = ACTIVE["layout"]
+        if layout is None:
+            raise RuntimeError("kvplug: the CUDA backend's KV-cache shape was asked before its layer was built")
+        return compat.kv_cache_shape(num_blocks, block_size, num_kv_heads, token_bytes(layout))
+
+
+def token_bytes(layout) -> int:
+    """Bytes of K and V of one token for one KV head in ``layout`` (vLLM's ``C``)."""
+    return layout.bytes_per_token() // layout.num_kv_heads
+
+
+@dataclass
+class KVPlugCudaMetadata:
+    """One step's batch: ``num_decodes`` one-token requests first, then the prefills."""
+
+    num_actual_tokens: int
+    slot_mapping: torch.Tensor
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+    num_decodes: int  # rows of the decode kernel
+    num_decode_tokens: int  # where the prefills' tokens start
+    num_prefill_tokens: int
+    prefill_starts: torch.Tensor | None  # int32 [prefills + 1], from the first prefill token
+    prefill_starts_cpu: torch.Tensor | None
+    max_prefill_len: int
+
+
+class KVPlugCudaMetadataBuilder(AttentionMetadataBuilder[KVPlugCudaMetadata]):
+    _cudagraph_support: ClassVar = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    reorder_batch_threshold: int | None = 1
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):  # abstract in vLLM's base
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> KVPlugCudaMetadata:
+        return build_metadata(common_attn_metadata)
+
+
+def build_metadata(common: CommonAttentionMetadata) -> KVPlugCudaMetadata:
+    """Split the (reordered) batch into decodes and prefills; host tensors only, no device sync.
+
+    Decodes hold one token each (threshold 1). A padded batch (CUDA graphs) may end in requests of
+    no token or in tokens of no request; the decode kernel runs over the rows that have both
+    (padding rows have length 0 and slot -1: nothing read, nothing stored)."""
+    num_decodes, num_prefills, num_decode_tokens, num_prefill_tokens = split_decodes_and_prefills(common, 1)
+    starts = starts_cpu = None
+    max_len = 0
+    if num_prefills:
+        n = common.num_reqs
+        starts_cpu = common.query_start_loc_cpu[num_decodes:n + 1] - num_decode_tokens
+        lens = starts_cpu[1:] - starts_cpu[:-1]
+        max_len = int(lens.max())
+        seq_lens_cpu = getattr(common, "seq_lens_cpu_upper_bound", None)  # exact for prefill rows
+        if seq_lens_cpu is not None and bool((seq_lens_cpu[num_decodes:n] > lens[:len(seq_lens_cpu) - num_decodes]).any()):
+            raise RuntimeError("kvplug in vLLM on CUDA: a prefill with cached context (prefix caching or "
+                               "chunked prefill) reached the backend; start the engine with both disabled")
+        starts = common.query_start_loc[num_decodes:n + 1] - num_decode_tokens
+    return KVPlugCudaMetadata(
+        num_actual_tokens=common.num_actual_tokens, slot_mapping=common.slot_mapping,
+        block_table=common.block_table_tensor, seq_lens=common.seq_lens,
+        num_decodes=min(num_decodes, num_decode_tokens), num_decode_tokens=num_decode_tokens,
+        num_prefill_tokens=num_prefill_tokens, prefill_starts=starts, prefill_starts_cpu=starts_cpu,
+        max_prefill_len=max_len)
+
+
+class KVPlugCudaImpl(AttentionImpl):
+    """Store with ``store_kv``; decode with ``decode_attention``; prefill over the step's own K/V."""
+
+    def __init__(self, num_heads, head_size, scale, num_kv_heads=None, alibi_slopes=None, sliding_window=None,
+                 kv_cache_dtype="auto", logits_soft_cap=None, attn_type=AttentionType.DECODER,
+                 kv_sharing_target_layer_name=None, sinks=None, **kwargs):
+        self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        config = compat.current_config()
+        strategy = selected_strategy(config)
+        refused = [what for what, present in (
+            ("encoder or cross attention", attn_type != AttentionType.DECODER),
+            ("sliding-window attention", sliding_window is not None),
+            ("ALiBi", alibi_slopes is not None),
+            ("logits soft-capping", bool(logits_soft_cap)),
+            ("attention sinks", sinks is not None),
+            ("KV sharing across layers", kv_sharing_target_layer_name is not None),
+        ) if present]
+        if refused:
+            raise SpecError(f"kvplug in vLLM on CUDA does not support {', '.join(refused)} yet "
+                            f"(strategy {str(strategy)!r})")
+        dtype = getattr(getattr(config, "model_config", None), "dtype", None) or torch.get_default_dtype()
+        block_size = getattr(getattr(config, "cache_config", None), "block_size", None) or 16
+        self.layout = paged_layout(strategy.codec, block_size, self.num_kv_heads, head_size, dtype)
+        ACTIVE["layout"] = self.layout
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output=None, output_scale=None,
+                output_block_scale=None):
+        """``query``/``output`` ``[tokens, heads, head_size]``, ``key``/``value`` ``[tokens, kv_heads, head_size]``."""
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("kvplug: fused output quantization is not supported")
+        if attn_metadata is None:  # profiling run: no cache yet
+            return output
+        n = attn_metadata.num_actual_tokens
+        cache = as_triton_cache(kv_cache, self.layout)
+        triton_ops.store_kv(key[:n], value[:n], cache, attn_metadata.slot_mapping[:n], self.layout)
+        nd = attn_metadata.num_decodes
+        if nd:
+            triton_ops.decode_attention(query[:nd], cache, self.layout, attn_metadata.block_table[:nd],
+                                        attn_metadata.seq_lens[:nd], self.scale, out=output[:nd])
+        if attn_metadata.num_prefill_tokens:
+            p = attn_metadata.num_decode_tokens
+            self._prefill(query[p:n], key[p:n], value[p:n], attn_metadata, output[p:n])
+        return output
+
+    def _prefill(self, q, k, v, md: KVPlugCudaMetadata, out) -> None:
+        """Causal attention of each prefill over its own tokens (packed, ``md.prefill_starts``)."""
+        fa = _flash_attn() if q.is_cuda else None
+        if fa is not None:
+            varlen, version = fa
+            varlen(q, k, v, max_seqlen_q=md.max_prefill_len, cu_seqlens_q=md.prefill_starts,
+                   max_seqlen_k=md.max_prefill_len, cu_seqlens_k=md.prefill_starts, softmax_scale=self.scale,
+                   causal=True, out=out, fa_version=version)
+            return
+        bounds = md.prefill_starts_cpu.tolist()
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1),
+                                               v[s:e].transpose(0, 1), is_causal=True, scale=self.scale,
+                                               enable_gqa=self.num_heads != self.num_kv_heads)
+            out[s:e] = o.transpose(0, 1)
+
+
+@functools.cache
+def _flash_attn():
+    """vLLM's FlashAttention varlen kernel and version, or None where vLLM has none (CPU builds)."""
+    try:
+        from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func, get_flash_attn_version
+    except ImportError:
+        return None
+    return flash_attn_varlen_func, get_flash_attn_version()

@@ -1,0 +1,196 @@
+"""vLLM on a GPU: KV capacity, speed and greedy agreement of vLLM's own KV dtypes and kvplug's codecs.
+
+Each configuration runs in its own engine process (one after another, same settings), so each
+gets the same memory; capacity is vLLM's own accounting (its "GPU KV cache size: N tokens" line).
+
+    python benchmarks/vllm_serving.py --model random --configs auto,fp8,int4_per_token_head,kvplug:int4 \
+        --workloads A,B,C --out /tmp/bench
+    python benchmarks/vllm_serving.py --model models/kvplug-ref --configs auto,kvplug:none,kvplug:int8 \
+        --workloads A --check 32
+
+Configurations: ``auto``/``fp8``/``int4_per_token_head`` are ``--kv-cache-dtype`` values (vLLM's own
+backends); ``kvplug:SPEC`` selects a kvplug strategy (``additional_config={"kvplug": SPEC}``).
+Workloads (random prompt token ids, greedy, ``ignore_eos``): A 64 x (1024 + 1024), decode-heavy;
+B 64 x (8192 + 256), prefill-heavy; C 512 x (4096 + 512), more than ``auto`` holds at once.
+``--model random``: a random-weight Llama (8 layers, 32 q / 8 kv heads, head_dim 128, bf16,
+``load_format="dummy"``). Every engine: prefix caching and chunked prefill off (kvplug's CUDA
+backend needs both off; vLLM's own dtypes run with the same scheduling), CUDA graphs on.
+``--check N``: greedy tokens of N steps on 8 fixed prompts, with vLLM's top-2 log-probabilities,
+compared with the first configuration (a mismatch at a step whose top-2 gap is within 0.125 nats
+is a tie the bf16 logits cannot separate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+WORKLOADS = {"A": (64, 1024, 1024), "B": (64, 8192, 256), "C": (512, 4096, 512)}
+RANDOM_LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, intermediate_size=8192,
+                    num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                    vocab_size=32000, max_position_embeddings=16384, rms_norm_eps=1e-5, rope_theta=500000.0,
+                    torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+TIE_NATS = 0.125
+CAPTURE_SIZES = [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512]
+
+
+def random_model(where: Path) -> str:
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "config.json").write_text(json.dumps(RANDOM_LLAMA))
+    return str(where)
+
+
+def engine_kwargs(args, config: str, random: bool) -> dict:
+    kw = dict(model=args.model_path, dtype="bfloat16", gpu_memory_utilization=args.gpu_memory_utilization,
+              max_model_len=args.max_model_len, seed=0, enable_prefix_caching=False, enable_chunked_prefill=False,
+              max_num_seqs=512, max_num_batched_tokens=max(16384, args.max_model_len),
+              compilation_config={"cudagraph_capture_sizes": CAPTURE_SIZES})
+    if random:
+        kw.update(load_format="dummy", skip_tokenizer_init=True)
+    if config.startswith("kvplug:"):
+        kw["additional_config"] = {"kvplug": config.split(":", 1)[1]}
+    else:
+        kw["kv_cache_dtype"] = config
+    return kw
+
+
+def prompts(n: int, length: int, vocab: int, seed: int) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    return [{"prompt_token_ids": [rng.randrange(3, vocab) for _ in range(length)]} for _ in range(n)]
+
+
+def child(job: dict) -> None:
+    """One engine: capacity, the check, the workloads; results to ``job['out']`` as JSON."""
+    from vllm import LLM, SamplingParams
+
+    result: dict = {"config": job["config"]}
+    t0 = time.perf_counter()
+    llm = LLM(**job["engine"])
+    result["start_s"] = time.perf_counter() - t0
+    vocab = job["vocab"]
+    if job["check"]:
+        sp = SamplingParams(temperature=0, max_tokens=job["check"], ignore_eos=True, logprobs=2, detokenize=False)
+        ps = [prompts(1, 64 + 96 * i, vocab, 100 + i)[0] for i in range(8)]
+        outs = llm.generate(ps, sp, use_tqdm=False)
+        result["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
+        result["gaps"] = [[_gap(step) for step in o.outputs[0].logprobs] for o in outs]
+    warm = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, detokenize=False)
+    llm.generate(prompts(4, 64, vocab, 7), warm, use_tqdm=False)
+    for name in job["workloads"]:
+        n, plen, gen = WORKLOADS[name]
+        sp = SamplingParams(temperature=0, max_tokens=gen, ignore_eos=True, detokenize=False)
+        ps = prompts(n, plen, vocab, 1)
+        t = time.perf_counter()
+        outs = llm.generate(ps, sp, use_tqdm=False)
+        wall = time.perf_counter() - t
+        made = sum(len(o.outputs[0].token_ids) for o in outs)
+        result[name] = {"wall_s": wall, "generated": made, "tok_s": made / wall}
+        print(f"[bench] {job['config']} {name}: {wall:.2f} s, {made / wall:,.0f} generated tok/s", flush=True)
+    Path(job["out"]).write_text(json.dumps(result))
+
+
+def _gap(step) -> float:
+    """vLLM's top-2 log-probability gap at one step (nats)."""
+    vals = sorted((lp.logprob for lp in step.values()), reverse=True)
+    return vals[0] - vals[1] if len(vals) > 1 else float("inf")
+
+
+def run_one(args, config: str, random: bool, vocab: int, out: Path) -> dict:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", config)
+    job = {"config": config, "engine": engine_kwargs(args, config, random), "vocab": vocab,
+           "check": args.check, "workloads": args.workloads, "out": str(out / f"{safe}.json")}
+    log = out / f"{safe}.log"
+    t = time.perf_counter()
+    with open(log, "w") as f:
+        # own session: on timeout the whole group goes, vLLM's engine-core process (and its GPU memory) too
+        proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(job)], stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = "timeout"
+    text = log.read_text(errors="replace")
+    result = json.loads(Path(job["out"]).read_text()) if Path(job["out"]).exists() else {"config": config}
+    result["rc"], result["total_s"] = rc, time.perf_counter() - t
+    m = re.search(r"GPU KV cache size: ([\d,]+) tokens", text)
+    result["capacity"] = int(m.group(1).replace(",", "")) if m else None
+    result["backend_lines"] = [ln[-200:] for ln in text.splitlines()
+                               if "kvplug:" in ln or "Using " in ln and "backend" in ln][:6]
+    if rc != 0:
+        result["error"] = "\n".join(text.splitlines()[-25:])
+    print(f"[done] {config}: rc={rc} capacity={result['capacity']} in {result['total_s']:.0f} s", flush=True)
+    return result
+
+
+def compare(base: dict, other: dict) -> str:
+    """Steps of agreement with the base configuration, per prompt, and whether each first
+    mismatch is a tie (base's top-2 gap within TIE_NATS)."""
+    agree, ties = [], 0
+    for ta, tb, gaps in zip(base["tokens"], other["tokens"], base["gaps"]):
+        k = next((i for i, (a, b) in enumerate(zip(ta, tb)) if a != b), len(ta))
+        agree.append(k)
+        if k < len(ta) and gaps[k] <= TIE_NATS:
+            ties += 1
+    return f"agree steps {agree} (mismatches at a tie: {ties})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child")
+    ap.add_argument("--model", default="random")
+    ap.add_argument("--configs", default="auto,kvplug:int4")
+    ap.add_argument("--workloads", default="A,B,C")
+    ap.add_argument("--check", type=int, default=0)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    ap.add_argument("--max-model-len", type=int, default=8448)
+    ap.add_argument("--timeout", type=int, default=400)
+    ap.add_argument("--out", default="/tmp/vllm_serving")
+    args = ap.parse_args()
+    if args.child:
+        child(json.loads(args.child))
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    random = args.model == "random"
+    args.model_path = random_model(out / "random-llama") if random else os.path.abspath(args.model)
+    vocab = RANDOM_LLAMA["vocab_size"] if random else json.loads(Path(args.model, "config.json").read_text())["vocab_size"]
+    args.workloads = [w for w in args.workloads.split(",") if w]
+    results = [run_one(args, c, random, vocab, out) for c in args.configs.split(",")]
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    import vllm
+
+    print(f"\nvLLM {vllm.__version__}, model {args.model}, gpu_memory_utilization {args.gpu_memory_utilization}")
+    base = results[0]
+    head = "| config | KV capacity (tokens) | " + " | ".join(
+        f"{w}: {WORKLOADS[w][0]} x ({WORKLOADS[w][1]} + {WORKLOADS[w][2]}) s, gen tok/s" for w in args.workloads) + " |"
+    print(head)
+    print("|" + "---|" * (2 + len(args.workloads)))
+    for r in results:
+        cap = r.get("capacity")
+        cells = [f"{cap:,} ({cap / base['capacity']:.2f}x)" if cap and base.get("capacity") else str(cap)]
+        for w in args.workloads:
+            x, b = r.get(w), base.get(w)
+            cells.append(f"{x['wall_s']:.2f} s, {x['tok_s']:,.0f} ({x['tok_s'] / b['tok_s']:.2f}x)" if x and b else "-")
+        print(f"| {r['config']} | " + " | ".join(cells) + " |")
+    for r in results:
+        if args.check and "tokens" in r and "tokens" in base and r is not base:
+            print(f"check {r['config']} vs {base['config']}: {compare(base, r)}")
+        if r.get("error"):
+            print(f"ERROR {r['config']}:\n{r['error']}")
+        for ln in r.get("backend_lines", []):
+            print(f"  {r['config']}: {ln}")
+
+
+if __name__ == "__main__":
+    main()

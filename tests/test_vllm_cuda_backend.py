@@ -1,0 +1,181 @@
+"""kvplug's CUDA backend for vLLM, its CPU-testable parts: the batch split, the page arithmetic,
+the refusals, and one layer's forward (Triton in interpreter mode) on mixed batches against plain
+PyTorch in float32 (reference store + reference attention over the dequantized cache, SDPA over
+the raw K/V for prefills)."""
+
+from __future__ import annotations
+
+import importlib.util
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None or importlib.util.find_spec("triton") is None,
+                                reason="needs vllm and triton")
+
+HKV, G, D, BS = 2, 2, 64, 16
+
+
+SELECTED = {"spec": "int4"}
+"""The strategy the stand-in config of :func:`_config` selects (set by each test)."""
+
+
+def _config(spec):
+    """A stand-in for the worker's VllmConfig (the fields the backend reads)."""
+    model = SimpleNamespace(dtype=torch.float16, get_head_size=lambda: D)
+    return SimpleNamespace(model_config=model, cache_config=SimpleNamespace(block_size=BS),
+                           additional_config={"kvplug": spec})
+
+
+@pytest.fixture
+def cb(monkeypatch):
+    from kvplug.adapters.vllm import compat, cuda_backend
+
+    monkeypatch.setattr(compat, "current_config", lambda: _config(SELECTED["spec"]))
+    monkeypatch.setattr(cuda_backend, "ACTIVE", {"layout": None})
+    return cuda_backend
+
+
+def _impl(cb, spec):
+    SELECTED["spec"] = spec
+    return cb.KVPlugCudaImpl(HKV * G, D, D ** -0.5, HKV)
+
+
+def _common(query_lens, context_lens, slots, block_table):
+    """A stand-in for vLLM's CommonAttentionMetadata (the fields the builder reads)."""
+    ql = torch.tensor(query_lens, dtype=torch.int32)
+    starts = torch.cat([torch.zeros(1, dtype=torch.int32), ql.cumsum(0, dtype=torch.int32)])
+    seq = ql + torch.tensor(context_lens, dtype=torch.int32)
+    return SimpleNamespace(query_start_loc=starts.clone(), query_start_loc_cpu=starts, seq_lens=seq.clone(),
+                           seq_lens_cpu_upper_bound=seq, num_reqs=len(query_lens), num_actual_tokens=int(ql.sum()),
+                           max_query_len=int(ql.max()), max_seq_len=int(seq.max()), block_table_tensor=block_table,
+                           slot_mapping=slots, causal=True)
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4", "int2"])
+def test_forward_mixed_batches_match_float32_reference(cb, spec, gen):
+    from kvplug import triton_ops
+
+    impl = _impl(cb, spec)
+    layout = impl.layout
+    assert cb.ACTIVE["layout"] is layout
+    nb = 12
+    c = cb.token_bytes(layout)
+    shape = cb.KVPlugCudaBackend.get_kv_cache_shape(nb, BS, HKV, D)
+    assert shape == (nb, HKV, BS, c)
+    kv_cache = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)  # poisoned page
+    ref_cache = layout.allocate(nb)
+    ref_cache.zero_()
+    tables = torch.randperm(nb, generator=gen)[:9].view(3, 3).int()
+    lengths = [0, 0, 0]
+
+    def step(reqs):
+        """reqs: (request, new tokens) with decodes (1 token) first; returns (output, expected)."""
+        qlens, ctx, slot_list = [], [], []
+        for r, t in reqs:
+            pos = torch.arange(lengths[r], lengths[r] + t)
+            slot_list.append(tables[r, pos // BS].long() * BS + pos % BS)
+            qlens.append(t)
+            ctx.append(lengths[r])
+        slots = torch.cat(slot_list)
+        n = len(slots)
+        q = torch.randn(n, HKV * G, D, generator=gen).half()
+        k = torch.randn(n, HKV, D, generator=gen).half()
+        v = torch.randn(n, HKV, D, generator=gen).half()
+        md = cb.build_metadata(_common(qlens, ctx, slots, tables[[r for r, _ in reqs]]))
+        out = torch.full_like(q, float("nan"))
+        impl.forward(None, q, k, v, kv_cache, md, output=out)
+        triton_ops.store_kv_reference(k, v, ref_cache, slots, layout)
+        expected = torch.empty(n, HKV * G, D)
+        start = 0
+        for (r, t), context in zip(reqs, ctx):
+            lengths[r] += t
+            if context == 0:  # prefill: over its own raw K/V
+                o = F.scaled_dot_product_attention(q[start:start + t].float().transpose(0, 1),
+                                                   k[start:start + t].float().transpose(0, 1),
+                                                   v[start:start + t].float().transpose(0, 1), is_causal=True,
+                                                   enable_gqa=True)
+                expected[start:start + t] = o.transpose(0, 1)
+            else:
+                expected[start] = triton_ops.decode_attention_reference(
+                    q[start:start + 1], ref_cache, layout, tables[r:r + 1], torch.tensor([lengths[r]]))[0]
+            start += t
+        return out, expected
+
+    for reqs in ([(0, 5), (1, 19)], [(0, 1), (1, 1), (2, 7)], [(0, 1), (1, 1), (2, 1)]):
+        out, expected = step(reqs)
+        assert not out.isnan().any()
+        err = (out.float() - expected).norm() / expected.norm()
+        assert err < 1e-2, (reqs, err)
+    # the forward wrote what the reference store wrote: same codes, scales and zeros at every slot
+    pos = [torch.arange(n) for n in lengths]
+    blk = torch.cat([tables[r, p // BS].long() for r, p in enumerate(pos)])
+    off = torch.cat([p % BS for p in pos])
+    mine = kv_cache.view(layout.shape(nb))
+    torch.testing.assert_close(layout.codes(mine)[blk, :, :, off], layout.codes(ref_cache)[blk, :, :, off])
+    torch.testing.assert_close(layout.meta(mine)[blk, :, :, off], layout.meta(ref_cache)[blk, :, :, off])
+
+def test_builder_splits_decodes_first_and_refuses_cached_prefill(cb):
+    tables = torch.arange(8, dtype=torch.int32).view(4, 2)
+    md = cb.build_metadata(_common([1, 1, 4, 3], [9, 2, 0, 0], torch.arange(9), tables))
+    assert (md.num_decodes, md.num_prefill_tokens, md.max_prefill_len) == (2, 7, 4)
+    assert md.prefill_starts.tolist() == [0, 4, 7] == md.prefill_starts_cpu.tolist()
+    # a CUDA-graph batch padded with requests of no token: the kernel's rows are the real decodes
+    md = cb.build_metadata(_common([1, 1, 0, 0], [5, 6, 0, 0], torch.arange(2), tables))
+    assert (md.num_decodes, md.num_decode_tokens, md.num_prefill_tokens) == (2, 2, 0)
+    with pytest.raises(RuntimeError, match="cached context"):
+        cb.build_metadata(_common([1, 4], [3, 5], torch.arange(5), tables[:2]))
+
+
+@pytest.mark.parametrize("spec,bits", [("int8", 8), ("int4", 4), ("int2", 2)])
+def test_spec_reports_the_codec_page(cb, spec, bits):
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from kvplug.adapters.vllm.layout import TokenLayout
+    from kvplug.config import resolve
+
+    impl = _impl(cb, spec)
+    stock = FullAttentionSpec(block_size=BS, num_kv_heads=HKV, head_size=D, dtype=torch.float16)
+    page = cb.KVPlugCudaBackend.customize_spec(stock).page_size_bytes
+    # codes + float16 scale and zero, for K and V of each head; the CPU backend's page is the same
+    assert page == BS * HKV * 2 * (D * bits // 8 + 4) == impl.layout.page_bytes()
+    assert page == BS * HKV * TokenLayout.for_codec(resolve(spec).codec, D, torch.float16).token_bytes
+    with pytest.raises(Exception, match="head sizes"):
+        cb.KVPlugCudaBackend.customize_spec(FullAttentionSpec(block_size=BS, num_kv_heads=HKV, head_size=2 * D,
+                                                              dtype=torch.float16))
+
+
+def test_refusals_are_one_line(cb):
+    from kvplug.config import resolve
+    from kvplug.errors import SpecError
+
+    config = _config("int4")
+    config.cache_config.enable_prefix_caching = True
+    config.scheduler_config = SimpleNamespace(enable_chunked_prefill=True)
+    with pytest.raises(SpecError, match="no-enable-prefix-caching.*no-enable-chunked-prefill") as e:
+        cb.check_engine(config, resolve("int4"))
+    assert "\n" not in str(e.value)
+    config.cache_config.enable_prefix_caching = False
+    config.scheduler_config.enable_chunked_prefill = False
+    cb.check_engine(config, resolve("int4"))
+    with pytest.raises(SpecError, match="rotate"):
+        cb.check_engine(config, resolve("int4(rotate=true)"))
+    with pytest.raises(SpecError, match="group"):
+        cb.check_engine(config, resolve("int4(group=32)"))
+    with pytest.raises(SpecError, match="sliding-window"):
+        SELECTED["spec"] = "int4"
+        cb.KVPlugCudaImpl(HKV * G, D, 1.0, HKV, sliding_window=128)
+
+
+def test_cuda_platform_routes_compressed_codecs_only(cb, monkeypatch):
+    import kvplug.adapters.vllm as adapter
+    from kvplug.adapters.vllm import compat
+
+    monkeypatch.setattr(compat, "platform", lambda: SimpleNamespace(is_cuda=lambda: True, is_cpu=lambda: False,
+                                                                     device_name="H100"))
+    stock = "vllm.v1.attention.backends.flash_attn.FlashAttentionBackend"
+    for spec, expected in (("int4", adapter.CUDA_BACKEND), ("int2", adapter.CUDA_BACKEND), ("none", None)):
+        SELECTED["spec"] = spec
+        assert adapter._pick_backend(stock) == expected
