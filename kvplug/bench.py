@@ -17,6 +17,7 @@ import torch
 from rich.table import Table
 
 import kvplug.hf
+from kvplug.config import split_paged
 from kvplug.memory import held_bytes
 from transformers import DynamicCache
 
@@ -46,9 +47,8 @@ def make_cache(name: str, model):
 
         bits = int(name.split("-")[1])
         return QuantizedCache(backend="quanto", config=model.config, nbits=bits, q_group_size=64, residual_length=128)
-    if name.startswith("paged:"):
-        return kvplug.hf.cache(model, name.removeprefix("paged:"), paged=True)
-    return kvplug.hf.cache(model, name)
+    spec, paged = split_paged(name)
+    return kvplug.hf.cache(model, spec, paged=paged)
 
 
 def bench(model, name, batch, context, steps, device, gen) -> dict:

@@ -139,6 +139,16 @@ def parse(spec: Any, registry: Registry | None = None) -> Strategy:
     return Strategy(**chosen)
 
 
+PAGED = "paged:"
+"""Prefix of a cache name in ``kvplug eval``/``kvplug bench``: the spec kept in the paged layout
+that the Triton decode kernel reads (``kvplug.hf.cache(..., paged=True)``)."""
+
+
+def split_paged(name: str) -> tuple[str, bool]:
+    """``("int4", True)`` for ``"paged:int4"``; ``(name, False)`` otherwise."""
+    return (name[len(PAGED):], True) if name.startswith(PAGED) else (name, False)
+
+
 def split_specs(text: str) -> list[str]:
     """Split a comma-separated list of specs, ignoring commas inside parentheses."""
     parts, depth, current = [], 0, ""

@@ -62,6 +62,22 @@ def test_forked_cache_equals_a_fresh_run(tiny_model):
     assert torch.equal(forked, out[:, 160:])
 
 
+def test_paged_prefix_evaluates_the_paged_layout(tiny_model):
+    import random
+
+    from kvplug.adapters.hf.store import PagedStore, SlotStore
+
+    model, _, source = load(EvalSettings(model=str(tiny_model), device="cpu"))
+    model = model.to(torch.bfloat16)  # the paged layout holds 16-bit models
+    ids = inputs.windows(source, 120, 2, random.Random(3), "cpu")
+    prompt = measure.Prompt(model, ids[:, :100])
+    assert isinstance(prompt.cache_for("paged:int8").layers[0].slots, PagedStore)
+    assert isinstance(prompt.cache_for("int8").layers[0].slots, SlotStore)
+    # the same codes read two ways (both in float32 on the CPU): the same likelihood
+    paged, slots = (measure.decode_nll(prompt, name, ids[:, 100:]) for name in ("paged:int8", "int8"))
+    assert paged == pytest.approx(slots, rel=1e-5)
+
+
 def test_only_the_exact_value_counts(tiny_model):
     import random
 

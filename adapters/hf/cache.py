@@ -18,11 +18,12 @@ class KVPlugCache(Cache):
                                  for i in range(num_layers)])
         self.strategy, self.paged = strategy, paged
 
-    def fork(self, strategy: Strategy) -> KVPlugCache:
+    def fork(self, strategy: Strategy, paged: bool | None = None) -> KVPlugCache:
         """A cache for ``strategy`` holding this cache's prompt compressed its way, without running
         the model again: the prompt's attention does not depend on the strategy, only what is kept
-        afterwards does. Needs a cache made with ``keep_prompt=True`` that has seen only a prompt."""
-        other = KVPlugCache(strategy, len(self.layers), self.paged)
+        afterwards does. Needs a cache made with ``keep_prompt=True`` that has seen only a prompt.
+        ``paged``: the new cache's layout (default: this cache's)."""
+        other = KVPlugCache(strategy, len(self.layers), self.paged if paged is None else paged)
         for mine, theirs in zip(self.layers, other.layers):
             if mine.prompt is None or mine.seen != mine.prompt[0].shape[-2]:
                 raise RuntimeError("fork() needs a keep_prompt=True cache that has seen only its prompt")

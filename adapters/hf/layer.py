@@ -141,7 +141,6 @@ class KVPlugLayer(CacheLayerMixin):
                 self.slots = SlotStore(codec, read)
             self.slots.init(kept_k, kept_v, kept_valid, positions, scores)
             return
-        g = codec.token_group
         n_quant = self._prefix_length(kept_valid.sum(-1))
         self.groups = GroupStore(codec, read)
         self.groups.append(kept_k[..., :n_quant, :], kept_v[..., :n_quant, :])

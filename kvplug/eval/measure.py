@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import kvplug.hf
-from kvplug.config import parse
+from kvplug.config import parse, split_paged
 
 
 class Prompt:
@@ -25,8 +25,10 @@ class Prompt:
         self.cache = kvplug.hf.cache(model, "none", keep_prompt=True)
         self.logits = model(input_ids=ids, past_key_values=self.cache, logits_to_keep=1).logits[:, -1]
 
-    def cache_for(self, spec):
-        return self.cache.fork(parse(spec))
+    def cache_for(self, name):
+        """The prompt compressed by ``name``: a spec, or ``paged:SPEC`` (the Triton paged layout)."""
+        spec, paged = split_paged(name)
+        return self.cache.fork(parse(spec), paged=paged)
 
     @torch.no_grad()
     def step(self, cache, tokens: torch.Tensor) -> torch.Tensor:

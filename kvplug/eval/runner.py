@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from rich.progress import Progress
 
-from kvplug.config import parse
+from kvplug.config import parse, split_paged
 from kvplug.defaults import EVAL_STRATEGIES, EVAL_TASKS
 from kvplug.memory import dynamic_cache_bytes
 from kvplug.errors import SpecError
@@ -153,7 +153,7 @@ def evaluate(settings: EvalSettings | None = None, console=None) -> dict:
     settings.check()
     strategies = list(dict.fromkeys(["none", *settings.strategies]))
     for spec in strategies:
-        parse(spec)  # every spec is valid before any model work starts
+        parse(split_paged(spec)[0])  # every spec is valid before any model work starts
     model, tokenizer, source = load(settings)
     per_context = (("perplexity" in settings.tasks) + ("agreement" in settings.tasks) + ("memory" in settings.tasks)
                    + len(settings.depths) * ("retrieval" in settings.tasks))
