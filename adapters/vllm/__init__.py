@@ -75,9 +75,9 @@ def prefill_mode(vllm_config=None) -> str:
 
 def check_supported(strategy: Strategy, head_dim: int | None = None, dtype=None) -> None:
     """Refuse, in one line, what the vLLM adapter cannot run yet."""
-    if strategy.scorer is not None:
-        raise SpecError(f"kvplug in vLLM: eviction ({strategy.scorer.name}) is not supported yet, only codecs "
-                        f"(none, int8, int4, int2, optionally rotate=true); got {str(strategy)!r}")
+    from .eviction import check_evictable
+
+    check_evictable(strategy)
     codec = strategy.codec
     if codec.token_group != 1 or codec.residual:
         raise SpecError(f"kvplug in vLLM: {codec.name} quantizes groups of {codec.token_group} tokens with a "
@@ -111,6 +111,8 @@ def _pick_backend(stock_path: str) -> str | None:
     strategy = selected_strategy(compat.current_config())
     if strategy is None:
         return None
+    if strategy.evicts:
+        compat.expose_prompt_lengths()
     if stock_path == CPU_BACKEND or stock_path == compat.stock_cpu_backend_path():
         return CPU_BACKEND
     raise SpecError(f"kvplug in vLLM has no compressed backend for {stock_path.rsplit('.', 1)[-1]} on "
@@ -144,9 +146,36 @@ def _check_engine(vllm_config, strategy: Strategy) -> None:
     if cache_dtype not in ("auto", None):
         raise SpecError(f"kvplug stores its own codes: keep --kv-cache-dtype auto (got {cache_dtype!r}) "
                         f"with {KEY}={str(strategy)!r}")
+    if strategy.evicts:
+        _check_eviction(vllm_config, strategy)
     version = ".".join(map(str, compat.vllm_version()))
     _log(f"kvplug: strategy {str(strategy)!r} selected, {prefill_mode(vllm_config)} prefill; attention backend "
          f"{CPU_BACKEND} (vLLM {version})")
+
+
+def _check_eviction(vllm_config, strategy: Strategy) -> None:
+    """Refuse what eviction cannot run with; turn off what it replaces (as vLLM does for CPU MLA):
+    prefix caching (compressed blocks no longer hold the tokens their hashes name) and chunked
+    prefill (the selection needs the prompt's last queries, which only its own step has)."""
+    from . import compat
+
+    if not compat.supports_eviction():
+        version = ".".join(map(str, compat.vllm_version()))
+        raise SpecError(f"kvplug in vLLM: eviction ({strategy.scorer.name}) needs vLLM 0.32 or later (this is "
+                        f"{version}); codecs alone run here")
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        raise SpecError(f"kvplug in vLLM: eviction ({strategy.scorer.name}) cannot run with speculative decoding "
+                        f"(drafts would attend over tokens the scheduler already freed)")
+    if prefill_mode(vllm_config) != "uncompressed":
+        raise SpecError(f"kvplug in vLLM: {PREFILL_KEY}=compressed has no effect with eviction (a prompt is "
+                        f"always prefilled in one step over its raw K/V); remove it")
+    cache, scheduler = vllm_config.cache_config, vllm_config.scheduler_config
+    model_len = vllm_config.model_config.max_model_len
+    if cache.enable_prefix_caching or scheduler.enable_chunked_prefill:
+        _log(f"kvplug: eviction ({strategy.scorer.name}) turns off prefix caching and chunked prefill")
+    cache.enable_prefix_caching = False
+    scheduler.enable_chunked_prefill = False
+    scheduler.max_num_batched_tokens = max(scheduler.max_num_batched_tokens, model_len)
 
 
 def _log(message: str) -> None:
