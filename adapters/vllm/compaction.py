@@ -35,7 +35,8 @@ class LayerEviction:
         scorer = self.strategy.scorer
         length = keys.shape[1]
         window = length if scorer.needs_all_queries else min(scorer.observation_window, length)
-        inputs = ScoreInputs(keys=keys[None], values=values[None], queries=queries[length - window:].transpose(0, 1)[None],
+        observed = queries[length - window:].transpose(0, 1)[None]
+        inputs = ScoreInputs(keys=keys[None], values=values[None], queries=observed,
                              valid=torch.ones(1, length, dtype=torch.bool, device=keys.device), scale=scale,
                              layer_idx=self.layer_idx, num_layers=self.num_layers)
         sel = self.strategy.select(inputs)
