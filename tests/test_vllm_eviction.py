@@ -147,6 +147,33 @@ def test_spec_survives_grouping_and_pickling():
         KVPlugEvictingSpec.merge([spec, KVPlugEvictingSpec.from_spec(base, "knorm(budget=9)", 2)])
 
 
+def _config(extra=None, **parts):
+    """The parts of a VllmConfig the start-up check reads."""
+    from types import SimpleNamespace as NS
+
+    values = dict(additional_config={"kvplug": "snapkv(budget=64)", **(extra or {})}, speculative_config=None,
+                  kv_transfer_config=None,
+                  model_config=NS(get_head_size=lambda: 64, dtype=torch.bfloat16, max_model_len=4096),
+                  cache_config=NS(cache_dtype="auto", enable_prefix_caching=True),
+                  scheduler_config=NS(enable_chunked_prefill=True, max_num_batched_tokens=2048))
+    return NS(**{**values, **parts})
+
+
+@needs_vllm
+def test_start_up_turns_off_prefix_caching_and_chunked_prefill_and_refuses_the_rest():
+    from kvplug.adapters.vllm import StartupError, _check_config
+
+    config = _config()
+    _check_config(config)
+    assert not config.cache_config.enable_prefix_caching and not config.scheduler_config.enable_chunked_prefill
+    assert config.scheduler_config.max_num_batched_tokens == 4096  # a whole prompt fits in one step
+    for bad, message in [(_config(speculative_config=object()), "speculative decoding"),
+                         (_config(kv_transfer_config=object()), "KV connector"),
+                         (_config({"kvplug_prefill": "compressed"}), "kvplug_prefill=compressed")]:
+        with pytest.raises(StartupError, match=message):
+            _check_config(bad)
+
+
 # vLLM's engine ---------------------------------------------------------------------------------------------
 MAX_LEN = 2304
 LONG = 2000
@@ -162,7 +189,7 @@ def run_job(job: dict) -> None:
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
     pool = scheduler.kv_cache_manager.block_pool
-    result = {"pool": pool.num_gpu_blocks, "free_start": pool.get_num_free_blocks(), "block_size": pool.hash_block_size}
+    result = {"pool": pool.num_gpu_blocks, "free_start": pool.get_num_free_blocks(), "block_size": engine.vllm_config.cache_config.block_size}
     greedy = SamplingParams(temperature=0, max_tokens=job["steps"], ignore_eos=True)
     if job.get("prompts"):  # one request at a time, stepped: blocks held after each step
         result["tokens"], result["free"] = [], []

@@ -8,8 +8,10 @@ nothing until a strategy is selected, in order of precedence:
     KVPLUG_STRATEGY=int4 vllm serve MODEL
 
 A bad spec stops start-up with the parser's one-line :class:`kvplug.SpecError`; a spec this
-adapter cannot honour (eviction, KIVI's token groups, a platform without a kvplug backend) is
-refused the same way, never run uncompressed.
+adapter cannot honour (eviction by attention while generating, KIVI's token groups, a platform
+without a kvplug backend) is refused the same way, never run uncompressed. Eviction (snapkv,
+knorm, random, streaming; uniform or pyramid budgets) frees blocks in vLLM's own pool: see
+:mod:`.eviction` and docs/VLLM_EVICTION.md.
 
 How it reaches the engine (details and the 0.26 differences in :mod:`.compat`): ``register()``
 routes the platform's attention-backend choice, made in each worker while the model is built (when
@@ -166,6 +168,9 @@ def _check_eviction(vllm_config, strategy: Strategy) -> None:
     if getattr(vllm_config, "speculative_config", None) is not None:
         raise SpecError(f"kvplug in vLLM: eviction ({strategy.scorer.name}) cannot run with speculative decoding "
                         f"(drafts would attend over tokens the scheduler already freed)")
+    if getattr(vllm_config, "kv_transfer_config", None) is not None:
+        raise SpecError(f"kvplug in vLLM: eviction ({strategy.scorer.name}) cannot run with a KV connector "
+                        f"(it would transfer compacted blocks as if they held the tokens their positions name)")
     if prefill_mode(vllm_config) != "uncompressed":
         raise SpecError(f"kvplug in vLLM: {PREFILL_KEY}=compressed has no effect with eviction (a prompt is "
                         f"always prefilled in one step over its raw K/V); remove it")

@@ -11,7 +11,10 @@ platform's choice here only when a strategy is selected. With a strategy:
   attends over its own uncompressed K/V, as the HF adapter does at prefill; later steps attend
   over the decoded cache, the new tokens included (as the HF adapter does while generating).
   With ``additional_config["kvplug_prefill"] = "compressed"`` the first step reads the decoded
-  cache too, so output does not depend on prefix-cache hits or chunking (see ``prefill_mode``).
+  cache too, so output does not depend on prefix-cache hits or chunking (see ``prefill_mode``);
+* with a scorer (eviction), the spec is :class:`~.manager.KVPlugEvictingSpec`, whose manager
+  frees a request's leading blocks, and the impl compacts each layer's kept tokens into the
+  slots that stay and reads only those (:mod:`.compaction`, :mod:`.eviction`).
 
 The GPU path (not wired yet) keeps this structure: another ``PagedKV`` whose ``store`` and
 attention call :mod:`kvplug.triton_ops` on the same page bytes (the layout is the Triton one).
