@@ -50,8 +50,7 @@ HEADS, QHEADS, DIM, LAYERS = 2, 4, 16, 2
 def test_worker_reads_what_the_hf_adapter_keeps(spec, prompt_len, gen):
     strategy = parse(spec)
     bs, steps, blocks = 16, 70, 40
-    codec_none = TokenLayout.for_codec(parse("none").codec, DIM, torch.float32)
-    paged = PagedKV(codec_none)  # K/V readable exactly: value channel 0 carries the position
+    paged = PagedKV(TokenLayout.for_codec(parse("none").codec, DIM, torch.float32))  # exact: values carry positions
     table = torch.randperm(blocks, generator=gen)[: (prompt_len + steps) // bs + 1]
     total = prompt_len + steps
     keys = torch.randn(LAYERS, HEADS, total, DIM, generator=gen)
@@ -59,31 +58,46 @@ def test_worker_reads_what_the_hf_adapter_keeps(spec, prompt_len, gen):
     values[..., 0] = torch.arange(total, dtype=torch.float32)
     queries = torch.randn(LAYERS, QHEADS, prompt_len, DIM, generator=gen)
     scale = DIM ** -0.5
+
+    def prefill(ours, layer, length):
+        """A fresh cache holding tokens ``[0, length)`` after the prompt step (a re-run when ``length > P``)."""
+        cache = torch.zeros(blocks, HEADS, bs, 2 * DIM)
+        paged.store(cache, keys[layer, :, :length].transpose(0, 1), values[layer, :, :length].transpose(0, 1),
+                    slots_of(table, torch.arange(length), bs))
+        kept = ours.select(queries[layer].transpose(0, 1), keys[layer, :, :prompt_len], values[layer, :, :prompt_len],
+                           scale)
+        ours.compact(cache, table, prompt_len, length, kept)
+        return cache, kept
+
+    def positions(read):
+        return [sorted(row) for row in read[..., 0].long().tolist()]
+
     for layer in range(LAYERS):
         hf = KVPlugLayer(strategy, layer, LAYERS)
         hf.update(keys[layer, None, :, :prompt_len], values[layer, None, :, :prompt_len])
         hf.compress_prompt(queries[layer, None], torch.ones(1, prompt_len, dtype=torch.bool), scale)
         ours = LayerEviction(strategy, paged, layer, LAYERS)
-        cache = torch.zeros(blocks, HEADS, bs, 2 * DIM)
-        paged.store(cache, keys[layer, :, :prompt_len].transpose(0, 1), values[layer, :, :prompt_len].transpose(0, 1),
-                    slots_of(table, torch.arange(prompt_len), bs))
-        kept = ours.select(queries[layer].transpose(0, 1), keys[layer, :, :prompt_len], values[layer, :, :prompt_len],
-                           scale)
-        ours.compact(cache, table, prompt_len, prompt_len, kept)
-        freed = 0
+        cache, _ = prefill(ours, layer, prompt_len)
+        held, freed = [], 0  # held[j]: what the HF layer holds once token P + j is in
         for n in range(prompt_len, total):
             freed = _poison_freed(cache, table, strategy, prompt_len, n, bs, freed)
             hf.update(keys[layer, None, :, n:n + 1], values[layer, None, :, n:n + 1])
             paged.store(cache, keys[layer, :, n:n + 1].transpose(0, 1), values[layer, :, n:n + 1].transpose(0, 1),
                         slots_of(table, torch.tensor([n]), bs))
             before, after = ours.plan(prompt_len, n, bs), ours.plan(prompt_len, n + 1, bs)
-            _, read = ours.read(cache, table, before, after.recent, n + 1)
-            got = [sorted(row) for row in read[..., 0].long().tolist()]
-            want = [sorted(p for p in row if p >= 0) for row in hf.slots.positions[0].tolist()]
-            assert got == want, f"layer {layer} at token {n}: read {got} but the HF layer holds {want}"
+            held.append([sorted(p for p in row if p >= 0) for row in hf.slots.positions[0].tolist()])
+            got = positions(ours.read(cache, table, before, after.recent, n + 1)[1])
+            assert got == held[-1], f"layer {layer} at token {n}: read {got} but the HF layer holds {held[-1]}"
             ours.advance(cache, table, before, after)
             if strategy.scorer.evicts_on_decode:  # the footprint stays at the budget (+ one block)
                 assert n + 1 - freed_tokens(strategy, prompt_len, n + 1, bs, LAYERS) <= hf.capacity.max() + bs
+        for length in (prompt_len + 1, prompt_len + steps // 2 + 3, total):  # preempted, then re-run at once
+            cache, kept = prefill(ours, layer, length)
+            where = ours.plan(prompt_len, length, bs)
+            assert positions(ours.read(cache, table, where, where.recent, length)[1]) == held[length - prompt_len - 1]
+            seen = ours.visible(prompt_len, kept, length)  # [H, queries after the prompt, length]
+            for j in range(length - prompt_len):
+                assert [torch.nonzero(row).flatten().tolist() for row in seen[:, j]] == held[j]
 
 
 def _poison_freed(cache, table, strategy, prompt_len, num_tokens, bs, freed_before) -> int:

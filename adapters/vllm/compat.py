@@ -246,10 +246,9 @@ def supports_eviction() -> bool:
     (``remove_skipped_blocks(..., num_prompt_tokens)``) and specs register their own manager."""
     import inspect
 
-    from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
-
     try:
         import vllm.v1.kv_cache_spec_registry  # noqa: F401
+        from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
     except ImportError:
         return False
     return "num_prompt_tokens" in inspect.signature(SingleTypeKVCacheManager.remove_skipped_blocks).parameters

@@ -140,9 +140,7 @@ class PagedKV:
         if slots.numel() == 0:
             return
         codes, meta = self.pages(kv_cache)
-        bs = codes.shape[3]
-        slots = slots.long()
-        block, offset = slots // bs, slots % bs
+        block, offset = _split(slots, codes.shape[3])
         for i, (x, role) in enumerate(((key, "key"), (value, "value"))):
             enc = self.layout.codec.encode(x.transpose(0, 1), role)  # [H, T, ...]
             c, m = self.layout.to_bytes(enc)
@@ -153,12 +151,13 @@ class PagedKV:
     def gather(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoded keys and values ``[H, length, D]`` (model dtype) of the first ``length``
         tokens held by ``block_ids`` (a request's block-table row)."""
-        return self.read(kv_cache, slots_of(block_ids, torch.arange(length), kv_cache.shape[2]))
+        positions = torch.arange(length, device=block_ids.device)
+        return self.read(kv_cache, slots_of(block_ids, positions, kv_cache.shape[2]))
 
     def read(self, kv_cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoded keys and values ``[H, L, D]`` (model dtype) of the tokens in ``slots`` ``[L]``."""
         codes, meta = self.pages(kv_cache)
-        heads = torch.arange(codes.shape[2])[:, None]
+        heads = torch.arange(codes.shape[2], device=kv_cache.device)[:, None]
         block, offset = _split(slots[None, :], codes.shape[3])
         out = []
         for i, role in enumerate(ROLES):
@@ -175,7 +174,7 @@ class PagedKV:
         ``[H, K]``, ``dst`` ``[K]`` slots), codes and metadata alike; all rows are read before any
         is written, so sources and destinations may overlap."""
         codes, meta = self.pages(kv_cache)
-        heads = torch.arange(codes.shape[2])[:, None]
+        heads = torch.arange(codes.shape[2], device=kv_cache.device)[:, None]
         src_block, src_offset = _split(src, codes.shape[3])
         dst_block, dst_offset = _split(dst[None, :], codes.shape[3])
         for part in (codes, meta):
