@@ -169,7 +169,8 @@ def _config(extra=None, **parts):
                   kv_transfer_config=None,
                   model_config=NS(get_head_size=lambda: 64, dtype=torch.bfloat16, max_model_len=4096),
                   cache_config=NS(cache_dtype="auto", enable_prefix_caching=True),
-                  scheduler_config=NS(enable_chunked_prefill=True, max_num_batched_tokens=2048))
+                  scheduler_config=NS(enable_chunked_prefill=True, max_num_batched_tokens=2048,
+                                      long_prefill_token_threshold=512))
     return NS(**{**values, **parts})
 
 
@@ -181,6 +182,7 @@ def test_start_up_turns_off_prefix_caching_and_chunked_prefill_and_refuses_the_r
     _check_config(config)
     assert not config.cache_config.enable_prefix_caching and not config.scheduler_config.enable_chunked_prefill
     assert config.scheduler_config.max_num_batched_tokens == 4096  # a whole prompt fits in one step
+    assert config.scheduler_config.long_prefill_token_threshold == 0
     for bad, message in [(_config(speculative_config=object()), "speculative decoding"),
                          (_config(kv_transfer_config=object()), "KV connector"),
                          (_config({"kvplug_prefill": "compressed"}), "kvplug_prefill=compressed")]:

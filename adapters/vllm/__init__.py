@@ -180,6 +180,7 @@ def _check_eviction(vllm_config, strategy: Strategy) -> None:
         _log(f"kvplug: eviction ({strategy.scorer.name}) turns off prefix caching and chunked prefill")
     cache.enable_prefix_caching = False
     scheduler.enable_chunked_prefill = False
+    scheduler.long_prefill_token_threshold = 0  # it would split prompts even without chunked prefill
     scheduler.max_num_batched_tokens = max(scheduler.max_num_batched_tokens, model_len)
 
 
