@@ -262,7 +262,7 @@ def jobs(setup):
         "snapkv": dict(spec="snapkv(budget=500)", prompts=_prompts([LONG, 700], vocab, 1), steps=48, kv_bytes=64 << 20),
         "streaming": dict(spec="streaming(sinks=4, window=200)", prompts=_prompts([LONG, 150], vocab, 2), steps=300,
                           kv_bytes=64 << 20),
-        "streaming-preempt": dict(spec="streaming(sinks=4, window=60)", many=mixed, steps=160, max_len=1024,
+        "streaming-preempt": dict(spec="streaming(sinks=4, window=60)", many=mixed, steps=100, max_len=1024,
                                   kv_bytes=9 << 18),
         "snapkv-int4-preempt": dict(spec="snapkv(budget=25%)+int4", many=mixed, steps=48, max_len=1024,
                                     kv_bytes=3 << 18),
