@@ -205,7 +205,8 @@ def run_job(job: dict) -> None:
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
     pool = scheduler.kv_cache_manager.block_pool
-    result = {"pool": pool.num_gpu_blocks, "free_start": pool.get_num_free_blocks(), "block_size": engine.vllm_config.cache_config.block_size}
+    result = {"pool": pool.num_gpu_blocks, "free_start": pool.get_num_free_blocks(),
+              "block_size": engine.vllm_config.cache_config.block_size}
     greedy = SamplingParams(temperature=0, max_tokens=job["steps"], ignore_eos=True)
     if job.get("prompts"):  # one request at a time, stepped: blocks held after each step
         result["tokens"], result["free"] = [], []
