@@ -45,6 +45,7 @@ HEADS, QHEADS, DIM, LAYERS = 2, 4, 16, 2
     ("snapkv(budget=50, window=8)", 150),
     ("snapkv(budget=60, window=8)+pyramid(beta=4)", 150),
     ("knorm(budget=30)", 100),
+    ("random(budget=40%)", 90),
     ("snapkv(budget=25%, window=8)+int4", 150),
 ])
 def test_worker_reads_what_the_hf_adapter_keeps(spec, prompt_len, gen):
