@@ -97,7 +97,7 @@ def test_selection_additional_config_wins_over_env(monkeypatch):
 @pytest.mark.parametrize("spec, message", [
     ("int5", "unknown"),
     ("int4(bits=3)", "unknown parameter"),
-    ("snapkv(budget=64)+int4", "eviction"),
+    ("h2o(budget=64)+int4", "evicts by attention while generating"),
     ("kivi(bits=2)", "groups of 32 tokens"),
     ("minicache+int4", "shares pages between layers"),
 ])

@@ -179,3 +179,16 @@ def test_cuda_platform_routes_compressed_codecs_only(cb, monkeypatch):
     for spec, expected in (("int4", adapter.CUDA_BACKEND), ("int2", adapter.CUDA_BACKEND), ("none", None)):
         SELECTED["spec"] = spec
         assert adapter._pick_backend(stock) == expected
+
+
+def test_cuda_refuses_eviction(cb, monkeypatch):
+    import kvplug.adapters.vllm as adapter
+    from kvplug.adapters.vllm import compat
+    from kvplug.config import resolve
+    from kvplug.errors import SpecError
+
+    monkeypatch.setattr(compat, "platform", lambda: SimpleNamespace(is_cuda=lambda: True, is_cpu=lambda: False,
+                                                                     device_name="H100"))
+    spec = "snapkv(budget=25%)+int4"
+    with pytest.raises(SpecError, match=r"eviction \(snapkv\) runs on the CPU backend so far"):
+        adapter._check_engine(_config(spec), resolve(spec))

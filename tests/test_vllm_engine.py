@@ -69,7 +69,7 @@ def _tokenizer(out: Path) -> int:
     return 512
 
 
-def make_model(out: Path) -> Path:
+def make_model(out: Path, max_len: int = MAX_LEN) -> Path:
     """2-layer Llama, 4 query / 2 KV heads of head_dim 64 (the capacity ratios need 64 or 128), bf16."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -78,7 +78,7 @@ def make_model(out: Path) -> Path:
     vocab = _tokenizer(out)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=MAX_LEN,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=max_len,
                          bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=True,
                          initializer_range=0.1)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
@@ -147,14 +147,15 @@ def _gap(step: dict) -> float:
     return top[0] - top[1] if len(top) > 1 else float("inf")
 
 
-def engine(job: dict, tmp: Path, env: dict | None = None) -> dict:
+def engine(job: dict, tmp: Path, env: dict | None = None, script: str = __file__) -> dict:
+    """Run ``job`` in a fresh process (``script`` run with the job as JSON) and return its results."""
     name = job.get("name") or str(job.get("spec"))
     job = dict(job, out=str(tmp / f"{name}.json"))
     environ = {k: v for k, v in os.environ.items() if k != "KVPLUG_STRATEGY"}
     environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", TOKENIZERS_PARALLELISM="false", **(env or {}))
     log = tmp / f"{name}.log"
     with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, __file__, json.dumps(job)], env=environ, stdout=f,
+        proc = subprocess.run([sys.executable, script, json.dumps(job)], env=environ, stdout=f,
                               stderr=subprocess.STDOUT, timeout=ENGINE_TIMEOUT, cwd=tmp)
     if proc.returncode or not Path(job["out"]).exists():
         raise AssertionError(f"engine {name} failed (rc {proc.returncode}):\n{log.read_text()[-4000:]}")
@@ -313,7 +314,7 @@ def test_64_concurrent_requests_equal_one_by_one_and_free_every_block(runs):
     assert result["free_after"] == result["pool_blocks"] - 1  # all but vLLM's reserved null block
 
 
-BAD = {"int5": "unknown strategy part 'int5'", "snapkv(budget=64)+int4": "eviction (snapkv) is not supported",
+BAD = {"int5": "unknown strategy part 'int5'", "h2o(budget=64)+int4": "h2o evicts by attention while generating",
        "kivi(bits=2)": "groups of 32 tokens", "int4(rotate=maybe)": "rotate"}
 
 

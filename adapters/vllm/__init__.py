@@ -8,8 +8,10 @@ nothing until a strategy is selected, in order of precedence:
     KVPLUG_STRATEGY=int4 vllm serve MODEL
 
 A bad spec stops start-up with the parser's one-line :class:`kvplug.SpecError`; a spec this
-adapter cannot honour (eviction, KIVI's token groups, a platform without a kvplug backend) is
-refused the same way, never run uncompressed.
+adapter cannot honour (eviction by attention while generating, KIVI's token groups, a platform
+without a kvplug backend) is refused the same way, never run uncompressed. Eviction (snapkv,
+knorm, random, streaming; uniform or pyramid budgets) frees blocks in vLLM's own pool: see
+:mod:`.eviction` and docs/VLLM_EVICTION.md.
 
 How it reaches the engine (details and the 0.26 differences in :mod:`.compat`): ``register()``
 routes the platform's attention-backend choice, made in each worker while the model is built (when
@@ -77,9 +79,9 @@ def prefill_mode(vllm_config=None) -> str:
 
 def check_supported(strategy: Strategy, head_dim: int | None = None, dtype=None) -> None:
     """Refuse, in one line, what the vLLM adapter cannot run yet."""
-    if strategy.scorer is not None:
-        raise SpecError(f"kvplug in vLLM: eviction ({strategy.scorer.name}) is not supported yet, only codecs "
-                        f"(none, int8, int4, int2, optionally rotate=true); got {str(strategy)!r}")
+    from .eviction import check_evictable
+
+    check_evictable(strategy)
     if strategy.merger is not None:
         raise SpecError(f"kvplug in vLLM: {strategy.merger.name} shares pages between layers, which the vLLM "
                         f"adapter does not do yet; got {str(strategy)!r}")
@@ -116,6 +118,8 @@ def _pick_backend(stock_path: str) -> str | None:
     strategy = selected_strategy(compat.current_config())
     if strategy is None:
         return None
+    if strategy.evicts:
+        compat.expose_prompt_lengths()
     if stock_path == CPU_BACKEND or stock_path == compat.stock_cpu_backend_path():
         return CPU_BACKEND
     if compat.platform().is_cuda():  # codec none: vLLM's own backend, unchanged
@@ -144,6 +148,9 @@ def _check_engine(vllm_config, strategy: Strategy) -> None:
 
     plat = compat.platform()
     backend = CPU_BACKEND
+    if plat.is_cuda() and strategy.evicts:
+        raise SpecError(f"kvplug in vLLM: eviction ({strategy.scorer.name}) runs on the CPU backend so far; on CUDA "
+                        f"only codecs (int8, int4, int2) do: drop {strategy.scorer.name}")
     if plat.is_cuda():
         backend = "vLLM's own (codec none)" if _uncompressed(strategy) else CUDA_BACKEND
         if not _uncompressed(strategy):
@@ -157,6 +164,8 @@ def _check_engine(vllm_config, strategy: Strategy) -> None:
     if cache_dtype not in ("auto", None):
         raise SpecError(f"kvplug stores its own codes: keep --kv-cache-dtype auto (got {cache_dtype!r}) "
                         f"with {KEY}={str(strategy)!r}")
+    if strategy.evicts:
+        _check_eviction(vllm_config, strategy)
     version = ".".join(map(str, compat.vllm_version()))
     _log(f"kvplug: strategy {str(strategy)!r} selected, {prefill_mode(vllm_config)} prefill; attention backend "
          f"{backend} (vLLM {version})")
@@ -166,6 +175,35 @@ def _uncompressed(strategy: Strategy) -> bool:
     from kvplug.codecs.none import NoCodec
 
     return isinstance(strategy.codec, NoCodec)
+
+
+def _check_eviction(vllm_config, strategy: Strategy) -> None:
+    """Refuse what eviction cannot run with; turn off what it replaces (as vLLM does for CPU MLA):
+    prefix caching (compressed blocks no longer hold the tokens their hashes name) and chunked
+    prefill (the selection needs the prompt's last queries, which only its own step has)."""
+    from . import compat
+
+    if not compat.supports_eviction():
+        version = ".".join(map(str, compat.vllm_version()))
+        raise SpecError(f"kvplug in vLLM: eviction ({strategy.scorer.name}) needs vLLM 0.32 or later (this is "
+                        f"{version}); codecs alone run here")
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        raise SpecError(f"kvplug in vLLM: eviction ({strategy.scorer.name}) cannot run with speculative decoding "
+                        f"(drafts would attend over tokens the scheduler already freed)")
+    if getattr(vllm_config, "kv_transfer_config", None) is not None:
+        raise SpecError(f"kvplug in vLLM: eviction ({strategy.scorer.name}) cannot run with a KV connector "
+                        f"(it would transfer compacted blocks as if they held the tokens their positions name)")
+    if prefill_mode(vllm_config) != "uncompressed":
+        raise SpecError(f"kvplug in vLLM: {PREFILL_KEY}=compressed has no effect with eviction (a prompt is "
+                        f"always prefilled in one step over its raw K/V); remove it")
+    cache, scheduler = vllm_config.cache_config, vllm_config.scheduler_config
+    model_len = vllm_config.model_config.max_model_len
+    if cache.enable_prefix_caching or scheduler.enable_chunked_prefill:
+        _log(f"kvplug: eviction ({strategy.scorer.name}) turns off prefix caching and chunked prefill")
+    cache.enable_prefix_caching = False
+    scheduler.enable_chunked_prefill = False
+    scheduler.long_prefill_token_threshold = 0  # it would split prompts even without chunked prefill
+    scheduler.max_num_batched_tokens = max(scheduler.max_num_batched_tokens, model_len)
 
 
 def _log(message: str) -> None:

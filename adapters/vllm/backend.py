@@ -11,7 +11,10 @@ platform's choice here only when a strategy is selected. With a strategy:
   attends over its own uncompressed K/V, as the HF adapter does at prefill; later steps attend
   over the decoded cache, the new tokens included (as the HF adapter does while generating).
   With ``additional_config["kvplug_prefill"] = "compressed"`` the first step reads the decoded
-  cache too, so output does not depend on prefix-cache hits or chunking (see ``prefill_mode``).
+  cache too, so output does not depend on prefix-cache hits or chunking (see ``prefill_mode``);
+* with a scorer (eviction), the spec is :class:`~.manager.KVPlugEvictingSpec`, whose manager
+  frees a request's leading blocks, and the impl compacts each layer's kept tokens into the
+  slots that stay and reads only those (:mod:`.compaction`, :mod:`.eviction`).
 
 The GPU path (not wired yet) keeps this structure: another ``PagedKV`` whose ``store`` and
 attention call :mod:`kvplug.triton_ops` on the same page bytes (the layout is the Triton one).
@@ -30,11 +33,13 @@ from kvplug.codecs.none import NoCodec
 from kvplug.errors import SpecError
 
 from . import compat, prefill_mode, selected_strategy
+from .compaction import LayerEviction
 from .layout import PagedKV, TokenLayout
 
-ACTIVE: dict = {"layout": None}
-"""The token layout of the model last built in this process (one engine per worker process):
-``customize_spec`` (a classmethod, called without the config) reads it."""
+ACTIVE: dict = {"layout": None, "evicting": None}
+"""The token layout of the model last built in this process (one engine per worker process) and,
+when its strategy evicts, ``(spec, num_layers)``: ``customize_spec`` (a classmethod, called
+without the config) reads them."""
 
 
 class KVPlugCPUBackend(CPUAttentionBackend):
@@ -52,12 +57,18 @@ class KVPlugCPUBackend(CPUAttentionBackend):
         stock = getattr(super(), "customize_spec", None)  # 0.32; 0.26 calls this from compat's hook
         spec = stock(spec) if stock is not None else spec
         layout: TokenLayout | None = ACTIVE["layout"]
-        if layout is None or isinstance(layout.codec, NoCodec):
+        if layout is None:
             return spec
-        if spec.head_size != layout.head_dim or getattr(spec, "head_size_v", spec.head_size) != layout.head_dim:
-            raise SpecError(f"kvplug: layer head sizes {spec.head_size}/{spec.head_size_v} differ from "
-                            f"{layout.head_dim}; only equal K/V head sizes are supported")
-        return compat.compressed_spec(spec, layout.token_bytes)
+        if not isinstance(layout.codec, NoCodec):
+            if spec.head_size != layout.head_dim or getattr(spec, "head_size_v", spec.head_size) != layout.head_dim:
+                raise SpecError(f"kvplug: layer head sizes {spec.head_size}/{spec.head_size_v} differ from "
+                                f"{layout.head_dim}; only equal K/V head sizes are supported")
+            spec = compat.compressed_spec(spec, layout.token_bytes)
+        if ACTIVE["evicting"] is not None:
+            from .manager import KVPlugEvictingSpec
+
+            spec = KVPlugEvictingSpec.from_spec(spec, *ACTIVE["evicting"])
+        return spec
 
     @staticmethod
     def get_kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size, cache_dtype_str="auto"):
@@ -80,7 +91,7 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
         strategy = selected_strategy(config)
         self.paged: PagedKV | None = None
         if strategy is None:
-            ACTIVE["layout"] = None
+            ACTIVE["layout"] = ACTIVE["evicting"] = None
             return
         if attn_type != AttentionType.DECODER:
             return  # encoder attention keeps no KV cache: vLLM's own path
@@ -98,6 +109,10 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
         ACTIVE["layout"] = layout
         self.paged = PagedKV(layout)
         self.raw_prefill = prefill_mode(config) == "uncompressed"
+        self.strategy = strategy
+        self.num_layers = config.model_config.get_total_num_hidden_layers()
+        self.eviction: LayerEviction | None = None  # made at the first step, when the layer's name is known
+        ACTIVE["evicting"] = (str(strategy), self.num_layers) if strategy.evicts else None
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
@@ -114,11 +129,19 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
         starts = attn_metadata.query_start_loc.tolist()
         totals = attn_metadata.seq_lens.tolist()
         table = attn_metadata.block_table
+        prompts = getattr(attn_metadata, compat.PROMPT_LENS, None) if self.strategy.evicts else None
+        if self.strategy.evicts and prompts is None:  # a model runner that compat.expose_prompt_lengths misses
+            raise RuntimeError("kvplug: eviction needs each request's prompt length in the attention metadata; "
+                               "this vLLM model runner does not pass it")
         for i in range(len(starts) - 1):
             s, e = starts[i], starts[i + 1]
             if e <= s:
                 continue
             context = totals[i] - (e - s)
+            if prompts is not None and i < len(prompts):
+                output[s:e] = self._evicting(layer, query[s:e], key[s:e], value[s:e], kv_cache, table[i],
+                                             int(prompts[i]), context, totals[i])
+                continue
             if context == 0 and self.raw_prefill:  # first step of the request: its own uncompressed K/V
                 keys, values = key[s:e].transpose(0, 1), value[s:e].transpose(0, 1)
             else:
@@ -126,12 +149,50 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
             output[s:e] = self._attend(query[s:e], keys, values, context)
         return output
 
-    def _attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, context: int) -> torch.Tensor:
-        """``query`` ``[Tq, Hq, D]`` at positions ``context ..``; keys/values ``[H, L, D]``."""
+    def _evicting(self, layer, query, key, value, kv_cache, block_ids, prompt_len: int, context: int,
+                  total: int) -> torch.Tensor:
+        """One request's step with eviction (:mod:`.compaction`). A step that holds the prompt
+        attends over its raw K/V as the HF adapter's prefill does, then keeps the selected tokens;
+        the tokens after the prompt in that step (a preempted request's re-run) see what the HF
+        adapter's decode steps saw. Later steps read the kept tokens and the new ones."""
+        ev = self.eviction
+        if ev is None:
+            from vllm.model_executor.models.utils import extract_layer_index
+
+            ev = self.eviction = LayerEviction(self.strategy, self.paged, extract_layer_index(layer.layer_name),
+                                               self.num_layers)
+        bs = kv_cache.shape[2]
+        if context < prompt_len:
+            if context:
+                raise RuntimeError("kvplug: eviction needs each prompt in one step (chunked prefill is turned off "
+                                   f"for it); this one starts at token {context}")
+            keys, values = key.transpose(0, 1), value.transpose(0, 1)
+            out = torch.empty_like(query)
+            out[:prompt_len] = self._attend(query[:prompt_len], keys[:, :prompt_len], values[:, :prompt_len], 0)
+            kept = ev.select(query[:prompt_len], keys[:, :prompt_len], values[:, :prompt_len], self.scale)
+            if total > prompt_len:
+                mask = ev.visible(prompt_len, kept, total)
+                out[prompt_len:] = self._attend(query[prompt_len:], self.paged.roundtrip(keys, "key"),
+                                                self.paged.roundtrip(values, "value"), prompt_len, mask)
+            ev.compact(kv_cache, block_ids, prompt_len, total, kept)
+            return out
+        if total - context != 1:
+            raise RuntimeError(f"kvplug: eviction runs one token per step after the prompt; got {total - context}")
+        before, after = ev.plan(prompt_len, context, bs), ev.plan(prompt_len, total, bs)
+        keys, values = ev.read(kv_cache, block_ids, before, after.recent, total)
+        out = self._attend(query, keys, values, context)
+        ev.advance(kv_cache, block_ids, before, after)
+        return out
+
+    def _attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, context: int,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``query`` ``[Tq, Hq, D]`` at positions ``context ..``; keys/values ``[H, L, D]``; ``mask``
+        ``[H, Tq, L]`` per KV head (default: causal by position)."""
         tq, length = query.shape[0], keys.shape[1]
         q = query.transpose(0, 1)
-        mask = None
-        if tq > 1:
+        if mask is not None:
+            mask = mask.repeat_interleave(q.shape[0] // keys.shape[0], 0)
+        elif tq > 1:
             pos = torch.arange(length, device=q.device)
             mask = pos[None, :] <= (context + torch.arange(tq, device=q.device))[:, None]
         out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,

@@ -234,3 +234,47 @@ def kernel_block_sizes(backend_cls: type, spec=None) -> list:
         return backend_cls.get_supported_kernel_block_sizes(spec)
     except TypeError:
         return backend_cls.get_supported_kernel_block_sizes()
+
+
+# eviction (0.32 only) -------------------------------------------------------------------------------
+PROMPT_LENS = "kvplug_prompt_lens"
+"""Attribute set on each step's attention metadata: the prompt length of each request ``[num_reqs]``."""
+
+
+def supports_eviction() -> bool:
+    """0.32+: the KV-cache manager is told each request's prompt length when freeing blocks
+    (``remove_skipped_blocks(..., num_prompt_tokens)``) and specs register their own manager."""
+    import inspect
+
+    try:
+        import vllm.v1.kv_cache_spec_registry  # noqa: F401
+        from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
+    except ImportError:
+        return False
+    return "num_prompt_tokens" in inspect.signature(SingleTypeKVCacheManager.remove_skipped_blocks).parameters
+
+
+def expose_prompt_lengths() -> bool:
+    """Give the attention backend each request's prompt length: vLLM's model runner knows it
+    (``input_batch.num_prompt_tokens``) but hands it to attention only for R-SWA models, so its
+    ``_build_attention_metadata`` is wrapped to attach it to the metadata it returns (the rows are
+    the batch's requests in order; rows beyond them, as in warm-up runs, get none)."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    current = GPUModelRunner._build_attention_metadata
+    if getattr(current, ROUTED, False):
+        return False
+
+    @functools.wraps(current)
+    def _build_attention_metadata(self, *args, **kwargs):
+        metadata, rest = current(self, *args, **kwargs)
+        batch = self.input_batch
+        lens = batch.num_prompt_tokens_cpu_tensor[:batch.num_reqs].clone()
+        for per_layer in metadata if isinstance(metadata, list) else [metadata]:
+            for md in per_layer.values():
+                setattr(md, PROMPT_LENS, lens)
+        return metadata, rest
+
+    setattr(_build_attention_metadata, ROUTED, True)
+    GPUModelRunner._build_attention_metadata = _build_attention_metadata
+    return True

@@ -17,7 +17,6 @@ is what the codec declares in ``bytes_per_token`` and what the KV-cache spec rep
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -141,9 +140,7 @@ class PagedKV:
         if slots.numel() == 0:
             return
         codes, meta = self.pages(kv_cache)
-        bs = codes.shape[3]
-        slots = slots.long()
-        block, offset = slots // bs, slots % bs
+        block, offset = _split(slots, codes.shape[3])
         for i, (x, role) in enumerate(((key, "key"), (value, "value"))):
             enc = self.layout.codec.encode(x.transpose(0, 1), role)  # [H, T, ...]
             c, m = self.layout.to_bytes(enc)
@@ -154,15 +151,46 @@ class PagedKV:
     def gather(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoded keys and values ``[H, length, D]`` (model dtype) of the first ``length``
         tokens held by ``block_ids`` (a request's block-table row)."""
+        positions = torch.arange(length, device=block_ids.device)
+        return self.read(kv_cache, slots_of(block_ids, positions, kv_cache.shape[2]))
+
+    def read(self, kv_cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoded keys and values ``[H, L, D]`` (model dtype) of the tokens in ``slots`` ``[L]``."""
         codes, meta = self.pages(kv_cache)
-        bs = codes.shape[3]
-        ids = block_ids[: math.ceil(length / bs)].long()
+        heads = torch.arange(codes.shape[2], device=kv_cache.device)[:, None]
+        block, offset = _split(slots[None, :], codes.shape[3])
         out = []
         for i, role in enumerate(ROLES):
-            c = codes[ids, i].permute(1, 0, 2, 3).flatten(1, 2)[:, :length]  # [H, L, code_bytes]
-            m = meta[ids, i].permute(1, 0, 2, 3).flatten(1, 2)[:, :length]
+            c, m = codes[:, i][block, heads, offset], meta[:, i][block, heads, offset]  # [H, L, bytes]
             out.append(self.layout.codec.decode(self.layout.from_bytes(c, m), role, self.layout.dtype))
         return out[0], out[1]
+
+    def roundtrip(self, x: torch.Tensor, role: str) -> torch.Tensor:
+        """``x`` as it reads back once stored (encoded and decoded to the model dtype)."""
+        return self.layout.codec.decode(self.layout.codec.encode(x, role), role, self.layout.dtype)
+
+    def move(self, kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy token-head ``(src[h, j], h)`` to ``(dst[j], h)`` for every head ``h`` (``src``
+        ``[H, K]``, ``dst`` ``[K]`` slots), codes and metadata alike; all rows are read before any
+        is written, so sources and destinations may overlap."""
+        codes, meta = self.pages(kv_cache)
+        heads = torch.arange(codes.shape[2], device=kv_cache.device)[:, None]
+        src_block, src_offset = _split(src, codes.shape[3])
+        dst_block, dst_offset = _split(dst[None, :], codes.shape[3])
+        for part in (codes, meta):
+            if part.shape[-1]:
+                part[dst_block, :, heads, dst_offset] = part[src_block, :, heads, src_offset]
+
+
+def slots_of(block_ids: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Slots (``block * block_size + offset``) of logical ``positions`` in a request's block-table row."""
+    positions = positions.long()
+    return block_ids.long()[positions // block_size] * block_size + positions % block_size
+
+
+def _split(slots: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    slots = slots.long()
+    return slots // block_size, slots % block_size
 
 
 def as_triton_cache(kv_cache: torch.Tensor, paged_layout) -> torch.Tensor:

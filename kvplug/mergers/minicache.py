@@ -53,5 +53,6 @@ class MiniCache(Merger):
         real = valid[:, None, :].expand_as(distance)
         low = distance.masked_fill(~real, float("inf")).amin(-1, keepdim=True)
         high = distance.masked_fill(~real, float("-inf")).amax(-1, keepdim=True)
-        retained = real & (distance > low + (high - low) * self.gamma)
+        threshold = low * (1 - self.gamma) + high * self.gamma  # exactly low / high at gamma 0 / 1
+        retained = real & (distance > threshold)
         return Merged(direction=direction, magnitudes=torch.stack([norm_a, norm_b]), retained=retained)

@@ -1,0 +1,94 @@
+"""The worker side of eviction for one layer: pick the kept tokens, move them, read what is left.
+
+Pure PyTorch on a layer's paged cache (:class:`~.layout.PagedKV`), no vLLM import, so the CPU
+backend and a GPU one can share it. Where tokens go is :func:`.eviction.plan`, the function the
+scheduler frees blocks by; the tokens kept after the prompt are the core's
+:meth:`Strategy.select` on the same inputs the HF adapter gives it (the prompt's keys, values and
+its last queries), so both engines keep the same positions per layer and head.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvplug.scorers.base import ScoreInputs
+from kvplug.strategy import Strategy
+
+from .eviction import Plan, plan
+from .layout import PagedKV, slots_of
+
+
+class LayerEviction:
+    """Eviction of one attention layer; a request is named by its block-table row and prompt length."""
+
+    def __init__(self, strategy: Strategy, paged: PagedKV, layer_idx: int, num_layers: int):
+        self.strategy, self.paged = strategy, paged
+        self.layer_idx, self.num_layers = layer_idx, num_layers
+
+    def plan(self, prompt_len: int, num_tokens: int, block_size: int) -> Plan:
+        return plan(self.strategy, prompt_len, num_tokens, block_size, self.layer_idx, self.num_layers)
+
+    @torch.no_grad()
+    def select(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+        """Positions ``[H, K]`` (ascending) each KV head keeps of a prompt whose queries ``[P, Hq, D]``
+        and keys/values ``[H, P, D]`` are given; every head keeps the count the plan expects."""
+        scorer = self.strategy.scorer
+        length = keys.shape[1]
+        window = length if scorer.needs_all_queries else min(scorer.observation_window, length)
+        observed = queries[length - window:].transpose(0, 1)[None]
+        inputs = ScoreInputs(keys=keys[None], values=values[None], queries=observed,
+                             valid=torch.ones(1, length, dtype=torch.bool, device=keys.device), scale=scale,
+                             layer_idx=self.layer_idx, num_layers=self.num_layers)
+        sel = self.strategy.select(inputs)
+        expected = length - self.plan(length, length, 1).base
+        if not bool((sel.counts == expected).all()):
+            raise RuntimeError(f"kvplug: layer {self.layer_idx} kept {sel.counts.tolist()} tokens per head, the "
+                               f"block accounting expects {expected}")
+        return sel.indices[0]
+
+    def visible(self, prompt_len: int, kept: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """``[H, num_tokens - P, num_tokens]``: which logical positions each query after the prompt
+        sees (a step that re-runs a preempted request's prompt and generated tokens at once): the
+        kept prompt tokens and the generated ones up to the query, less what streaming evicted by then."""
+        heads, device = kept.shape[0], kept.device
+        pos = torch.arange(num_tokens, device=device)
+        queries = pos[prompt_len:]
+        held = torch.ones(heads, num_tokens, dtype=torch.bool, device=device)
+        held[:, :prompt_len] = False
+        held[torch.arange(heads, device=device)[:, None], kept] = True
+        mask = held[:, None, :] & (pos[None, :] <= queries[:, None])[None]
+        if self.strategy.scorer.evicts_on_decode:
+            for j, q in enumerate(queries.tolist()):
+                p = self.plan(prompt_len, q + 1, 1)
+                mask[:, j] &= (pos < p.front) | (pos >= p.recent)
+        return mask
+
+    def compact(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, prompt_len: int, num_tokens: int,
+                kept: torch.Tensor) -> None:
+        """Move the kept prompt tokens ``kept`` ``[H, K]`` into slots ``[P - K, P)`` (the plan after
+        the prompt), then on to the plan at ``num_tokens``."""
+        bs = kv_cache.shape[2]
+        first = self.plan(prompt_len, prompt_len, bs)
+        k = kept.shape[1]
+        if k < prompt_len:
+            dst = torch.arange(prompt_len - k, prompt_len, device=kept.device)
+            self.paged.move(kv_cache, slots_of(block_ids, kept, bs), slots_of(block_ids, dst, bs))
+        self.advance(kv_cache, block_ids, first, self.plan(prompt_len, num_tokens, bs))
+
+    def advance(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, before: Plan, after: Plan) -> None:
+        """Move the front tokens (streaming's sinks) from ``before.base`` to ``after.base``, so the
+        blocks behind them can be freed."""
+        if after.base == before.base or not before.front:
+            return
+        bs, heads = kv_cache.shape[2], kv_cache.shape[1]
+        src = torch.arange(before.base, before.base + before.front, device=block_ids.device)
+        dst = torch.arange(after.base, after.base + after.front, device=block_ids.device)
+        self.paged.move(kv_cache, slots_of(block_ids, src, bs).expand(heads, -1), slots_of(block_ids, dst, bs))
+
+    def read(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, where: Plan, recent: int,
+             num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoded keys/values ``[H, L, D]`` of the tokens a step attends over: the front tokens
+        where ``where`` keeps them and the tokens at their own slots from ``recent`` on."""
+        held = Plan(where.base, where.front, recent).slots(num_tokens)
+        positions = torch.cat([torch.arange(r.start, r.stop, device=block_ids.device) for r in held])
+        return self.paged.read(kv_cache, slots_of(block_ids, positions, kv_cache.shape[2]))

