@@ -89,6 +89,23 @@ def test_streaming_short_prompt_is_uncompressed_and_long_keeps_sinks_and_window(
     assert out.shape[1] == 70
 
 
+@pytest.mark.parametrize("length", [12, 60])
+def test_h2o_keeps_its_recent_tokens_while_generating(length, gen):
+    """The recent share of the budget is protected whatever the store's width (a prompt shorter
+    than the budget grows the store beyond it): the newest floor(budget * ratio) stay held."""
+    model = tiny()
+    ids, mask = prompts(gen, length=length, pad=3)
+    cache = kvplug.hf.cache(model, "h2o(budget=16, recent_ratio=0.25)")
+    greedy(model, ids, mask, steps=30, cache=cache)
+    for layer in cache.layers:
+        assert layer.slots.capacity > 16 or length > 16  # the short prompt's store did grow
+        for b, n in enumerate(mask.sum(-1).tolist()):
+            for h in range(2):
+                held = {p for p in layer.slots.positions[b, h].tolist() if p >= 0}
+                newest = n + 29  # 29 generated tokens were fed back
+                assert len(held) == 16 and set(range(newest - 4, newest)) <= held
+
+
 class Recorder:
     """An attention function that records each layer's prompt queries/keys/values."""
 

@@ -178,7 +178,7 @@ class KVPlugLayer(CacheLayerMixin):
             slot = counts
             if evicting and self.slots.capacity:
                 ranked = self.slots.scores.masked_fill(self.slots.positions < 0, float("inf"))
-                ranked = ranked.masked_fill(scorer.protected(self.slots.positions, step), float("inf"))
+                ranked = ranked.masked_fill(scorer.protected(self.slots.positions, step, self.capacity), float("inf"))
                 slot = torch.where(counts >= self.capacity, ranked.argmin(-1), counts)
             pos = step.squeeze(-1).expand_as(slot)
             new_score = scorer.new_token_score(pos) if evicting else torch.zeros_like(pos, dtype=torch.float32)

@@ -105,7 +105,8 @@ class Scorer(Part):
         attention (mean over the group's query heads) when ``needs_decode_attention``."""
         return scores
 
-    def protected(self, positions: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    def protected(self, positions: torch.Tensor, step: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
         """Slots (by logical ``positions`` ``[B, Hkv, S]``) that must not be evicted when the token
-        at logical position ``step`` (``[B, 1, 1]``) arrives."""
+        at logical position ``step`` (``[B, 1, 1]``) arrives at heads holding at most ``capacity``
+        ``[B, Hkv]`` tokens (their budget; the store's width may be larger)."""
         return torch.zeros_like(positions, dtype=torch.bool)

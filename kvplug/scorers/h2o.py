@@ -51,6 +51,6 @@ class H2O(Scorer):
     def decode_update(self, scores: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
         return scores + probs
 
-    def protected(self, positions: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        kept = positions.shape[-1]
-        return positions > step - self.recent(kept)
+    def protected(self, positions: torch.Tensor, step: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
+        recent = torch.floor(capacity.double() * self.recent_ratio).long()  # as recent(), per head
+        return positions > step - recent[..., None]

@@ -41,5 +41,5 @@ class Streaming(Scorer):
     def new_token_score(self, step: torch.Tensor) -> torch.Tensor:
         return step.float()
 
-    def protected(self, positions: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    def protected(self, positions: torch.Tensor, step: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
         return positions < self.sinks
