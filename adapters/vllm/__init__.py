@@ -41,8 +41,8 @@ PREFILL_MODES = ("uncompressed", "compressed")
 CPU_BACKEND = "kvplug.adapters.vllm.backend.KVPlugCPUBackend"
 CUDA_BACKEND = "kvplug.adapters.vllm.cuda_backend.KVPlugCudaBackend"
 
-__all__ = ["register", "selected_spec", "selected_strategy", "check_supported", "prefill_mode", "KEY",
-           "PREFILL_KEY", "CPU_BACKEND", "CUDA_BACKEND", "StartupError"]
+__all__ = ["register", "selected_spec", "selected_strategy", "check_supported", "check_layer", "check_head_sizes",
+           "prefill_mode", "KEY", "PREFILL_KEY", "CPU_BACKEND", "CUDA_BACKEND", "StartupError"]
 
 
 class StartupError(RuntimeError):
@@ -96,6 +96,27 @@ def check_supported(strategy: Strategy, head_dim: int | None = None, dtype=None)
         from .layout import TokenLayout
 
         TokenLayout.for_codec(codec, head_dim, dtype or torch.bfloat16)
+
+
+def check_layer(strategy: Strategy, *, sliding_window=None, alibi_slopes=None, logits_soft_cap=None, sinks=None,
+                kv_sharing_target_layer_name=None, where: str = "") -> None:
+    """Refuse, in one line, attention-layer features the kvplug backends do not implement."""
+    refused = [what for what, present in (
+        ("sliding-window attention", sliding_window is not None),
+        ("ALiBi", alibi_slopes is not None),
+        ("logits soft-capping", bool(logits_soft_cap)),
+        ("attention sinks", sinks is not None),
+        ("KV sharing across layers", kv_sharing_target_layer_name is not None),
+    ) if present]
+    if refused:
+        raise SpecError(f"kvplug in vLLM{where} does not support {', '.join(refused)} yet (strategy {str(strategy)!r})")
+
+
+def check_head_sizes(spec, head_dim: int) -> None:
+    """A compressed page holds K and V of ``head_dim`` each: refuse a layer whose sizes differ."""
+    if spec.head_size != head_dim or getattr(spec, "head_size_v", spec.head_size) != head_dim:
+        raise SpecError(f"kvplug: layer head sizes {spec.head_size}/{spec.head_size_v} differ from "
+                        f"{head_dim}; only equal K/V head sizes are supported")
 
 
 def selected_strategy(vllm_config=None) -> Strategy | None:

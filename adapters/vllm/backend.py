@@ -30,9 +30,8 @@ from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
 from kvplug.codecs.none import NoCodec
-from kvplug.errors import SpecError
 
-from . import compat, prefill_mode, selected_strategy
+from . import check_head_sizes, check_layer, compat, prefill_mode, selected_strategy
 from .compaction import LayerEviction
 from .layout import PagedKV, TokenLayout
 
@@ -60,9 +59,7 @@ class KVPlugCPUBackend(CPUAttentionBackend):
         if layout is None:
             return spec
         if not isinstance(layout.codec, NoCodec):
-            if spec.head_size != layout.head_dim or getattr(spec, "head_size_v", spec.head_size) != layout.head_dim:
-                raise SpecError(f"kvplug: layer head sizes {spec.head_size}/{spec.head_size_v} differ from "
-                                f"{layout.head_dim}; only equal K/V head sizes are supported")
+            check_head_sizes(spec, layout.head_dim)
             spec = compat.compressed_spec(spec, layout.token_bytes)
         if ACTIVE["evicting"] is not None:
             from .manager import KVPlugEvictingSpec
@@ -95,15 +92,9 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
             return
         if attn_type != AttentionType.DECODER:
             return  # encoder attention keeps no KV cache: vLLM's own path
-        refused = [what for what, present in (
-            ("sliding-window attention", sliding_window is not None),
-            ("ALiBi", alibi_slopes is not None),
-            ("logits soft-capping", bool(logits_soft_cap)),
-            ("attention sinks", sinks is not None),
-            ("KV sharing across layers", kv_sharing_target_layer_name is not None),
-        ) if present]
-        if refused:
-            raise SpecError(f"kvplug in vLLM does not support {', '.join(refused)} yet (strategy {str(strategy)!r})")
+        check_layer(strategy, sliding_window=sliding_window, alibi_slopes=alibi_slopes,
+                    logits_soft_cap=logits_soft_cap, sinks=sinks,
+                    kv_sharing_target_layer_name=kv_sharing_target_layer_name)
         dtype = getattr(getattr(config, "model_config", None), "dtype", None) or torch.get_default_dtype()
         layout = TokenLayout.for_codec(strategy.codec, head_size, dtype)
         ACTIVE["layout"] = layout

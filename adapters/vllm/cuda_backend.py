@@ -36,7 +36,7 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from kvplug import triton_ops
 from kvplug.errors import SpecError
 
-from . import KEY, PREFILL_KEY, compat, prefill_mode, selected_strategy
+from . import KEY, PREFILL_KEY, check_head_sizes, check_layer, compat, prefill_mode, selected_strategy
 from .layout import as_triton_cache
 
 ACTIVE: dict = {"layout": None}
@@ -100,9 +100,7 @@ class KVPlugCudaBackend(AttentionBackend):
         layout = ACTIVE["layout"]
         if layout is None:
             return spec
-        if spec.head_size != layout.head_dim or getattr(spec, "head_size_v", spec.head_size) != layout.head_dim:
-            raise SpecError(f"kvplug: layer head sizes {spec.head_size}/{spec.head_size_v} differ from "
-                            f"{layout.head_dim}; only equal K/V head sizes are supported")
+        check_head_sizes(spec, layout.head_dim)
         return compat.compressed_spec(spec, token_bytes(layout))
 
     @staticmethod
@@ -184,17 +182,12 @@ class KVPlugCudaImpl(AttentionImpl):
         self.kv_cache_dtype = kv_cache_dtype
         config = compat.current_config()
         strategy = selected_strategy(config)
-        refused = [what for what, present in (
-            ("encoder or cross attention", attn_type != AttentionType.DECODER),
-            ("sliding-window attention", sliding_window is not None),
-            ("ALiBi", alibi_slopes is not None),
-            ("logits soft-capping", bool(logits_soft_cap)),
-            ("attention sinks", sinks is not None),
-            ("KV sharing across layers", kv_sharing_target_layer_name is not None),
-        ) if present]
-        if refused:
-            raise SpecError(f"kvplug in vLLM on CUDA does not support {', '.join(refused)} yet "
+        if attn_type != AttentionType.DECODER:
+            raise SpecError(f"kvplug in vLLM on CUDA does not support encoder or cross attention yet "
                             f"(strategy {str(strategy)!r})")
+        check_layer(strategy, sliding_window=sliding_window, alibi_slopes=alibi_slopes,
+                    logits_soft_cap=logits_soft_cap, sinks=sinks,
+                    kv_sharing_target_layer_name=kv_sharing_target_layer_name, where=" on CUDA")
         dtype = getattr(getattr(config, "model_config", None), "dtype", None) or torch.get_default_dtype()
         block_size = getattr(getattr(config, "cache_config", None), "block_size", None) or 16
         self.layout = paged_layout(strategy.codec, block_size, self.num_kv_heads, head_size, dtype)
