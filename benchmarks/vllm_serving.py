@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     import vllm
 
-    print(f"\nvLLM {vllm.__version__}, model {args.model}, gpu_memory_utilization {args.gpu_memory_utilization}")
+    memory = f"KV memory {args.kv_bytes:,} bytes" if args.kv_bytes else f"gpu_memory_utilization {args.gpu_memory_utilization}"
+    print(f"\nvLLM {vllm.__version__}, model {args.model}, {memory}")
     base = results[0]
     head = "| config | KV capacity (tokens) | " + " | ".join(
         "{}: {} x ({} + {}) s, gen tok/s".format(w, *workload(w)) + (", peak running" if args.peak else "")

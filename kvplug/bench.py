@@ -39,7 +39,7 @@ def sync(device: str) -> None:
 
 def make_cache(name: str, model):
     """``DynamicCache``, ``QuantizedCache-4``/``-2`` (HF's, quanto backend), a kvplug spec, or
-    ``paged:SPEC`` (the spec in the paged layout read by the Triton decode kernel)."""
+    ``paged:SPEC`` / ``ref:SPEC`` (that spec in the paged layout / on the reference path)."""
     if name == "DynamicCache":
         return DynamicCache(config=model.config)
     if name.startswith("QuantizedCache"):

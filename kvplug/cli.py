@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     p_eval = sub.add_parser("eval", help="quality, retrieval, agreement and memory of strategies on a model")
     p_eval.add_argument("--model", help="checkpoint path or hub id (default: the shipped reference model)")
     p_eval.add_argument("--strategies", default=",".join(EVAL_STRATEGIES),
-                        help="comma-separated specs (budgets may be percentages); 'none' is always added")
+                        help="comma-separated specs (budgets may be percentages); 'none' is always added; "
+                             "paged:SPEC / ref:SPEC force the paged layout / the reference path (default: paged on cuda)")
     p_eval.add_argument("--tasks", default=",".join(EVAL_TASKS))
     p_eval.add_argument("--contexts", default="1024,2048,4096", help="prompt lengths in tokens")
     p_eval.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="needle depths for retrieval")
@@ -137,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--model", help="checkpoint (default: a random Llama of --preset)")
     p_bench.add_argument("--preset", default="tiny", choices=("tiny", "llama-8l"))
     p_bench.add_argument("--caches", default=";".join(BENCH_CACHES),
-                         help="';'-separated: DynamicCache, QuantizedCache-4/-2 (optimum-quanto), kvplug specs")
+                         help="';'-separated: DynamicCache, QuantizedCache-4/-2 (optimum-quanto), kvplug specs "
+                              "(paged:SPEC / ref:SPEC: the paged layout / the reference path; default paged on cuda)")
     p_bench.add_argument("--batch", default="1")
     p_bench.add_argument("--contexts", default="1024,4096")
     p_bench.add_argument("--steps", type=int, default=16)

@@ -139,14 +139,18 @@ def parse(spec: Any, registry: Registry | None = None) -> Strategy:
     return Strategy(**chosen)
 
 
-PAGED = "paged:"
-"""Prefix of a cache name in ``kvplug eval``/``kvplug bench``: the spec kept in the paged layout
-that the Triton decode kernel reads (``kvplug.hf.cache(..., paged=True)``)."""
+LAYOUTS = {"paged:": True, "ref:": False}
+"""Prefixes of a cache name in ``kvplug eval``/``kvplug bench``: ``paged:SPEC`` keeps the spec in
+the paged layout the Triton decode kernel reads, ``ref:SPEC`` on the reference path (the
+``paged`` argument of ``kvplug.hf.cache``); without one, the default (paged on CUDA)."""
 
 
-def split_paged(name: str) -> tuple[str, bool]:
-    """``("int4", True)`` for ``"paged:int4"``; ``(name, False)`` otherwise."""
-    return (name[len(PAGED):], True) if name.startswith(PAGED) else (name, False)
+def split_paged(name: str) -> tuple[str, bool | None]:
+    """``("int4", True)`` for ``"paged:int4"``, ``("int4", False)`` for ``"ref:int4"``, else ``(name, None)``."""
+    for prefix, paged in LAYOUTS.items():
+        if name.startswith(prefix):
+            return name[len(prefix):], paged
+    return name, None
 
 
 def split_specs(text: str) -> list[str]:

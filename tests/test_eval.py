@@ -62,7 +62,7 @@ def test_forked_cache_equals_a_fresh_run(tiny_model):
     assert torch.equal(forked, out[:, 160:])
 
 
-def test_paged_prefix_evaluates_the_paged_layout(tiny_model):
+def test_layout_prefixes_choose_the_paged_layout_or_the_reference_path(tiny_model):
     import random
 
     from kvplug.adapters.hf.store import PagedStore, SlotStore
@@ -72,7 +72,8 @@ def test_paged_prefix_evaluates_the_paged_layout(tiny_model):
     ids = inputs.windows(source, 120, 2, random.Random(3), "cpu")
     prompt = measure.Prompt(model, ids[:, :100])
     assert isinstance(prompt.cache_for("paged:int8").layers[0].slots, PagedStore)
-    assert isinstance(prompt.cache_for("int8").layers[0].slots, SlotStore)
+    assert isinstance(prompt.cache_for("ref:int8").layers[0].slots, SlotStore)
+    assert isinstance(prompt.cache_for("int8").layers[0].slots, SlotStore)  # the default off CUDA
     # the same codes read two ways (both in float32 on the CPU): the same likelihood
     paged, slots = (measure.decode_nll(prompt, name, ids[:, 100:]) for name in ("paged:int8", "int8"))
     assert paged == pytest.approx(slots, rel=1e-5)

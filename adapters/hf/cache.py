@@ -12,7 +12,7 @@ from .layer import KVPlugLayer
 class KVPlugCache(Cache):
     """One :class:`KVPlugLayer` per decoder layer, all following one strategy."""
 
-    def __init__(self, strategy: Strategy, num_layers: int, paged: bool = False, keep_prompt: bool = False):
+    def __init__(self, strategy: Strategy, num_layers: int, paged: bool | None = None, keep_prompt: bool = False):
         shared: dict = {}  # cross-layer state (a merger's parked prompts), one per cache
         super().__init__(layers=[KVPlugLayer(strategy, i, num_layers, paged, keep_prompt, shared)
                                  for i in range(num_layers)])
@@ -22,7 +22,7 @@ class KVPlugCache(Cache):
         """A cache for ``strategy`` holding this cache's prompt compressed its way, without running
         the model again: the prompt's attention does not depend on the strategy, only what is kept
         afterwards does. Needs a cache made with ``keep_prompt=True`` that has seen only a prompt.
-        ``paged``: the new cache's layout (default: this cache's)."""
+        ``paged``: the new cache's layout choice (default: this cache's)."""
         other = KVPlugCache(strategy, len(self.layers), self.paged if paged is None else paged)
         for mine, theirs in zip(self.layers, other.layers):
             if mine.prompt is None or mine.seen != mine.prompt[0].shape[-2]:

@@ -37,7 +37,7 @@ class KVPlugLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, strategy: Strategy, layer_idx: int, num_layers: int, paged: bool = False,
+    def __init__(self, strategy: Strategy, layer_idx: int, num_layers: int, paged: bool | None = None,
                  keep_prompt: bool = False, shared: dict | None = None):
         super().__init__()
         codec, scorer = strategy.codec, strategy.scorer
@@ -47,7 +47,7 @@ class KVPlugLayer(CacheLayerMixin):
                             f"or a prefill-only scorer (snapkv, knorm, random)")
         self.strategy, self.layer_idx, self.num_layers = strategy, layer_idx, num_layers
         self.scorer = scorer  # this layer's own, once the prompt is seen (Scorer.for_layer)
-        self.paged = bool(paged)  # the paged layout read by kvplug.triton_ops, where the codec allows it
+        self.paged = paged  # the paged layout read by kvplug.triton_ops where the codec allows it (None: on CUDA)
         self.keep_prompt = keep_prompt
         self.shared = {} if shared is None else shared  # state between the layers of one cache
         pairs = [] if strategy.merger is None else strategy.merger.pairs(num_layers)
@@ -135,7 +135,8 @@ class KVPlugLayer(CacheLayerMixin):
             kept_k, kept_v, kept_valid, positions = (kept_k[..., m:, :], kept_v[..., m:, :], kept_valid[..., m:],
                                                      positions[..., m:])
         if codec.token_group == 1:
-            if self.paged and PagedStore.supports(codec, self.dtype, d):
+            paged = self.paged if self.paged is not None else self.device.type == "cuda"
+            if paged and PagedStore.supports(codec, self.dtype, d):
                 self.slots = PagedStore(codec, self.dtype, h, d, self.device, read)
             else:
                 self.slots = SlotStore(codec, read)

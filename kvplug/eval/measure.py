@@ -26,7 +26,7 @@ class Prompt:
         self.logits = model(input_ids=ids, past_key_values=self.cache, logits_to_keep=1).logits[:, -1]
 
     def cache_for(self, name):
-        """The prompt compressed by ``name``: a spec, or ``paged:SPEC`` (the Triton paged layout)."""
+        """The prompt compressed by ``name``: a spec, ``paged:SPEC`` or ``ref:SPEC`` (see ``split_paged``)."""
         spec, paged = split_paged(name)
         return self.cache.fork(parse(spec), paged=paged)
 
