@@ -3,6 +3,7 @@
     python examples/vllm_offline.py                          # reference model, int4
     python examples/vllm_offline.py --strategy "int2(rotate=true)" --compare
     python examples/vllm_offline.py --model PATH_OR_HUB_ID --strategy int8
+    python examples/vllm_offline.py --strategy "snapkv(budget=25%)+int4"   # eviction (CPU): blocks freed
 
 The strategy goes in vLLM's ``additional_config`` under the ``kvplug`` key (the installed plugin
 reads it; no other flag is needed). ``--compare`` also starts an engine without kvplug at the same

@@ -16,9 +16,8 @@ platform's choice here only when a strategy is selected. With a strategy:
   frees a request's leading blocks, and the impl compacts each layer's kept tokens into the
   slots that stay and reads only those (:mod:`.compaction`, :mod:`.eviction`).
 
-The GPU path (not wired yet) keeps this structure: another ``PagedKV`` whose ``store`` and
-attention call :mod:`kvplug.triton_ops` on the same page bytes (the layout is the Triton one).
-Without a strategy (an engine in the same process that does not select one) every call goes
+On CUDA, :mod:`.cuda_backend` keeps the same page bytes (the layout is the Triton one) and
+stores and attends with :mod:`kvplug.triton_ops`; eviction runs here only so far. Without a strategy (an engine in the same process that does not select one) every call goes
 to vLLM's own CPU implementation unchanged.
 """
 
