@@ -8,7 +8,8 @@ pytest.importorskip("triton")
 from kvplug.triton_ops import (PagedLayout, decode_attention, decode_attention_reference,  # noqa: E402
                                store_kv_reference)
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
+from test_triton_store import DEV, poisoned_cache  # noqa: E402
+
 # relative L2 error vs unquantized attention that each format stays under (random normal K/V;
 # seen over many seeds: int8 <= 0.009, int4 <= 0.15, int2 <= 0.77 -- 2 bits without rotation is coarse)
 SANITY = {16: 3e-3, 8: 3e-2, 4: 0.3, 2: 1.0}
@@ -21,12 +22,7 @@ def _case(bits, d, bs, hkv, g, lens, gen, dtype=torch.float16):
     lens2 = lens if lens.dim() == 2 else lens[:, None].expand(b, hkv)
     max_blocks = max(1, -(-int(lens2.max()) // bs))
     nb = b * max_blocks + 3
-    cache = layout.allocate(nb, DEV)
-    if layout.quantized:
-        cache.copy_(torch.randint(0, 256, cache.shape, dtype=torch.uint8, generator=gen))
-        layout.meta(cache).fill_(float("nan"))
-    else:
-        cache.fill_(float("nan"))
+    cache = poisoned_cache(layout, nb, gen)
     bt = torch.randperm(nb, generator=gen)[: b * max_blocks].view(b, max_blocks).int().to(DEV)
     k = torch.randn(b, hkv, max_blocks * bs, d, generator=gen).to(DEV, dtype)
     v = torch.randn(b, hkv, max_blocks * bs, d, generator=gen).to(DEV, dtype)

@@ -15,7 +15,8 @@ from kvplug.triton_ops import PagedLayout, store_kv, store_kv_reference  # noqa:
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _poisoned(layout, num_blocks, gen):
+def poisoned_cache(layout, num_blocks, gen):
+    """A cache of random bytes (NaN scales) where nothing was stored: what is read unwritten shows."""
     cache = layout.allocate(num_blocks, DEV)
     if layout.quantized:
         cache.copy_(torch.randint(0, 256, cache.shape, dtype=torch.uint8, generator=gen))
@@ -46,7 +47,7 @@ def _inputs(t, h, d, dtype, gen):
 def test_store_matches_core_codec(bits, d, bs, h, dtype, per_head, gen):
     layout = PagedLayout(bs, h, d, bits, dtype)
     nb, t = 6, 37
-    cache = _poisoned(layout, nb, gen)
+    cache = poisoned_cache(layout, nb, gen)
     ref = cache.clone()
     k, v = _inputs(t, h, d, dtype, gen)
     if per_head:
@@ -64,7 +65,7 @@ def test_store_matches_core_codec(bits, d, bs, h, dtype, per_head, gen):
 
 def test_store_int4_decodes_close_to_input(gen):
     layout = PagedLayout(16, 2, 128, 4, torch.float16)
-    cache = _poisoned(layout, 2, gen)
+    cache = poisoned_cache(layout, 2, gen)
     k, v = _inputs(20, 2, 128, torch.float16, gen)
     slots = torch.arange(20, device=DEV, dtype=torch.int32) + 5
     store_kv(k, v, cache, slots, layout)

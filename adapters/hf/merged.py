@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from kvplug.codecs.base import Codec, Encoded
+from kvplug.codecs.base import Codec
 from kvplug.codecs.none import NoCodec
 from kvplug.mergers.base import Merger
 from kvplug.strategy import Selection
 
-
-def _nbytes(tensors: Encoded) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+from .store import encoded_bytes
 
 
 class MergedStore:
@@ -65,8 +63,8 @@ class MergedStore:
         total = 0
         share = float(self.filled.float().mean()) if self.filled.numel() else 0.0
         for direction, magnitudes, index, valid, own in self.roles.values():
-            total += share * (_nbytes(direction) + magnitudes.numel() * magnitudes.element_size())
-            per_kept = (index.element_size() + sum(_nbytes(e) for e in own) / max(1, index.numel()))
+            total += share * (encoded_bytes(direction) + magnitudes.numel() * magnitudes.element_size())
+            per_kept = (index.element_size() + sum(encoded_bytes(e) for e in own) / max(1, index.numel()))
             total += per_kept * int(valid.sum())
         return round(total)
 

@@ -21,7 +21,8 @@ def _pad(t: torch.Tensor, extra: int, dim: int, value: float = 0) -> torch.Tenso
     return torch.cat([t, t.new_full(shape, value)], dim=dim)
 
 
-def _nbytes(tensors: Encoded) -> int:
+def encoded_bytes(tensors: Encoded) -> int:
+    """Bytes of one encoded K or V (codes, scales, ...)."""
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
@@ -93,7 +94,7 @@ class SlotStore:
         """Bytes of the tokens held (filled slots only)."""
         if self.counts is None or self.capacity == 0:
             return 0
-        per_slot = (_nbytes(self.keys) + _nbytes(self.values)) / (self.positions.numel())
+        per_slot = (encoded_bytes(self.keys) + encoded_bytes(self.values)) / (self.positions.numel())
         return round(per_slot * int(self.counts.sum()))
 
 
@@ -123,7 +124,7 @@ class GroupStore:
         return k, v
 
     def stored_bytes(self) -> int:
-        return sum(_nbytes(e) for e in self.keys + self.values)
+        return sum(encoded_bytes(e) for e in self.keys + self.values)
 
 
 class PagedStore:

@@ -34,8 +34,7 @@ class MiniCache(Merger):
     gamma: float = param(0.05, low=0.0, high=1.0, doc="retention threshold within the row's angular-distance range")
 
     def pairs(self, num_layers: int) -> list[tuple[int, int]]:
-        first = self.start.resolve(num_layers) if self.start.fraction is not None else self.start.tokens
-        return [(i, i + 1) for i in range(first, num_layers - 1, 2)]
+        return [(i, i + 1) for i in range(self.start.resolve(num_layers), num_layers - 1, 2)]
 
     def merge(self, first: torch.Tensor, second: torch.Tensor, valid: torch.Tensor) -> Merged:
         a, b = first.float(), second.float()
