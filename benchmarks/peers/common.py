@@ -167,7 +167,8 @@ class Board:
 
 def run(model, tokenizer, source, methods: list[Method], settings: Settings, extra: dict | None = None) -> dict:
     """Every task of ``settings`` for every method (the first must be the plain baseline, named
-    ``none``: perplexity deltas and agreement are relative to it). Returns a kvplug-eval/1 dict."""
+    ``none``: perplexity deltas and agreement are relative to it). Returns a kvplug-eval/1 dict that
+    records the held-out tokens' fingerprint (so runs in different venvs can be shown to share inputs)."""
     assert methods[0].name == "none", "the first method is the baseline"
     seed, device = settings.seed, settings.device
     board = Board([m.name for m in methods])
@@ -224,6 +225,7 @@ def run(model, tokenizer, source, methods: list[Method], settings: Settings, ext
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "seconds": time.time() - started,
         "settings": settings_dict,
+        "heldout_fingerprint": fingerprint(source),
         **(extra or {}),
         "results": list(board.results.values()),
     }

@@ -75,8 +75,7 @@ def main(argv=None) -> None:
 
     ms = methods(model, [n.strip() for n in args.presses.split(",") if n.strip()], parse_fraction(args.fraction))
     results = common.run(model, tokenizer, source, ms, settings, extra={
-        "peer": f"kvpress {version('kvpress')}, transformers {transformers.__version__}, torch {version('torch')}",
-        "heldout_fingerprint": common.fingerprint(source)})
+        "peer": f"kvpress {version('kvpress')}, transformers {transformers.__version__}, torch {version('torch')}"})
     common.finish(results, args)  # validates against kvplug/eval/schema.json
 
 if __name__ == "__main__":

@@ -53,8 +53,7 @@ def main(argv=None) -> None:
         quanto = None
     ms = methods(model, [int(b) for b in args.bits.split(",")], [b.strip() for b in args.backends.split(",")])
     results = common.run(model, tokenizer, source, ms, settings, extra={
-        "peer": f"transformers {transformers.__version__} QuantizedCache (optimum-quanto {quanto})",
-        "heldout_fingerprint": common.fingerprint(source)})
+        "peer": f"transformers {transformers.__version__} QuantizedCache (optimum-quanto {quanto})"})
     common.finish(results, args)  # validates against kvplug/eval/schema.json
 
 if __name__ == "__main__":
