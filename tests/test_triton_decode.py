@@ -121,3 +121,38 @@ def test_decode_long_diffuse_context(bits, gen):
     out = decode_attention(q, cache, layout, bt, lens, num_splits=2, block_n=64)
     ref = decode_attention_reference(q, cache, layout, bt, lens, compute_dtype=torch.float64)
     assert _rel(out, ref) < 2e-3
+
+
+@pytest.mark.parametrize("bits,per_head,splits", [(16, False, 1), (8, True, 2), (4, False, 3), (2, True, 1)])
+def test_decode_reads_from_start(bits, per_head, splits, gen):
+    """seq_starts: a (sequence, head) reads slots [start, len) only; every slot before its start is
+    poisoned (NaN), as evicted and freed slots would be, and a start at the length gives zeros."""
+    b, hkv, g, bs = 3, 2, 4, 16
+    shape = (b, hkv) if per_head else (b,)
+    lens = torch.randint(40, 120, shape, dtype=torch.int32, generator=gen)
+    starts = (torch.rand(shape, generator=gen) * lens).int()
+    starts[1] = lens[1]                                  # everything evicted: nothing to read
+    layout, cache, bt, k, v, q = _case(bits, 64, bs, hkv, g, lens, gen)
+    starts2 = starts if per_head else starts[:, None].expand(b, hkv)
+    for i in range(b):
+        for h in range(hkv):
+            t = torch.arange(int(starts2[i, h]))
+            blk, off = bt[i, t // bs].long(), (t % bs).to(DEV)
+            if layout.quantized:
+                layout.meta(cache)[blk, :, h, off] = float("nan")
+            else:
+                cache[blk, :, h, off] = float("nan")
+    lens, starts = lens.to(DEV), starts.to(DEV)
+    out = torch.full_like(q, float("nan"))
+    decode_attention(q, cache, layout, bt, lens, seq_starts=starts, num_splits=splits, block_n=32, out=out)
+    assert torch.isfinite(out).all(), "a slot before its start was read, or the output was not written"
+    ref = decode_attention_reference(q, cache, layout, bt, lens, compute_dtype=torch.float64, seq_starts=starts)
+    assert _rel(out, ref) < 2e-3
+    assert (out[1] == 0).all()
+    # sanity against unquantized attention over exactly the kept window
+    pos = torch.arange(k.shape[2])
+    keep = (pos[None, None] >= starts2.cpu()[:, :, None]) & (pos[None, None] < lens.cpu().reshape(b, -1)[:, :, None])
+    s = torch.einsum("bhgd,bhld->bhgl", q.cpu().double().view(b, hkv, g, 64), k.cpu().double()) * 64 ** -0.5
+    p = torch.softmax(s.masked_fill(~keep[:, :, None], float("-inf")), -1).nan_to_num(0.0)
+    exact = torch.einsum("bhgl,bhld->bhgd", p, v.cpu().double()).reshape(b, hkv * g, 64)
+    assert _rel(out.cpu(), exact) < SANITY[bits]

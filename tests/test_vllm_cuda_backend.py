@@ -15,7 +15,7 @@ import torch.nn.functional as F
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None or importlib.util.find_spec("triton") is None,
                                 reason="needs vllm and triton")
 
-HKV, G, D, BS = 2, 2, 64, 16
+HKV, G, D, BS, LAYERS = 2, 2, 64, 16, 2
 
 
 SELECTED = {"spec": "int4"}
@@ -24,9 +24,13 @@ SELECTED = {"spec": "int4"}
 
 def _config(spec):
     """A stand-in for the worker's VllmConfig (the fields the backend reads)."""
-    model = SimpleNamespace(dtype=torch.float16, get_head_size=lambda: D)
-    return SimpleNamespace(model_config=model, cache_config=SimpleNamespace(block_size=BS),
-                           additional_config={"kvplug": spec})
+    model = SimpleNamespace(dtype=torch.float16, get_head_size=lambda: D, get_total_num_hidden_layers=lambda: LAYERS,
+                            max_model_len=256)
+    return SimpleNamespace(model_config=model, cache_config=SimpleNamespace(block_size=BS, enable_prefix_caching=False),
+                           scheduler_config=SimpleNamespace(enable_chunked_prefill=False, max_num_seqs=4,
+                                                            max_num_batched_tokens=256, long_prefill_token_threshold=0),
+                           compilation_config=SimpleNamespace(max_cudagraph_capture_size=8),
+                           speculative_config=None, kv_transfer_config=None, additional_config={"kvplug": spec})
 
 
 @pytest.fixture
@@ -34,7 +38,7 @@ def cb(monkeypatch):
     from kvplug.adapters.vllm import compat, cuda_backend
 
     monkeypatch.setattr(compat, "current_config", lambda: _config(SELECTED["spec"]))
-    monkeypatch.setattr(cuda_backend, "ACTIVE", {"layout": None})
+    monkeypatch.setattr(cuda_backend, "ACTIVE", {"layout": None, "evicting": None})
     return cuda_backend
 
 
@@ -181,7 +185,7 @@ def test_cuda_platform_routes_compressed_codecs_only(cb, monkeypatch):
         assert adapter._pick_backend(stock) == expected
 
 
-def test_cuda_refuses_eviction(cb, monkeypatch):
+def test_cuda_routes_eviction_and_refuses_streaming(cb, monkeypatch):
     import kvplug.adapters.vllm as adapter
     from kvplug.adapters.vllm import compat
     from kvplug.config import resolve
@@ -189,6 +193,85 @@ def test_cuda_refuses_eviction(cb, monkeypatch):
 
     monkeypatch.setattr(compat, "platform", lambda: SimpleNamespace(is_cuda=lambda: True, is_cpu=lambda: False,
                                                                      device_name="H100"))
-    spec = "snapkv(budget=25%)+int4"
-    with pytest.raises(SpecError, match=r"eviction \(snapkv\) runs on the CPU backend so far"):
+    monkeypatch.setattr(compat, "expose_prompt_lengths", lambda: True)
+    stock = "vllm.v1.attention.backends.flash_attn.FlashAttentionBackend"
+    for spec in ("snapkv(budget=25%)+int4", "snapkv(budget=25%)", "knorm(budget=50%)+pyramid"):
+        SELECTED["spec"] = spec
+        assert adapter._pick_backend(stock) == adapter.CUDA_BACKEND  # with codec none too: eviction is ours
+        config = _config(spec)
+        config.cache_config.enable_prefix_caching = config.scheduler_config.enable_chunked_prefill = True
+        adapter._check_engine(config, resolve(spec))  # turns both off, then the CUDA checks pass
+        assert not config.cache_config.enable_prefix_caching and not config.scheduler_config.enable_chunked_prefill
+    spec = "streaming(sinks=4, window=64)+int4"
+    with pytest.raises(SpecError, match="streaming evicts while generating, which the CUDA backend") as e:
         adapter._check_engine(_config(spec), resolve(spec))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("spec", ["snapkv(budget=24, window=8)+int4", "knorm(budget=40%)+pyramid(beta=4)",
+                                  "snapkv(budget=30, window=8)"])
+def test_forward_with_eviction_reads_the_kept_tokens_only(cb, spec, gen):
+    """Two prompts in one step, then decode steps: every decode output equals float64 attention
+    over the tokens the strategy keeps (its own selection on the prompt's raw K/V and last
+    queries) and the generated ones, as stored (encoded, decoded), while the blocks the scheduler
+    frees are poisoned; the builder's starts buffer is what the decode kernel reads."""
+    from kvplug.adapters.vllm.eviction import freed_tokens
+    from kvplug.config import resolve
+    from kvplug.scorers.base import ScoreInputs
+
+    strategy = resolve(spec)
+    impl = _impl(cb, spec)
+    builder = cb.KVPlugCudaMetadataBuilder(None, ["model.layers.1.self_attn.attn"], _config(spec), torch.device("cpu"))
+    layer = SimpleNamespace(layer_name="model.layers.1.self_attn.attn")
+    assert cb.ACTIVE["evicting"] == (str(strategy), LAYERS)
+    nb, prompts, steps = 24, [70, 45], 3
+    c = cb.token_bytes(impl.layout)
+    kv_cache = torch.randint(0, 256, (nb, HKV, BS, c), dtype=torch.uint8, generator=gen)
+    tables = torch.randperm(nb, generator=gen)[:16].view(2, 8).int()
+    total = [p + steps for p in prompts]
+    q = [torch.randn(t, HKV * G, D, generator=gen).half() for t in total]
+    k = [torch.randn(t, HKV, D, generator=gen).half() for t in total]
+    v = [torch.randn(t, HKV, D, generator=gen).half() for t in total]
+    lens = torch.tensor(prompts)
+
+    def run(pieces, ctx):
+        """One step: (request, token range) pieces; returns the output rows of each piece."""
+        slots = torch.cat([tables[r, torch.arange(a, b) // BS].long() * BS + torch.arange(a, b) % BS for r, (a, b) in pieces])
+        md = builder.build(0, _common([b - a for _, (a, b) in pieces], ctx, slots, tables))
+        builder.starts.fill_(-12345)  # stale rows: the step's own must be written
+        md.attach_prompt_lens(lens)
+        cat = lambda xs: torch.cat([x[r][a:b] for x, (r, (a, b)) in ((xs, p) for p in pieces)])  # noqa: E731
+        out = torch.full((len(slots), HKV * G, D), float("nan"), dtype=torch.float16)
+        impl.forward(layer, cat(q), cat(k), cat(v), kv_cache, md, output=out)
+        return out
+
+    out = run([(0, (0, prompts[0])), (1, (0, prompts[1]))], [0, 0])
+    assert not out.isnan().any()
+    # what the strategy keeps of each prompt in this layer (index 1), per KV head
+    kept = []
+    for r, p in enumerate(prompts):
+        window = min(strategy.scorer.observation_window, p)
+        inputs = ScoreInputs(keys=k[r][None, :p].transpose(1, 2).float(), values=v[r][None, :p].transpose(1, 2).float(),
+                             queries=q[r][None, p - window:p].transpose(1, 2).float(),
+                             valid=torch.ones(1, p, dtype=torch.bool), scale=D ** -0.5, layer_idx=1, num_layers=LAYERS)
+        kept.append(strategy.select(inputs).indices[0])
+    codec = strategy.codec
+
+    def stored(x, role):
+        return codec.decode(codec.encode(x.float(), role), role, torch.float64)
+
+    for step in range(steps):
+        for r, p in enumerate(prompts):  # what the scheduler frees before this step: another request's now
+            freed = freed_tokens(strategy, p, p + step, BS, LAYERS)
+            kv_cache[tables[r, :freed // BS].long()] = 255  # NaN scales / values
+        n = [p + step for p in prompts]
+        out = run([(0, (n[0], n[0] + 1)), (1, (n[1], n[1] + 1))], n)
+        assert builder.starts[1, :2].tolist() == [p - kept[r].shape[1] for r, p in enumerate(prompts)]
+        for r, p in enumerate(prompts):
+            for h in range(HKV):
+                pos = torch.cat([kept[r][h], torch.arange(p, n[r] + 1)])
+                keys, values = stored(k[r][pos, h], "key"), stored(v[r][pos, h], "value")
+                qh = q[r][n[r], h * G:(h + 1) * G].double()
+                ref = torch.softmax(qh @ keys.T * D ** -0.5, -1) @ values
+                got = out[r, h * G:(h + 1) * G].double()
+                assert (got - ref).norm() / ref.norm() < 1e-2, (spec, step, r, h)

@@ -81,7 +81,8 @@ def default_num_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int
 
 def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                     sm_scale: float | None = None, *, num_splits: int | None = None,
+                     sm_scale: float | None = None, *, seq_starts: torch.Tensor | None = None,
+                     num_splits: int | None = None,
                      block_n: int | None = None, num_warps: int | None = None, num_stages: int = 2,
                      min_rows: int = 16,
                      out: torch.Tensor | None = None) -> torch.Tensor:
@@ -90,7 +91,8 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
     q: ``[batch, num_q_heads, head_dim]`` (num_q_heads a multiple of num_kv_heads, GQA).
     block_tables: int32 ``[batch, max_blocks]``. seq_lens: int32 ``[batch]`` or
     ``[batch, num_kv_heads]`` (a length per head: tokens ``0..len-1`` of the sequence's slots).
-    A head with length 0 gives zeros. Returns ``[batch, num_q_heads, head_dim]`` in q's dtype.
+    seq_starts (optional, shaped like seq_lens): each reads only slots ``start..len-1`` (eviction
+    keeps its tokens at the end of what was written). A head with nothing to read gives zeros. Returns ``[batch, num_q_heads, head_dim]`` in q's dtype.
     ``num_splits`` (default :func:`default_num_splits` from the block table's capacity, no host
     sync), ``block_n`` (tokens per tile), ``num_warps``, ``num_stages``, ``min_rows``
     (query rows of a KV head padded to at least this for the tensor-core dot; Triton >= 3.3 pads
@@ -106,12 +108,8 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
         raise ValueError("decode_attention: q needs a contiguous last dimension")
     g = hq // h
     sm_scale = d ** -0.5 if sm_scale is None else float(sm_scale)
-    if seq_lens.dim() == 1:
-        lb, lh = seq_lens.stride(0), 0
-    elif tuple(seq_lens.shape) == (b, h):
-        lb, lh = seq_lens.stride()
-    else:
-        raise ValueError(f"decode_attention: seq_lens must be [{b}] or [{b}, {h}], got {tuple(seq_lens.shape)}")
+    lb, lh = _per_sequence_strides(seq_lens, b, h, "seq_lens")
+    sb, sh = _per_sequence_strides(seq_starts, b, h, "seq_starts") if seq_starts is not None else (0, 0)
     if block_tables.dim() != 2 or block_tables.shape[0] != b or block_tables.stride(-1) != 1:
         raise ValueError("decode_attention: block_tables must be [batch, max_blocks] with contiguous rows")
     if out is None:
@@ -135,16 +133,26 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
     else:
         po = pml = out
     kern._decode_kernel[(b * h, splits)](
-        q, cache, words, meta, block_tables, seq_lens, out, po, pml, sm_scale, splits,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), lb, lh,
+        q, cache, words, meta, block_tables, seq_lens, seq_lens if seq_starts is None else seq_starts, out, po,
+        pml, sm_scale, splits,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), lb, lh, sb, sh,
         cs[0], cs[1], cs[2],
         HKV=h, G=g, G_PAD=max(min_rows, _pow2(g)), D=d, BS=layout.block_size, BITS=layout.bits,
         CB=layout.code_bytes if layout.quantized else d, BLOCK_N=block_n, SPLIT=splits > 1,
-        num_warps=num_warps, num_stages=num_stages)
+        HAS_START=seq_starts is not None, num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         kern._reduce_kernel[(b * hq,)](po, pml, out, splits, out.stride(0), out.stride(1),
                                        HQ=hq, D=d, S_PAD=_pow2(splits), num_warps=4)
     return out
+
+
+def _per_sequence_strides(x: torch.Tensor, b: int, h: int, name: str) -> tuple[int, int]:
+    """Strides (sequence, head) of a per-sequence ``[b]`` or per-head ``[b, h]`` int tensor."""
+    if x.dim() == 1 and x.shape[0] == b:
+        return x.stride(0), 0
+    if tuple(x.shape) == (b, h):
+        return x.stride(0), x.stride(1)
+    raise ValueError(f"decode_attention: {name} must be [{b}] or [{b}, {h}], got {tuple(x.shape)}")
 
 
 _SMS: dict = {}

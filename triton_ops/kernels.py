@@ -134,22 +134,27 @@ def _codes_f16(w, BITS: tl.constexpr, CB: tl.constexpr):
 
 
 @triton.jit
-def _decode_kernel(q_ptr, cache_ptr, words_ptr, meta_ptr, bt_ptr, lens_ptr, out_ptr, po_ptr, pml_ptr,
+def _decode_kernel(q_ptr, cache_ptr, words_ptr, meta_ptr, bt_ptr, lens_ptr, starts_ptr, out_ptr, po_ptr, pml_ptr,
                    sm_scale, num_splits,
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_btb, stride_lb, stride_lh,
-                   stride_cblk, stride_ckv, stride_ch,
+                   stride_sb, stride_sh, stride_cblk, stride_ckv, stride_ch,
                    HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                    BS: tl.constexpr, BITS: tl.constexpr, CB: tl.constexpr, BLOCK_N: tl.constexpr,
-                   SPLIT: tl.constexpr):
+                   SPLIT: tl.constexpr, HAS_START: tl.constexpr):
     """stride_c*: strides of the cache in storage elements; for a quantized cache (uint8) they are
-    bytes, and the code words (int32) and metadata (float16) are read through views of it."""
+    bytes, and the code words (int32) and metadata (float16) are read through views of it.
+    With HAS_START a (sequence, head) reads slots ``[start, len)`` (eviction compacted the rest away)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
     h = pid % HKV
     seq_len = tl.load(lens_ptr + b * stride_lb + h * stride_lh)
-    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * chunk
+    if HAS_START:
+        first = tl.load(starts_ptr + b * stride_sb + h * stride_sh)
+    else:
+        first = 0
+    chunk = tl.cdiv(tl.cdiv(tl.maximum(seq_len - first, 0), num_splits), BLOCK_N) * BLOCK_N
+    start = first + split * chunk
     end = tl.minimum(start + chunk, seq_len)
 
     offs_g = tl.arange(0, G_PAD)

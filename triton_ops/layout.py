@@ -119,7 +119,7 @@ class PagedLayout:
     def codes(self, cache: torch.Tensor) -> torch.Tensor:
         """uint8 view ``[num_blocks, 2, heads, block_size, code_bytes]`` of the packed codes."""
         self._need_quantized()
-        n, bs = cache.shape[0], self.block_size
+        bs = self.block_size
         return cache[..., : bs * self.code_bytes].unflatten(-1, (bs, self.code_bytes))
 
     def meta(self, cache: torch.Tensor) -> torch.Tensor:

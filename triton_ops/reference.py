@@ -12,6 +12,11 @@ from .layout import PagedLayout
 _CODECS = {8: Int8(), 4: Int4(), 2: Int2()}
 
 
+def _per_head(x: torch.Tensor, b: int, h: int) -> torch.Tensor:
+    x = x.long()
+    return x[:, None].expand(b, h) if x.dim() == 1 else x
+
+
 def _slots(slot_mapping: torch.Tensor, num_tokens: int, heads: int) -> torch.Tensor:
     s = slot_mapping.long()
     if s.dim() == 1:
@@ -68,25 +73,27 @@ def gather_kv(cache: torch.Tensor, layout: PagedLayout, block_tables: torch.Tens
 def decode_attention_reference(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
                                block_tables: torch.Tensor, seq_lens: torch.Tensor,
                                sm_scale: float | None = None,
-                               compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                               compute_dtype: torch.dtype = torch.float32,
+                               seq_starts: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query token per sequence over its dequantized paged K/V.
 
-    q ``[batch, q_heads, head_dim]``; ``seq_lens`` ``[batch]`` or ``[batch, kv_heads]``. Returns
-    ``[batch, q_heads, head_dim]`` in ``compute_dtype``; a head with length 0 gives zeros.
+    q ``[batch, q_heads, head_dim]``; ``seq_lens`` (and optional ``seq_starts``) ``[batch]`` or
+    ``[batch, kv_heads]``: slots ``start..len-1`` are read. Returns ``[batch, q_heads, head_dim]``
+    in ``compute_dtype``; a head with nothing to read gives zeros.
     """
     layout.check(cache)
     b, hq, d = q.shape
     h = layout.num_kv_heads
     g = hq // h
     sm_scale = d ** -0.5 if sm_scale is None else sm_scale
-    lens = seq_lens.long()
-    if lens.dim() == 1:
-        lens = lens[:, None].expand(b, h)
+    lens = _per_head(seq_lens, b, h)
+    starts = _per_head(seq_starts, b, h) if seq_starts is not None else torch.zeros_like(lens)
     max_len = int(lens.max()) if lens.numel() else 0
     if max_len == 0:
         return torch.zeros(b, hq, d, dtype=compute_dtype, device=q.device)
     k, v = gather_kv(cache, layout, block_tables, max_len, compute_dtype)   # [B, H, L, D]
-    valid = torch.arange(max_len, device=q.device)[None, None, :] < lens[:, :, None]   # [B, H, L]
+    pos = torch.arange(max_len, device=q.device)[None, None, :]
+    valid = (pos < lens[:, :, None]) & (pos >= starts[:, :, None])   # [B, H, L]
     k = k.masked_fill(~valid[..., None], 0.0)              # slots past a head's length: never read
     v = v.masked_fill(~valid[..., None], 0.0)
     qf = q.to(compute_dtype).view(b, h, g, d)

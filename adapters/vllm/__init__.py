@@ -10,8 +10,8 @@ nothing until a strategy is selected, in order of precedence:
 A bad spec stops start-up with the parser's one-line :class:`kvplug.SpecError`; a spec this
 adapter cannot honour (eviction by attention while generating, KIVI's token groups, a platform
 without a kvplug backend) is refused the same way, never run uncompressed. Eviction (snapkv,
-knorm, random, streaming; uniform or pyramid budgets) frees blocks in vLLM's own pool on the
-CPU platform (refused on CUDA so far): see :mod:`.eviction` and docs/VLLM_EVICTION.md.
+knorm, random, streaming; uniform or pyramid budgets) frees blocks in vLLM's own pool (on CUDA
+all but streaming so far): see :mod:`.eviction` and docs/VLLM_EVICTION.md.
 
 How it reaches the engine (details and the 0.26 differences in :mod:`.compat`): ``register()``
 routes the platform's attention-backend choice, made in each worker while the model is built (when
@@ -42,7 +42,7 @@ CPU_BACKEND = "kvplug.adapters.vllm.backend.KVPlugCPUBackend"
 CUDA_BACKEND = "kvplug.adapters.vllm.cuda_backend.KVPlugCudaBackend"
 
 __all__ = ["register", "selected_spec", "selected_strategy", "check_supported", "check_layer", "check_head_sizes",
-           "prefill_mode", "KEY", "PREFILL_KEY", "CPU_BACKEND", "CUDA_BACKEND", "StartupError"]
+           "layer_spec", "prefill_mode", "KEY", "PREFILL_KEY", "CPU_BACKEND", "CUDA_BACKEND", "StartupError"]
 
 
 class StartupError(RuntimeError):
@@ -119,6 +119,22 @@ def check_head_sizes(spec, head_dim: int) -> None:
                         f"{head_dim}; only equal K/V head sizes are supported")
 
 
+def layer_spec(spec, token_bytes: int | None, evicting: tuple[str, int] | None):
+    """A layer's KV-cache spec as a kvplug backend reports it: with ``evicting`` (spec string,
+    layer count) the spec whose manager frees what eviction empties (:mod:`.manager`), then with
+    ``token_bytes`` the compressed page. In this order on both versions: 0.26's compressed spec
+    is a subclass of the spec it is given."""
+    if evicting is not None:
+        from .manager import KVPlugEvictingSpec
+
+        spec = KVPlugEvictingSpec.from_spec(spec, *evicting)
+    if token_bytes is not None:
+        from . import compat
+
+        spec = compat.compressed_spec(spec, token_bytes)
+    return spec
+
+
 def selected_strategy(vllm_config=None) -> Strategy | None:
     """The parsed, checked strategy of ``vllm_config`` (None when none is selected)."""
     spec = selected_spec(vllm_config)
@@ -143,8 +159,8 @@ def _pick_backend(stock_path: str) -> str | None:
         compat.expose_prompt_lengths()
     if stock_path == CPU_BACKEND or stock_path == compat.stock_cpu_backend_path():
         return CPU_BACKEND
-    if compat.platform().is_cuda():  # codec none: vLLM's own backend, unchanged
-        return None if _uncompressed(strategy) else CUDA_BACKEND
+    if compat.platform().is_cuda():  # codec none without eviction: vLLM's own backend, unchanged
+        return None if _stock_on_cuda(strategy) else CUDA_BACKEND
     raise SpecError(f"kvplug in vLLM has no compressed backend for {stock_path.rsplit('.', 1)[-1]} on "
                     f"{compat.platform().device_name!r} yet (CPU and CUDA are supported); remove the "
                     f"{KEY!r} key / ${ENV_VAR} to run uncompressed")
@@ -169,12 +185,11 @@ def _check_engine(vllm_config, strategy: Strategy) -> None:
 
     plat = compat.platform()
     backend = CPU_BACKEND
-    if plat.is_cuda() and strategy.evicts:
-        raise SpecError(f"kvplug in vLLM: eviction ({strategy.scorer.name}) runs on the CPU backend so far; on CUDA "
-                        f"only codecs (int8, int4, int2) do: drop {strategy.scorer.name}")
+    if strategy.evicts:
+        _check_eviction(vllm_config, strategy)
     if plat.is_cuda():
-        backend = "vLLM's own (codec none)" if _uncompressed(strategy) else CUDA_BACKEND
-        if not _uncompressed(strategy):
+        backend = "vLLM's own (codec none)" if _stock_on_cuda(strategy) else CUDA_BACKEND
+        if not _stock_on_cuda(strategy):
             from . import cuda_backend
 
             cuda_backend.check_engine(vllm_config, strategy)
@@ -185,17 +200,16 @@ def _check_engine(vllm_config, strategy: Strategy) -> None:
     if cache_dtype not in ("auto", None):
         raise SpecError(f"kvplug stores its own codes: keep --kv-cache-dtype auto (got {cache_dtype!r}) "
                         f"with {KEY}={str(strategy)!r}")
-    if strategy.evicts:
-        _check_eviction(vllm_config, strategy)
     version = ".".join(map(str, compat.vllm_version()))
     _log(f"kvplug: strategy {str(strategy)!r} selected, {prefill_mode(vllm_config)} prefill; attention backend "
          f"{backend} (vLLM {version})")
 
 
-def _uncompressed(strategy: Strategy) -> bool:
+def _stock_on_cuda(strategy: Strategy) -> bool:
+    """Nothing for kvplug to do on CUDA (codec none, no eviction): vLLM's own backend runs."""
     from kvplug.codecs.none import NoCodec
 
-    return isinstance(strategy.codec, NoCodec)
+    return isinstance(strategy.codec, NoCodec) and not strategy.evicts
 
 
 def _check_eviction(vllm_config, strategy: Strategy) -> None:

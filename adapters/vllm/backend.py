@@ -24,14 +24,13 @@ to vLLM's own CPU implementation unchanged.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
 from kvplug.codecs.none import NoCodec
 
-from . import check_head_sizes, check_layer, compat, prefill_mode, selected_strategy
-from .compaction import LayerEviction
+from . import check_head_sizes, check_layer, compat, layer_spec, prefill_mode, selected_strategy
+from .compaction import LayerEviction, attend
 from .layout import PagedKV, TokenLayout
 
 ACTIVE: dict = {"layout": None, "evicting": None}
@@ -57,14 +56,10 @@ class KVPlugCPUBackend(CPUAttentionBackend):
         layout: TokenLayout | None = ACTIVE["layout"]
         if layout is None:
             return spec
-        if not isinstance(layout.codec, NoCodec):
+        compressed = not isinstance(layout.codec, NoCodec)
+        if compressed:
             check_head_sizes(spec, layout.head_dim)
-            spec = compat.compressed_spec(spec, layout.token_bytes)
-        if ACTIVE["evicting"] is not None:
-            from .manager import KVPlugEvictingSpec
-
-            spec = KVPlugEvictingSpec.from_spec(spec, *ACTIVE["evicting"])
-        return spec
+        return layer_spec(spec, layout.token_bytes if compressed else None, ACTIVE["evicting"])
 
     @staticmethod
     def get_kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size, cache_dtype_str="auto"):
@@ -136,7 +131,7 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
                 keys, values = key[s:e].transpose(0, 1), value[s:e].transpose(0, 1)
             else:
                 keys, values = self.paged.gather(kv_cache, table[i], totals[i])
-            output[s:e] = self._attend(query[s:e], keys, values, context)
+            output[s:e] = attend(query[s:e], keys, values, self.scale, context)
         return output
 
     def _evicting(self, layer, query, key, value, kv_cache, block_ids, prompt_len: int, context: int,
@@ -156,38 +151,18 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
             if context:
                 raise RuntimeError("kvplug: eviction needs each prompt in one step (chunked prefill is turned off "
                                    f"for it); this one starts at token {context}")
-            keys, values = key.transpose(0, 1), value.transpose(0, 1)
             out = torch.empty_like(query)
-            out[:prompt_len] = self._attend(query[:prompt_len], keys[:, :prompt_len], values[:, :prompt_len], 0)
-            kept = ev.select(query[:prompt_len], keys[:, :prompt_len], values[:, :prompt_len], self.scale)
-            if total > prompt_len:
-                mask = ev.visible(prompt_len, kept, total)
-                out[prompt_len:] = self._attend(query[prompt_len:], self.paged.roundtrip(keys, "key"),
-                                                self.paged.roundtrip(values, "value"), prompt_len, mask)
-            ev.compact(kv_cache, block_ids, prompt_len, total, kept)
+            out[:prompt_len] = attend(query[:prompt_len], key[:prompt_len].transpose(0, 1),
+                                      value[:prompt_len].transpose(0, 1), self.scale)
+            ev.after_prompt(query, key, value, kv_cache, block_ids, prompt_len, self.scale, out)
             return out
         if total - context != 1:
             raise RuntimeError(f"kvplug: eviction runs one token per step after the prompt; got {total - context}")
         before, after = ev.plan(prompt_len, context, bs), ev.plan(prompt_len, total, bs)
         keys, values = ev.read(kv_cache, block_ids, before, after.recent, total)
-        out = self._attend(query, keys, values, context)
+        out = attend(query, keys, values, self.scale, context)
         ev.advance(kv_cache, block_ids, before, after)
         return out
-
-    def _attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, context: int,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``query`` ``[Tq, Hq, D]`` at positions ``context ..``; keys/values ``[H, L, D]``; ``mask``
-        ``[H, Tq, L]`` per KV head (default: causal by position)."""
-        tq, length = query.shape[0], keys.shape[1]
-        q = query.transpose(0, 1)
-        if mask is not None:
-            mask = mask.repeat_interleave(q.shape[0] // keys.shape[0], 0)
-        elif tq > 1:
-            pos = torch.arange(length, device=q.device)
-            mask = pos[None, :] <= (context + torch.arange(tq, device=q.device))[:, None]
-        out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
-                                             scale=self.scale, enable_gqa=q.shape[0] != keys.shape[0])
-        return out.transpose(0, 1)
 
     def _stock_forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                        output_block_scale):

@@ -10,6 +10,7 @@ its last queries), so both engines keep the same positions per layer and head.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from kvplug.scorers.base import ScoreInputs
 from kvplug.strategy import Strategy
@@ -63,6 +64,21 @@ class LayerEviction:
                 mask[:, j] &= (pos < p.front) | (pos >= p.recent)
         return mask
 
+    def after_prompt(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                     block_ids: torch.Tensor, prompt_len: int, scale: float, out: torch.Tensor) -> None:
+        """A request's step that held its whole prompt (``query``/``key``/``value`` ``[T, heads, D]``,
+        stored at positions ``0..T-1``): keep the selection and compact it. When ``T`` exceeds the
+        prompt (a preempted request re-runs its generated tokens too), those tokens' outputs
+        ``out[prompt_len:]`` are what the HF adapter's decode steps gave them: attention over the
+        kept tokens as stored (encoded and decoded). The prompt's own outputs are the caller's."""
+        total, p = query.shape[0], prompt_len
+        keys, values = key.transpose(0, 1), value.transpose(0, 1)
+        kept = self.select(query[:p], keys[:, :p], values[:, :p], scale)
+        if total > p:
+            out[p:] = attend(query[p:], self.paged.roundtrip(keys, "key"), self.paged.roundtrip(values, "value"),
+                             scale, p, self.visible(p, kept, total))
+        self.compact(kv_cache, block_ids, p, total, kept)
+
     def compact(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, prompt_len: int, num_tokens: int,
                 kept: torch.Tensor) -> None:
         """Move the kept prompt tokens ``kept`` ``[H, K]`` into slots ``[P - K, P)`` (the plan after
@@ -92,3 +108,19 @@ class LayerEviction:
         held = Plan(where.base, where.front, recent).slots(num_tokens)
         positions = torch.cat([torch.arange(r.start, r.stop, device=block_ids.device) for r in held])
         return self.paged.read(kv_cache, slots_of(block_ids, positions, kv_cache.shape[2]))
+
+
+def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, context: int = 0,
+           mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``query`` ``[Tq, Hq, D]`` at positions ``context ..`` over keys/values ``[H, L, D]``;
+    ``mask`` ``[H, Tq, L]`` per KV head (default: causal by position). Returns ``[Tq, Hq, D]``."""
+    tq, length = query.shape[0], keys.shape[1]
+    q = query.transpose(0, 1)
+    if mask is not None:
+        mask = mask.repeat_interleave(q.shape[0] // keys.shape[0], 0)
+    elif tq > 1:
+        pos = torch.arange(length, device=q.device)
+        mask = pos[None, :] <= (context + torch.arange(tq, device=q.device))[:, None]
+    out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, scale=scale,
+                                         enable_gqa=q.shape[0] != keys.shape[0])
+    return out.transpose(0, 1)

@@ -236,14 +236,15 @@ def kernel_block_sizes(backend_cls: type, spec=None) -> list:
         return backend_cls.get_supported_kernel_block_sizes()
 
 
-# eviction (0.32 only) -------------------------------------------------------------------------------
+# eviction -------------------------------------------------------------------------------
 PROMPT_LENS = "kvplug_prompt_lens"
 """Attribute set on each step's attention metadata: the prompt length of each request ``[num_reqs]``."""
 
 
 def supports_eviction() -> bool:
-    """0.32+: the KV-cache manager is told each request's prompt length when freeing blocks
-    (``remove_skipped_blocks(..., num_prompt_tokens)``) and specs register their own manager."""
+    """0.26 and 0.32: the KV-cache manager is told each request's prompt length when freeing
+    blocks (``remove_skipped_blocks(..., num_prompt_tokens)``) and specs register their own manager
+    (``vllm.v1.kv_cache_spec_registry``); earlier releases lack one or the other."""
     import inspect
 
     try:
@@ -258,7 +259,9 @@ def expose_prompt_lengths() -> bool:
     """Give the attention backend each request's prompt length: vLLM's model runner knows it
     (``input_batch.num_prompt_tokens``) but hands it to attention only for R-SWA models, so its
     ``_build_attention_metadata`` is wrapped to attach it to the metadata it returns (the rows are
-    the batch's requests in order; rows beyond them, as in warm-up runs, get none)."""
+    the batch's requests in order; rows beyond them, as in warm-up runs, get none): through the
+    metadata's own ``attach_prompt_lens`` where it has one (kvplug's CUDA backend), else as the
+    attribute :data:`PROMPT_LENS`."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     current = GPUModelRunner._build_attention_metadata
@@ -271,8 +274,12 @@ def expose_prompt_lengths() -> bool:
         batch = self.input_batch
         lens = batch.num_prompt_tokens_cpu_tensor[:batch.num_reqs].clone()
         for per_layer in metadata if isinstance(metadata, list) else [metadata]:
-            for md in per_layer.values():
-                setattr(md, PROMPT_LENS, lens)
+            for md in {id(md): md for md in per_layer.values()}.values():  # layers of a group share one
+                attach = getattr(md, "attach_prompt_lens", None)
+                if attach is not None:
+                    attach(lens)
+                else:
+                    setattr(md, PROMPT_LENS, lens)
         return metadata, rest
 
     setattr(_build_attention_metadata, ROUTED, True)

@@ -1,8 +1,8 @@
 """kvplug's attention backend for vLLM on CUDA GPUs (imports vLLM; the kernels only when run).
 
 :mod:`kvplug.adapters.vllm` routes the platform's backend choice here when a strategy with a
-quantizing codec (int8/int4/int2) is selected; with ``none`` (or no strategy) vLLM's own backend
-runs unchanged. Each step, in the layer's forward:
+quantizing codec (int8/int4/int2) or eviction is selected; with ``none`` and no eviction (or no
+strategy) vLLM's own backend runs unchanged. Each step, in the layer's forward:
 
 * store: :func:`kvplug.triton_ops.store_kv` quantizes the step's K/V and writes them at vLLM's
   ``slot_mapping`` (one kernel, no other pass over the cache);
@@ -12,6 +12,14 @@ runs unchanged. Each step, in the layer's forward:
   :class:`~kvplug.triton_ops.PagedLayout`: same bytes, :func:`.layout.as_triton_cache`);
 * prefill requests: causal attention over the step's own uncompressed K/V (vLLM's FlashAttention
   varlen kernel; torch SDPA where vLLM has none), as the HF adapter's prefill does.
+
+With a strategy that evicts at the prompt (snapkv, knorm, random; uniform or pyramid budgets),
+each prefill's step also keeps the selected tokens and compacts them into the last slots of the
+prompt (:meth:`.compaction.LayerEviction.after_prompt`, the CPU backend's code), the scheduler's
+manager frees the blocks before them (:mod:`.manager`), and decode reads each layer's slots from
+its own start (``seq_starts`` of the decode kernel, one int per layer and request, filled from
+the prompt lengths before each step: :func:`.eviction.decode_starts`). Streaming, which moves its
+sinks while generating, runs on the CPU backend only so far.
 
 A prefill with cached context (prefix-cache hit, a later chunk of a chunked prefill) would need
 attention over compressed context plus its own tokens, which is not written yet: start-up refuses
@@ -36,12 +44,15 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from kvplug import triton_ops
 from kvplug.errors import SpecError
 
-from . import KEY, PREFILL_KEY, check_head_sizes, check_layer, compat, prefill_mode, selected_strategy
-from .layout import as_triton_cache
+from . import KEY, PREFILL_KEY, check_head_sizes, check_layer, compat, layer_spec, prefill_mode, selected_strategy
+from .compaction import LayerEviction
+from .eviction import decode_starts
+from .layout import PagedKV, TokenLayout, as_triton_cache
 
-ACTIVE: dict = {"layout": None}
+ACTIVE: dict = {"layout": None, "evicting": None}
 """The :class:`~kvplug.triton_ops.PagedLayout` of the model last built in this process (one engine
-per worker): ``customize_spec`` and ``get_kv_cache_shape`` (class methods, no config) read it."""
+per worker) and, when its strategy evicts, ``(spec, num_layers)``: ``customize_spec`` and
+``get_kv_cache_shape`` (class methods, no config) read them."""
 
 
 def paged_layout(codec, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype):
@@ -62,6 +73,10 @@ def check_engine(vllm_config, strategy) -> None:
     head_dim = compat.head_size(vllm_config)
     if head_dim is not None:
         paged_layout(strategy.codec, 16, 1, head_dim, getattr(model, "dtype", None) or torch.bfloat16)
+    scorer = strategy.scorer
+    if scorer is not None and scorer.evicts_on_decode:
+        raise SpecError(f"kvplug in vLLM on CUDA: {scorer.name} evicts while generating, which the CUDA backend "
+                        f"does not do yet (it runs on the CPU backend); use snapkv, knorm or random on CUDA")
     cache = getattr(vllm_config, "cache_config", None)
     sched = getattr(vllm_config, "scheduler_config", None)
     on = [flag for flag, enabled in (
@@ -101,7 +116,7 @@ class KVPlugCudaBackend(AttentionBackend):
         if layout is None:
             return spec
         check_head_sizes(spec, layout.head_dim)
-        return compat.compressed_spec(spec, token_bytes(layout))
+        return layer_spec(spec, token_bytes(layout), ACTIVE["evicting"])
 
     @staticmethod
     def get_kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size, cache_dtype_str="auto"):
@@ -130,6 +145,20 @@ class KVPlugCudaMetadata:
     prefill_starts: torch.Tensor | None  # int32 [prefills + 1], from the first prefill token
     prefill_starts_cpu: torch.Tensor | None
     max_prefill_len: int
+    first_prefill: int = 0  # the request (row) of the first prefill
+    decode_starts: torch.Tensor | None = None  # eviction: int32 [layers, rows], the first slot each reads
+    strategy: object = None  # eviction: the strategy the starts follow
+    prompt_lens: torch.Tensor | None = None  # eviction: int [requests], from the model runner
+
+    def attach_prompt_lens(self, lens: torch.Tensor) -> None:
+        """Called (:func:`.compat.expose_prompt_lengths`) once the model runner has built this
+        step's metadata: fill the decode rows' starts in place (a copy on the step's stream, before
+        the step; the buffer is the one CUDA graphs captured)."""
+        self.prompt_lens = lens
+        rows = min(self.num_decodes, len(lens))
+        if self.decode_starts is not None and rows:
+            starts = decode_starts(self.strategy, lens[:rows].tolist(), self.decode_starts.shape[0])
+            self.decode_starts[:, :rows].copy_(starts, non_blocking=True)
 
 
 class KVPlugCudaMetadataBuilder(AttentionMetadataBuilder[KVPlugCudaMetadata]):
@@ -138,10 +167,20 @@ class KVPlugCudaMetadataBuilder(AttentionMetadataBuilder[KVPlugCudaMetadata]):
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):  # abstract in vLLM's base
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        strategy = selected_strategy(vllm_config)
+        self.evicting = strategy if strategy is not None and strategy.evicts else None
+        if self.evicting is not None:
+            rows = max(vllm_config.scheduler_config.max_num_seqs,
+                       getattr(vllm_config.compilation_config, "max_cudagraph_capture_size", None) or 0)
+            layers = vllm_config.model_config.get_total_num_hidden_layers()
+            self.starts = torch.zeros(layers, rows, dtype=torch.int32, device=device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> KVPlugCudaMetadata:
-        return build_metadata(common_attn_metadata)
+        md = build_metadata(common_attn_metadata)
+        if self.evicting is not None:
+            md.decode_starts, md.strategy = self.starts, self.evicting
+        return md
 
 
 def build_metadata(common: CommonAttentionMetadata) -> KVPlugCudaMetadata:
@@ -168,7 +207,7 @@ def build_metadata(common: CommonAttentionMetadata) -> KVPlugCudaMetadata:
         block_table=common.block_table_tensor, seq_lens=common.seq_lens,
         num_decodes=min(num_decodes, num_decode_tokens), num_decode_tokens=num_decode_tokens,
         num_prefill_tokens=num_prefill_tokens, prefill_starts=starts, prefill_starts_cpu=starts_cpu,
-        max_prefill_len=max_len)
+        max_prefill_len=max_len, first_prefill=num_decodes)
 
 
 class KVPlugCudaImpl(AttentionImpl):
@@ -192,6 +231,10 @@ class KVPlugCudaImpl(AttentionImpl):
         block_size = getattr(getattr(config, "cache_config", None), "block_size", None) or 16
         self.layout = paged_layout(strategy.codec, block_size, self.num_kv_heads, head_size, dtype)
         ACTIVE["layout"] = self.layout
+        self.strategy = strategy
+        self.num_layers = config.model_config.get_total_num_hidden_layers()
+        self.eviction: LayerEviction | None = None  # made at the first step, when the layer's name is known
+        ACTIVE["evicting"] = (str(strategy), self.num_layers) if strategy.evicts else None
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output=None, output_scale=None,
                 output_block_scale=None):
@@ -203,14 +246,45 @@ class KVPlugCudaImpl(AttentionImpl):
         n = attn_metadata.num_actual_tokens
         cache = as_triton_cache(kv_cache, self.layout)
         triton_ops.store_kv(key[:n], value[:n], cache, attn_metadata.slot_mapping[:n], self.layout)
+        ev = self._layer_eviction(layer) if self.strategy.evicts else None
         nd = attn_metadata.num_decodes
         if nd:
+            starts = None if ev is None else attn_metadata.decode_starts[ev.layer_idx, :nd]
             triton_ops.decode_attention(query[:nd], cache, self.layout, attn_metadata.block_table[:nd],
-                                        attn_metadata.seq_lens[:nd], self.scale, out=output[:nd])
+                                        attn_metadata.seq_lens[:nd], self.scale, seq_starts=starts,
+                                        out=output[:nd])
         if attn_metadata.num_prefill_tokens:
             p = attn_metadata.num_decode_tokens
             self._prefill(query[p:n], key[p:n], value[p:n], attn_metadata, output[p:n])
+            if ev is not None:
+                self._compress_prompts(ev, query, key, value, kv_cache, attn_metadata, output)
         return output
+
+    def _layer_eviction(self, layer) -> LayerEviction:
+        if self.eviction is None:
+            from vllm.model_executor.models.utils import extract_layer_index
+
+            paged = PagedKV(TokenLayout.for_codec(self.strategy.codec, self.head_size, self.layout.dtype))
+            self.eviction = LayerEviction(self.strategy, paged, extract_layer_index(layer.layer_name),
+                                          self.num_layers)
+        return self.eviction
+
+    def _compress_prompts(self, ev: LayerEviction, query, key, value, kv_cache, md: KVPlugCudaMetadata,
+                          output) -> None:
+        """After the prefills' attention: each keeps its selection, compacted (eager steps only:
+        a step with a prefill never runs as a full CUDA graph)."""
+        if md.prompt_lens is None:  # a model runner that compat.expose_prompt_lengths misses
+            raise RuntimeError("kvplug: eviction needs each request's prompt length in the attention metadata; "
+                               "this vLLM model runner does not pass it")
+        bounds = (md.prefill_starts_cpu + md.num_decode_tokens).tolist()
+        for j, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+            row = md.first_prefill + j
+            prompt_len = int(md.prompt_lens[row])
+            if e - s < prompt_len:
+                raise RuntimeError(f"kvplug: eviction needs each prompt in one step; request {row} has {e - s} of "
+                                   f"its {prompt_len} prompt tokens in this one")
+            ev.after_prompt(query[s:e], key[s:e], value[s:e], kv_cache, md.block_table[row], prompt_len,
+                            self.scale, output[s:e])
 
     def _prefill(self, q, k, v, md: KVPlugCudaMetadata, out) -> None:
         """Causal attention of each prefill over its own tokens (packed, ``md.prefill_starts``)."""

@@ -94,6 +94,21 @@ def plan(strategy: Strategy, prompt_len: int, num_tokens: int, block_size: int, 
     return Plan(prompt_len - kept, kept, prompt_len)
 
 
+@functools.lru_cache(maxsize=4096)
+def _layer_bases(strategy: Strategy, prompt_len: int, num_layers: int) -> tuple[int, ...]:
+    return tuple(plan(strategy, prompt_len, prompt_len, 1, layer, num_layers).base for layer in range(num_layers))
+
+
+def decode_starts(strategy: Strategy, prompt_lens: list[int], num_layers: int) -> torch.Tensor:
+    """int32 ``[num_layers, len(prompt_lens)]``: the first slot each layer reads of each request
+    while it generates, for strategies that evict only at the prompt: ``[base, num_tokens)`` is
+    then one run (the kept tokens, then the generated ones at their own slots)."""
+    if strategy.scorer is not None and strategy.scorer.evicts_on_decode:
+        raise ValueError(f"decode_starts: {strategy.scorer.name} evicts while generating; its slots are not one run")
+    rows = [_layer_bases(strategy, p, num_layers) for p in prompt_lens]
+    return torch.tensor(rows, dtype=torch.int32).reshape(len(prompt_lens), num_layers).T
+
+
 def freed_tokens(strategy: Strategy, prompt_len: int, num_tokens: int, block_size: int, num_layers: int) -> int:
     """Leading slots no layer needs any more: the blocks before ``freed_tokens // block_size``
     go back to vLLM's pool."""
