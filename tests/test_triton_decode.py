@@ -124,34 +124,42 @@ def test_decode_long_diffuse_context(bits, gen):
 
 
 @pytest.mark.parametrize("bits,per_head,splits", [(16, False, 1), (8, True, 2), (4, False, 3), (2, True, 1)])
-def test_decode_reads_from_start(bits, per_head, splits, gen):
-    """seq_starts: a (sequence, head) reads slots [start, len) only; every slot before its start is
-    poisoned (NaN), as evicted and freed slots would be, and a start at the length gives zeros."""
+def test_decode_reads_only_the_held_slots(bits, per_head, splits, gen):
+    """held = (start, front, window): a (sequence, head) reads slots [start, start + front) and its
+    last `window` ones; every other slot is poisoned (NaN), as evicted and freed slots would be.
+    Rows: a kept run at the end (snapkv), sinks + a window with a gap (streaming), nothing left."""
     b, hkv, g, bs = 3, 2, 4, 16
     shape = (b, hkv) if per_head else (b,)
-    lens = torch.randint(40, 120, shape, dtype=torch.int32, generator=gen)
-    starts = (torch.rand(shape, generator=gen) * lens).int()
-    starts[1] = lens[1]                                  # everything evicted: nothing to read
+    lens = torch.randint(60, 120, shape, dtype=torch.int32, generator=gen)
+    held = torch.zeros(*shape, 3, dtype=torch.int32)
+    held[0, ..., 0] = (torch.rand(lens[0].shape, generator=gen) * lens[0]).int()        # snapkv: from start on
+    held[0, ..., 1], held[0, ..., 2] = lens[0] - held[0, ..., 0], 1 << 30
+    held[1, ..., 1] = torch.randint(1, 6, lens[1].shape, dtype=torch.int32, generator=gen)  # streaming: sinks
+    held[1, ..., 2] = torch.randint(5, 40, lens[1].shape, dtype=torch.int32, generator=gen)  # + window
+    held[2, ..., 0] = lens[2]                                                               # nothing held
     layout, cache, bt, k, v, q = _case(bits, 64, bs, hkv, g, lens, gen)
-    starts2 = starts if per_head else starts[:, None].expand(b, hkv)
+    lens2 = lens if per_head else lens[:, None].expand(b, hkv)
+    held2 = held if per_head else held[:, None].expand(b, hkv, 3)
+    pos = torch.arange(k.shape[2])
+    start, front, window = (held2[..., i, None].long() for i in range(3))
+    keep = (((pos >= start) & (pos < start + front)) | (pos >= torch.maximum(lens2[..., None] - window, start + front)))
+    keep &= pos < lens2[..., None]
     for i in range(b):
         for h in range(hkv):
-            t = torch.arange(int(starts2[i, h]))
+            t = torch.nonzero(~keep[i, h, :int(lens2[i, h])]).flatten()
             blk, off = bt[i, t // bs].long(), (t % bs).to(DEV)
             if layout.quantized:
                 layout.meta(cache)[blk, :, h, off] = float("nan")
             else:
                 cache[blk, :, h, off] = float("nan")
-    lens, starts = lens.to(DEV), starts.to(DEV)
+    lens, held = lens.to(DEV), held.to(DEV)
     out = torch.full_like(q, float("nan"))
-    decode_attention(q, cache, layout, bt, lens, seq_starts=starts, num_splits=splits, block_n=32, out=out)
-    assert torch.isfinite(out).all(), "a slot before its start was read, or the output was not written"
-    ref = decode_attention_reference(q, cache, layout, bt, lens, compute_dtype=torch.float64, seq_starts=starts)
+    decode_attention(q, cache, layout, bt, lens, held=held, num_splits=splits, block_n=32, out=out)
+    assert torch.isfinite(out).all(), "a slot that is not held was read, or the output was not written"
+    ref = decode_attention_reference(q, cache, layout, bt, lens, compute_dtype=torch.float64, held=held)
     assert _rel(out, ref) < 2e-3
-    assert (out[1] == 0).all()
-    # sanity against unquantized attention over exactly the kept window
-    pos = torch.arange(k.shape[2])
-    keep = (pos[None, None] >= starts2.cpu()[:, :, None]) & (pos[None, None] < lens.cpu().reshape(b, -1)[:, :, None])
+    assert (out[2] == 0).all()
+    # sanity against unquantized attention over exactly the held slots
     s = torch.einsum("bhgd,bhld->bhgl", q.cpu().double().view(b, hkv, g, 64), k.cpu().double()) * 64 ** -0.5
     p = torch.softmax(s.masked_fill(~keep[:, :, None], float("-inf")), -1).nan_to_num(0.0)
     exact = torch.einsum("bhgl,bhld->bhgd", p, v.cpu().double()).reshape(b, hkv * g, 64)

@@ -185,37 +185,33 @@ def test_cuda_platform_routes_compressed_codecs_only(cb, monkeypatch):
         assert adapter._pick_backend(stock) == expected
 
 
-def test_cuda_routes_eviction_and_refuses_streaming(cb, monkeypatch):
+def test_cuda_routes_eviction(cb, monkeypatch):
     import kvplug.adapters.vllm as adapter
     from kvplug.adapters.vllm import compat
     from kvplug.config import resolve
-    from kvplug.errors import SpecError
 
     monkeypatch.setattr(compat, "platform", lambda: SimpleNamespace(is_cuda=lambda: True, is_cpu=lambda: False,
                                                                      device_name="H100"))
     monkeypatch.setattr(compat, "expose_prompt_lengths", lambda: True)
     stock = "vllm.v1.attention.backends.flash_attn.FlashAttentionBackend"
-    for spec in ("snapkv(budget=25%)+int4", "snapkv(budget=25%)", "knorm(budget=50%)+pyramid"):
+    for spec in ("snapkv(budget=25%)+int4", "snapkv(budget=25%)", "knorm(budget=50%)+pyramid", "streaming+int8"):
         SELECTED["spec"] = spec
         assert adapter._pick_backend(stock) == adapter.CUDA_BACKEND  # with codec none too: eviction is ours
         config = _config(spec)
         config.cache_config.enable_prefix_caching = config.scheduler_config.enable_chunked_prefill = True
         adapter._check_engine(config, resolve(spec))  # turns both off, then the CUDA checks pass
         assert not config.cache_config.enable_prefix_caching and not config.scheduler_config.enable_chunked_prefill
-    spec = "streaming(sinks=4, window=64)+int4"
-    with pytest.raises(SpecError, match="streaming evicts while generating, which the CUDA backend") as e:
-        adapter._check_engine(_config(spec), resolve(spec))
-    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("spec", ["snapkv(budget=24, window=8)+int4", "knorm(budget=40%)+pyramid(beta=4)",
-                                  "snapkv(budget=30, window=8)"])
+                                  "snapkv(budget=30, window=8)", "streaming(sinks=3, window=20)+int8"])
 def test_forward_with_eviction_reads_the_kept_tokens_only(cb, spec, gen):
     """Two prompts in one step, then decode steps: every decode output equals float64 attention
     over the tokens the strategy keeps (its own selection on the prompt's raw K/V and last
-    queries) and the generated ones, as stored (encoded, decoded), while the blocks the scheduler
-    frees are poisoned; the builder's starts buffer is what the decode kernel reads."""
-    from kvplug.adapters.vllm.eviction import freed_tokens
+    queries; streaming's window sliding on) and the generated ones, as stored (encoded, decoded),
+    while the blocks the scheduler frees are poisoned; the builder's held buffer is what the decode
+    kernel reads."""
+    from kvplug.adapters.vllm.eviction import freed_blocks
     from kvplug.config import resolve
     from kvplug.scorers.base import ScoreInputs
 
@@ -224,7 +220,7 @@ def test_forward_with_eviction_reads_the_kept_tokens_only(cb, spec, gen):
     builder = cb.KVPlugCudaMetadataBuilder(None, ["model.layers.1.self_attn.attn"], _config(spec), torch.device("cpu"))
     layer = SimpleNamespace(layer_name="model.layers.1.self_attn.attn")
     assert cb.ACTIVE["evicting"] == (str(strategy), LAYERS)
-    nb, prompts, steps = 24, [70, 45], 3
+    nb, prompts, steps = 24, [70, 45], 20
     c = cb.token_bytes(impl.layout)
     kv_cache = torch.randint(0, 256, (nb, HKV, BS, c), dtype=torch.uint8, generator=gen)
     tables = torch.randperm(nb, generator=gen)[:16].view(2, 8).int()
@@ -238,7 +234,7 @@ def test_forward_with_eviction_reads_the_kept_tokens_only(cb, spec, gen):
         """One step: (request, token range) pieces; returns the output rows of each piece."""
         slots = torch.cat([tables[r, torch.arange(a, b) // BS].long() * BS + torch.arange(a, b) % BS for r, (a, b) in pieces])
         md = builder.build(0, _common([b - a for _, (a, b) in pieces], ctx, slots, tables))
-        builder.starts.fill_(-12345)  # stale rows: the step's own must be written
+        builder.held.fill_(-12345)  # stale rows: the step's own must be written
         md.attach_prompt_lens(lens)
         cat = lambda xs: torch.cat([x[r][a:b] for x, (r, (a, b)) in ((xs, p) for p in pieces)])  # noqa: E731
         out = torch.full((len(slots), HKV * G, D), float("nan"), dtype=torch.float16)
@@ -262,14 +258,16 @@ def test_forward_with_eviction_reads_the_kept_tokens_only(cb, spec, gen):
 
     for step in range(steps):
         for r, p in enumerate(prompts):  # what the scheduler frees before this step: another request's now
-            freed = freed_tokens(strategy, p, p + step, BS, LAYERS)
-            kv_cache[tables[r, :freed // BS].long()] = 255  # NaN scales / values
+            for a, b in freed_blocks(strategy, p, p + step, BS, LAYERS):
+                kv_cache[tables[r, a:b].long()] = 255  # NaN scales / values
         n = [p + step for p in prompts]
         out = run([(0, (n[0], n[0] + 1)), (1, (n[1], n[1] + 1))], n)
-        assert builder.starts[1, :2].tolist() == [p - kept[r].shape[1] for r, p in enumerate(prompts)]
         for r, p in enumerate(prompts):
             for h in range(HKV):
                 pos = torch.cat([kept[r][h], torch.arange(p, n[r] + 1)])
+                if strategy.scorer.evicts_on_decode:  # streaming: sinks and the last `window` tokens
+                    sinks, window = strategy.scorer.sinks, strategy.scorer.window.resolve(p)
+                    pos = pos[(pos < sinks) | (pos > n[r] - window)]
                 keys, values = stored(k[r][pos, h], "key"), stored(v[r][pos, h], "value")
                 qh = q[r][n[r], h * G:(h + 1) * G].double()
                 ref = torch.softmax(qh @ keys.T * D ** -0.5, -1) @ values

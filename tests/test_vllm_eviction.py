@@ -4,7 +4,7 @@ frees the blocks that emptied, and greedy tokens equal the HF adapter's.
 Without an engine: the worker side (:mod:`kvplug.adapters.vllm.compaction` on a paged cache)
 is stepped beside the HF adapter's own cache layer on the same tensors, and must read exactly the
 positions the HF layer holds, per layer and head, at every step; the blocks the scheduler frees
-(:func:`~kvplug.adapters.vllm.eviction.freed_tokens`) are filled with NaN after each step, as if
+(:func:`~kvplug.adapters.vllm.eviction.freed_blocks`) are filled with NaN after each step, as if
 another request had reused them, so a read from a freed block shows.
 
 With vLLM's engine on the CPU (one process per engine, tiny random Llama): blocks read from vLLM's
@@ -29,7 +29,7 @@ from kvplug import SpecError, parse
 from kvplug.adapters.hf.layer import KVPlugLayer
 from kvplug.adapters.vllm import check_supported
 from kvplug.adapters.vllm.compaction import LayerEviction
-from kvplug.adapters.vllm.eviction import freed_tokens
+from kvplug.adapters.vllm.eviction import freed_blocks
 from kvplug.adapters.vllm.layout import PagedKV, TokenLayout, slots_of
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -67,7 +67,7 @@ def test_worker_reads_what_the_hf_adapter_keeps(spec, prompt_len, gen):
                     slots_of(table, torch.arange(length), bs))
         kept = ours.select(queries[layer].transpose(0, 1), keys[layer, :, :prompt_len], values[layer, :, :prompt_len],
                            scale)
-        ours.compact(cache, table, prompt_len, length, kept)
+        ours.compact(cache, table, prompt_len, kept)
         return cache, kept
 
     def positions(read):
@@ -79,34 +79,33 @@ def test_worker_reads_what_the_hf_adapter_keeps(spec, prompt_len, gen):
         hf.compress_prompt(queries[layer, None], torch.ones(1, prompt_len, dtype=torch.bool), scale)
         ours = LayerEviction(strategy, paged, layer, LAYERS)
         cache, _ = prefill(ours, layer, prompt_len)
-        held, freed = [], 0  # held[j]: what the HF layer holds once token P + j is in
+        held, freed = [], set()  # held[j]: what the HF layer holds once token P + j is in
         for n in range(prompt_len, total):
             freed = _poison_freed(cache, table, strategy, prompt_len, n, bs, freed)
             hf.update(keys[layer, None, :, n:n + 1], values[layer, None, :, n:n + 1])
             paged.store(cache, keys[layer, :, n:n + 1].transpose(0, 1), values[layer, :, n:n + 1].transpose(0, 1),
                         slots_of(table, torch.tensor([n]), bs))
-            before, after = ours.plan(prompt_len, n, bs), ours.plan(prompt_len, n + 1, bs)
             held.append([sorted(p for p in row if p >= 0) for row in hf.slots.positions[0].tolist()])
-            got = positions(ours.read(cache, table, before, after.recent, n + 1)[1])
+            got = positions(ours.read(cache, table, prompt_len, n + 1)[1])
             assert got == held[-1], f"layer {layer} at token {n}: read {got} but the HF layer holds {held[-1]}"
-            ours.advance(cache, table, before, after)
-            if strategy.scorer.evicts_on_decode:  # the footprint stays at the budget (+ one block)
-                assert n + 1 - freed_tokens(strategy, prompt_len, n + 1, bs, LAYERS) <= hf.capacity.max() + bs
+            if strategy.scorer.evicts_on_decode:  # the footprint: the sinks' blocks, the window's, one partial
+                in_use = -(-(n + 1) // bs) - sum(b - a for a, b in freed_blocks(strategy, prompt_len, n + 1, bs, LAYERS))
+                sinks = strategy.scorer.sinks
+                assert in_use <= -(-sinks // bs) + -(-(int(hf.capacity.max()) - sinks) // bs) + 1
         for length in (prompt_len + 1, prompt_len + steps // 2 + 3, total):  # preempted, then re-run at once
             cache, kept = prefill(ours, layer, length)
-            where = ours.plan(prompt_len, length, bs)
-            assert positions(ours.read(cache, table, where, where.recent, length)[1]) == held[length - prompt_len - 1]
+            assert positions(ours.read(cache, table, prompt_len, length)[1]) == held[length - prompt_len - 1]
             seen = ours.visible(prompt_len, kept, length)  # [H, queries after the prompt, length]
             for j in range(length - prompt_len):
                 assert [torch.nonzero(row).flatten().tolist() for row in seen[:, j]] == held[j]
 
 
-def _poison_freed(cache, table, strategy, prompt_len, num_tokens, bs, freed_before) -> int:
+def _poison_freed(cache, table, strategy, prompt_len, num_tokens, bs, freed_before: set) -> set:
     """Fill the blocks the scheduler frees at ``num_tokens`` with NaN (another request may write
-    them now); the freed count never shrinks."""
-    freed = freed_tokens(strategy, prompt_len, num_tokens, bs, LAYERS)
+    them now); a freed block never comes back."""
+    freed = {i for a, b in freed_blocks(strategy, prompt_len, num_tokens, bs, LAYERS) for i in range(a, b)}
     assert freed >= freed_before
-    cache[table[: freed // bs]] = float("nan")
+    cache[table[sorted(freed)]] = float("nan")
     return freed
 
 

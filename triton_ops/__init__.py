@@ -81,7 +81,7 @@ def default_num_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int
 
 def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                     sm_scale: float | None = None, *, seq_starts: torch.Tensor | None = None,
+                     sm_scale: float | None = None, *, held: torch.Tensor | None = None,
                      num_splits: int | None = None,
                      block_n: int | None = None, num_warps: int | None = None, num_stages: int = 2,
                      min_rows: int = 16,
@@ -91,8 +91,10 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
     q: ``[batch, num_q_heads, head_dim]`` (num_q_heads a multiple of num_kv_heads, GQA).
     block_tables: int32 ``[batch, max_blocks]``. seq_lens: int32 ``[batch]`` or
     ``[batch, num_kv_heads]`` (a length per head: tokens ``0..len-1`` of the sequence's slots).
-    seq_starts (optional, shaped like seq_lens): each reads only slots ``start..len-1`` (eviction
-    keeps its tokens at the end of what was written). A head with nothing to read gives zeros. Returns ``[batch, num_q_heads, head_dim]`` in q's dtype.
+    held (optional): int32 ``[batch, 3]`` or ``[batch, num_kv_heads, 3]``, ``(start, front, window)``:
+    read only slots ``[start, start + front)`` and the last ``window`` before the length (from
+    ``start + front`` on): the tokens eviction keeps (snapkv: ``(P - K, K, large)``; streaming:
+    ``(0, sinks, window)``). A head with nothing to read gives zeros. Returns ``[batch, num_q_heads, head_dim]`` in q's dtype.
     ``num_splits`` (default :func:`default_num_splits` from the block table's capacity, no host
     sync), ``block_n`` (tokens per tile), ``num_warps``, ``num_stages``, ``min_rows``
     (query rows of a KV head padded to at least this for the tensor-core dot; Triton >= 3.3 pads
@@ -109,7 +111,7 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
     g = hq // h
     sm_scale = d ** -0.5 if sm_scale is None else float(sm_scale)
     lb, lh = _per_sequence_strides(seq_lens, b, h, "seq_lens")
-    sb, sh = _per_sequence_strides(seq_starts, b, h, "seq_starts") if seq_starts is not None else (0, 0)
+    hb, hh = (0, 0) if held is None else _per_sequence_strides(held, b, h, "held", 3)
     if block_tables.dim() != 2 or block_tables.shape[0] != b or block_tables.stride(-1) != 1:
         raise ValueError("decode_attention: block_tables must be [batch, max_blocks] with contiguous rows")
     if out is None:
@@ -133,26 +135,31 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
     else:
         po = pml = out
     kern._decode_kernel[(b * h, splits)](
-        q, cache, words, meta, block_tables, seq_lens, seq_lens if seq_starts is None else seq_starts, out, po,
+        q, cache, words, meta, block_tables, seq_lens, seq_lens if held is None else held, out, po,
         pml, sm_scale, splits,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), lb, lh, sb, sh,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), lb, lh, hb, hh,
         cs[0], cs[1], cs[2],
         HKV=h, G=g, G_PAD=max(min_rows, _pow2(g)), D=d, BS=layout.block_size, BITS=layout.bits,
         CB=layout.code_bytes if layout.quantized else d, BLOCK_N=block_n, SPLIT=splits > 1,
-        HAS_START=seq_starts is not None, num_warps=num_warps, num_stages=num_stages)
+        HELD=held is not None, num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         kern._reduce_kernel[(b * hq,)](po, pml, out, splits, out.stride(0), out.stride(1),
                                        HQ=hq, D=d, S_PAD=_pow2(splits), num_warps=4)
     return out
 
 
-def _per_sequence_strides(x: torch.Tensor, b: int, h: int, name: str) -> tuple[int, int]:
-    """Strides (sequence, head) of a per-sequence ``[b]`` or per-head ``[b, h]`` int tensor."""
-    if x.dim() == 1 and x.shape[0] == b:
+def _per_sequence_strides(x: torch.Tensor, b: int, h: int, name: str, last: int | None = None) -> tuple[int, int]:
+    """Strides (sequence, head) of a per-sequence ``[b]`` or per-head ``[b, h]`` int tensor (each
+    entry ``last`` contiguous ints when given)."""
+    shape = tuple(x.shape) if last is None else tuple(x.shape[:-1])
+    if last is not None and (x.shape[-1] != last or x.stride(-1) != 1):
+        raise ValueError(f"decode_attention: {name} needs a contiguous last dimension of {last}, got {tuple(x.shape)}")
+    if shape == (b,):
         return x.stride(0), 0
-    if tuple(x.shape) == (b, h):
+    if shape == (b, h):
         return x.stride(0), x.stride(1)
-    raise ValueError(f"decode_attention: {name} must be [{b}] or [{b}, {h}], got {tuple(x.shape)}")
+    want = "" if last is None else f", {last}"
+    raise ValueError(f"decode_attention: {name} must be [{b}{want}] or [{b}, {h}{want}], got {tuple(x.shape)}")
 
 
 _SMS: dict = {}

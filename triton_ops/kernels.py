@@ -134,28 +134,35 @@ def _codes_f16(w, BITS: tl.constexpr, CB: tl.constexpr):
 
 
 @triton.jit
-def _decode_kernel(q_ptr, cache_ptr, words_ptr, meta_ptr, bt_ptr, lens_ptr, starts_ptr, out_ptr, po_ptr, pml_ptr,
+def _decode_kernel(q_ptr, cache_ptr, words_ptr, meta_ptr, bt_ptr, lens_ptr, held_ptr, out_ptr, po_ptr, pml_ptr,
                    sm_scale, num_splits,
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_btb, stride_lb, stride_lh,
-                   stride_sb, stride_sh, stride_cblk, stride_ckv, stride_ch,
+                   stride_hb, stride_hh, stride_cblk, stride_ckv, stride_ch,
                    HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                    BS: tl.constexpr, BITS: tl.constexpr, CB: tl.constexpr, BLOCK_N: tl.constexpr,
-                   SPLIT: tl.constexpr, HAS_START: tl.constexpr):
+                   SPLIT: tl.constexpr, HELD: tl.constexpr):
     """stride_c*: strides of the cache in storage elements; for a quantized cache (uint8) they are
     bytes, and the code words (int32) and metadata (float16) are read through views of it.
-    With HAS_START a (sequence, head) reads slots ``[start, len)`` (eviction compacted the rest away)."""
+    With HELD a (sequence, head) reads slots ``[start, start + front)`` and its last ``window``
+    slots (eviction's kept tokens): the loop runs over their count, ``i`` -> slot ``start + i``
+    in the front run, ``recent + i - front`` after it."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
     h = pid % HKV
     seq_len = tl.load(lens_ptr + b * stride_lb + h * stride_lh)
-    if HAS_START:
-        first = tl.load(starts_ptr + b * stride_sb + h * stride_sh)
+    if HELD:
+        hp = held_ptr + b * stride_hb + h * stride_hh
+        first = tl.load(hp)
+        front_end = tl.load(hp + 1) + first
+        n_front = tl.maximum(tl.minimum(front_end, seq_len) - first, 0)
+        recent = tl.maximum(seq_len - tl.load(hp + 2), front_end)
+        count = n_front + tl.maximum(seq_len - recent, 0)
     else:
-        first = 0
-    chunk = tl.cdiv(tl.cdiv(tl.maximum(seq_len - first, 0), num_splits), BLOCK_N) * BLOCK_N
-    start = first + split * chunk
-    end = tl.minimum(start + chunk, seq_len)
+        count = seq_len
+    chunk = tl.cdiv(tl.cdiv(count, num_splits), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, count)
 
     offs_g = tl.arange(0, G_PAD)
     gmask = offs_g < G
@@ -181,8 +188,12 @@ def _decode_kernel(q_ptr, cache_ptr, words_ptr, meta_ptr, bt_ptr, lens_ptr, star
     bt_row = bt_ptr + b.to(tl.int64) * stride_btb
     head_off = h.to(tl.int64) * stride_ch
     for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n < end
+        offs_i = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_i < end
+        if HELD:
+            offs_n = tl.where(offs_i < n_front, first + offs_i, recent + offs_i - n_front)
+        else:
+            offs_n = offs_i
         blk = tl.load(bt_row + offs_n // BS, mask=nmask, other=0).to(tl.int64)
         row = blk * stride_cblk + head_off
         off = offs_n % BS

@@ -74,12 +74,12 @@ def decode_attention_reference(q: torch.Tensor, cache: torch.Tensor, layout: Pag
                                block_tables: torch.Tensor, seq_lens: torch.Tensor,
                                sm_scale: float | None = None,
                                compute_dtype: torch.dtype = torch.float32,
-                               seq_starts: torch.Tensor | None = None) -> torch.Tensor:
+                               held: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query token per sequence over its dequantized paged K/V.
 
-    q ``[batch, q_heads, head_dim]``; ``seq_lens`` (and optional ``seq_starts``) ``[batch]`` or
-    ``[batch, kv_heads]``: slots ``start..len-1`` are read. Returns ``[batch, q_heads, head_dim]``
-    in ``compute_dtype``; a head with nothing to read gives zeros.
+    q ``[batch, q_heads, head_dim]``; ``seq_lens`` ``[batch]`` or ``[batch, kv_heads]``; ``held``
+    (optional, ``[..., 3]`` of ``(start, front, window)``) as :func:`kvplug.triton_ops.decode_attention`.
+    Returns ``[batch, q_heads, head_dim]`` in ``compute_dtype``; a head with nothing to read gives zeros.
     """
     layout.check(cache)
     b, hq, d = q.shape
@@ -87,13 +87,16 @@ def decode_attention_reference(q: torch.Tensor, cache: torch.Tensor, layout: Pag
     g = hq // h
     sm_scale = d ** -0.5 if sm_scale is None else sm_scale
     lens = _per_head(seq_lens, b, h)
-    starts = _per_head(seq_starts, b, h) if seq_starts is not None else torch.zeros_like(lens)
     max_len = int(lens.max()) if lens.numel() else 0
     if max_len == 0:
         return torch.zeros(b, hq, d, dtype=compute_dtype, device=q.device)
     k, v = gather_kv(cache, layout, block_tables, max_len, compute_dtype)   # [B, H, L, D]
     pos = torch.arange(max_len, device=q.device)[None, None, :]
-    valid = (pos < lens[:, :, None]) & (pos >= starts[:, :, None])   # [B, H, L]
+    valid = pos < lens[:, :, None]                          # [B, H, L]
+    if held is not None:
+        start, front, window = (_per_head(held[..., i], b, h)[:, :, None] for i in range(3))
+        recent = torch.maximum(lens[:, :, None] - window, start + front)
+        valid &= ((pos >= start) & (pos < start + front)) | (pos >= recent)
     k = k.masked_fill(~valid[..., None], 0.0)              # slots past a head's length: never read
     v = v.masked_fill(~valid[..., None], 0.0)
     qf = q.to(compute_dtype).view(b, h, g, d)

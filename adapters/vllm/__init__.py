@@ -10,8 +10,8 @@ nothing until a strategy is selected, in order of precedence:
 A bad spec stops start-up with the parser's one-line :class:`kvplug.SpecError`; a spec this
 adapter cannot honour (eviction by attention while generating, KIVI's token groups, a platform
 without a kvplug backend) is refused the same way, never run uncompressed. Eviction (snapkv,
-knorm, random, streaming; uniform or pyramid budgets) frees blocks in vLLM's own pool (on CUDA
-all but streaming so far): see :mod:`.eviction` and docs/VLLM_EVICTION.md.
+knorm, random, streaming; uniform or pyramid budgets) frees blocks in vLLM's own pool, on the
+CPU and CUDA backends: see :mod:`.eviction` and docs/VLLM_EVICTION.md.
 
 How it reaches the engine (details and the 0.26 differences in :mod:`.compat`): ``register()``
 routes the platform's attention-backend choice, made in each worker while the model is built (when
@@ -220,7 +220,7 @@ def _check_eviction(vllm_config, strategy: Strategy) -> None:
 
     if not compat.supports_eviction():
         version = ".".join(map(str, compat.vllm_version()))
-        raise SpecError(f"kvplug in vLLM: eviction ({strategy.scorer.name}) needs vLLM 0.32 or later (this is "
+        raise SpecError(f"kvplug in vLLM: eviction ({strategy.scorer.name}) needs vLLM 0.26 or later (this is "
                         f"{version}); codecs alone run here")
     if getattr(vllm_config, "speculative_config", None) is not None:
         raise SpecError(f"kvplug in vLLM: eviction ({strategy.scorer.name}) cannot run with speculative decoding "

@@ -13,7 +13,7 @@ platform's choice here only when a strategy is selected. With a strategy:
   With ``additional_config["kvplug_prefill"] = "compressed"`` the first step reads the decoded
   cache too, so output does not depend on prefix-cache hits or chunking (see ``prefill_mode``);
 * with a scorer (eviction), the spec is :class:`~.manager.KVPlugEvictingSpec`, whose manager
-  frees a request's leading blocks, and the impl compacts each layer's kept tokens into the
+  frees the blocks a request's eviction empties, and the impl compacts each layer's kept tokens into the
   slots that stay and reads only those (:mod:`.compaction`, :mod:`.eviction`).
 
 On CUDA, :mod:`.cuda_backend` keeps the same page bytes (the layout is the Triton one) and
@@ -146,7 +146,6 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
 
             ev = self.eviction = LayerEviction(self.strategy, self.paged, extract_layer_index(layer.layer_name),
                                                self.num_layers)
-        bs = kv_cache.shape[2]
         if context < prompt_len:
             if context:
                 raise RuntimeError("kvplug: eviction needs each prompt in one step (chunked prefill is turned off "
@@ -158,11 +157,8 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
             return out
         if total - context != 1:
             raise RuntimeError(f"kvplug: eviction runs one token per step after the prompt; got {total - context}")
-        before, after = ev.plan(prompt_len, context, bs), ev.plan(prompt_len, total, bs)
-        keys, values = ev.read(kv_cache, block_ids, before, after.recent, total)
-        out = attend(query, keys, values, self.scale, context)
-        ev.advance(kv_cache, block_ids, before, after)
-        return out
+        keys, values = ev.read(kv_cache, block_ids, prompt_len, total)
+        return attend(query, keys, values, self.scale, context)
 
     def _stock_forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                        output_block_scale):

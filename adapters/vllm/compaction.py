@@ -26,8 +26,14 @@ class LayerEviction:
         self.strategy, self.paged = strategy, paged
         self.layer_idx, self.num_layers = layer_idx, num_layers
 
-    def plan(self, prompt_len: int, num_tokens: int, block_size: int) -> Plan:
-        return plan(self.strategy, prompt_len, num_tokens, block_size, self.layer_idx, self.num_layers)
+    def plan(self, prompt_len: int, num_tokens: int) -> Plan:
+        return plan(self.strategy, prompt_len, num_tokens, self.layer_idx, self.num_layers)
+
+    def held(self, prompt_len: int, num_tokens: int, device=None) -> torch.Tensor:
+        """The slots (positions in the request's blocks) the plan reads at ``num_tokens``, ascending."""
+        runs = self.plan(prompt_len, num_tokens).slots(num_tokens)
+        return torch.cat([torch.arange(r.start, r.stop, device=device) for r in runs] or
+                         [torch.zeros(0, dtype=torch.long, device=device)])
 
     @torch.no_grad()
     def select(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
@@ -41,7 +47,7 @@ class LayerEviction:
                              valid=torch.ones(1, length, dtype=torch.bool, device=keys.device), scale=scale,
                              layer_idx=self.layer_idx, num_layers=self.num_layers)
         sel = self.strategy.select(inputs)
-        expected = length - self.plan(length, length, 1).base
+        expected = len(self.held(length, length))
         if not bool((sel.counts == expected).all()):
             raise RuntimeError(f"kvplug: layer {self.layer_idx} kept {sel.counts.tolist()} tokens per head, the "
                                f"block accounting expects {expected}")
@@ -60,7 +66,7 @@ class LayerEviction:
         mask = held[:, None, :] & (pos[None, :] <= queries[:, None])[None]
         if self.strategy.scorer.evicts_on_decode:
             for j, q in enumerate(queries.tolist()):
-                p = self.plan(prompt_len, q + 1, 1)
+                p = self.plan(prompt_len, q + 1)
                 mask[:, j] &= (pos < p.front) | (pos >= p.recent)
         return mask
 
@@ -77,36 +83,20 @@ class LayerEviction:
         if total > p:
             out[p:] = attend(query[p:], self.paged.roundtrip(keys, "key"), self.paged.roundtrip(values, "value"),
                              scale, p, self.visible(p, kept, total))
-        self.compact(kv_cache, block_ids, p, total, kept)
+        self.compact(kv_cache, block_ids, p, kept)
 
-    def compact(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, prompt_len: int, num_tokens: int,
-                kept: torch.Tensor) -> None:
-        """Move the kept prompt tokens ``kept`` ``[H, K]`` into slots ``[P - K, P)`` (the plan after
-        the prompt), then on to the plan at ``num_tokens``."""
+    def compact(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, prompt_len: int, kept: torch.Tensor) -> None:
+        """Move the kept prompt tokens ``kept`` ``[H, K]`` into the slots the plan holds them in
+        after the prompt (``[P - K, P)``; streaming's are in place already)."""
         bs = kv_cache.shape[2]
-        first = self.plan(prompt_len, prompt_len, bs)
-        k = kept.shape[1]
-        if k < prompt_len:
-            dst = torch.arange(prompt_len - k, prompt_len, device=kept.device)
+        dst = self.held(prompt_len, prompt_len, kept.device)
+        if not bool((kept == dst).all()):
             self.paged.move(kv_cache, slots_of(block_ids, kept, bs), slots_of(block_ids, dst, bs))
-        self.advance(kv_cache, block_ids, first, self.plan(prompt_len, num_tokens, bs))
 
-    def advance(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, before: Plan, after: Plan) -> None:
-        """Move the front tokens (streaming's sinks) from ``before.base`` to ``after.base``, so the
-        blocks behind them can be freed."""
-        if after.base == before.base or not before.front:
-            return
-        bs, heads = kv_cache.shape[2], kv_cache.shape[1]
-        src = torch.arange(before.base, before.base + before.front, device=block_ids.device)
-        dst = torch.arange(after.base, after.base + after.front, device=block_ids.device)
-        self.paged.move(kv_cache, slots_of(block_ids, src, bs).expand(heads, -1), slots_of(block_ids, dst, bs))
-
-    def read(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, where: Plan, recent: int,
+    def read(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, prompt_len: int,
              num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoded keys/values ``[H, L, D]`` of the tokens a step attends over: the front tokens
-        where ``where`` keeps them and the tokens at their own slots from ``recent`` on."""
-        held = Plan(where.base, where.front, recent).slots(num_tokens)
-        positions = torch.cat([torch.arange(r.start, r.stop, device=block_ids.device) for r in held])
+        """Decoded keys/values ``[H, L, D]`` of the tokens a step over ``num_tokens`` attends over."""
+        positions = self.held(prompt_len, num_tokens, block_ids.device)
         return self.paged.read(kv_cache, slots_of(block_ids, positions, kv_cache.shape[2]))
 
 

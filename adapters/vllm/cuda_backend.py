@@ -13,13 +13,13 @@ strategy) vLLM's own backend runs unchanged. Each step, in the layer's forward:
 * prefill requests: causal attention over the step's own uncompressed K/V (vLLM's FlashAttention
   varlen kernel; torch SDPA where vLLM has none), as the HF adapter's prefill does.
 
-With a strategy that evicts at the prompt (snapkv, knorm, random; uniform or pyramid budgets),
+With a strategy that evicts (snapkv, knorm, random with uniform or pyramid budgets; streaming),
 each prefill's step also keeps the selected tokens and compacts them into the last slots of the
-prompt (:meth:`.compaction.LayerEviction.after_prompt`, the CPU backend's code), the scheduler's
-manager frees the blocks before them (:mod:`.manager`), and decode reads each layer's slots from
-its own start (``seq_starts`` of the decode kernel, one int per layer and request, filled from
-the prompt lengths before each step: :func:`.eviction.decode_starts`). Streaming, which moves its
-sinks while generating, runs on the CPU backend only so far.
+prompt (:meth:`.compaction.LayerEviction.after_prompt`, the CPU backend's code; streaming's stay
+in place), the scheduler's manager frees the blocks no layer reads (:mod:`.manager`), and decode
+reads each layer's held slots only (``held`` of the decode kernel, three ints per layer and
+request that do not change while it generates, written before each step from the prompt
+lengths: :func:`.eviction.held_spans`).
 
 A prefill with cached context (prefix-cache hit, a later chunk of a chunked prefill) would need
 attention over compressed context plus its own tokens, which is not written yet: start-up refuses
@@ -46,7 +46,7 @@ from kvplug.errors import SpecError
 
 from . import KEY, PREFILL_KEY, check_head_sizes, check_layer, compat, layer_spec, prefill_mode, selected_strategy
 from .compaction import LayerEviction
-from .eviction import decode_starts
+from .eviction import held_spans
 from .layout import PagedKV, TokenLayout, as_triton_cache
 
 ACTIVE: dict = {"layout": None, "evicting": None}
@@ -73,10 +73,6 @@ def check_engine(vllm_config, strategy) -> None:
     head_dim = compat.head_size(vllm_config)
     if head_dim is not None:
         paged_layout(strategy.codec, 16, 1, head_dim, getattr(model, "dtype", None) or torch.bfloat16)
-    scorer = strategy.scorer
-    if scorer is not None and scorer.evicts_on_decode:
-        raise SpecError(f"kvplug in vLLM on CUDA: {scorer.name} evicts while generating, which the CUDA backend "
-                        f"does not do yet (it runs on the CPU backend); use snapkv, knorm or random on CUDA")
     cache = getattr(vllm_config, "cache_config", None)
     sched = getattr(vllm_config, "scheduler_config", None)
     on = [flag for flag, enabled in (
@@ -146,19 +142,19 @@ class KVPlugCudaMetadata:
     prefill_starts_cpu: torch.Tensor | None
     max_prefill_len: int
     first_prefill: int = 0  # the request (row) of the first prefill
-    decode_starts: torch.Tensor | None = None  # eviction: int32 [layers, rows], the first slot each reads
-    strategy: object = None  # eviction: the strategy the starts follow
+    held: torch.Tensor | None = None  # eviction: int32 [layers, rows, 3], what each reads (held_spans)
+    strategy: object = None  # eviction: the strategy the spans follow
     prompt_lens: torch.Tensor | None = None  # eviction: int [requests], from the model runner
 
     def attach_prompt_lens(self, lens: torch.Tensor) -> None:
         """Called (:func:`.compat.expose_prompt_lengths`) once the model runner has built this
-        step's metadata: fill the decode rows' starts in place (a copy on the step's stream, before
-        the step; the buffer is the one CUDA graphs captured)."""
+        step's metadata: fill the decode rows' held spans in place (a copy on the step's stream,
+        before the step; the buffer is the one CUDA graphs captured)."""
         self.prompt_lens = lens
         rows = min(self.num_decodes, len(lens))
-        if self.decode_starts is not None and rows:
-            starts = decode_starts(self.strategy, lens[:rows].tolist(), self.decode_starts.shape[0])
-            self.decode_starts[:, :rows].copy_(starts, non_blocking=True)
+        if self.held is not None and rows:
+            spans = held_spans(self.strategy, lens[:rows].tolist(), self.held.shape[0])
+            self.held[:, :rows].copy_(spans, non_blocking=True)
 
 
 class KVPlugCudaMetadataBuilder(AttentionMetadataBuilder[KVPlugCudaMetadata]):
@@ -173,13 +169,13 @@ class KVPlugCudaMetadataBuilder(AttentionMetadataBuilder[KVPlugCudaMetadata]):
             rows = max(vllm_config.scheduler_config.max_num_seqs,
                        getattr(vllm_config.compilation_config, "max_cudagraph_capture_size", None) or 0)
             layers = vllm_config.model_config.get_total_num_hidden_layers()
-            self.starts = torch.zeros(layers, rows, dtype=torch.int32, device=device)
+            self.held = torch.zeros(layers, rows, 3, dtype=torch.int32, device=device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> KVPlugCudaMetadata:
         md = build_metadata(common_attn_metadata)
         if self.evicting is not None:
-            md.decode_starts, md.strategy = self.starts, self.evicting
+            md.held, md.strategy = self.held, self.evicting
         return md
 
 
@@ -249,10 +245,9 @@ class KVPlugCudaImpl(AttentionImpl):
         ev = self._layer_eviction(layer) if self.strategy.evicts else None
         nd = attn_metadata.num_decodes
         if nd:
-            starts = None if ev is None else attn_metadata.decode_starts[ev.layer_idx, :nd]
+            held = None if ev is None else attn_metadata.held[ev.layer_idx, :nd]
             triton_ops.decode_attention(query[:nd], cache, self.layout, attn_metadata.block_table[:nd],
-                                        attn_metadata.seq_lens[:nd], self.scale, seq_starts=starts,
-                                        out=output[:nd])
+                                        attn_metadata.seq_lens[:nd], self.scale, held=held, out=output[:nd])
         if attn_metadata.num_prefill_tokens:
             p = attn_metadata.num_decode_tokens
             self._prefill(query[p:n], key[p:n], value[p:n], attn_metadata, output[p:n])

@@ -1,21 +1,20 @@
 """Where a request's kept tokens live in its vLLM blocks: one pure function for scheduler and worker.
 
-Pure Python and PyTorch (no vLLM import). vLLM frees a running request's blocks only from the
-front of its block table (the sliding-window path), and a worker's block table is positional:
-logical position ``n`` lives in slot ``n`` of the request's blocks. So eviction compacts kept
-tokens towards the end of what is already written, and the slots before them can be freed:
+Pure Python and PyTorch (no vLLM import). A worker's block table is positional (logical position
+``n`` lives in slot ``n`` of the request's blocks), and vLLM's manager can free a running
+request's blocks in place (a freed entry becomes the null block, as its sliding-window and R-SWA
+paths do). So eviction keeps tokens where whole blocks around them can go:
 
 * after a prompt of ``P`` tokens, layer ``l`` keeps ``K_l`` tokens per KV head (the core's
   selection, same as the HF adapter) and moves them into slots ``[P - K_l, P)``; generated
-  tokens are written at their own slots ``P, P + 1, ...``;
-* ``streaming`` also evicts while generating: its ``sinks`` first tokens sit at the front of the
-  held slots and the recent window at its own slots; every block's worth of generated tokens
-  the sinks move forward one block, so the block behind them can be freed.
+  tokens are written at their own slots ``P, P + 1, ...``; the blocks before ``P - K_l`` go;
+* ``streaming`` also evicts while generating and moves nothing: its ``sinks`` first tokens stay
+  in the first slots and its recent window is at its own slots; the blocks between them go.
 
 :func:`plan` says, for a prompt length and a token count, which slots hold what; the KV-cache
-manager frees the blocks before :func:`freed_tokens` and the attention backend moves and masks
-by the same :class:`Plan`. Both depend only on the spec, ``P`` and the token count (never on
-the data), which is why the scheduler needs no message from the worker.
+manager frees :func:`freed_blocks` and the attention backend moves and reads by the same
+:class:`Plan`. Both depend only on the spec, ``P`` and the token count (never on the data),
+which is why the scheduler needs no message from the worker.
 """
 
 from __future__ import annotations
@@ -34,8 +33,8 @@ from kvplug.strategy import Strategy
 
 class Plan(NamedTuple):
     """One layer of one request holding ``num_tokens`` tokens: slots ``[base, base + front)`` hold
-    the compacted tokens (in the order the selection keeps them), ``[recent, num_tokens)`` the
-    tokens at their own position; every other slot is stale. Slots before ``base`` may be freed."""
+    the kept prompt tokens (in the order the selection keeps them), ``[recent, num_tokens)`` the
+    tokens at their own position; every other slot is stale and its block may be freed."""
 
     base: int
     front: int
@@ -75,42 +74,53 @@ def layer_kept(strategy: Strategy, prompt_len: int, layer_idx: int, num_layers: 
     return int(keep.sum())
 
 
-def plan(strategy: Strategy, prompt_len: int, num_tokens: int, block_size: int, layer_idx: int,
-         num_layers: int) -> Plan:
+def _streaming(scorer: Streaming, prompt_len: int) -> tuple[int, int]:
+    """``(sinks, window)`` streaming holds after a prompt of ``prompt_len``: the HF adapter's
+    capacity, while generating too."""
+    capacity = scorer.kept_tokens(prompt_len)
+    sinks = min(scorer.sinks, capacity)
+    return sinks, capacity - sinks
+
+
+def plan(strategy: Strategy, prompt_len: int, num_tokens: int, layer_idx: int, num_layers: int) -> Plan:
     """Where layer ``layer_idx``'s kept tokens are once ``num_tokens >= prompt_len`` tokens have
     been processed (before that every written slot is valid: ``Plan(0, 0, 0)``)."""
     if num_tokens < prompt_len or strategy.scorer is None:
         return Plan(0, 0, 0)
-    scorer = strategy.scorer
-    if isinstance(scorer, Streaming):
-        capacity = scorer.kept_tokens(prompt_len)  # the HF adapter's: sinks + window, while generating too
-        sinks = min(scorer.sinks, capacity)
-        window = capacity - sinks
-        if num_tokens <= capacity:
-            return Plan(0, sinks, sinks)
-        base = max(prompt_len - capacity, (num_tokens - capacity) // block_size * block_size)
-        return Plan(base, sinks, num_tokens - window)
+    if isinstance(strategy.scorer, Streaming):
+        sinks, window = _streaming(strategy.scorer, prompt_len)
+        return Plan(0, sinks, max(sinks, num_tokens - window))
     kept = layer_kept(strategy, prompt_len, layer_idx, num_layers)
     return Plan(prompt_len - kept, kept, prompt_len)
 
 
+READ_ALL = 1 << 30
+"""A ``window`` that reads every slot after the front run (:func:`held_spans`)."""
+
+
 @functools.lru_cache(maxsize=4096)
-def _layer_bases(strategy: Strategy, prompt_len: int, num_layers: int) -> tuple[int, ...]:
-    return tuple(plan(strategy, prompt_len, prompt_len, 1, layer, num_layers).base for layer in range(num_layers))
+def _spans(strategy: Strategy, prompt_len: int, num_layers: int) -> tuple[tuple[int, int, int], ...]:
+    if isinstance(strategy.scorer, Streaming):
+        return ((0, *_streaming(strategy.scorer, prompt_len)),) * num_layers
+    plans = [plan(strategy, prompt_len, prompt_len, layer, num_layers) for layer in range(num_layers)]
+    return tuple((p.base, p.front, READ_ALL) for p in plans)
 
 
-def decode_starts(strategy: Strategy, prompt_lens: list[int], num_layers: int) -> torch.Tensor:
-    """int32 ``[num_layers, len(prompt_lens)]``: the first slot each layer reads of each request
-    while it generates, for strategies that evict only at the prompt: ``[base, num_tokens)`` is
-    then one run (the kept tokens, then the generated ones at their own slots)."""
-    if strategy.scorer is not None and strategy.scorer.evicts_on_decode:
-        raise ValueError(f"decode_starts: {strategy.scorer.name} evicts while generating; its slots are not one run")
-    rows = [_layer_bases(strategy, p, num_layers) for p in prompt_lens]
-    return torch.tensor(rows, dtype=torch.int32).reshape(len(prompt_lens), num_layers).T
+def held_spans(strategy: Strategy, prompt_lens: list[int], num_layers: int) -> torch.Tensor:
+    """int32 ``[num_layers, len(prompt_lens), 3]``: what each layer reads of each request while it
+    generates, as the decode kernel's ``held`` (start, front, window): slots ``[start, start +
+    front)`` and the last ``window`` tokens, the :class:`Plan` of every later token count in a
+    form that does not depend on it (so it is set once per request and step, before CUDA graphs)."""
+    rows = [_spans(strategy, p, num_layers) for p in prompt_lens]
+    return torch.tensor(rows, dtype=torch.int32).reshape(len(prompt_lens), num_layers, 3).transpose(0, 1)
 
 
-def freed_tokens(strategy: Strategy, prompt_len: int, num_tokens: int, block_size: int, num_layers: int) -> int:
-    """Leading slots no layer needs any more: the blocks before ``freed_tokens // block_size``
-    go back to vLLM's pool."""
-    return min(plan(strategy, prompt_len, num_tokens, block_size, layer, num_layers).base
-               for layer in range(num_layers))
+def freed_blocks(strategy: Strategy, prompt_len: int, num_tokens: int, block_size: int,
+                 num_layers: int) -> list[tuple[int, int]]:
+    """Ranges ``[first, last)`` of a request's block-table entries that no layer reads any more
+    once ``num_tokens`` tokens are processed: the blocks before every layer's ``base`` and those
+    wholly between every layer's front run and its recent tokens (streaming's gap)."""
+    plans = [plan(strategy, prompt_len, num_tokens, layer, num_layers) for layer in range(num_layers)]
+    lead = min(p.base for p in plans) // block_size
+    gap = (max(-(-(p.base + p.front) // block_size) for p in plans), min(p.recent // block_size for p in plans))
+    return [r for r in ((0, lead), gap) if r[1] > r[0]]

@@ -4,9 +4,9 @@ A layer whose strategy evicts reports :class:`KVPlugEvictingSpec` (a ``FullAtten
 carries the spec string and the layer count); vLLM's spec registry maps it to
 :class:`KVPlugEvictingManager`, registered here the supported way (``KVCacheSpecRegistry``,
 grouped with full attention). The manager frees, through the sliding-window path vLLM already
-has (leading block-table entries become the null block), the blocks before
-:func:`.eviction.freed_tokens` of the request's prompt length and processed tokens, the same
-arithmetic the worker compacts by. Everything else (allocation for the tokens still to come,
+has (block-table entries become the null block), the blocks :func:`.eviction.freed_blocks`
+names for the request's prompt length and processed tokens, the same arithmetic the worker
+compacts and reads by. Everything else (allocation for the tokens still to come,
 blocks of freshly admitted requests) is vLLM's full-attention manager unchanged: a running
 request's block table keeps its null entries, so freed blocks are never counted again.
 
@@ -24,12 +24,12 @@ from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from kvplug.config import resolve
 
-from .eviction import freed_tokens
+from .eviction import freed_blocks
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class KVPlugEvictingSpec(FullAttentionSpec):
-    """Full attention whose leading blocks are freed once a request's prompt is compressed."""
+    """Full attention whose emptied blocks are freed once a request's prompt is compressed."""
 
     kvplug_spec: str = ""
     kvplug_layers: int = 1
@@ -53,7 +53,7 @@ class KVPlugEvictingSpec(FullAttentionSpec):
 
 
 class KVPlugEvictingManager(FullAttentionManager):
-    """vLLM's full-attention manager that frees the leading blocks eviction has emptied."""
+    """vLLM's full-attention manager that frees the blocks eviction has emptied."""
 
     def __init__(self, kv_cache_spec: KVPlugEvictingSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
@@ -64,9 +64,9 @@ class KVPlugEvictingManager(FullAttentionManager):
                               num_prompt_tokens: int | None = None) -> None:
         if num_prompt_tokens is None:
             return
-        freed = freed_tokens(self.strategy, num_prompt_tokens, processed_computed_tokens, self.block_size,
-                             self.num_layers)
-        self._remove_blocks_in_range(request_id, 0, freed // self.block_size)
+        for first, last in freed_blocks(self.strategy, num_prompt_tokens, processed_computed_tokens, self.block_size,
+                                        self.num_layers):
+            self._remove_blocks_in_range(request_id, first, last)
 
 
 @functools.lru_cache(maxsize=16)
