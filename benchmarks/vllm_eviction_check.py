@@ -12,7 +12,7 @@ on but of the kind it was), so greedy decoding is decisive rather than a run of 
   in bf16) give; an eviction bug shows as parting at once, far below it.
 
     python benchmarks/vllm_eviction_check.py --model models/kvplug-ref \\
-        --specs "none,snapkv(budget=500),snapkv(budget=25%)+int4,knorm(budget=50%)+pyramid" --steps 48
+        --specs "none,snapkv(budget=500),snapkv(budget=25%)+int4,streaming(sinks=4, window=400)+int8" --steps 48
 """
 
 from __future__ import annotations
