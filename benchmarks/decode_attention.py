@@ -1,6 +1,8 @@
 """Paged decode attention: correctness on the GPU, then timing against fp16 SDPA.
 
     PYTHONUNBUFFERED=1 python benchmarks/decode_attention.py --out $OUT     # on the H100
+    python benchmarks/decode_attention.py --shapes 512x4096 --bits 4 --block-sizes 16 \
+        --variants 64:2:2:0:16,128:4:3:0:16                               # chosen variants
     TRITON_INTERPRET=1 python benchmarks/decode_attention.py --smoke        # CPU, tiny shapes
 
 For each (B, L): fp16 SDPA (``F.scaled_dot_product_attention``, enable_gqa, contiguous K/V; cuDNN
@@ -26,7 +28,6 @@ from kvplug.triton_ops import (PagedLayout, decode_attention, decode_attention_r
 
 HQ, HKV, D = 32, 8, 128
 SHAPES = [(8, 32768), (1, 131072), (16, 8192), (64, 4096)]
-BITS = [16, 8, 4, 2]
 NAME = {16: "fp16", 8: "int8", 4: "int4", 2: "int2"}
 
 
@@ -92,6 +93,10 @@ def main():
     ap.add_argument("--budget", type=float, default=400.0, help="seconds; later variants are skipped")
     ap.add_argument("--shapes", default="", help="e.g. 8x32768,1x131072")
     ap.add_argument("--quick", action="store_true", help="a few variants, block size 16 only")
+    ap.add_argument("--bits", default="16,8,4,2", help="formats to run (16 = fp16)")
+    ap.add_argument("--block-sizes", default="16,32")
+    ap.add_argument("--variants", default="",
+                    help="instead of the built-in list: block_n:warps:stages:splits:min_rows,... (splits 0 = default)")
     ap.add_argument("--sm90-report", action="store_true",
                     help="no GPU needed: compile for sm_90 and report registers / loop instruction mix")
     args = ap.parse_args()
@@ -144,8 +149,8 @@ def main():
         v_tok = v.transpose(1, 2).contiguous()
         del k, v
         lens = torch.full((b,), length, dtype=torch.int32, device=dev)
-        for bits in BITS:
-            for bs in ((16, 32) if not args.smoke else (16,)):
+        for bits in [int(x) for x in args.bits.split(",")]:
+            for bs in ([int(x) for x in args.block_sizes.split(",")] if not args.smoke else (16,)):
                 if time.time() - t_start > args.budget:
                     log(f"budget reached, skipping {NAME[bits]} bs={bs}")
                     continue
@@ -185,6 +190,9 @@ def main():
                         (64, 2, 2, None, 16), (128, 4, 2, None, 1), (64, 2, 2, None, 1), (128, 2, 2, None, 1)]
                     if bs != 16:
                         configs = []
+                if args.variants:
+                    configs = [tuple(int(x) or None if i == 3 else int(x) for i, x in enumerate(v.split(":")))
+                               for v in args.variants.split(",")]
                 if args.smoke:
                     configs = configs[:2]
                 for bn, nw, ns, sp, mr in configs:
@@ -262,9 +270,9 @@ def sm90_report(out_dir, log):
     for bits in (16, 8, 4, 2):
         for bn, nw, mr in ((64, 4, 16), (128, 4, 16), (128, 4, 1), (64, 2, 16)):
             const = dict(HKV=HKV, G=HQ // HKV, G_PAD=max(mr, HQ // HKV), D=D, BS=16, BITS=bits,
-                         CB=D * bits // 8 if bits != 16 else D, BLOCK_N=bn, SPLIT=True)
+                         CB=D * bits // 8 if bits != 16 else D, BLOCK_N=bn, SPLIT=True, HELD=False)
             types = dict(q_ptr="*fp16", cache_ptr="*u8" if bits != 16 else "*fp16", words_ptr="*i32",
-                         meta_ptr="*fp16", bt_ptr="*i32", lens_ptr="*i32", out_ptr="*fp16", po_ptr="*fp32",
+                         meta_ptr="*fp16", bt_ptr="*i32", lens_ptr="*i32", held_ptr="*i32", out_ptr="*fp16", po_ptr="*fp32",
                          pml_ptr="*fp32", sm_scale="fp32")
             sig = {n: ("constexpr" if n in const else types.get(n, "i32")) for n in fn.arg_names}
             attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)

@@ -97,14 +97,15 @@ def test_decode_bf16_default_splits(gen):
     assert _rel(out, ref) < 6e-3                        # bf16 output rounding
 
 
-@pytest.mark.parametrize("bits,g", [(16, 4), (4, 1), (2, 8)])
-def test_decode_unpadded_rows(bits, g, gen):
-    """min_rows=1: the query rows of a KV head are not padded to 16 (Triton pads the dot itself)."""
+@pytest.mark.parametrize("bits,g,rows", [(16, 4, 1), (4, 1, 1), (2, 8, 1), (8, 4, 16), (4, 2, 16)])
+def test_decode_padded_and_unpadded_rows(bits, g, rows, gen):
+    """min_rows=1: the query rows of a KV head are not padded to 16 (Triton pads the dot itself);
+    16: they are, and the padded rows stay out of the output."""
     lens = torch.tensor([[40, 0], [7, 33]], dtype=torch.int32)
     layout, cache, bt, k, v, q = _case(bits, 64, 16, 2, g, lens, gen)
     lens = lens.to(DEV)
     out = torch.full_like(q, float("nan"))
-    decode_attention(q, cache, layout, bt, lens, num_splits=2, block_n=32, min_rows=1, out=out)
+    decode_attention(q, cache, layout, bt, lens, num_splits=2, block_n=32, min_rows=rows, out=out)
     ref = decode_attention_reference(q, cache, layout, bt, lens, compute_dtype=torch.float64)
     assert torch.isfinite(out).all() and _rel(out, ref) < 2e-3
     assert (out[0, g:2 * g] == 0).all()

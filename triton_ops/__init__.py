@@ -84,7 +84,7 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
                      sm_scale: float | None = None, *, held: torch.Tensor | None = None,
                      num_splits: int | None = None,
                      block_n: int | None = None, num_warps: int | None = None, num_stages: int = 2,
-                     min_rows: int = 16,
+                     min_rows: int | None = None,
                      out: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step of attention over a paged (compressed) KV cache.
 
@@ -98,7 +98,9 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
     ``num_splits`` (default :func:`default_num_splits` from the block table's capacity, no host
     sync), ``block_n`` (tokens per tile), ``num_warps``, ``num_stages``, ``min_rows``
     (query rows of a KV head padded to at least this for the tensor-core dot; Triton >= 3.3 pads
-    small dots itself, so 1 saves the softmax work of padded rows): tuning knobs.
+    small dots itself, so 1, the default for the quantized layouts, saves the softmax work of
+    padded rows: 1.14-1.26x faster at 128-512 sequences of 4K on the H100, docs/BENCHMARKS.md):
+    tuning knobs.
     ``out`` (optional, like q) receives the result.
     """
     layout.check(cache)
@@ -122,6 +124,8 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
         block_n = 64
     if num_warps is None:       # fastest measured on the H100 (docs/BENCHMARKS.md)
         num_warps = 2 if layout.quantized else 4
+    if min_rows is None:
+        min_rows = 1 if layout.quantized else 16
     max_len = block_tables.shape[1] * layout.block_size
     splits = num_splits or default_num_splits(b, h, max_len, block_n,
                                               _num_sms(q.device))
