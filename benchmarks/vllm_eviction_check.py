@@ -43,6 +43,9 @@ def prompts(model: str, lengths: list[int]) -> list[list[int]]:
 
 
 def child(job: dict) -> None:
+    import os
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: its block pool is read
     from vllm import LLM, SamplingParams
 
     extra = {} if job["spec"] == "none" else {"additional_config": {"kvplug": job["spec"]}}

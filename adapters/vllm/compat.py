@@ -255,6 +255,19 @@ def supports_eviction() -> bool:
     return "num_prompt_tokens" in inspect.signature(SingleTypeKVCacheManager.remove_skipped_blocks).parameters
 
 
+def use_v1_model_runner() -> bool:
+    """0.26+ runs Llama-like models on its V2 model runner (``vllm/v1/worker/gpu``), whose attention
+    metadata :func:`expose_prompt_lengths` does not reach; ask for the V1 runner through
+    ``VLLM_USE_V2_MODEL_RUNNER=0`` (set here, in the process that builds the config, so that the
+    engine processes started after it read it). False when the user forced V2."""
+    import os
+
+    if (os.environ.get("VLLM_USE_V2_MODEL_RUNNER") or "").strip().lower() in ("1", "true"):
+        return False
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    return True
+
+
 def expose_prompt_lengths() -> bool:
     """Give the attention backend each request's prompt length: vLLM's model runner knows it
     (``input_batch.num_prompt_tokens``) but hands it to attention only for R-SWA models, so its
