@@ -113,13 +113,14 @@ def main() -> None:
             print(f"{spec}: engine failed (rc {rc})", flush=True)
             continue
         r = json.loads(Path(job["out"]).read_text())
-        theirs = hf_tokens(model, spec, batch, args.steps, args.dtype)
-        agree = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(r["tokens"], theirs)]
         bs = r["block_size"]
         held = [(r["free_start"] - f[0], r["free_start"] - f[1]) for f in r["free"]]
-        print(f"{spec}: steps agreeing with the HF adapter {agree} of {args.steps}; blocks of {bs} held after the "
-              f"prefill / the next step {held} for prompts {lengths} (prompt blocks "
-              f"{[-(-n // bs) for n in lengths]}); pool back to full: {r['free_end'] == r['free_start']}", flush=True)
+        print(f"{spec}: blocks of {bs} held after the prefill / the next step {held} for prompts {lengths} "
+              f"(prompt blocks {[-(-n // bs) for n in lengths]}); pool back to full: "
+              f"{r['free_end'] == r['free_start']}", flush=True)
+        theirs = hf_tokens(model, spec, batch, args.steps, args.dtype)
+        agree = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(r["tokens"], theirs)]
+        print(f"{spec}: steps agreeing with the HF adapter {agree} of {args.steps}", flush=True)
 
 
 if __name__ == "__main__":

@@ -281,7 +281,11 @@ def run_one(args, config: str, random: bool, vocab: int, out: Path) -> dict:
                                if "kvplug:" in ln or "Using " in ln and "backend" in ln][:6]
     if rc != 0:
         result["error"] = "\n".join(text.splitlines()[-25:])
-    print(f"[done] {config}: rc={rc} capacity={result['capacity']} in {result['total_s']:.0f} s", flush=True)
+    done = [f"{w} {result[w]['wall_s']:.2f} s {result[w]['tok_s']:,.0f} tok/s"
+            + (f" peak {result[w]['peak']} preempted {result[w]['preempted']}" if "peak" in result[w] else "")
+            for w in args.workloads if w in result]  # as each engine ends: a call cut short keeps them
+    print(f"[done] {config}: rc={rc} capacity={result['capacity']} in {result['total_s']:.0f} s; " + "; ".join(done),
+          flush=True)
     return result
 
 
