@@ -273,3 +273,38 @@ def test_forward_with_eviction_reads_the_kept_tokens_only(cb, spec, gen):
                 ref = torch.softmax(qh @ keys.T * D ** -0.5, -1) @ values
                 got = out[r, h * G:(h + 1) * G].double()
                 assert (got - ref).norm() / ref.norm() < 1e-2, (spec, step, r, h)
+
+
+def test_model_runner_hook_fills_the_held_spans_of_each_group_once(cb, monkeypatch, gen):
+    """compat.expose_prompt_lengths wraps vLLM's V1 ``GPUModelRunner._build_attention_metadata``:
+    each metadata object (shared by a group's layers) gets the batch's prompt lengths once; kvplug's
+    CUDA metadata writes its decode rows' held spans into the builder's buffer, a CPU-style one
+    gets the attribute."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from kvplug.adapters.vllm import compat
+    from kvplug.adapters.vllm.eviction import held_spans
+    from kvplug.config import resolve
+
+    spec = "snapkv(budget=24, window=8)+pyramid(beta=4)"
+    _impl(cb, spec)
+    builder = cb.KVPlugCudaMetadataBuilder(None, ["model.layers.0.self_attn.attn"], _config(spec), torch.device("cpu"))
+    md = builder.build(0, _common([1, 1, 30], [60, 90, 0], torch.arange(32), torch.zeros(3, 8, dtype=torch.int32)))
+    other = SimpleNamespace()
+    calls = []
+    original = md.attach_prompt_lens
+    md.attach_prompt_lens = lambda lens: calls.append(lens) or original(lens)
+
+    def build(self, *args, **kwargs):
+        return {"model.layers.0.self_attn.attn": md, "model.layers.1.self_attn.attn": md, "cpu.layer": other}, None
+
+    monkeypatch.setattr(GPUModelRunner, "_build_attention_metadata", build)
+    assert compat.expose_prompt_lengths()
+    runner = SimpleNamespace(input_batch=SimpleNamespace(num_reqs=3, num_prompt_tokens_cpu_tensor=torch.tensor(
+        [50, 80, 30, 999])))
+    builder.held.fill_(-1)
+    GPUModelRunner._build_attention_metadata(runner)
+    assert len(calls) == 1 and calls[0].tolist() == [50, 80, 30]
+    assert getattr(other, compat.PROMPT_LENS).tolist() == [50, 80, 30]
+    assert torch.equal(builder.held[:, :2], held_spans(resolve(spec), [50, 80], LAYERS))  # the 2 decode rows
+    assert (builder.held[:, 2:] == -1).all()  # the prefill row: not a decode row
