@@ -201,6 +201,12 @@ def test_cuda_routes_eviction(cb, monkeypatch):
         config.cache_config.enable_prefix_caching = config.scheduler_config.enable_chunked_prefill = True
         adapter._check_engine(config, resolve(spec))  # turns both off, then the CUDA checks pass
         assert not config.cache_config.enable_prefix_caching and not config.scheduler_config.enable_chunked_prefill
+    from kvplug.errors import SpecError
+
+    spec = "h2o(budget=64)+int4"  # runs on the CPU backend: the kernel does not report attention
+    with pytest.raises(SpecError, match="h2o ranks tokens by the attention of each generated token") as e:
+        adapter._check_engine(_config(spec), resolve(spec))
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("spec", ["snapkv(budget=24, window=8)+int4", "knorm(budget=40%)+pyramid(beta=4)",

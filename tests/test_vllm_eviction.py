@@ -65,8 +65,8 @@ def test_worker_reads_what_the_hf_adapter_keeps(spec, prompt_len, gen):
         cache = torch.zeros(blocks, HEADS, bs, 2 * DIM)
         paged.store(cache, keys[layer, :, :length].transpose(0, 1), values[layer, :, :length].transpose(0, 1),
                     slots_of(table, torch.arange(length), bs))
-        kept = ours.select(queries[layer].transpose(0, 1), keys[layer, :, :prompt_len], values[layer, :, :prompt_len],
-                           scale)
+        kept, _ = ours.select(queries[layer].transpose(0, 1), keys[layer, :, :prompt_len],
+                              values[layer, :, :prompt_len], scale)
         ours.compact(cache, table, prompt_len, kept)
         return cache, kept
 
@@ -100,6 +100,68 @@ def test_worker_reads_what_the_hf_adapter_keeps(spec, prompt_len, gen):
                 assert [torch.nonzero(row).flatten().tolist() for row in seen[:, j]] == held[j]
 
 
+@pytest.mark.parametrize("spec, prompt_len", [
+    ("h2o(budget=40)", 100),
+    ("h2o(budget=40, recent_ratio=0.25)+int4", 90),
+    ("h2o(budget=60)", 30),  # a short prompt grows up to the budget, then replaces
+    ("tova(budget=32)", 80),
+])
+def test_replacing_worker_holds_what_the_hf_adapter_holds(spec, prompt_len, gen):
+    """h2o / tova: every decode step, beside the HF adapter's layer on the same queries, keys and
+    values, the worker reads exactly the positions HF holds (per head), gives the same attention
+    output, and a preempted re-run (prompt and generated tokens in one step) replays it; the
+    blocks the scheduler frees are poisoned (NaN) after each step."""
+    strategy = parse(spec)
+    bs, steps, blocks = 16, 60, 40
+    codec_exact = "int4" not in spec
+    paged = PagedKV(TokenLayout.for_codec(strategy.codec, DIM, torch.float32))
+    total = prompt_len + steps
+    table = torch.randperm(blocks, generator=gen)[: total // bs + 1]
+    keys = torch.randn(LAYERS, HEADS, total, DIM, generator=gen)
+    values = torch.randn(LAYERS, HEADS, total, DIM, generator=gen)
+    if codec_exact:
+        values[..., 0] = torch.arange(total, dtype=torch.float32)  # positions ride along
+    queries = torch.randn(LAYERS, total, QHEADS, DIM, generator=gen)
+    scale = DIM ** -0.5
+    for layer in range(LAYERS):
+        hf = KVPlugLayer(strategy, layer, LAYERS, paged=False)
+        hf.update(keys[layer, None, :, :prompt_len], values[layer, None, :, :prompt_len])
+        hf.compress_prompt(queries[layer, None, :prompt_len].transpose(1, 2), torch.ones(1, prompt_len, dtype=torch.bool),
+                           scale)
+        ours = LayerEviction(strategy, paged, layer, LAYERS)
+        cache = torch.zeros(blocks, HEADS, bs, paged.layout.token_bytes // 4)
+        slots = slots_of(table, torch.arange(prompt_len), bs)
+        paged.store(cache, keys[layer, :, :prompt_len].transpose(0, 1), values[layer, :, :prompt_len].transpose(0, 1),
+                    slots)
+        out = torch.empty(prompt_len, QHEADS, DIM)
+        ours.after_prompt(queries[layer, :prompt_len], keys[layer, :, :prompt_len].transpose(0, 1),
+                          values[layer, :, :prompt_len].transpose(0, 1), cache, table, prompt_len, scale, out)
+        freed, outs = set(), []
+        for n in range(prompt_len, total):
+            freed = _poison_freed(cache, table, strategy, prompt_len, n, bs, freed)
+            paged.store(cache, keys[layer, :, n:n + 1].transpose(0, 1), values[layer, :, n:n + 1].transpose(0, 1),
+                        slots_of(table, torch.tensor([n]), bs))
+            mine = ours.decode(queries[layer, n:n + 1], cache, table, prompt_len, n, scale)
+            hf.update(keys[layer, None, :, n:n + 1], values[layer, None, :, n:n + 1])
+            theirs = hf.attend(queries[layer, None, n:n + 1].transpose(1, 2), scale)[0]
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
+            outs.append(mine)
+            if codec_exact:
+                held = [sorted(p for p in row if p >= 0) for row in hf.slots.positions[0].tolist()]
+                got = [sorted(row) for row in ours.read(cache, table, prompt_len, n + 1)[1][..., 0].long().tolist()]
+                assert got == held, f"layer {layer} at token {n}: read {got} but the HF layer holds {held}"
+            in_use = -(-(n + 1) // bs) - sum(b - a for a, b in freed_blocks(strategy, prompt_len, n + 1, bs, LAYERS))
+            assert in_use <= -(-int(hf.capacity.max()) // bs) + 2  # the budget's blocks, + its partial and the new one
+        # preempted: the whole sequence again in one step, into a fresh cache, replays the same outputs
+        again = LayerEviction(strategy, paged, layer, LAYERS)
+        cache = torch.zeros_like(cache)
+        paged.store(cache, keys[layer].transpose(0, 1), values[layer].transpose(0, 1), slots_of(table, torch.arange(total), bs))
+        out = torch.empty(total, QHEADS, DIM)
+        again.after_prompt(queries[layer], keys[layer].transpose(0, 1), values[layer].transpose(0, 1), cache, table,
+                           prompt_len, scale, out)
+        torch.testing.assert_close(out[prompt_len:], torch.cat(outs), rtol=1e-4, atol=1e-5)
+
+
 def _poison_freed(cache, table, strategy, prompt_len, num_tokens, bs, freed_before: set) -> set:
     """Fill the blocks the scheduler frees at ``num_tokens`` with NaN (another request may write
     them now); a freed block never comes back."""
@@ -128,11 +190,10 @@ def test_move_reads_every_row_before_writing(gen):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("h2o(budget=64)", "h2o evicts by attention while generating"),
-    ("tova(budget=64)+int4", "tova evicts by attention while generating"),
-    ("simlayerkv", "simlayerkv evicts by attention while generating"),
+    ("simlayerkv", "simlayerkv decides per layer and request whether to evict"),
     ("snapkv(budget=64)+adakv", "adakv budget keeps a data-dependent number"),
-    ("streaming(window=64)+pyramid", r"streaming keeps sinks \+ window in every layer"),
+    ("streaming(window=64)+pyramid", "streaming keeps the same number of tokens in every layer while generating"),
+    ("h2o(budget=64)+pyramid", "h2o keeps the same number of tokens in every layer while generating"),
     ("snapkv(budget=64)+kivi(bits=2)", "groups of 32 tokens"),
 ])
 def test_what_eviction_cannot_do_in_vllm_is_refused_in_one_line(spec, message):
@@ -267,6 +328,9 @@ def jobs(setup):
                                   kv_bytes=9 << 18),
         "snapkv-int4-preempt": dict(spec="snapkv(budget=25%)+int4", many=mixed, steps=48, max_len=1024,
                                     kv_bytes=3 << 18),
+        "h2o": dict(spec="h2o(budget=300)", prompts=_prompts([LONG, 150], vocab, 3), steps=200, kv_bytes=64 << 20),
+        "tova-int4-preempt": dict(spec="tova(budget=25%)+int4", many=mixed, steps=48, max_len=1024,
+                                  kv_bytes=3 << 18),
     }
 
 
@@ -303,7 +367,7 @@ def hf_tokens(setup):
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("name", ["snapkv", "streaming"])
+@pytest.mark.parametrize("name", ["snapkv", "streaming", "h2o"])
 def test_greedy_tokens_equal_the_hf_adapters(runs, jobs, hf_tokens, name):
     job, result = jobs[name], runs(name)
     for prompt, ours in zip(job["prompts"], result["tokens"], strict=True):
@@ -335,7 +399,17 @@ def test_streaming_footprint_stays_at_its_window_while_generating(runs):
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("name", ["streaming-preempt", "snapkv-int4-preempt"])
+def test_h2o_footprint_stays_at_its_budget_while_generating(runs):
+    result = runs("h2o")
+    bs, start = result["block_size"], result["free_start"]
+    held = [start - f for f in result["free"][0][1:-1]]
+    print(f"h2o(budget=300), {LONG}-token prompt + 200 generated: blocks held {min(held)}..{max(held)}")
+    assert max(held) <= -(-300 // bs) + 2  # the budget's blocks (one partly stale) and the newest token's
+    assert result["free_end"] == start
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("name", ["streaming-preempt", "snapkv-int4-preempt", "tova-int4-preempt"])
 def test_64_mixed_requests_equal_one_by_one_when_a_small_pool_preempts(runs, name):
     result = runs(name)
     print(f"{name}: {result['pool']} blocks, preempted with {result['preempted']} tokens generated")

@@ -8,10 +8,10 @@ nothing until a strategy is selected, in order of precedence:
     KVPLUG_STRATEGY=int4 vllm serve MODEL
 
 A bad spec stops start-up with the parser's one-line :class:`kvplug.SpecError`; a spec this
-adapter cannot honour (eviction by attention while generating, KIVI's token groups, a platform
+adapter cannot honour (SimLayerKV's per-layer decisions, KIVI's token groups, a platform
 without a kvplug backend) is refused the same way, never run uncompressed. Eviction (snapkv,
-knorm, random, streaming; uniform or pyramid budgets) frees blocks in vLLM's own pool, on the
-CPU and CUDA backends: see :mod:`.eviction` and docs/VLLM_EVICTION.md.
+knorm, random with uniform or pyramid budgets; streaming; h2o and tova on the CPU backend) frees
+blocks in vLLM's own pool: see :mod:`.eviction` and docs/VLLM_EVICTION.md.
 
 How it reaches the engine (details and the 0.26 differences in :mod:`.compat`): ``register()``
 routes the platform's attention-backend choice, made in each worker while the model is built (when

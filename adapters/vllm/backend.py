@@ -157,8 +157,7 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
             return out
         if total - context != 1:
             raise RuntimeError(f"kvplug: eviction runs one token per step after the prompt; got {total - context}")
-        keys, values = ev.read(kv_cache, block_ids, prompt_len, total)
-        return attend(query, keys, values, self.scale, context)
+        return ev.decode(query, kv_cache, block_ids, prompt_len, context, self.scale)
 
     def _stock_forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                        output_block_scale):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from kvplug.scorers.base import ScoreInputs
 from kvplug.strategy import Strategy
 
-from .eviction import Plan, plan
+from .eviction import Plan, plan, replaces
 from .layout import PagedKV, slots_of
 
 
@@ -25,6 +25,11 @@ class LayerEviction:
     def __init__(self, strategy: Strategy, paged: PagedKV, layer_idx: int, num_layers: int):
         self.strategy, self.paged = strategy, paged
         self.layer_idx, self.num_layers = layer_idx, num_layers
+        self.replaces = replaces(strategy)
+        self.state: tuple[torch.Tensor, torch.Tensor] | None = None
+        """With :attr:`replaces`: per cache slot and head, the position (int32) and running score
+        (float32) of the token there, beside the cache (8 bytes per token-head, outside vLLM's KV
+        accounting), made at the first use."""
 
     def plan(self, prompt_len: int, num_tokens: int) -> Plan:
         return plan(self.strategy, prompt_len, num_tokens, self.layer_idx, self.num_layers)
@@ -36,9 +41,11 @@ class LayerEviction:
                          [torch.zeros(0, dtype=torch.long, device=device)])
 
     @torch.no_grad()
-    def select(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    def select(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Positions ``[H, K]`` (ascending) each KV head keeps of a prompt whose queries ``[P, Hq, D]``
-        and keys/values ``[H, P, D]`` are given; every head keeps the count the plan expects."""
+        and keys/values ``[H, P, D]`` are given (every head keeps the count the plan expects), and,
+        with :attr:`replaces`, their running scores ``[H, K]`` (else None)."""
         scorer = self.strategy.scorer
         length = keys.shape[1]
         window = length if scorer.needs_all_queries else min(scorer.observation_window, length)
@@ -51,7 +58,8 @@ class LayerEviction:
         if not bool((sel.counts == expected).all()):
             raise RuntimeError(f"kvplug: layer {self.layer_idx} kept {sel.counts.tolist()} tokens per head, the "
                                f"block accounting expects {expected}")
-        return sel.indices[0]
+        kept = sel.indices[0]
+        return kept, sel.scorer.running_scores(inputs)[0].gather(-1, kept) if self.replaces else None
 
     def visible(self, prompt_len: int, kept: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """``[H, num_tokens - P, num_tokens]``: which logical positions each query after the prompt
@@ -79,7 +87,15 @@ class LayerEviction:
         kept tokens as stored (encoded and decoded). The prompt's own outputs are the caller's."""
         total, p = query.shape[0], prompt_len
         keys, values = key.transpose(0, 1), value.transpose(0, 1)
-        kept = self.select(query[:p], keys[:, :p], values[:, :p], scale)
+        kept, scores = self.select(query[:p], keys[:, :p], values[:, :p], scale)
+        if self.replaces:  # the decode steps again, one token at a time, on what was stored
+            self.compact(kv_cache, block_ids, p, kept)
+            positions, running = self._state(kv_cache)
+            slots = slots_of(block_ids, self.held(p, p, kept.device), kv_cache.shape[2])
+            positions[slots], running[slots] = kept.T.int(), scores.T.float()
+            for n in range(p, total):
+                out[n:n + 1] = self.decode(query[n:n + 1], kv_cache, block_ids, p, n, scale)
+            return
         if total > p:
             out[p:] = attend(query[p:], self.paged.roundtrip(keys, "key"), self.paged.roundtrip(values, "value"),
                              scale, p, self.visible(p, kept, total))
@@ -92,6 +108,52 @@ class LayerEviction:
         dst = self.held(prompt_len, prompt_len, kept.device)
         if not bool((kept == dst).all()):
             self.paged.move(kv_cache, slots_of(block_ids, kept, bs), slots_of(block_ids, dst, bs))
+
+    @torch.no_grad()
+    def decode(self, query: torch.Tensor, kv_cache: torch.Tensor, block_ids: torch.Tensor, prompt_len: int,
+               position: int, scale: float) -> torch.Tensor:
+        """One generated token's step (its K/V already stored at its own slot): with :attr:`replaces`
+        it first takes the slot of each head's lowest-ranked unprotected token (as the HF adapter's
+        layer does), then attends over the held tokens, whose running scores then take this step's
+        attention. Returns ``[1, Hq, D]``."""
+        if self.replaces:
+            self._admit(kv_cache, block_ids, prompt_len, position)
+        keys, values = self.read(kv_cache, block_ids, prompt_len, position + 1)
+        out = attend(query, keys, values, scale, position)
+        if self.replaces:
+            heads, group = keys.shape[0], query.shape[1] // keys.shape[0]
+            logits = query[0].float().view(heads, group, -1) @ keys.float().transpose(-1, -2) * scale
+            probs = torch.softmax(logits, -1).mean(1)  # [H, L]: the group's mean, as group_mean
+            positions, running = self._state(kv_cache)
+            slots = slots_of(block_ids, self.held(prompt_len, position + 1, block_ids.device), kv_cache.shape[2])
+            running[slots] = self.strategy.scorer.decode_update(running[slots].T[None], probs[None])[0].T
+        return out
+
+    def _admit(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, prompt_len: int, position: int) -> None:
+        """The token at ``position`` joins the held slots: at its own while they grow to the
+        capacity, else moved (codes and scale) into each head's evicted slot."""
+        bs, heads, device = kv_cache.shape[2], kv_cache.shape[1], block_ids.device
+        positions, running = self._state(kv_cache)
+        capacity = self.plan(prompt_len, position).front
+        held = slots_of(block_ids, self.held(prompt_len, position, device), bs)  # [S]
+        own = slots_of(block_ids, torch.tensor([position], device=device), bs).expand(heads)
+        target = own
+        if len(held) >= capacity:
+            scorer = self.strategy.scorer
+            protected = scorer.protected(positions[held].T[None].long(), torch.full((1, 1, 1), position, device=device),
+                                         torch.full((1, heads), capacity, device=device))[0]
+            target = held[running[held].T.masked_fill(protected, float("inf")).argmin(-1)]  # [H]
+            self.paged.move(kv_cache, own[:, None], target[:, None])
+        h = torch.arange(heads, device=device)
+        positions[target, h] = position
+        running[target, h] = self.strategy.scorer.new_token_score(torch.full((heads,), position, device=device))
+
+    def _state(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        slots, heads = kv_cache.shape[0] * kv_cache.shape[2], kv_cache.shape[1]
+        if self.state is None or self.state[0].shape != (slots, heads):
+            self.state = (torch.full((slots, heads), -1, dtype=torch.int32, device=kv_cache.device),
+                          torch.zeros(slots, heads, dtype=torch.float32, device=kv_cache.device))
+        return self.state
 
     def read(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, prompt_len: int,
              num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,7 +46,7 @@ from kvplug.errors import SpecError
 
 from . import KEY, PREFILL_KEY, check_head_sizes, check_layer, compat, layer_spec, prefill_mode, selected_strategy
 from .compaction import LayerEviction
-from .eviction import held_spans
+from .eviction import held_spans, replaces
 from .layout import PagedKV, TokenLayout, as_triton_cache
 
 ACTIVE: dict = {"layout": None, "evicting": None}
@@ -73,6 +73,10 @@ def check_engine(vllm_config, strategy) -> None:
     head_dim = compat.head_size(vllm_config)
     if head_dim is not None:
         paged_layout(strategy.codec, 16, 1, head_dim, getattr(model, "dtype", None) or torch.bfloat16)
+    if replaces(strategy):
+        raise SpecError(f"kvplug in vLLM on CUDA: {strategy.scorer.name} ranks tokens by the attention of each "
+                        f"generated token, which the CUDA decode kernel does not report yet; run it on the CPU "
+                        f"backend or with the HF adapter")
     cache = getattr(vllm_config, "cache_config", None)
     sched = getattr(vllm_config, "scheduler_config", None)
     on = [flag for flag, enabled in (

@@ -9,7 +9,10 @@ paths do). So eviction keeps tokens where whole blocks around them can go:
   selection, same as the HF adapter) and moves them into slots ``[P - K_l, P)``; generated
   tokens are written at their own slots ``P, P + 1, ...``; the blocks before ``P - K_l`` go;
 * ``streaming`` also evicts while generating and moves nothing: its ``sinks`` first tokens stay
-  in the first slots and its recent window is at its own slots; the blocks between them go.
+  in the first slots and its recent window is at its own slots; the blocks between them go;
+* ``h2o`` and ``tova`` (:func:`replaces`) keep their ``C`` tokens in ``C`` slots, the kept prompt
+  tokens' ``[P - C, P)`` (or ``[0, C)`` while a short prompt grows): a generated token, written at
+  its own slot, moves into the slot of the token it evicts, and its own block goes.
 
 :func:`plan` says, for a prompt length and a token count, which slots hold what; the KV-cache
 manager frees :func:`freed_blocks` and the attention backend moves and reads by the same
@@ -27,6 +30,7 @@ import torch
 from kvplug.budgets.pyramid import Pyramid
 from kvplug.budgets.uniform import Uniform
 from kvplug.errors import SpecError
+from kvplug.scorers.simlayerkv import SimLayerKV
 from kvplug.scorers.streaming import Streaming
 from kvplug.strategy import Strategy
 
@@ -46,22 +50,28 @@ class Plan(NamedTuple):
         return [r for r in (range(self.base, front_end), range(max(self.recent, front_end), num_tokens)) if r]
 
 
+def replaces(strategy: Strategy) -> bool:
+    """Whether generated tokens replace kept ones chosen by the data (h2o, tova: a fixed set of
+    slots and running scores), rather than by position (streaming) or never (snapkv)."""
+    scorer = strategy.scorer
+    return scorer is not None and scorer.evicts_on_decode and not isinstance(scorer, Streaming)
+
+
 def check_evictable(strategy: Strategy) -> None:
     """Refuse, in one line, what the vLLM adapter cannot evict in paged blocks."""
     scorer = strategy.scorer
     if scorer is None:
         return
-    if scorer.evicts_on_decode and not isinstance(scorer, Streaming):
-        raise SpecError(f"kvplug in vLLM: {scorer.name} evicts by attention while generating, which paged "
-                        f"blocks cannot follow yet; use snapkv, knorm, random or streaming (optionally "
-                        f"+pyramid) in vLLM, or {scorer.name} with the HF adapter")
+    if isinstance(scorer, SimLayerKV):
+        raise SpecError(f"kvplug in vLLM: {scorer.name} decides per layer and request whether to evict, which "
+                        f"vLLM's block accounting cannot follow yet; use it with the HF adapter")
     if not isinstance(strategy.budget, (Uniform, Pyramid)):
         raise SpecError(f"kvplug in vLLM: the {strategy.budget.name} budget keeps a data-dependent number of "
                         f"tokens per head, which vLLM's block accounting cannot know in advance; use the "
                         f"uniform or pyramid budget")
-    if isinstance(scorer, Streaming) and not isinstance(strategy.budget, Uniform):
-        raise SpecError(f"kvplug in vLLM: streaming keeps sinks + window in every layer; drop "
-                        f"{strategy.budget.name}")
+    if scorer.evicts_on_decode and not isinstance(strategy.budget, Uniform):
+        raise SpecError(f"kvplug in vLLM: {scorer.name} keeps the same number of tokens in every layer while "
+                        f"generating; drop {strategy.budget.name}")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -90,6 +100,10 @@ def plan(strategy: Strategy, prompt_len: int, num_tokens: int, layer_idx: int, n
     if isinstance(strategy.scorer, Streaming):
         sinks, window = _streaming(strategy.scorer, prompt_len)
         return Plan(0, sinks, max(sinks, num_tokens - window))
+    if replaces(strategy):  # C slots from base: the prompt's kept tokens, then the generated ones in them
+        capacity = strategy.scorer.kept_tokens(prompt_len)
+        base = max(prompt_len - capacity, 0)
+        return Plan(base, capacity, max(num_tokens, base + capacity))
     kept = layer_kept(strategy, prompt_len, layer_idx, num_layers)
     return Plan(prompt_len - kept, kept, prompt_len)
 
@@ -102,6 +116,9 @@ READ_ALL = 1 << 30
 def _spans(strategy: Strategy, prompt_len: int, num_layers: int) -> tuple[tuple[int, int, int], ...]:
     if isinstance(strategy.scorer, Streaming):
         return ((0, *_streaming(strategy.scorer, prompt_len)),) * num_layers
+    if replaces(strategy):
+        plan0 = plan(strategy, prompt_len, prompt_len, 0, num_layers)
+        return ((plan0.base, plan0.front, 0),) * num_layers
     plans = [plan(strategy, prompt_len, prompt_len, layer, num_layers) for layer in range(num_layers)]
     return tuple((p.base, p.front, READ_ALL) for p in plans)
 

@@ -170,13 +170,13 @@ class PagedKV:
         return self.layout.codec.decode(self.layout.codec.encode(x, role), role, self.layout.dtype)
 
     def move(self, kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Copy token-head ``(src[h, j], h)`` to ``(dst[j], h)`` for every head ``h`` (``src``
-        ``[H, K]``, ``dst`` ``[K]`` slots), codes and metadata alike; all rows are read before any
-        is written, so sources and destinations may overlap."""
+        """Copy token-head ``(src[h, j], h)`` to ``(dst[h, j], h)`` for every head ``h`` (slots
+        ``[H, K]``; a ``[K]`` dst is the same for every head), codes and metadata alike; all rows
+        are read before any is written, so sources and destinations may overlap."""
         codes, meta = self.pages(kv_cache)
         heads = torch.arange(codes.shape[2], device=kv_cache.device)[:, None]
         src_block, src_offset = _split(src, codes.shape[3])
-        dst_block, dst_offset = _split(dst[None, :], codes.shape[3])
+        dst_block, dst_offset = _split(dst if dst.dim() == 2 else dst[None, :], codes.shape[3])
         for part in (codes, meta):
             if part.shape[-1]:
                 part[dst_block, :, heads, dst_offset] = part[src_block, :, heads, src_offset]
