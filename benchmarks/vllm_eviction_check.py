@@ -51,13 +51,20 @@ def child(job: dict) -> None:
     extra = {} if job["spec"] == "none" else {"additional_config": {"kvplug": job["spec"]}}
     llm = LLM(job["model"], dtype=job["dtype"], max_model_len=job["max_len"], seed=0, enable_prefix_caching=False,
               enable_chunked_prefill=False, gpu_memory_utilization=0.3, skip_tokenizer_init=True, **extra)
+    greedy = SamplingParams(temperature=0, max_tokens=job["steps"], ignore_eos=True, detokenize=False)
+    result = {"spec": job["spec"], **one_by_one(llm, job["prompts"], greedy)}
+    Path(job["out"]).write_text(json.dumps(result))
+
+
+def one_by_one(llm, prompts: list[list[int]], params) -> dict:
+    """Each prompt alone, stepped (engine core in process): its tokens and vLLM's free blocks after
+    every step, the pool before and after (also used by tests/test_vllm_eviction.py)."""
     engine = llm.llm_engine
     pool = engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
-    greedy = SamplingParams(temperature=0, max_tokens=job["steps"], ignore_eos=True, detokenize=False)
-    result = {"spec": job["spec"], "block_size": engine.vllm_config.cache_config.block_size,
+    result = {"pool": pool.num_gpu_blocks, "block_size": engine.vllm_config.cache_config.block_size,
               "free_start": pool.get_num_free_blocks(), "tokens": [], "free": []}
-    for i, prompt in enumerate(job["prompts"]):
-        engine.add_request(str(i), {"prompt_token_ids": prompt}, greedy)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), {"prompt_token_ids": prompt}, params)
         free, done = [], None
         while done is None:
             done = next((o for o in engine.step() if o.finished), None)
@@ -65,7 +72,7 @@ def child(job: dict) -> None:
         result["tokens"].append(list(done.outputs[0].token_ids))
         result["free"].append(free)
     result["free_end"] = pool.get_num_free_blocks()
-    Path(job["out"]).write_text(json.dumps(result))
+    return result
 
 
 def hf_tokens(model_path: str, spec: str, batch: list[list[int]], steps: int, dtype: str) -> list[list[int]]:

@@ -260,25 +260,18 @@ def run_job(job: dict) -> None:
     """One engine (in its own process): step requests, read vLLM's block pool, write JSON."""
     from vllm import LLM, SamplingParams
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from vllm_eviction_check import one_by_one  # the GPU check's stepping, shared
+
     llm = LLM(job["model"], dtype="float32", enforce_eager=True, max_model_len=job.get("max_len", MAX_LEN),
               kv_cache_memory_bytes=job["kv_bytes"], seed=0, distributed_executor_backend="uni", max_num_seqs=64,
               skip_tokenizer_init=True, additional_config={"kvplug": job["spec"]})
-    engine = llm.llm_engine
-    scheduler = engine.engine_core.engine_core.scheduler
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
     pool = scheduler.kv_cache_manager.block_pool
-    result = {"pool": pool.num_gpu_blocks, "free_start": pool.get_num_free_blocks(),
-              "block_size": engine.vllm_config.cache_config.block_size}
     greedy = SamplingParams(temperature=0, max_tokens=job["steps"], ignore_eos=True)
+    result = {"pool": pool.num_gpu_blocks}
     if job.get("prompts"):  # one request at a time, stepped: blocks held after each step
-        result["tokens"], result["free"] = [], []
-        for i, prompt in enumerate(job["prompts"]):
-            engine.add_request(str(i), {"prompt_token_ids": prompt}, greedy)
-            free, done = [], None
-            while done is None:
-                done = next((o for o in engine.step() if o.finished), None)
-                free.append(pool.get_num_free_blocks())
-            result["tokens"].append(list(done.outputs[0].token_ids))
-            result["free"].append(free)
+        result = one_by_one(llm, job["prompts"], greedy)
     if job.get("many"):
         preempted = []
         original = scheduler._preempt_request
