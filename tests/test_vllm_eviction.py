@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvplug import SpecError, parse
 from kvplug.adapters.hf.layer import KVPlugLayer
@@ -160,6 +162,26 @@ def test_replacing_worker_holds_what_the_hf_adapter_holds(spec, prompt_len, gen)
         again.after_prompt(queries[layer], keys[layer].transpose(0, 1), values[layer].transpose(0, 1), cache, table,
                            prompt_len, scale, out)
         torch.testing.assert_close(out[prompt_len:], torch.cat(outs), rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=300, deadline=None)
+@given(spec=st.sampled_from(["snapkv(budget=50)", "snapkv(budget=30%)+pyramid(beta=4)", "knorm(budget=20)",
+                             "streaming(sinks=4, window=40)", "streaming(sinks=20, window=10%)", "h2o(budget=40)",
+                             "tova(budget=25%)"]),
+       prompt_len=st.integers(1, 300), steps=st.integers(0, 200), bs=st.sampled_from([1, 16, 128]))
+def test_freed_blocks_never_hold_what_a_later_step_reads(spec, prompt_len, steps, bs):
+    """The scheduler frees, at each processed count, blocks that no layer reads then or later: not
+    the next step's held slots nor its new token's own slot; a freed block stays freed."""
+    strategy = parse(spec)
+    earlier: set = set()
+    for n in range(prompt_len, prompt_len + steps + 1):
+        freed = {b for first, last in freed_blocks(strategy, prompt_len, n, bs, LAYERS) for b in range(first, last)}
+        assert earlier <= freed
+        needed = {n // bs} | {slot // bs for layer in range(LAYERS)
+                              for r in LayerEviction(strategy, None, layer, LAYERS).plan(prompt_len, n + 1).slots(n + 1)
+                              for slot in r}
+        assert not freed & needed, (n, sorted(freed & needed))
+        earlier = freed
 
 
 def _poison_freed(cache, table, strategy, prompt_len, num_tokens, bs, freed_before: set) -> set:
