@@ -99,7 +99,8 @@ def test_selection_additional_config_wins_over_env(monkeypatch):
 @pytest.mark.parametrize("spec, message", [
     ("int5", "unknown"),
     ("int4(bits=3)", "unknown parameter"),
-    ("h2o(budget=64)+int4", "evicts by attention while generating"),
+    ("simlayerkv+int4", "decides per layer and request whether to evict"),
+    ("h2o(budget=64)+pyramid", "keeps the same number of tokens in every layer while generating"),
     ("kivi(bits=2)", "groups of 32 tokens"),
     ("minicache+int4", "shares pages between layers"),
 ])

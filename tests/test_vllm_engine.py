@@ -314,7 +314,7 @@ def test_64_concurrent_requests_equal_one_by_one_and_free_every_block(runs):
     assert result["free_after"] == result["pool_blocks"] - 1  # all but vLLM's reserved null block
 
 
-BAD = {"int5": "unknown strategy part 'int5'", "h2o(budget=64)+int4": "h2o evicts by attention while generating",
+BAD = {"int5": "unknown strategy part 'int5'", "simlayerkv+int4": "simlayerkv decides per layer and request",
        "kivi(bits=2)": "groups of 32 tokens", "int4(rotate=maybe)": "rotate"}
 
 
