@@ -312,5 +312,5 @@ def test_model_runner_hook_fills_the_held_spans_of_each_group_once(cb, monkeypat
     GPUModelRunner._build_attention_metadata(runner)
     assert len(calls) == 1 and calls[0].tolist() == [50, 80, 30]
     assert getattr(other, compat.PROMPT_LENS).tolist() == [50, 80, 30]
-    assert torch.equal(builder.held[:, :2], held_spans(resolve(spec), [50, 80], LAYERS))  # the 2 decode rows
+    assert torch.equal(builder.held[:, :2], held_spans(resolve(spec), torch.tensor([50, 80]), LAYERS))  # the 2 decode rows
     assert (builder.held[:, 2:] == -1).all()  # the prefill row: not a decode row

@@ -157,7 +157,7 @@ class KVPlugCudaMetadata:
         self.prompt_lens = lens
         rows = min(self.num_decodes, len(lens))
         if self.held is not None and rows:
-            spans = held_spans(self.strategy, lens[:rows].tolist(), self.held.shape[0])
+            spans = held_spans(self.strategy, lens[:rows], self.held.shape[0])
             self.held[:, :rows].copy_(spans, non_blocking=True)
 
 

@@ -113,23 +113,28 @@ READ_ALL = 1 << 30
 
 
 @functools.lru_cache(maxsize=4096)
-def _spans(strategy: Strategy, prompt_len: int, num_layers: int) -> tuple[tuple[int, int, int], ...]:
+def _spans(strategy: Strategy, prompt_len: int, num_layers: int) -> torch.Tensor:
+    """int32 ``[num_layers, 3]`` of one prompt length (cached: read, never written)."""
     if isinstance(strategy.scorer, Streaming):
-        return ((0, *_streaming(strategy.scorer, prompt_len)),) * num_layers
-    if replaces(strategy):
+        rows = [(0, *_streaming(strategy.scorer, prompt_len))] * num_layers
+    elif replaces(strategy):
         plan0 = plan(strategy, prompt_len, prompt_len, 0, num_layers)
-        return ((plan0.base, plan0.front, 0),) * num_layers
-    plans = [plan(strategy, prompt_len, prompt_len, layer, num_layers) for layer in range(num_layers)]
-    return tuple((p.base, p.front, READ_ALL) for p in plans)
+        rows = [(plan0.base, plan0.front, 0)] * num_layers
+    else:
+        plans = [plan(strategy, prompt_len, prompt_len, layer, num_layers) for layer in range(num_layers)]
+        rows = [(p.base, p.front, READ_ALL) for p in plans]
+    return torch.tensor(rows, dtype=torch.int32)
 
 
-def held_spans(strategy: Strategy, prompt_lens: list[int], num_layers: int) -> torch.Tensor:
+def held_spans(strategy: Strategy, prompt_lens: torch.Tensor, num_layers: int) -> torch.Tensor:
     """int32 ``[num_layers, len(prompt_lens), 3]``: what each layer reads of each request while it
     generates, as the decode kernel's ``held`` (start, front, window): slots ``[start, start +
     front)`` and the last ``window`` tokens, the :class:`Plan` of every later token count in a
-    form that does not depend on it (so it is set once per request and step, before CUDA graphs)."""
-    rows = [_spans(strategy, p, num_layers) for p in prompt_lens]
-    return torch.tensor(rows, dtype=torch.int32).reshape(len(prompt_lens), num_layers, 3).transpose(0, 1)
+    form that does not depend on it (so it is set once per request and step, before CUDA graphs).
+    Computed once per distinct prompt length (a batch of hundreds costs tens of microseconds)."""
+    unique, row = torch.unique(prompt_lens, return_inverse=True)
+    table = torch.stack([_spans(strategy, p, num_layers) for p in unique.tolist()])
+    return table[row].transpose(0, 1)
 
 
 def freed_blocks(strategy: Strategy, prompt_len: int, num_tokens: int, block_size: int,
