@@ -13,6 +13,8 @@ on but of the kind it was), so greedy decoding is decisive rather than a run of 
 
     python benchmarks/vllm_eviction_check.py --model models/kvplug-ref \\
         --specs "none,snapkv(budget=500),snapkv(budget=25%)+int4,streaming(sinks=4, window=400)+int8" --steps 48
+    python benchmarks/vllm_eviction_check.py --eager --dtype float32 --kv-bytes 200000000 \\
+        --lengths 600,300 --steps 24 --specs "none,snapkv(budget=200)+int4,h2o(budget=200)"   # the CPU
 """
 
 from __future__ import annotations
@@ -49,8 +51,9 @@ def child(job: dict) -> None:
     from vllm import LLM, SamplingParams
 
     extra = {} if job["spec"] == "none" else {"additional_config": {"kvplug": job["spec"]}}
+    memory = {"kv_cache_memory_bytes": job["kv_bytes"]} if job["kv_bytes"] else {"gpu_memory_utilization": 0.3}
     llm = LLM(job["model"], dtype=job["dtype"], max_model_len=job["max_len"], seed=0, enable_prefix_caching=False,
-              enable_chunked_prefill=False, gpu_memory_utilization=0.3, skip_tokenizer_init=True, **extra)
+              enable_chunked_prefill=False, skip_tokenizer_init=True, enforce_eager=job["eager"], **memory, **extra)
     greedy = SamplingParams(temperature=0, max_tokens=job["steps"], ignore_eos=True, detokenize=False)
     result = {"spec": job["spec"], **one_by_one(llm, job["prompts"], greedy)}
     Path(job["out"]).write_text(json.dumps(result))
@@ -76,16 +79,18 @@ def one_by_one(llm, prompts: list[list[int]], params) -> dict:
 
 
 def hf_tokens(model_path: str, spec: str, batch: list[list[int]], steps: int, dtype: str) -> list[list[int]]:
+    """The HF adapter's greedy tokens on the same weights and dtype (on the GPU where there is one)."""
     import torch
     from transformers import LlamaForCausalLM
 
     import kvplug.hf
 
-    model = LlamaForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).cuda().eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = LlamaForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device).eval()
     out = []
     for prompt in batch:
         cache = None if spec == "none" else kvplug.hf.cache(model, spec)
-        ids = torch.tensor([prompt], device="cuda")
+        ids = torch.tensor([prompt], device=device)
         gen = model.generate(ids, max_new_tokens=steps, do_sample=False, pad_token_id=0, past_key_values=cache)
         out.append(gen[0, len(prompt):].tolist())
     return out
@@ -100,6 +105,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default="/tmp/vllm_eviction_check")
+    ap.add_argument("--kv-bytes", type=int, default=0, help="KV-cache memory (the CPU); default 30%% of the GPU")
+    ap.add_argument("--eager", action="store_true", help="no CUDA graphs (the CPU)")
     args = ap.parse_args()
     if args.child:
         child(json.loads(args.child))
@@ -114,7 +121,8 @@ def main() -> None:
     max_len = max(lengths) + args.steps + 16
     for spec in split_specs(args.specs):
         job = {"spec": spec, "model": model, "dtype": args.dtype, "max_len": max_len, "steps": args.steps,
-               "prompts": batch, "out": str(out / f"{len(list(out.glob('*.json')))}.json")}
+               "prompts": batch, "kv_bytes": args.kv_bytes, "eager": args.eager,
+               "out": str(out / f"{len(list(out.glob('*.json')))}.json")}
         rc = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)]).returncode
         if rc:
             print(f"{spec}: engine failed (rc {rc})", flush=True)
