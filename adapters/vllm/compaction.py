@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kvplug.attention import group_mean
 from kvplug.scorers.base import ScoreInputs
 from kvplug.strategy import Strategy
 
@@ -123,7 +124,7 @@ class LayerEviction:
         if self.replaces:
             heads, group = keys.shape[0], query.shape[1] // keys.shape[0]
             logits = query[0].float().view(heads, group, -1) @ keys.float().transpose(-1, -2) * scale
-            probs = torch.softmax(logits, -1).mean(1)  # [H, L]: the group's mean, as group_mean
+            probs = group_mean(torch.softmax(logits, -1).flatten(0, 1)[None], heads)[0]  # [H, L]
             positions, running = self._state(kv_cache)
             slots = slots_of(block_ids, self.held(prompt_len, position + 1, block_ids.device), kv_cache.shape[2])
             running[slots] = self.strategy.scorer.decode_update(running[slots].T[None], probs[None])[0].T
