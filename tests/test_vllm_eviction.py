@@ -91,7 +91,8 @@ def test_worker_reads_what_the_hf_adapter_keeps(spec, prompt_len, gen):
             got = positions(ours.read(cache, table, prompt_len, n + 1)[1])
             assert got == held[-1], f"layer {layer} at token {n}: read {got} but the HF layer holds {held[-1]}"
             if strategy.scorer.evicts_on_decode:  # the footprint: the sinks' blocks, the window's, one partial
-                in_use = -(-(n + 1) // bs) - sum(b - a for a, b in freed_blocks(strategy, prompt_len, n + 1, bs, LAYERS))
+                freed_now = freed_blocks(strategy, prompt_len, n + 1, bs, LAYERS)
+                in_use = -(-(n + 1) // bs) - sum(b - a for a, b in freed_now)
                 sinks = strategy.scorer.sinks
                 assert in_use <= -(-sinks // bs) + -(-(int(hf.capacity.max()) - sinks) // bs) + 1
         for length in (prompt_len + 1, prompt_len + steps // 2 + 3, total):  # preempted, then re-run at once
@@ -128,8 +129,8 @@ def test_replacing_worker_holds_what_the_hf_adapter_holds(spec, prompt_len, gen)
     for layer in range(LAYERS):
         hf = KVPlugLayer(strategy, layer, LAYERS, paged=False)
         hf.update(keys[layer, None, :, :prompt_len], values[layer, None, :, :prompt_len])
-        hf.compress_prompt(queries[layer, None, :prompt_len].transpose(1, 2), torch.ones(1, prompt_len, dtype=torch.bool),
-                           scale)
+        hf.compress_prompt(queries[layer, None, :prompt_len].transpose(1, 2),
+                           torch.ones(1, prompt_len, dtype=torch.bool), scale)
         ours = LayerEviction(strategy, paged, layer, LAYERS)
         cache = torch.zeros(blocks, HEADS, bs, paged.layout.token_bytes // 4)
         slots = slots_of(table, torch.arange(prompt_len), bs)
@@ -157,7 +158,8 @@ def test_replacing_worker_holds_what_the_hf_adapter_holds(spec, prompt_len, gen)
         # preempted: the whole sequence again in one step, into a fresh cache, replays the same outputs
         again = LayerEviction(strategy, paged, layer, LAYERS)
         cache = torch.zeros_like(cache)
-        paged.store(cache, keys[layer].transpose(0, 1), values[layer].transpose(0, 1), slots_of(table, torch.arange(total), bs))
+        paged.store(cache, keys[layer].transpose(0, 1), values[layer].transpose(0, 1),
+                    slots_of(table, torch.arange(total), bs))
         out = torch.empty(total, QHEADS, DIM)
         again.after_prompt(queries[layer], keys[layer].transpose(0, 1), values[layer].transpose(0, 1), cache, table,
                            prompt_len, scale, out)
@@ -404,22 +406,18 @@ def test_prefill_of_2000_tokens_with_snapkv_500_holds_the_blocks_of_500(runs):
 
 
 @pytest.mark.vllm
-def test_streaming_footprint_stays_at_its_window_while_generating(runs):
-    result = runs("streaming")
+@pytest.mark.parametrize("name, most", [
+    ("streaming", lambda bs: -(-(204 + bs) // bs) + 1),  # sinks + window + the sinks' block-sized slack, one partial
+    ("h2o", lambda bs: -(-300 // bs) + 2),  # the budget's blocks (one partly stale) and the newest token's
+])
+def test_footprint_stays_at_the_budget_while_generating(runs, jobs, name, most):
+    """streaming(sinks=4, window=200) and h2o(budget=300) after a 2,000-token prompt."""
+    result = runs(name)
     bs, start = result["block_size"], result["free_start"]
     held = [start - f for f in result["free"][0][1:-1]]
-    print(f"streaming(sinks=4, window=200), {LONG}-token prompt + 300 generated: blocks held {min(held)}..{max(held)}")
-    assert max(held) <= -(-(204 + bs) // bs) + 1  # sinks + window + the sinks' block-sized slack, one partial
-    assert result["free_end"] == start
-
-
-@pytest.mark.vllm
-def test_h2o_footprint_stays_at_its_budget_while_generating(runs):
-    result = runs("h2o")
-    bs, start = result["block_size"], result["free_start"]
-    held = [start - f for f in result["free"][0][1:-1]]
-    print(f"h2o(budget=300), {LONG}-token prompt + 200 generated: blocks held {min(held)}..{max(held)}")
-    assert max(held) <= -(-300 // bs) + 2  # the budget's blocks (one partly stale) and the newest token's
+    print(f"{jobs[name]['spec']}, {LONG}-token prompt + {jobs[name]['steps']} generated: "
+          f"blocks held {min(held)}..{max(held)}")
+    assert max(held) <= most(bs)
     assert result["free_end"] == start
 
 
