@@ -94,7 +94,8 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
     held (optional): int32 ``[batch, 3]`` or ``[batch, num_kv_heads, 3]``, ``(start, front, window)``:
     read only slots ``[start, start + front)`` and the last ``window`` before the length (from
     ``start + front`` on): the tokens eviction keeps (snapkv: ``(P - K, K, large)``; streaming:
-    ``(0, sinks, window)``). A head with nothing to read gives zeros. Returns ``[batch, num_q_heads, head_dim]`` in q's dtype.
+    ``(0, sinks, window)``). A head with nothing to read gives zeros.
+    Returns ``[batch, num_q_heads, head_dim]`` in q's dtype.
     ``num_splits`` (default :func:`default_num_splits` from the block table's capacity, no host
     sync), ``block_n`` (tokens per tile), ``num_warps``, ``num_stages``, ``min_rows``
     (query rows of a KV head padded to at least this for the tensor-core dot; Triton >= 3.3 pads

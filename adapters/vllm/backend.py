@@ -16,9 +16,10 @@ platform's choice here only when a strategy is selected. With a strategy:
   frees the blocks a request's eviction empties, and the impl compacts each layer's kept tokens into the
   slots that stay and reads only those (:mod:`.compaction`, :mod:`.eviction`).
 
-On CUDA, :mod:`.cuda_backend` keeps the same page bytes (the layout is the Triton one) and
-stores and attends with :mod:`kvplug.triton_ops`; eviction runs here only so far. Without a strategy (an engine in the same process that does not select one) every call goes
-to vLLM's own CPU implementation unchanged.
+On CUDA, :mod:`.cuda_backend` keeps the same page bytes (the layout is the Triton one), stores
+and attends with :mod:`kvplug.triton_ops` and evicts with the same :mod:`.compaction` code (h2o
+and tova run here only). Without a strategy (an engine in the same process that does not select
+one) every call goes to vLLM's own CPU implementation unchanged.
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ class LayerEviction:
         if self.replaces:  # the decode steps again, one token at a time, on what was stored
             self.compact(kv_cache, block_ids, p, kept)
             positions, running = self._state(kv_cache)
-            slots = slots_of(block_ids, self.held(p, p, kept.device), kv_cache.shape[2])
+            slots = self.held_slots(block_ids, p, p, kv_cache.shape[2])
             positions[slots], running[slots] = kept.T.int(), scores.T.float()
             for n in range(p, total):
                 out[n:n + 1] = self.decode(query[n:n + 1], kv_cache, block_ids, p, n, scale)
@@ -119,14 +119,14 @@ class LayerEviction:
         attention. Returns ``[1, Hq, D]``."""
         if self.replaces:
             self._admit(kv_cache, block_ids, prompt_len, position)
-        keys, values = self.read(kv_cache, block_ids, prompt_len, position + 1)
+        slots = self.held_slots(block_ids, prompt_len, position + 1, kv_cache.shape[2])
+        keys, values = self.paged.read(kv_cache, slots)
         out = attend(query, keys, values, scale, position)
         if self.replaces:
             heads, group = keys.shape[0], query.shape[1] // keys.shape[0]
             logits = query[0].float().view(heads, group, -1) @ keys.float().transpose(-1, -2) * scale
             probs = group_mean(torch.softmax(logits, -1).flatten(0, 1)[None], heads)[0]  # [H, L]
-            positions, running = self._state(kv_cache)
-            slots = slots_of(block_ids, self.held(prompt_len, position + 1, block_ids.device), kv_cache.shape[2])
+            _, running = self._state(kv_cache)
             running[slots] = self.strategy.scorer.decode_update(running[slots].T[None], probs[None])[0].T
         return out
 
@@ -136,7 +136,7 @@ class LayerEviction:
         bs, heads, device = kv_cache.shape[2], kv_cache.shape[1], block_ids.device
         positions, running = self._state(kv_cache)
         capacity = self.plan(prompt_len, position).front
-        held = slots_of(block_ids, self.held(prompt_len, position, device), bs)  # [S]
+        held = self.held_slots(block_ids, prompt_len, position, bs)  # [S]
         own = slots_of(block_ids, torch.tensor([position], device=device), bs).expand(heads)
         target = own
         if len(held) >= capacity:
@@ -156,11 +156,14 @@ class LayerEviction:
                           torch.zeros(slots, heads, dtype=torch.float32, device=kv_cache.device))
         return self.state
 
+    def held_slots(self, block_ids: torch.Tensor, prompt_len: int, num_tokens: int, block_size: int) -> torch.Tensor:
+        """The cache slots (``block * block_size + offset``) of :meth:`held`, through a request's block-table row."""
+        return slots_of(block_ids, self.held(prompt_len, num_tokens, block_ids.device), block_size)
+
     def read(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, prompt_len: int,
              num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoded keys/values ``[H, L, D]`` of the tokens a step over ``num_tokens`` attends over."""
-        positions = self.held(prompt_len, num_tokens, block_ids.device)
-        return self.paged.read(kv_cache, slots_of(block_ids, positions, kv_cache.shape[2]))
+        return self.paged.read(kv_cache, self.held_slots(block_ids, prompt_len, num_tokens, kv_cache.shape[2]))
 
 
 def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, context: int = 0,
