@@ -10,7 +10,7 @@ kvplug's eviction alone and with int4, and vLLM's own int4 (GPU only). Everythin
         --workloads 48x4096+32 --max-model-len 4224 --kv-bytes 25000000 \\
         --configs "auto,kvplug:snapkv(budget=25%),kvplug:snapkv(budget=25%)+int4"
     # a GPU (vLLM 0.26; kvplug's CUDA backend: snapkv, knorm, random, streaming, with codecs):
-    python benchmarks/vllm_eviction.py --model random --kv-bytes 4400000000 --timeout 150   # 128 x (8192 + 512)
+    python benchmarks/vllm_eviction.py --model random --kv-bytes 4400000000 --timeout 240   # 256 x (8192 + 512)
 """
 
 import sys
@@ -18,7 +18,7 @@ import sys
 from vllm_serving import main
 
 DEFAULTS = dict(configs="auto,kvplug:snapkv(budget=25%),kvplug:snapkv(budget=25%)+int4,int4_per_token_head",
-                workloads="128x8192+512", max_model_len=8832, peak=True, out="/tmp/vllm_eviction")
+                workloads="256x8192+512", max_model_len=8832, peak=True, out="/tmp/vllm_eviction")
 
 if __name__ == "__main__":
     main(sys.argv[1:], DEFAULTS)

@@ -4,8 +4,9 @@ For each spec one engine (its own process, engine core in process, one request a
 stepped) on the reference model; prompts are its held-out text (``heldout.txt``, never trained
 on but of the kind it was), so greedy decoding is decisive rather than a run of near ties:
 
-* blocks: vLLM's free blocks after every step: a prefill holds every prompt block, the next step
-  only the kept tokens' (+1 partial) once the scheduler has freed the rest;
+* blocks: vLLM's free blocks after every step: a prefill holds every prompt block, later steps
+  only the kept tokens' (+1 partial) once the scheduler has freed the rest (the next step, or the
+  one after it under async scheduling, where a step is scheduled before the last one has run);
 * tokens: vLLM's greedy tokens against the HF adapter's (``kvplug.hf.cache(model, spec)``) on the
   same weights, dtype and device: steps until the first difference. ``none`` (vLLM's own backend
   against HF's DynamicCache) is the floor that the two engines' numerics (FlashAttention vs SDPA
@@ -129,8 +130,8 @@ def main() -> None:
             continue
         r = json.loads(Path(job["out"]).read_text())
         bs = r["block_size"]
-        held = [(r["free_start"] - f[0], r["free_start"] - f[1]) for f in r["free"]]
-        print(f"{spec}: blocks of {bs} held after the prefill / the next step {held} for prompts {lengths} "
+        held = [tuple(r["free_start"] - f[i] for i in (0, 1, 2, -1)) for f in r["free"]]
+        print(f"{spec}: blocks of {bs} held after the prefill / 1 and 2 steps later / the last step {held} for prompts {lengths} "
               f"(prompt blocks {[-(-n // bs) for n in lengths]}); pool back to full: "
               f"{r['free_end'] == r['free_start']}", flush=True)
         theirs = hf_tokens(model, spec, batch, args.steps, args.dtype)
