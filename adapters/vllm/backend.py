@@ -115,10 +115,8 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
         starts = attn_metadata.query_start_loc.tolist()
         totals = attn_metadata.seq_lens.tolist()
         table = attn_metadata.block_table
-        prompts = getattr(attn_metadata, compat.PROMPT_LENS, None) if self.strategy.evicts else None
-        if self.strategy.evicts and prompts is None:  # a model runner that compat.expose_prompt_lengths misses
-            raise RuntimeError("kvplug: eviction needs each request's prompt length in the attention metadata; "
-                               "this vLLM model runner does not pass it")
+        prompts = (compat.required_prompt_lengths(getattr(attn_metadata, compat.PROMPT_LENS, None))
+                   if self.strategy.evicts else None)
         for i in range(len(starts) - 1):
             s, e = starts[i], starts[i + 1]
             if e <= s:

@@ -298,3 +298,12 @@ def expose_prompt_lengths() -> bool:
     setattr(_build_attention_metadata, ROUTED, True)
     GPUModelRunner._build_attention_metadata = _build_attention_metadata
     return True
+
+
+def required_prompt_lengths(lens):
+    """``lens`` (the prompt lengths :func:`expose_prompt_lengths` attached to a step's metadata),
+    or the error an evicting backend raises when a model runner it does not reach built the step."""
+    if lens is None:
+        raise RuntimeError("kvplug: eviction needs each request's prompt length in the attention metadata; "
+                           "this vLLM model runner does not pass it")
+    return lens

@@ -272,15 +272,13 @@ class KVPlugCudaImpl(AttentionImpl):
                           output) -> None:
         """After the prefills' attention: each keeps its selection, compacted (eager steps only:
         a step with a prefill never runs as a full CUDA graph)."""
-        if md.prompt_lens is None:  # a model runner that compat.expose_prompt_lengths misses
-            raise RuntimeError("kvplug: eviction needs each request's prompt length in the attention metadata; "
-                               "this vLLM model runner does not pass it")
+        prompt_lens = compat.required_prompt_lengths(md.prompt_lens)
         bounds = (md.prefill_starts_cpu + md.num_decode_tokens).tolist()
         for j, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
             row = md.first_prefill + j
-            if row >= len(md.prompt_lens):  # warm-up and capture runs: rows with no request behind them
+            if row >= len(prompt_lens):  # warm-up and capture runs: rows with no request behind them
                 break
-            prompt_len = int(md.prompt_lens[row])
+            prompt_len = int(prompt_lens[row])
             if e - s < prompt_len:
                 raise RuntimeError(f"kvplug: eviction needs each prompt in one step; request {row} has {e - s} of "
                                    f"its {prompt_len} prompt tokens in this one")
