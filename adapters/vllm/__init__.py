@@ -187,12 +187,13 @@ def _check_engine(vllm_config, strategy: Strategy) -> None:
     backend = CPU_BACKEND
     if strategy.evicts:
         _check_eviction(vllm_config, strategy)
-    if plat.is_cuda():
-        backend = "vLLM's own (codec none)" if _stock_on_cuda(strategy) else CUDA_BACKEND
-        if not _stock_on_cuda(strategy):
-            from . import cuda_backend
+    if plat.is_cuda() and _stock_on_cuda(strategy):
+        backend = "vLLM's own (codec none)"
+    elif plat.is_cuda():
+        from . import cuda_backend
 
-            cuda_backend.check_engine(vllm_config, strategy)
+        backend = CUDA_BACKEND
+        cuda_backend.check_engine(vllm_config, strategy)
     elif not plat.is_cpu():
         raise SpecError(f"kvplug in vLLM runs on the CPU and CUDA platforms; this is {plat.device_name!r}: "
                         f"remove the {KEY!r} key / ${ENV_VAR} to run uncompressed")
