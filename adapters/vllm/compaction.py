@@ -55,7 +55,7 @@ class LayerEviction:
                              valid=torch.ones(1, length, dtype=torch.bool, device=keys.device), scale=scale,
                              layer_idx=self.layer_idx, num_layers=self.num_layers)
         sel = self.strategy.select(inputs)
-        expected = len(self.held(length, length))
+        expected = sum(map(len, self.plan(length, length).slots(length)))
         if not bool((sel.counts == expected).all()):
             raise RuntimeError(f"kvplug: layer {self.layer_idx} kept {sel.counts.tolist()} tokens per head, the "
                                f"block accounting expects {expected}")
@@ -90,9 +90,8 @@ class LayerEviction:
         keys, values = key.transpose(0, 1), value.transpose(0, 1)
         kept, scores = self.select(query[:p], keys[:, :p], values[:, :p], scale)
         if self.replaces:  # the decode steps again, one token at a time, on what was stored
-            self.compact(kv_cache, block_ids, p, kept)
+            slots = self.compact(kv_cache, block_ids, p, kept)
             positions, running = self._state(kv_cache)
-            slots = self.held_slots(block_ids, p, p, kv_cache.shape[2])
             positions[slots], running[slots] = kept.T.int(), scores.T.float()
             for n in range(p, total):
                 out[n:n + 1] = self.decode(query[n:n + 1], kv_cache, block_ids, p, n, scale)
@@ -102,13 +101,17 @@ class LayerEviction:
                              scale, p, self.visible(p, kept, total))
         self.compact(kv_cache, block_ids, p, kept)
 
-    def compact(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, prompt_len: int, kept: torch.Tensor) -> None:
+    def compact(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, prompt_len: int,
+                kept: torch.Tensor) -> torch.Tensor:
         """Move the kept prompt tokens ``kept`` ``[H, K]`` into the slots the plan holds them in
-        after the prompt (``[P - K, P)``; streaming's are in place already)."""
+        after the prompt (``[P - K, P)``; streaming's are in place already); returns those cache
+        slots ``[K]``."""
         bs = kv_cache.shape[2]
         dst = self.held(prompt_len, prompt_len, kept.device)
+        held = slots_of(block_ids, dst, bs)
         if not bool((kept == dst).all()):
-            self.paged.move(kv_cache, slots_of(block_ids, kept, bs), slots_of(block_ids, dst, bs))
+            self.paged.move(kv_cache, slots_of(block_ids, kept, bs), held)
+        return held
 
     @torch.no_grad()
     def decode(self, query: torch.Tensor, kv_cache: torch.Tensor, block_ids: torch.Tensor, prompt_len: int,
