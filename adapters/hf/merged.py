@@ -11,7 +11,7 @@ import torch
 
 from kvplug.codecs.base import Codec
 from kvplug.codecs.none import NoCodec
-from kvplug.mergers.base import Merger
+from kvplug.mergers.base import Merged, Merger
 from kvplug.strategy import Selection
 
 from .store import encoded_bytes
@@ -50,12 +50,13 @@ class MergedStore:
         out = []
         for role in ("key", "value"):
             direction, magnitudes, index, valid, own = self.roles[role]
-            x = self.codec.decode(direction, role, torch.float32) * magnitudes[which].float()[..., None]
+            shared = self.codec.decode(direction, role, torch.float32)
             original = self.own_codec.decode(own[which], role, torch.float32) * valid[..., None]
             index = index.long()
-            put = torch.zeros_like(x).scatter_add_(2, index[..., None].expand_as(original), original)
-            retained = torch.zeros_like(x[..., 0]).scatter_add_(-1, index, valid.float()) > 0
-            out.append(torch.where(retained[..., None], put, x).to(self.dtype))
+            put = torch.zeros_like(shared).scatter_add_(2, index[..., None].expand_as(original), original)
+            retained = torch.zeros_like(shared[..., 0]).scatter_add_(-1, index, valid.float()) > 0
+            merged = Merged(direction=shared, magnitudes=magnitudes.float(), retained=retained)
+            out.append(merged.restore(which, put).to(self.dtype))
         return out[0], out[1], self.filled
 
     def stored_bytes(self) -> int:
