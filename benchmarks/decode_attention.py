@@ -23,8 +23,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kvplug.triton_ops import (PagedLayout, decode_attention, decode_attention_reference, default_num_splits,
-                               store_kv, store_kv_reference)
+from kvplug.triton_ops import (DECODE_TUNING, PagedLayout, decode_attention, decode_attention_reference,
+                               default_num_splits, store_kv, store_kv_reference)
 
 HQ, HKV, D = 32, 8, 128
 SHAPES = [(8, 32768), (1, 131072), (16, 8192), (64, 4096)]
@@ -86,6 +86,27 @@ def build(bits, bs, k_tok, v_tok, b, length, dev):
     return lay, cache, bt
 
 
+def parse_variant(v):
+    nums = v.split(":")
+    if len(nums) not in (4, 5) or not all(x.lstrip("-").isdigit() for x in nums):
+        raise SystemExit(f"--variants: {v!r} is not block_n:warps:stages:splits[:maxnreg]")
+    bn, nw, ns, sp, *mr = (int(x) for x in nums)
+    mr = mr[0] if mr else 0
+    return bn, nw, ns, sp, None if mr == -1 else mr
+
+
+def variants(bits, bs, quick):
+    """The built-in sweep around the tuned defaults (0 = the layout's default, splits -N = N x
+    the default's)."""
+    if bits == 16:
+        return [(0, 0, 0, 0, 0)] + ([] if quick else [(32, 4, 2, 0, 0), (64, 8, 2, 0, 0)])
+    base = [(0, 0, 0, 0, 0)]
+    if quick or bs != 16:
+        return base
+    return base + [(32, 1, 2, -2, 0), (64, 1, 2, 0, None), (64, 2, 2, 0, 0), (128, 2, 3, 0, 0), (32, 1, 3, 0, 0),
+                   (32, 1, 2, 0, 96), (16, 1, 2, 0, 96)]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/decode_attention"))
@@ -96,7 +117,10 @@ def main():
     ap.add_argument("--bits", default="16,8,4,2", help="formats to run (16 = fp16)")
     ap.add_argument("--block-sizes", default="16,32")
     ap.add_argument("--variants", default="",
-                    help="instead of the built-in list: block_n:warps:stages:splits:min_rows,... (splits 0 = default)")
+                    help="instead of the built-in list: block_n:warps:stages:splits[:maxnreg],... (0 = the layout's "
+                         "default; splits -N = N times the default; maxnreg -1 = no limit)")
+    ap.add_argument("--rounds", type=int, default=1, help="time every variant this many times, "
+                    "alternating the order (median reported, with the spread)")
     ap.add_argument("--sm90-report", action="store_true",
                     help="no GPU needed: compile for sm_90 and report registers / loop instruction mix")
     args = ap.parse_args()
@@ -146,8 +170,7 @@ def main():
         log(f"\n== B={b} L={length}: SDPA fp16 {t_sdpa:.1f} us, {by_sdpa / t_sdpa / 1e3:.0f} GB/s")
         results["rows"].append(dict(B=b, L=length, kernel="sdpa-fp16", us=t_sdpa, gbs=by_sdpa / t_sdpa / 1e3))
         k_tok = k.transpose(1, 2).contiguous()      # [B, L, H, D]
-        v_tok = v.transpose(1, 2).contiguous()
-        del k, v
+        v_tok = v.transpose(1, 2).contiguous()      # k, v stay: SDPA is timed again in every round
         lens = torch.full((b,), length, dtype=torch.int32, device=dev)
         for bits in [int(x) for x in args.bits.split(",")]:
             for bs in ([int(x) for x in args.block_sizes.split(",")] if not args.smoke else (16,)):
@@ -174,53 +197,60 @@ def main():
                 log(f"{NAME[bits]} bs={bs}: rel err vs dequant ref {rel:.2e}, vs fp16 SDPA {rel_sdpa:.2e}, "
                     f"all written {finite}")
                 nbytes = kv_bytes(bits, b, length) + bt.numel() * 4 + q.numel() * 2 * 2
-                auto = default_num_splits(b, HKV, length, 64)
-                # (block_n, warps, stages, splits, min_rows)
-                if bs == 16:
-                    configs = [(32, 4, 2, None, 16), (64, 4, 2, None, 16), (64, 4, 3, None, 16),
-                               (64, 8, 2, None, 16), (64, 2, 2, None, 16), (128, 4, 2, None, 16),
-                               (64, 4, 2, None, 1), (128, 4, 2, None, 1), (32, 1, 2, None, 16)]
-                    configs += [(32, 2, 2, None, 16)] if bits == 16 else [(128, 2, 2, None, 1), (64, 2, 3, None, 1)]
-                    for sp in sorted({max(1, auto // 4), max(1, auto // 2), auto * 2} - {auto}):
-                        configs.append((64, 2, 2, sp, 16))
-                else:
-                    configs = [(64, 2, 2, None, 16), (128, 4, 2, None, 1)]
-                if args.quick:
-                    configs = [(64, 4, 2, None, 16)] if bits == 16 else [
-                        (64, 2, 2, None, 16), (128, 4, 2, None, 1), (64, 2, 2, None, 1), (128, 2, 2, None, 1)]
-                    if bs != 16:
-                        configs = []
+                # (block_n, warps, stages, splits, maxnreg): 0 = the layout's default; splits -N = N x the default
+                configs = variants(bits, bs, args.quick)
                 if args.variants:
-                    configs = [tuple(int(x) or None if i == 3 else int(x) for i, x in enumerate(v.split(":")))
-                               for v in args.variants.split(",")]
+                    configs = [parse_variant(v) for v in args.variants.split(",")]
                 if args.smoke:
-                    configs = configs[:2]
+                    configs = configs[:3]
+                ready = []
                 for bn, nw, ns, sp, mr in configs:
                     if time.time() - t_start > args.budget:
                         break
-                    splits = sp or default_num_splits(b, HKV, length, bn)
-                    fn = lambda: decode_attention(q, cache, lay, bt, lens, block_n=bn, num_warps=nw,  # noqa: E731
-                                                  num_stages=ns, num_splits=splits, min_rows=mr,
-                                                  out=out)
+                    auto = default_num_splits(b, HKV, length, bn or DECODE_TUNING[bits][0], torch.cuda.get_device_properties(0)
+                                              .multi_processor_count if dev == "cuda" else 4, DECODE_TUNING[bits][4])
+                    splits = auto if sp == 0 else (auto * -sp if sp < 0 else sp)
+                    fn = (lambda bn=bn, nw=nw, ns=ns, splits=splits, mr=mr:  # noqa: E731
+                          decode_attention(q, cache, lay, bt, lens, block_n=bn or None, num_warps=nw or None,
+                                           num_stages=ns or None, num_splits=splits, maxnreg=mr, out=out))
+                    t = DECODE_TUNING[bits]
+                    cfg = (bn or t[0], nw or t[1], ns or t[2], splits, t[3] if mr == 0 else mr)
+                    name = "bn={} w={} st={} sp={} maxnreg={}".format(*cfg)
                     try:
                         out.fill_(float("nan"))
                         fn()
                         ok = torch.isfinite(out).all().item()
                         rel_v = ((out.float() - ref).norm() / ref.norm()).item()
-                        us = bench(fn, dev)
                     except Exception as e:  # noqa: BLE001
-                        log(f"  bn={bn} w={nw} st={ns} sp={splits} rows={mr}: failed {type(e).__name__}: {str(e)[:300]}")
+                        log(f"  {name}: failed {type(e).__name__}: {str(e)[:300]}")
                         continue
                     extra = b * HQ * splits * (D + 2) * 4 * 2 if splits > 1 else 0
-                    gbs = (nbytes + extra) / us / 1e3
-                    row = dict(B=b, L=length, kernel=f"paged-{NAME[bits]}", bits=bits, block_size=bs, block_n=bn,
-                               warps=nw, stages=ns, splits=splits, min_rows=mr, us=us, gbs=gbs, speedup=t_sdpa / us,
-                               rel_err_ref=rel_v, rel_err_sdpa=rel_sdpa, finite=ok)
+                    row = dict(B=b, L=length, kernel=f"paged-{NAME[bits]}", bits=bits, block_size=bs,
+                               block_n=cfg[0], warps=cfg[1], stages=cfg[2], splits=splits, maxnreg=cfg[4],
+                               rel_err_ref=rel_v, rel_err_sdpa=rel_sdpa, finite=ok, nbytes=nbytes + extra)
+                    ready.append((name, fn, row))
+                # time in rounds, alternating the order, SDPA in every round: the spread says what is noise
+                times = {i: [] for i in range(len(ready))}
+                sdpa_t = []
+                for rnd in range(args.rounds):
+                    sdpa_t.append(bench(sdpa, dev))
+                    order = range(len(ready)) if rnd % 2 == 0 else reversed(range(len(ready)))
+                    for i in order:
+                        times[i].append(bench(ready[i][1], dev))
+                t_ref = sorted(sdpa_t)[len(sdpa_t) // 2]
+                for i, (name, fn, row) in enumerate(ready):
+                    ts = sorted(times[i])
+                    us = ts[len(ts) // 2]
+                    row.update(us=us, us_rounds=ts, gbs=row["nbytes"] / us / 1e3, sdpa_us=t_ref,
+                               speedup=t_ref / us)
                     results["rows"].append(row)
-                    log(f"  bs={bs} bn={bn} w={nw} st={ns} sp={splits} rows={mr}: {us:8.1f} us {gbs:6.0f} GB/s "
-                        f"x{t_sdpa / us:.2f} vs SDPA  err {rel_v:.1e}{'' if ok else ' NOT WRITTEN'}")
+                    spread = f" (rounds {min(ts):.1f}-{max(ts):.1f})" if len(ts) > 1 else ""
+                    log(f"  bs={bs} {name}: {us:8.1f} us{spread} {row['gbs']:6.0f} GB/s "
+                        f"x{t_ref / us:.2f} vs SDPA  err {row['rel_err_ref']:.1e}{'' if row['finite'] else ' NOT WRITTEN'}")
+                if len(sdpa_t) > 1:
+                    log(f"  SDPA in the same rounds: {', '.join(f'{t:.1f}' for t in sdpa_t)} us")
                 del cache, ref
-        del k_tok, v_tok
+        del k_tok, v_tok, k, v
         if dev == "cuda":
             torch.cuda.empty_cache()
 
@@ -230,10 +260,10 @@ def main():
         key = (r["B"], r["L"], r["kernel"])
         if key not in best or r["us"] < best[key]["us"]:
             best[key] = r
-    lines = ["| B | L | kernel | best config (block_size, block_n, warps, stages, splits, min_rows) | us | GB/s | vs SDPA "
+    lines = ["| B | L | kernel | best config (block size, block_n, warps, stages, splits, maxnreg) | us | GB/s | vs SDPA "
              "| rel. err vs ref |", "|---|---|---|---|---|---|---|---|"]
     for (b, length, kern), r in best.items():
-        cfg = "-" if kern.startswith("sdpa") else f"{r['block_size']}, {r['block_n']}, {r['warps']}, {r['stages']}, {r['splits']}, {r['min_rows']}"
+        cfg = "-" if kern.startswith("sdpa") else f"{r['block_size']}, {r['block_n']}, {r['warps']}, {r['stages']}, {r['splits']}, {r['maxnreg'] or '-'}"
         sp = "1.00" if kern.startswith("sdpa") else f"{r['speedup']:.2f}x"
         err = "-" if kern.startswith("sdpa") else f"{r['rel_err_ref']:.1e}" + ("" if r["rel_err_ref"] < 2e-3 else " (!)")
         lines.append(f"| {b} | {length} | {kern} | {cfg} | {r['us']:.1f} | {r['gbs']:.0f} | {sp} | {err} |")
@@ -247,14 +277,15 @@ def main():
 
 
 # ---- offline compiler report (no GPU needed: Triton compiles for sm_90 with its own ptxas) ----
-_CATS = {"unpack": "LOP3 SHF HADD2 PRMT".split(), "smem": "STS LDS LDSM BAR STSM".split(), "mma": ["HMMA"],
+_CATS = {"unpack": "LOP3 PRMT HADD2 HFMA2 HMUL2 SHF".split(), "smem": "STS LDS LDSM BAR STSM".split(), "mma": ["HMMA"],
          "float": "FADD FMUL FFMA FMNMX MUFU FSEL F2FP SHFL FSETP".split(),
          "int/addr": "IMAD IADD3 LEA ISETP SEL VIADD UIADD3 ULEA USHF LDG LDGSTS".split(), "mov": ["MOV"]}
 
 
 def sm90_report(out_dir, log):
-    """Compile the decode kernel for sm_90 and read registers, spills and the instruction mix of
-    its main loop from the SASS (cuobjdump from Triton's bundled CUDA tools)."""
+    """Compile the decode kernels at their tuned settings (and a few others) for sm_90 and read
+    registers, spills, shared memory and the instruction mix of the main loop (the body of the
+    first backward branch) from the SASS, with the cuobjdump bundled in Triton's package."""
     import re
     import subprocess
     import tempfile
@@ -264,22 +295,27 @@ def sm90_report(out_dir, log):
     kern = importlib_kernels()
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     cuobjdump = os.path.join(tools, "cuobjdump") if os.path.exists(os.path.join(tools, "cuobjdump")) else "cuobjdump"
-    fn = kern._decode_kernel
-    rows = ["| codec | block_n | warps | min_rows | regs | spill bytes | loop SASS instr/thread | warp-instr/token "
-            "| mix (unpack, mov, float, smem, int/addr, mma) |", "|---|---|---|---|---|---|---|---|---|"]
+    log(f"triton {triton.__version__}, sm_90, 32 q / 8 KV heads, d={D}, block size 16")
+    rows = ["| codec | block_n | warps | stages | maxnreg | regs | spill bytes | smem | loop SASS instr/thread "
+            "| warp-instr/token | mix (unpack, mov, float, smem, int/addr, mma) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for bits in (16, 8, 4, 2):
-        for bn, nw, mr in ((64, 4, 16), (128, 4, 16), (128, 4, 1), (64, 2, 16)):
-            const = dict(HKV=HKV, G=HQ // HKV, G_PAD=max(mr, HQ // HKV), D=D, BS=16, BITS=bits,
-                         CB=D * bits // 8 if bits != 16 else D, BLOCK_N=bn, SPLIT=True, HELD=False)
-            types = dict(q_ptr="*fp16", cache_ptr="*u8" if bits != 16 else "*fp16", words_ptr="*i32",
-                         meta_ptr="*fp16", bt_ptr="*i32", lens_ptr="*i32", held_ptr="*i32", out_ptr="*fp16", po_ptr="*fp32",
-                         pml_ptr="*fp32", sm_scale="fp32")
+        t = DECODE_TUNING[bits]
+        for bn, nw, ns, mr in {t[:4], (t[0], t[1], t[2], None), (64, 2, 2, t[3])}:
+            fn = kern._decode_planes_kernel if bits != 16 else kern._decode_kernel
+            const = dict(HKV=HKV, G=HQ // HKV, G_PAD=max(8 if bits != 16 else 16, HQ // HKV), D=D, BS=16,
+                         BLOCK_N=bn, SPLIT=True, HELD=False)
+            if bits != 16:
+                const.update(BITS=bits, CB=D * bits // 8, ASM=True)
+            types = dict(q_ptr="*fp16", cache_ptr="*u8" if bits != 16 else "*fp16", meta_ptr="*fp16", bt_ptr="*i32",
+                         lens_ptr="*i32", held_ptr="*i32", out_ptr="*fp16", po_ptr="*fp32", pml_ptr="*fp32",
+                         sm_scale="fp32")
             sig = {n: ("constexpr" if n in const else types.get(n, "i32")) for n in fn.arg_names}
             attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
                      if n.endswith("_ptr") or n.startswith("stride_c") or n in ("stride_qb", "stride_qh")}
+            opts = dict(num_warps=nw, num_stages=ns, **({"maxnreg": mr} if mr else {}))
             try:
                 k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
-                                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=nw, num_stages=2))
+                                   target=GPUTarget("cuda", 90, 32), options=opts)
                 with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
                     f.write(k.asm["cubin"])
                 res = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
@@ -287,22 +323,31 @@ def sm90_report(out_dir, log):
             except Exception as e:  # noqa: BLE001
                 log(f"sm90 report {NAME[bits]} bn={bn} w={nw}: {type(e).__name__}: {str(e)[:300]}")
                 continue
-            regs = re.search(r"REG:(\d+)", res).group(1)
-            spill = re.search(r"LOCAL:(\d+)", res).group(1)
             lines = [ln for ln in sass.splitlines() if re.search(r"^\s+/\*[0-9a-f]{4}\*/", ln)]
-            a = next(i for i, ln in enumerate(lines) if re.search(r"@P\d BRA", ln))
-            b = next(i for i, ln in enumerate(lines) if re.search(r"@!P\d BRA", ln) and i > a)
+            addr = [int(re.search(r"/\*([0-9a-f]{4})\*/", ln).group(1), 16) for ln in lines]
+            loop = None
+            for i, ln in enumerate(lines):
+                m = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))", ln)
+                if m and m.group(1) and int(m.group(1), 16) < addr[i] and int(m.group(1), 16) in addr:
+                    loop = lines[addr.index(int(m.group(1), 16)):i + 1]
+                    break
+            if loop is None:
+                log(f"sm90 report {NAME[bits]} bn={bn} w={nw}: no loop found")
+                continue
             cnt = {c: 0 for c in _CATS}
-            for ln in lines[a:b]:
+            for ln in loop:
                 m = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]+)?", ln)
+                if not m:
+                    continue
                 op = "MOV" if m.group(1) == "IMAD" and (m.group(2) or "").startswith(".MOV") else m.group(1)
                 for c, ops in _CATS.items():
                     if op in ops:
                         cnt[c] += 1
                         break
             mix = ", ".join(str(cnt[c]) for c in ("unpack", "mov", "float", "smem", "int/addr", "mma"))
-            rows.append(f"| {NAME[bits]} | {bn} | {nw} | {mr} | {regs} | {spill} | {b - a} | "
-                        f"{(b - a) * nw / bn:.1f} | {mix} |")
+            regs, spill = re.search(r"REG:(\d+)", res).group(1), re.search(r"LOCAL:(\d+)", res).group(1)
+            rows.append(f"| {NAME[bits]} | {bn} | {nw} | {ns} | {mr or '-'} | {regs} | {spill} | {k.metadata.shared} "
+                        f"| {len(loop)} | {len(loop) * nw / bn:.1f} | {mix} |")
             log(rows[-1])
     with open(os.path.join(out_dir, "sm90_report.md"), "w") as f:
         f.write("\n".join(rows) + "\n")

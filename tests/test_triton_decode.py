@@ -15,7 +15,7 @@ from test_triton_store import DEV, poisoned_cache  # noqa: E402
 SANITY = {16: 3e-3, 8: 3e-2, 4: 0.3, 2: 1.0}
 
 
-def _case(bits, d, bs, hkv, g, lens, gen, dtype=torch.float16):
+def _case(bits, d, bs, hkv, g, lens, gen, dtype=torch.float16, v_offset=0.0):
     """A poisoned paged cache whose sequences hold lens[b][h] tokens in shuffled blocks."""
     layout = PagedLayout(bs, hkv, d, bits, dtype)
     b = lens.shape[0]
@@ -25,7 +25,7 @@ def _case(bits, d, bs, hkv, g, lens, gen, dtype=torch.float16):
     cache = poisoned_cache(layout, nb, gen)
     bt = torch.randperm(nb, generator=gen)[: b * max_blocks].view(b, max_blocks).int().to(DEV)
     k = torch.randn(b, hkv, max_blocks * bs, d, generator=gen).to(DEV, dtype)
-    v = torch.randn(b, hkv, max_blocks * bs, d, generator=gen).to(DEV, dtype)
+    v = (torch.randn(b, hkv, max_blocks * bs, d, generator=gen) + v_offset).to(DEV, dtype)
     for i in range(b):
         for h in range(hkv):
             n = int(lens2[i, h])
@@ -97,26 +97,27 @@ def test_decode_bf16_default_splits(gen):
     assert _rel(out, ref) < 6e-3                        # bf16 output rounding
 
 
-@pytest.mark.parametrize("bits,g,rows", [(16, 4, 1), (4, 1, 1), (2, 8, 1), (8, 4, 16), (4, 2, 16)])
-def test_decode_padded_and_unpadded_rows(bits, g, rows, gen):
-    """min_rows=1: the query rows of a KV head are not padded to 16 (Triton pads the dot itself);
-    16: they are, and the padded rows stay out of the output."""
+@pytest.mark.parametrize("bits,g", [(16, 1), (16, 4), (4, 1), (2, 8), (8, 4), (4, 2), (4, 16)])
+def test_decode_gqa_group_sizes(bits, g, gen):
+    """The G query heads of a KV head are padded inside the kernel (to the 16 rows of an mma for
+    fp16, to 8 columns for the quantized kernel); the padding never reaches the output."""
     lens = torch.tensor([[40, 0], [7, 33]], dtype=torch.int32)
     layout, cache, bt, k, v, q = _case(bits, 64, 16, 2, g, lens, gen)
     lens = lens.to(DEV)
     out = torch.full_like(q, float("nan"))
-    decode_attention(q, cache, layout, bt, lens, num_splits=2, block_n=32, min_rows=rows, out=out)
+    decode_attention(q, cache, layout, bt, lens, num_splits=2, block_n=32, out=out)
     ref = decode_attention_reference(q, cache, layout, bt, lens, compute_dtype=torch.float64)
     assert torch.isfinite(out).all() and _rel(out, ref) < 2e-3
     assert (out[0, g:2 * g] == 0).all()
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 2])
 def test_decode_long_diffuse_context(bits, gen):
     """A long context with nearly uniform attention (small q) and an offset in V: the case where
-    folding V's scale into p (p * s_v in float16) underflowed and its zero-point sum cancelled."""
+    folding V's scale into p (p * s_v in float16) underflowed and its zero-point sum cancelled
+    (the kernel now folds it with centred codes and sums the zero point in float32)."""
     lens = torch.tensor([3000], dtype=torch.int32)
-    layout, cache, bt, k, v, q = _case(bits, 64, 64, 1, 4, lens, gen)
+    layout, cache, bt, k, v, q = _case(bits, 64, 64, 1, 4, lens, gen, v_offset=4.0)
     q = q * 0.05
     lens = lens.to(DEV)
     out = decode_attention(q, cache, layout, bt, lens, num_splits=2, block_n=64)

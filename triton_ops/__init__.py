@@ -16,7 +16,7 @@ from .layout import PagedLayout
 from .reference import decode_attention_reference, gather_kv, store_kv_reference
 
 __all__ = ["PagedLayout", "store_kv", "decode_attention", "store_kv_reference",
-           "decode_attention_reference", "gather_kv", "default_num_splits"]
+           "decode_attention_reference", "gather_kv", "default_num_splits", "DECODE_TUNING"]
 
 
 def _kernels():
@@ -70,22 +70,29 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, slot_mapping
 
 
 def default_num_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int,
-                       num_sms: int = 132) -> int:
-    """Splits of the context so that about two waves of programs fill the GPU, each split at
-    least ``4 * block_n`` tokens long; a power of two."""
+                       num_sms: int = 132, programs_per_sm: int = 4) -> int:
+    """Splits of the context so that about ``programs_per_sm`` programs per multiprocessor fill
+    the GPU (what can be resident at once), each split at least ``4 * block_n`` tokens long; a
+    power of two, rounded down."""
     progs = batch * num_kv_heads
-    want = max(1, -(-2 * num_sms // progs))
+    want = max(1, (programs_per_sm * num_sms) // progs)
     most = max(1, max_len // (4 * block_n))
-    return _pow2(min(want, most)) if min(want, most) > 1 else 1
+    return 1 << (min(want, most).bit_length() - 1)
+
+
+#: Launch settings of :func:`decode_attention` by layout bits, from the H200 sweeps of 2026-12-01
+#: (docs/BENCHMARKS.md): (block_n, num_warps, num_stages, maxnreg, programs per SM that the default
+#: splits aim at: about what fits at once, 128 registers and 10-19 KB of shared memory a one-warp
+#: program; fp16 as measured on the H100, four programs per SM).
+DECODE_TUNING = {16: (64, 4, 2, None, 4), 8: (32, 1, 2, 128, 8), 4: (32, 1, 2, 128, 16), 2: (32, 1, 2, 128, 16)}
 
 
 def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor,
                      sm_scale: float | None = None, *, held: torch.Tensor | None = None,
-                     num_splits: int | None = None,
-                     block_n: int | None = None, num_warps: int | None = None, num_stages: int = 2,
-                     min_rows: int | None = None,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     num_splits: int | None = None, block_n: int | None = None,
+                     num_warps: int | None = None, num_stages: int | None = None,
+                     maxnreg: int | None = 0, out: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step of attention over a paged (compressed) KV cache.
 
     q: ``[batch, num_q_heads, head_dim]`` (num_q_heads a multiple of num_kv_heads, GQA).
@@ -96,12 +103,10 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
     ``start + front`` on): the tokens eviction keeps (snapkv: ``(P - K, K, large)``; streaming:
     ``(0, sinks, window)``). A head with nothing to read gives zeros.
     Returns ``[batch, num_q_heads, head_dim]`` in q's dtype.
-    ``num_splits`` (default :func:`default_num_splits` from the block table's capacity, no host
-    sync), ``block_n`` (tokens per tile), ``num_warps``, ``num_stages``, ``min_rows``
-    (query rows of a KV head padded to at least this for the tensor-core dot; Triton >= 3.3 pads
-    small dots itself, so 1, the default for the quantized layouts, saves the softmax work of
-    padded rows: 1.14-1.26x faster at 128-512 sequences of 4K on the H100, docs/BENCHMARKS.md):
-    tuning knobs.
+    Tuning knobs (defaults per layout in ``DECODE_TUNING``, measured on the H200): ``num_splits`` (default
+    :func:`default_num_splits` from the block table's capacity, no host sync), ``block_n`` (tokens
+    per tile), ``num_warps``, ``num_stages``, ``maxnreg`` (registers per thread the compiler may
+    use, CUDA only; 0 = the layout's default, None = no limit).
     ``out`` (optional, like q) receives the result.
     """
     layout.check(cache)
@@ -121,32 +126,34 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
         out = torch.empty_like(q)
     if b == 0:
         return out
-    if block_n is None:
-        block_n = 64
-    if num_warps is None:       # fastest measured on the H100 (docs/BENCHMARKS.md)
-        num_warps = 2 if layout.quantized else 4
-    if min_rows is None:
-        min_rows = 1 if layout.quantized else 16
+    t_bn, t_warps, t_stages, t_maxnreg, t_progs = DECODE_TUNING[layout.bits]
+    block_n = block_n or t_bn
+    num_warps = num_warps or t_warps
+    num_stages = num_stages or t_stages
+    maxnreg = t_maxnreg if maxnreg == 0 else maxnreg
     max_len = block_tables.shape[1] * layout.block_size
-    splits = num_splits or default_num_splits(b, h, max_len, block_n,
-                                              _num_sms(q.device))
+    splits = num_splits or default_num_splits(b, h, max_len, block_n, _num_sms(q.device), t_progs)
     kern = _kernels()
-    meta = cache.view(torch.float16) if layout.quantized else cache
-    words = cache.view(torch.int32) if layout.quantized else cache
     cs = cache.stride()
     if splits > 1:
         po = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
         pml = torch.empty(b, hq, splits, 2, dtype=torch.float32, device=q.device)
     else:
         po = pml = out
-    kern._decode_kernel[(b * h, splits)](
-        q, cache, words, meta, block_tables, seq_lens, seq_lens if held is None else held, out, po,
-        pml, sm_scale, splits,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), lb, lh, hb, hh,
-        cs[0], cs[1], cs[2],
-        HKV=h, G=g, G_PAD=max(min_rows, _pow2(g)), D=d, BS=layout.block_size, BITS=layout.bits,
-        CB=layout.code_bytes if layout.quantized else d, BLOCK_N=block_n, SPLIT=splits > 1,
-        HELD=held is not None, num_warps=num_warps, num_stages=num_stages)
+    args = (block_tables, seq_lens, seq_lens if held is None else held, out, po, pml, sm_scale, splits,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+            lb, lh, hb, hh, cs[0], cs[1], cs[2])
+    const = dict(HKV=h, G=g, D=d, BS=layout.block_size, BLOCK_N=block_n, SPLIT=splits > 1,
+                 HELD=held is not None, num_warps=num_warps, num_stages=num_stages)
+    if maxnreg and q.device.type == "cuda":
+        const["maxnreg"] = maxnreg
+    if layout.quantized:
+        # the interpreter runs the same arithmetic without the PTX
+        kern._decode_planes_kernel[(b * h, splits)](
+            q, cache, cache.view(torch.float16), *args, G_PAD=max(8, _pow2(g)), BITS=layout.bits,
+            CB=layout.code_bytes, ASM=q.device.type == "cuda", **const)
+    else:
+        kern._decode_kernel[(b * h, splits)](q, cache, *args, G_PAD=max(16, _pow2(g)), **const)
     if splits > 1:
         kern._reduce_kernel[(b * hq,)](po, pml, out, splits, out.stride(0), out.stride(1),
                                        HQ=hq, D=d, S_PAD=_pow2(splits), num_warps=4)

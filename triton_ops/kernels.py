@@ -2,17 +2,12 @@
 
 * ``_store_kernel``: one program per token; quantizes K and V of all its KV heads (float32 math,
   exact division, as :mod:`kvplug.quant`) and writes codes + (scale, zero) at each head's slot.
-* ``_decode_kernel``: one program per (sequence, KV head, split); the ``G`` query heads of a KV
-  head share every K/V tile (GQA). Codes are read as int32 words (16-byte loads) and unpacked with
-  word-wide mask/or operations into float16 bit patterns ``0x6400 | code`` (= 1024 + code, exact;
-  no int->float conversions, two codes per instruction); the positions come out in a fixed
-  permutation of head_dim, which q and the output follow (``_spread`` with MODE 1 gives it).
-  K's scale and zero are factored out of the dot, ``q.k = s_k (q.c_k) + z_k sum(q)`` (exact
-  float16 codes, float32 accumulation); V is dequantized to float16 in registers,
-  ``c_v * s_v + z_v``, before ``p @ v``. Online softmax in base 2; partial results per split,
-  merged by ``_reduce_kernel``.
-  Queries are multiplied by the softmax scale and rounded to float16 for the tensor cores (a
-  bfloat16 model's q beyond +-65504 / scale would overflow).
+* ``_decode_kernel`` (codec none) and ``_decode_planes_kernel`` (int8/int4/int2): one program per
+  (sequence, KV head, split); the ``G`` query heads of a KV head share every K/V tile (GQA).
+  Online softmax in base 2; partial results per split, merged by ``_reduce_kernel``. Which slots a
+  program reads (a length, or eviction's held runs) is :func:`_span` / :func:`_slot`, shared.
+* The quantized kernel's design, its numerics and what it measured are in its docstring and in
+  benchmarks/decode_attention_notes.md.
 """
 
 from __future__ import annotations
@@ -81,71 +76,11 @@ def _store_kernel(k_ptr, v_ptr, slot_ptr, cache_ptr, meta_ptr,
 
 
 @triton.jit
-def _piece(w, S: tl.constexpr, HF: tl.constexpr, BITS: tl.constexpr, CB: tl.constexpr,
-           INDEX: tl.constexpr):
-    """Half HF (low/high 16 bits) of ``((w >> S) & mask) | 0x64006400``: the code at bit
-    ``S + 16 * HF`` of each int32 word as the float16 bit pattern ``0x6400 | code`` (= 1024 + code),
-    int16; with INDEX (``w`` holds word numbers), that code's element index along head_dim under
-    the planar packing."""
-    if INDEX:
-        POS: tl.constexpr = S + 16 * HF
-        return w * 4 + (POS // 8) + ((POS % 8) // BITS) * CB
-    else:
-        MASK: tl.constexpr = ((1 << BITS) - 1) * 0x10001
-        if S == 0:
-            r = (w & MASK) | 0x64006400
-        else:
-            r = ((w >> S) & MASK) | 0x64006400    # both halves at once: the two int16s are r itself
-        if HF == 0:
-            return r.to(tl.int16)
-        else:
-            return (r >> 16).to(tl.int16)
-
-
-@triton.jit
-def _half(w, HF: tl.constexpr, BITS: tl.constexpr, CB: tl.constexpr, INDEX: tl.constexpr):
-    """One half of every word at each of its 16 / BITS shifts: ``[N, W, 16 / BITS]``."""
-    if BITS == 8:
-        e = tl.join(_piece(w, 0, HF, BITS, CB, INDEX), _piece(w, 8, HF, BITS, CB, INDEX))
-    elif BITS == 4:
-        e = tl.join(tl.join(_piece(w, 0, HF, BITS, CB, INDEX), _piece(w, 4, HF, BITS, CB, INDEX)),
-                    tl.join(_piece(w, 8, HF, BITS, CB, INDEX), _piece(w, 12, HF, BITS, CB, INDEX)))
-    else:
-        e = tl.join(tl.join(tl.join(_piece(w, 0, HF, BITS, CB, INDEX), _piece(w, 2, HF, BITS, CB, INDEX)),
-                            tl.join(_piece(w, 4, HF, BITS, CB, INDEX), _piece(w, 6, HF, BITS, CB, INDEX))),
-                    tl.join(tl.join(_piece(w, 8, HF, BITS, CB, INDEX), _piece(w, 10, HF, BITS, CB, INDEX)),
-                            tl.join(_piece(w, 12, HF, BITS, CB, INDEX), _piece(w, 14, HF, BITS, CB, INDEX))))
-    return e
-
-
-@triton.jit
-def _spread(w, BITS: tl.constexpr, CB: tl.constexpr, INDEX: tl.constexpr):
-    """All 32 / BITS codes of each word of ``w`` ``[N, W]`` -> ``[N, W * 32 / BITS]``, in a fixed
-    permutation of head_dim where the two halves of a shifted word stay adjacent (one half2
-    register, no shuffles); the same call with INDEX gives the element index of each position."""
-    e = tl.join(_half(w, 0, BITS, CB, INDEX), _half(w, 1, BITS, CB, INDEX))
-    return tl.reshape(e, [w.shape[0], w.shape[1] * (32 // BITS)])
-
-
-@triton.jit
-def _codes_f16(w, BITS: tl.constexpr, CB: tl.constexpr):
-    """int32 code words ``[N, W]`` -> the codes as exact float16 ``[N, D]`` (:func:`_spread` order)."""
-    return _spread(w, BITS, CB, False).to(tl.float16, bitcast=True) - 1024.0
-
-
-@triton.jit
-def _decode_kernel(q_ptr, cache_ptr, words_ptr, meta_ptr, bt_ptr, lens_ptr, held_ptr, out_ptr, po_ptr, pml_ptr,
-                   sm_scale, num_splits,
-                   stride_qb, stride_qh, stride_ob, stride_oh, stride_btb, stride_lb, stride_lh,
-                   stride_hb, stride_hh, stride_cblk, stride_ckv, stride_ch,
-                   HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                   BS: tl.constexpr, BITS: tl.constexpr, CB: tl.constexpr, BLOCK_N: tl.constexpr,
-                   SPLIT: tl.constexpr, HELD: tl.constexpr):
-    """stride_c*: strides of the cache in storage elements; for a quantized cache (uint8) they are
-    bytes, and the code words (int32) and metadata (float16) are read through views of it.
-    With HELD a (sequence, head) reads slots ``[start, start + front)`` and its last ``window``
-    slots (eviction's kept tokens): the loop runs over their count, ``i`` -> slot ``start + i``
-    in the front run, ``recent + i - front`` after it."""
+def _span(lens_ptr, held_ptr, num_splits, stride_lb, stride_lh, stride_hb, stride_hh,
+          HKV: tl.constexpr, BLOCK_N: tl.constexpr, HELD: tl.constexpr):
+    """This program's (sequence, KV head) and the range ``[start, end)`` of the tokens it reads,
+    counted in held tokens; with HELD the ``(first, n_front, recent)`` that :func:`_slot` maps
+    them with."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -159,29 +94,62 @@ def _decode_kernel(q_ptr, cache_ptr, words_ptr, meta_ptr, bt_ptr, lens_ptr, held
         recent = tl.maximum(seq_len - tl.load(hp + 2), front_end)
         count = n_front + tl.maximum(seq_len - recent, 0)
     else:
+        first = 0
+        n_front = seq_len
+        recent = 0
         count = seq_len
     chunk = tl.cdiv(tl.cdiv(count, num_splits), BLOCK_N) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, count)
+    return b, h, split, start, end, first, n_front, recent
 
+
+@triton.jit
+def _slot(offs_i, first, n_front, recent, HELD: tl.constexpr):
+    """Held token ``i`` -> its slot in the sequence: ``first + i`` in the front run, then the
+    recent window (``recent + i - n_front``)."""
+    if HELD:
+        return tl.where(offs_i < n_front, first + offs_i, recent + offs_i - n_front)
+    else:
+        return offs_i
+
+
+@triton.jit
+def _store_partial(acc, m_i, l_i, b, qh, split, num_splits, out_ptr, po_ptr, pml_ptr, stride_ob, stride_oh,
+                   offs_d, gmask, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr,
+                   LAST: tl.constexpr):
+    """Write a ``[G_PAD, W]`` piece of the output (columns ``offs_d``): normalised into ``out``, or
+    with SPLIT unnormalised into the split partials (and, with LAST, this split's max and sum)."""
+    if not SPLIT:
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + b.to(tl.int64) * stride_ob + qh[:, None] * stride_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+    else:
+        part = (b.to(tl.int64) * (HKV * G) + qh) * num_splits + split      # [G_PAD]
+        tl.store(po_ptr + part[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None])
+        if LAST:
+            tl.store(pml_ptr + part * 2, m_i, mask=gmask)
+            tl.store(pml_ptr + part * 2 + 1, l_i, mask=gmask)
+
+
+@triton.jit
+def _decode_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, held_ptr, out_ptr, po_ptr, pml_ptr,
+                   sm_scale, num_splits,
+                   stride_qb, stride_qh, stride_ob, stride_oh, stride_btb, stride_lb, stride_lh,
+                   stride_hb, stride_hh, stride_cblk, stride_ckv, stride_ch,
+                   HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                   BS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HELD: tl.constexpr):
+    """Decode attention over a float16/bfloat16 paged cache (codec none): ``s = q k^T``, ``p v``
+    on the tensor cores with the G query rows of a KV head padded to G_PAD. stride_c*: the
+    cache's strides in elements."""
+    b, h, split, start, end, first, n_front, recent = _span(lens_ptr, held_ptr, num_splits, stride_lb, stride_lh,
+                                                            stride_hb, stride_hh, HKV, BLOCK_N, HELD)
     offs_g = tl.arange(0, G_PAD)
     gmask = offs_g < G
-    if BITS == 16:
-        offs_d = tl.arange(0, D)[None, :]
-    else:
-        W: tl.constexpr = CB // 4
-        offs_w = tl.arange(0, W)
-        offs_d = _spread(offs_w[None, :], BITS, CB, True)        # [1, D]: element of each position
-    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + (h * G + offs_g)[:, None] * stride_qh + offs_d,
+    qh = h * G + offs_g
+    offs_d = tl.arange(0, D)
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + qh[:, None] * stride_qh + offs_d[None, :],
                 mask=gmask[:, None], other=0.0)
-    if BITS == 16:
-        qd = q
-        s_mul = sm_scale * 1.4426950408889634
-    else:
-        qd = (q.to(tl.float32) * sm_scale).to(tl.float16)
-        qsum = tl.sum(qd.to(tl.float32), axis=1)
-        offs_m = tl.arange(0, 2)
-
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
@@ -190,53 +158,21 @@ def _decode_kernel(q_ptr, cache_ptr, words_ptr, meta_ptr, bt_ptr, lens_ptr, held
     for n0 in range(start, end, BLOCK_N):
         offs_i = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_i < end
-        if HELD:
-            offs_n = tl.where(offs_i < n_front, first + offs_i, recent + offs_i - n_front)
-        else:
-            offs_n = offs_i
+        offs_n = _slot(offs_i, first, n_front, recent, HELD)
         blk = tl.load(bt_row + offs_n // BS, mask=nmask, other=0).to(tl.int64)
-        row = blk * stride_cblk + head_off
-        off = offs_n % BS
-        if BITS == 16:
-            kp = cache_ptr + (row + off * D)[:, None] + offs_d
-            k = tl.load(kp, mask=nmask[:, None], other=0.0)
-            v = tl.load(kp + stride_ckv, mask=nmask[:, None], other=0.0)
-            s = tl.dot(qd, tl.trans(k)) * s_mul
-        else:
-            kp = words_ptr + (row // 4 + off * W)[:, None] + offs_w[None, :]
-            kw = tl.load(kp, mask=nmask[:, None], other=0)
-            vw = tl.load(kp + stride_ckv // 4, mask=nmask[:, None], other=0)
-            mp = meta_ptr + (row // 2 + (BS * CB) // 2 + off * 2)[:, None] + offs_m[None, :]
-            ks, kz = tl.split(tl.load(mp, mask=nmask[:, None], other=0.0).to(tl.float32))
-            vs, vz = tl.split(tl.load(mp + stride_ckv // 2, mask=nmask[:, None], other=0.0))
-            s = (tl.dot(qd, tl.trans(_codes_f16(kw, BITS, CB))) * ks[None, :]
-                 + qsum[:, None] * kz[None, :]) * 1.4426950408889634
+        kp = cache_ptr + (blk * stride_cblk + head_off + (offs_n % BS) * D)[:, None] + offs_d[None, :]
+        k = tl.load(kp, mask=nmask[:, None], other=0.0)
+        v = tl.load(kp + stride_ckv, mask=nmask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * (sm_scale * 1.4426950408889634)
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        if BITS == 16:
-            acc += tl.dot(p.to(v.dtype), v)
-        else:
-            # V dequantized to float16 in registers (one rounding, as an fp16 cache would hold it).
-            # Folding the scale into p instead (p * s_v) loses it: p * s_v underflows float16 and
-            # the zero-point sum then cancels against the dot (seen on the H100, not on the CPU).
-            v16 = _codes_f16(vw, BITS, CB) * vs[:, None] + vz[:, None]
-            acc += tl.dot(p.to(tl.float16), v16)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-
-    qh = h * G + offs_g
-    if not SPLIT:
-        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(out_ptr + b.to(tl.int64) * stride_ob + qh[:, None] * stride_oh + offs_d,
-                 o.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
-    else:
-        part = (b.to(tl.int64) * (HKV * G) + qh) * num_splits + split      # [G_PAD]
-        tl.store(po_ptr + part[:, None] * D + offs_d, acc, mask=gmask[:, None])
-        tl.store(pml_ptr + part * 2, m_i, mask=gmask)
-        tl.store(pml_ptr + part * 2 + 1, l_i, mask=gmask)
+    _store_partial(acc, m_i, l_i, b, qh, split, num_splits, out_ptr, po_ptr, pml_ptr, stride_ob, stride_oh,
+                   offs_d, gmask, HKV, G, D, SPLIT, True)
 
 
 @triton.jit
@@ -259,3 +195,144 @@ def _reduce_kernel(po_ptr, pml_ptr, out_ptr, num_splits, stride_ob, stride_oh,
     num = tl.sum(o * w[:, None], axis=0)
     res = num / tl.where(l_tot > 0, l_tot, 1.0)
     tl.store(out_ptr + b * stride_ob + hq * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty))
+
+
+# ---- planar unpacking ---------------------------------------------------------------------------
+# The packing is planar (:mod:`kvplug.quant`): plane j of a head's codes, elements
+# ``[j * CB, (j + 1) * CB)`` of head_dim, sits at bits ``[j * BITS, (j + 1) * BITS)`` of the CB
+# bytes. Masking plane j in place and or-ing the float16 exponent of 1024 gives ``1024 + 2^(j*BITS) c``
+# exactly (the mantissa has 10 bits); subtracting 1024 leaves ``2^(j*BITS) c``, whose power of two is
+# folded into q (keys) or the scale (values). On the GPU one ``prmt`` spreads two bytes into the low
+# bytes of a half2 with 0x64 above them and one ``and`` per plane masks them: 1.5 (int8: 1) integer
+# instructions per two codes, no shifts, no conversions, no shuffles between halves.
+
+@triton.jit
+def _plane_bits(x, J: tl.constexpr, BITS: tl.constexpr):
+    """Plane J of the uint8 codes ``x`` as float16 ``1024 + 2^(J*BITS) c`` (portable ops)."""
+    MASK: tl.constexpr = ((1 << BITS) - 1) << (J * BITS)
+    return ((x.to(tl.int32) & MASK) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _planes(x, BITS: tl.constexpr, ASM: tl.constexpr, PURE: tl.constexpr):
+    """uint8 codes ``[N, CB]`` -> a tuple of the 8 / BITS planes as float16 ``1024 + 2^(j*BITS) c``,
+    each ``[N, CB]``. ASM: ``prmt`` + ``and`` in PTX (GPU); otherwise the same values from portable
+    ops (the interpreter). PURE=False keeps Triton from moving a layout conversion above the asm
+    (for V it would then gather single bytes into the transposed mma operand: ~60% more
+    instructions in the loop)."""
+    if ASM:
+        if BITS == 8:
+            return tl.inline_asm_elementwise("prmt.b32 $0, $2, 0x64646464, 0x4140; prmt.b32 $1, $2, 0x64646464, 0x4342;",
+                                             "=r,=r,r", [x], dtype=(tl.float16,), is_pure=PURE, pack=4)
+        elif BITS == 4:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 t0, t1; prmt.b32 t0, $4, 0x64646464, 0x4140; prmt.b32 t1, $4, 0x64646464, 0x4342;"
+                " and.b32 $0, t0, 0xFF0FFF0F; and.b32 $1, t1, 0xFF0FFF0F;"
+                " and.b32 $2, t0, 0xFFF0FFF0; and.b32 $3, t1, 0xFFF0FFF0; }",
+                "=r,=r,=r,=r,r", [x], dtype=(tl.float16, tl.float16), is_pure=PURE, pack=4)
+        else:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 t0, t1; prmt.b32 t0, $8, 0x64646464, 0x4140; prmt.b32 t1, $8, 0x64646464, 0x4342;"
+                " and.b32 $0, t0, 0xFF03FF03; and.b32 $1, t1, 0xFF03FF03;"
+                " and.b32 $2, t0, 0xFF0CFF0C; and.b32 $3, t1, 0xFF0CFF0C;"
+                " and.b32 $4, t0, 0xFF30FF30; and.b32 $5, t1, 0xFF30FF30;"
+                " and.b32 $6, t0, 0xFFC0FFC0; and.b32 $7, t1, 0xFFC0FFC0; }",
+                "=r,=r,=r,=r,=r,=r,=r,=r,r", [x], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+                is_pure=PURE, pack=4)
+    else:
+        if BITS == 8:
+            return (_plane_bits(x, 0, BITS),)
+        elif BITS == 4:
+            return _plane_bits(x, 0, BITS), _plane_bits(x, 1, BITS)
+        else:
+            return _plane_bits(x, 0, BITS), _plane_bits(x, 1, BITS), _plane_bits(x, 2, BITS), _plane_bits(x, 3, BITS)
+
+
+@triton.jit
+def _decode_planes_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, lens_ptr, held_ptr, out_ptr, po_ptr, pml_ptr,
+                          sm_scale, num_splits,
+                          stride_qb, stride_qh, stride_ob, stride_oh, stride_btb, stride_lb, stride_lh,
+                          stride_hb, stride_hh, stride_cblk, stride_ckv, stride_ch,
+                          HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                          BS: tl.constexpr, BITS: tl.constexpr, CB: tl.constexpr, BLOCK_N: tl.constexpr,
+                          SPLIT: tl.constexpr, HELD: tl.constexpr, ASM: tl.constexpr):
+    """Decode attention over an int8/int4/int2 paged cache, transposed, one plane of codes at a time.
+
+    stride_c*: the cache's strides in bytes; its (scale, zero) pairs are read through the float16
+    view ``meta_ptr``. Tokens are the rows of both products, so the 16 rows of an mma are 16 real
+    tokens and the G query heads of a KV head its columns (padded to G_PAD >= 8):
+    ``S^T = K Q^T`` and ``O^T += C_V^T W``. Per tile the codes are loaded as bytes
+    ``[BLOCK_N, CB]``; plane j (head_dim elements ``[j*CB, (j+1)*CB)``) is unpacked by
+    :func:`_planes` to ``1024 + 2^(j*BITS) c`` in float16 (exact).
+
+    Keys: ``s = s_k (q . c) + z_k sum(q)``, q in float16 times the softmax scale and log2(e), plane j
+    of q divided by ``2^(j*BITS)`` (exact), float32 accumulation over the planes. Values: their scale
+    goes into the weights, ``w = p s_v 2^(BITS-1)`` in float16 (cannot overflow for a V that float16
+    holds), the codes are centred, ``2^(j*BITS) (c - 2^(BITS-1))``, and the zero point,
+    ``sum_t p_t (z_t + 2^(BITS-1) s_t)``, is summed in float32 beside; the plane's power of two and
+    ``2^(BITS-1)`` are divided out once at the end (exact). Centring keeps the large zero point
+    (a row's minimum) out of the float16 products, which an uncentred fold loses on the GPU
+    (``test_decode_long_diffuse_context``).
+    """
+    NP: tl.constexpr = 8 // BITS
+    C0: tl.constexpr = 1 << (BITS - 1)
+    b, h, split, start, end, first, n_front, recent = _span(lens_ptr, held_ptr, num_splits, stride_lb, stride_lh,
+                                                            stride_hb, stride_hh, HKV, BLOCK_N, HELD)
+    offs_g = tl.arange(0, G_PAD)
+    gmask = offs_g < G
+    qh = h * G + offs_g
+    offs_c = tl.arange(0, CB)
+    offs_m = tl.arange(0, 2)
+    # q^T, plane by plane: [CB, G_PAD]
+    q_col = q_ptr + b.to(tl.int64) * stride_qb + qh[None, :] * stride_qh + offs_c[:, None]
+    qsum = tl.zeros([G_PAD], tl.float32)
+    qs = ()
+    accs = ()
+    for j in tl.static_range(NP):
+        qj = (tl.load(q_col + j * CB, mask=gmask[None, :], other=0.0).to(tl.float32)
+              * (sm_scale * 1.4426950408889634)).to(tl.float16)
+        qsum += tl.sum(qj.to(tl.float32), axis=0)
+        qs = qs + ((qj.to(tl.float32) * (1.0 / (1 << (j * BITS)))).to(tl.float16),)
+        accs = accs + (tl.zeros([CB, G_PAD], tl.float32),)
+    zacc = tl.zeros([BLOCK_N, G_PAD], tl.float32)
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_btb
+    head_off = h.to(tl.int64) * stride_ch
+    for n0 in range(start, end, BLOCK_N):
+        offs_i = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_i < end
+        offs_n = _slot(offs_i, first, n_front, recent, HELD)
+        blk = tl.load(bt_row + offs_n // BS, mask=nmask, other=0).to(tl.int64)
+        row = blk * stride_cblk + head_off
+        off = offs_n % BS
+        kp = cache_ptr + (row + off * CB)[:, None] + offs_c[None, :]
+        kx = tl.load(kp, mask=nmask[:, None], other=0)
+        vx = tl.load(kp + stride_ckv, mask=nmask[:, None], other=0)
+        mp = meta_ptr + (row // 2 + (BS * CB) // 2 + off * 2)[:, None] + offs_m[None, :]
+        ks, kz = tl.split(tl.load(mp, mask=nmask[:, None], other=0.0).to(tl.float32))
+        vs, vz = tl.split(tl.load(mp + stride_ckv // 2, mask=nmask[:, None], other=0.0).to(tl.float32))
+        kpl = _planes(kx, BITS, ASM, True)
+        s = tl.zeros([BLOCK_N, G_PAD], tl.float32)
+        for j in tl.static_range(NP):
+            s = tl.dot(kpl[j] - 1024.0, qs[j], s)
+        s = s * ks[:, None] + kz[:, None] * qsum[None, :]
+        s = tl.where(nmask[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[None, :])
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        w16 = (p * (vs * C0)[:, None]).to(tl.float16)
+        zacc = zacc * alpha[None, :] + p * (vz + C0 * vs)[:, None]
+        vpl = _planes(vx, BITS, ASM, False)
+        new = ()
+        for j in tl.static_range(NP):
+            cj = vpl[j] - (1024.0 + C0 * (1 << (j * BITS)))
+            new = new + (tl.dot(tl.trans(cj), w16, accs[j] * alpha[None, :]),)
+        accs = new
+        m_i = m_new
+    zsum = tl.sum(zacc, axis=0)
+    for j in tl.static_range(NP):
+        o = tl.trans(accs[j] * (1.0 / (C0 * (1 << (j * BITS)))) + zsum[None, :])      # [G_PAD, CB]
+        _store_partial(o, m_i, l_i, b, qh, split, num_splits, out_ptr, po_ptr, pml_ptr, stride_ob, stride_oh,
+                       j * CB + offs_c, gmask, HKV, G, D, SPLIT, j == NP - 1)
