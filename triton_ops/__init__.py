@@ -96,7 +96,7 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
     """One decode step of attention over a paged (compressed) KV cache.
 
     q: ``[batch, num_q_heads, head_dim]`` (num_q_heads a multiple of num_kv_heads, GQA).
-    block_tables: int32 ``[batch, max_blocks]``. seq_lens: int32 ``[batch]`` or
+    block_tables: int32 ``[batch, max_blocks]``. seq_lens: int32 or int64 ``[batch]`` or
     ``[batch, num_kv_heads]`` (a length per head: tokens ``0..len-1`` of the sequence's slots).
     held (optional): int32 ``[batch, 3]`` or ``[batch, num_kv_heads, 3]``, ``(start, front, window)``:
     read only slots ``[start, start + front)`` and the last ``window`` before the length (from

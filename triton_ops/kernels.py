@@ -85,7 +85,7 @@ def _span(lens_ptr, held_ptr, num_splits, stride_lb, stride_lh, stride_hb, strid
     split = tl.program_id(1)
     b = pid // HKV
     h = pid % HKV
-    seq_len = tl.load(lens_ptr + b * stride_lb + h * stride_lh)
+    seq_len = tl.load(lens_ptr + b * stride_lb + h * stride_lh).to(tl.int32)  # int32 or int64 lengths
     if HELD:
         hp = held_ptr + b * stride_hb + h * stride_hh
         first = tl.load(hp)

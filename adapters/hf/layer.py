@@ -60,6 +60,9 @@ class KVPlugLayer(CacheLayerMixin):
         self.groups: GroupStore | None = None
         self.next_pos: torch.Tensor | None = None  # [B] logical position of the next real token
         self.capacity: torch.Tensor | None = None  # [B, H] tokens a head may hold while evicting
+        self.high = 0  # host-side bound on the slots' counts (no device sync to size the store)
+        self.cap_max = 0  # host-side max of capacity (evicting scorers)
+        self.low = 0  # host-side min of the residual slots' counts (grouped codecs)
 
     # transformers' contract -------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -124,6 +127,7 @@ class KVPlugLayer(CacheLayerMixin):
             budget = strategy.budget_per_row(valid, scorer)
             # a head at its budget keeps its count; a short prompt may grow up to the budget
             self.capacity = torch.where((present > budget)[:, None], sel.counts, budget[:, None])
+            self.cap_max = int(self.capacity.max())  # once per prompt
         self.next_pos = valid.sum(-1)
         codec = strategy.codec
         # quantized K/V are read back in float32: rounding them to a 16-bit dtype before the
@@ -141,6 +145,7 @@ class KVPlugLayer(CacheLayerMixin):
             else:
                 self.slots = SlotStore(codec, read)
             self.slots.init(kept_k, kept_v, kept_valid, positions, scores)
+            self.high = kept_k.shape[-2]
             return
         n_quant = self._prefix_length(kept_valid.sum(-1))
         self.groups = GroupStore(codec, read)
@@ -148,6 +153,8 @@ class KVPlugLayer(CacheLayerMixin):
         self.slots = SlotStore(NoCodec(), read)
         self.slots.init(kept_k[..., n_quant:, :], kept_v[..., n_quant:, :], kept_valid[..., n_quant:],
                         positions[..., n_quant:])
+        self.high = kept_k.shape[-2] - n_quant
+        self.low = int(self.slots.counts.min())  # once per prompt
 
     def _prefix_length(self, counts: torch.Tensor) -> int:
         """Leading kept slots a grouped codec quantizes now (whole groups, not the residual
@@ -176,21 +183,30 @@ class KVPlugLayer(CacheLayerMixin):
         for i in range(keys.shape[-2]):
             step = self.next_pos.view(-1, 1, 1)
             counts = self.slots.counts
-            slot = counts
-            if evicting and self.slots.capacity:
-                ranked = self.slots.scores.masked_fill(self.slots.positions < 0, float("inf"))
-                ranked = ranked.masked_fill(scorer.protected(self.slots.positions, step, self.capacity), float("inf"))
-                slot = torch.where(counts >= self.capacity, ranked.argmin(-1), counts)
+            slot, added = counts, 1  # without eviction every head appends at its count
+            if evicting:
+                self.high = min(self.high + 1, self.cap_max)  # a head at its budget overwrites
+                if self.slots.capacity:
+                    ranked = self.slots.scores.masked_fill(self.slots.positions < 0, float("inf"))
+                    ranked = ranked.masked_fill(scorer.protected(self.slots.positions, step, self.capacity),
+                                                float("inf"))
+                    room = counts < self.capacity
+                    slot, added = torch.where(room, counts, ranked.argmin(-1)), room
+            else:
+                self.high += 1
             pos = step.squeeze(-1).expand_as(slot)
-            new_score = scorer.new_token_score(pos) if evicting else torch.zeros_like(pos, dtype=torch.float32)
+            new_score = scorer.new_token_score(pos)[..., None] if evicting else None
             self.slots.write(keys[..., i:i + 1, :], values[..., i:i + 1, :], slot[..., None], pos[..., None],
-                             new_score[..., None])
+                             new_score, top=self.high, added=added)
             self.next_pos = self.next_pos + 1
         if self.groups is not None:
             codec = self.strategy.codec
-            while int(self.slots.counts.min()) >= codec.residual + codec.token_group:
+            self.low += keys.shape[-2]
+            while self.low >= codec.residual + codec.token_group:
                 k, v, _ = self.slots.take_front(codec.token_group)
                 self.groups.append(k, v)
+                self.low -= codec.token_group
+                self.high -= codec.token_group
 
     def attend(self, queries: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention of this step's queries ``[B, Hq, Tq, D]`` over the compressed cache (reference

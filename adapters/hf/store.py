@@ -60,9 +60,13 @@ class SlotStore:
         self.scores = _pad(self.scores, extra, -1)
 
     def write(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
-              scores: torch.Tensor) -> None:
-        """Write tokens ``[B, H, N, D]`` into ``slots`` ``[B, H, N]`` (each < capacity or == count)."""
-        top = int(slots.max()) + 1 if slots.numel() else 0
+              scores: torch.Tensor | None, top: int | None = None, added=None) -> None:
+        """Write tokens ``[B, H, N, D]`` into ``slots`` ``[B, H, N]`` (each < capacity or == count).
+        ``top``: a host-side bound on ``slots.max() + 1`` (None: read it, a device sync); ``added``:
+        how many of the slots were empty (int or ``[B, H]``; None: recount); ``scores`` None: leave
+        the scores (zeros for scorers that do not evict)."""
+        if top is None:
+            top = int(slots.max()) + 1 if slots.numel() else 0
         if top > self.capacity:
             self._grow(top)
         for store, x, role in ((self.keys, keys, "key"), (self.values, values, "value")):
@@ -71,8 +75,9 @@ class SlotStore:
                 idx = slots[..., None].expand(*slots.shape, t.shape[-1])
                 store[name].scatter_(-2, idx, t)
         self.positions.scatter_(-1, slots, positions)
-        self.scores.scatter_(-1, slots, scores)
-        self.counts = (self.positions >= 0).sum(-1)
+        if scores is not None:
+            self.scores.scatter_(-1, slots, scores)
+        self.counts = (self.positions >= 0).sum(-1) if added is None else self.counts + added
 
     def decode(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(keys, values, filled)``: ``[B, H, S, D]`` in the model dtype and ``[B, H, S]`` bool."""
@@ -174,16 +179,21 @@ class PagedStore:
             self.cache.view(batch, blocks, *self.cache.shape[1:])[:, :old_blocks] = old.view(batch, old_blocks,
                                                                                            *old.shape[1:])
         self.block_tables = torch.arange(batch * blocks, dtype=torch.int32, device=self.device).view(batch, blocks)
+        # first slot of each row, for the decode-step slot mapping (one add, no arange/where/cast)
+        self.row_base = torch.arange(batch, device=self.device).view(batch, 1, 1) * (blocks * self.BLOCK)
 
-    def _store(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> None:
-        """Write ``[B, H, N, D]`` tokens at per-head ``slots`` ``[B, H, N]`` (-1: skip)."""
+    def _store(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, skips: bool = True) -> None:
+        """Write ``[B, H, N, D]`` tokens at per-head ``slots`` ``[B, H, N]`` (-1: skip; ``skips``
+        False: none is -1, as while generating). The kernel takes int64 slots as well as int32."""
         b, h, n, d = keys.shape
-        row = torch.arange(b, device=slots.device).view(b, 1, 1) * self.capacity
-        flat = torch.where(slots >= 0, slots + row, -1).permute(0, 2, 1).reshape(b * n, h)
+        flat = slots + self.row_base
+        if skips:
+            flat = torch.where(slots >= 0, flat, -1)
+        flat = flat.permute(0, 2, 1).reshape(b * n, h)
         k = keys.permute(0, 2, 1, 3).reshape(b * n, h, d).to(self.dtype)
         v = values.permute(0, 2, 1, 3).reshape(b * n, h, d).to(self.dtype)
         store = self.ops.store_kv if self.kernels else self.ops.store_kv_reference
-        store(k, v, self.cache, flat.int() if self.kernels else flat, self.layout)
+        store(k, v, self.cache, flat, self.layout)
 
     def init(self, keys, values, valid, positions, scores=None) -> None:
         b, h, s, _ = keys.shape
@@ -196,17 +206,20 @@ class PagedStore:
         self._store(keys, values, torch.where(valid, slots, -1))
         self.counts = valid.sum(-1)
 
-    def write(self, keys, values, slots, positions, scores) -> None:
-        top = int(slots.max()) + 1 if slots.numel() else 0
+    def write(self, keys, values, slots, positions, scores, top: int | None = None, added=None) -> None:
+        """As :meth:`SlotStore.write` (``top``, ``added``, ``scores`` None likewise)."""
+        if top is None:
+            top = int(slots.max()) + 1 if slots.numel() else 0
         if top > self.capacity:
             b = slots.shape[0]
             self._allocate(b, top + GROWTH)
             extra = self.cache.shape[0] // b * self.BLOCK - self.positions.shape[-1]
             self.positions, self.scores = _pad(self.positions, extra, -1, -1), _pad(self.scores, extra, -1)
-        self._store(keys, values, slots)
+        self._store(keys, values, slots, skips=False)
         self.positions.scatter_(-1, slots, positions)
-        self.scores.scatter_(-1, slots, scores)
-        self.counts = (self.positions >= 0).sum(-1)
+        if scores is not None:
+            self.scores.scatter_(-1, slots, scores)
+        self.counts = (self.positions >= 0).sum(-1) if added is None else self.counts + added
 
     def decode(self):
         k, v = self.ops.gather_kv(self.cache, self.layout, self.block_tables, self.capacity, self.read_dtype)
@@ -215,7 +228,7 @@ class PagedStore:
     def attend_one(self, queries: torch.Tensor, scale: float) -> torch.Tensor:
         """Decode attention of one query per sequence ``[B, Hq, D]`` straight from the codes."""
         attend = self.ops.decode_attention if self.kernels else self.ops.decode_attention_reference
-        out = attend(queries.contiguous(), self.cache, self.layout, self.block_tables, self.counts.int(), scale)
+        out = attend(queries.contiguous(), self.cache, self.layout, self.block_tables, self.counts, scale)
         return out.to(queries.dtype)
 
     def stored_bytes(self) -> int:
