@@ -14,7 +14,8 @@ Workloads (random prompt token ids, greedy, ``ignore_eos``): A 64 x (1024 + 1024
 B 64 x (8192 + 256), prefill-heavy; C 512 x (4096 + 512), more than ``auto`` holds at once.
 ``--model random``: a random-weight Llama (8 layers, 32 q / 8 kv heads, head_dim 128, bf16,
 ``load_format="dummy"``). Every engine: prefix caching and chunked prefill off (kvplug's CUDA
-backend needs both off; vLLM's own dtypes run with the same scheduling), CUDA graphs on.
+backend needs both off; vLLM's own dtypes run with the same scheduling), CUDA graphs on;
+``--features defaults`` leaves both at vLLM's defaults (on) for the engines that support them.
 ``--check N``: greedy tokens of N steps on 8 fixed prompts, with vLLM's top-2 log-probabilities,
 compared with the first configuration (a mismatch at a step whose top-2 gap is within 0.125 nats
 is a tie the bf16 logits cannot separate).
@@ -67,10 +68,18 @@ def workload(name: str) -> tuple[int, int, int]:
     return int(m[1]), int(m[2]), int(m[3])
 
 
+def vllm_defaults_on(args, config: str) -> bool:
+    """Whether this engine runs with vLLM's defaults (chunked prefill and prefix caching on):
+    with ``--features defaults`` every engine whose backend supports them (kvplug's CUDA backend
+    does not yet)."""
+    return args.features == "defaults" and not config.startswith("kvplug:")
+
+
 def engine_kwargs(args, config: str, random: bool) -> dict:
-    kw = dict(model=args.model_path, dtype=args.dtype, max_model_len=args.max_model_len, seed=0,
-              enable_prefix_caching=False, enable_chunked_prefill=False, max_num_seqs=512,
+    kw = dict(model=args.model_path, dtype=args.dtype, max_model_len=args.max_model_len, seed=0, max_num_seqs=512,
               max_num_batched_tokens=max(16384, args.max_model_len))
+    if not vllm_defaults_on(args, config):
+        kw.update(enable_prefix_caching=False, enable_chunked_prefill=False)
     if args.kv_bytes:
         kw["kv_cache_memory_bytes"] = args.kv_bytes
     else:
@@ -315,6 +324,9 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--kv-bytes", type=int, default=0, help="KV-cache memory in bytes (instead of the utilization)")
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs (the CPU)")
+    ap.add_argument("--features", choices=("off", "defaults"), default="off",
+                    help="chunked prefill and prefix caching: off for every engine, or vLLM's defaults (on) "
+                         "for every engine that supports them")
     ap.add_argument("--peak", action="store_true", help="engine core in process: peak running requests, preemptions")
     ap.add_argument("--profile", action="store_true", help="the decode step at the last workload's concurrency: wall, kernels (torch.profiler)")
     ap.set_defaults(**(defaults or {}))
@@ -351,7 +363,8 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> None:
             if x and b and args.peak:
                 cell += f", {x['peak']} ({x['peak'] / max(1, b['peak']):.2f}x)"
             cells.append(cell)
-        print(f"| {r['config']} | " + " | ".join(cells) + " |")
+        on = "on" if vllm_defaults_on(args, r["config"]) else "off"
+        print(f"| {r['config']} (chunked prefill, prefix caching {on}) | " + " | ".join(cells) + " |")
     for r in results:
         if args.check and "tokens" in r and "tokens" in base and r is not base:
             print(f"check {r['config']} vs {base['config']}: {compare(base, r)}")
