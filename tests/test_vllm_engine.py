@@ -132,13 +132,15 @@ def run_job(job: dict) -> None:
         result["repeat"] = tokens(again)
         result["cached"] = [o.num_cached_tokens or 0 for o in again]
     if job.get("many"):
-        short = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        short = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
         many = [{"prompt_token_ids": p} for p in job["many"]]
         result["together"] = tokens(llm.generate(many, short, use_tqdm=False))
         pool = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
         result["free_after"], result["pool_blocks"] = pool.get_num_free_blocks(), pool.num_gpu_blocks
         result["usage_after"] = pool.get_usage()
-        result["alone"] = [tokens(llm.generate([p], short, use_tqdm=False))[0] for p in many]
+        alone = [llm.generate([p], short, use_tqdm=False)[0] for p in many]
+        result["alone"] = tokens(alone)
+        result["alone_gaps"] = [[_gap(step) for step in o.outputs[0].logprobs] for o in alone]
     Path(job["out"]).write_text(json.dumps(result))
 
 
@@ -233,7 +235,7 @@ def assert_same_greedy(ours: dict, ref: dict, what: str) -> None:
         if a == b:
             continue
         j = next(k for k, (x, y) in enumerate(zip(a, b)) if x != y)
-        assert gaps[j] <= TIE_NATS, (f"{what}: prompt {i} differs from vLLM's own at step {j} where vLLM's top-2 "
+        assert gaps[j] <= TIE_NATS, (f"{what}: prompt {i} differs at step {j} where the reference top-2 "
                                    f"gap is {gaps[j]:.3f} nats (not a near tie): {a} vs {b}")
 
 
@@ -307,9 +309,12 @@ def test_compression_changes_the_cache_it_reads(runs):
 
 
 def test_64_concurrent_requests_equal_one_by_one_and_free_every_block(runs):
+    """Batched (other requests beside, bf16 rounding of a batch of 64) and one by one: the same
+    greedy tokens under the module's near-tie rule (seen: one of 64 parts at a 0.031-nat tie)."""
     result = runs("int4")
     assert len(result["together"]) == 64
-    assert result["together"] == result["alone"]
+    assert_same_greedy({"tokens": result["together"]}, {"tokens": result["alone"], "gaps": result["alone_gaps"]},
+                       "int4, 64 requests together vs one by one")
     assert result["usage_after"] == 0.0
     assert result["free_after"] == result["pool_blocks"] - 1  # all but vLLM's reserved null block
 
