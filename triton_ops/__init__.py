@@ -2,8 +2,9 @@
 decode attention that reads the compressed cache directly.
 
 Layout: :class:`PagedLayout` (one tensor per layer). Kernels: :func:`store_kv`,
-:func:`decode_attention`; their plain-PyTorch references: :func:`store_kv_reference`,
-:func:`decode_attention_reference`. Triton is imported only when a kernel is called, so this module
+:func:`paged_attention` (any mix of decode rows and prefill chunks; a decode-only batch goes to
+:func:`decode_attention`, its one-token specialisation); their plain-PyTorch references:
+:func:`store_kv_reference`, :func:`paged_attention_reference`, :func:`decode_attention_reference`. Triton is imported only when a kernel is called, so this module
 imports without it (and ``import kvplug`` never imports it). Rotated codecs (``rotate=true``) are
 handled by the caller: rotate q before and the attention output after.
 """
@@ -13,10 +14,11 @@ from __future__ import annotations
 import torch
 
 from .layout import PagedLayout
-from .reference import decode_attention_reference, gather_kv, store_kv_reference
+from .reference import decode_attention_reference, gather_kv, paged_attention_reference, store_kv_reference
 
-__all__ = ["PagedLayout", "store_kv", "decode_attention", "store_kv_reference",
-           "decode_attention_reference", "gather_kv", "default_num_splits", "DECODE_TUNING"]
+__all__ = ["PagedLayout", "store_kv", "decode_attention", "paged_attention", "store_kv_reference",
+           "decode_attention_reference", "paged_attention_reference", "gather_kv", "default_num_splits",
+           "DECODE_TUNING"]
 
 
 def _kernels():
@@ -158,6 +160,60 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
         kern._reduce_kernel[(b * hq,)](po, pml, out, splits, out.stride(0), out.stride(1),
                                        HQ=hq, D=d, S_PAD=_pow2(splits), num_warps=4)
     return out
+
+
+def paged_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout, block_tables: torch.Tensor,
+                    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, sm_scale: float | None = None, *,
+                    max_query_len: int | None = None, out: torch.Tensor | None = None,
+                    block_n: int = 32, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+    """Causal attention of a varlen batch over a paged (compressed) KV cache: decode rows of one
+    token and prefill chunks of many, mixed in one launch, GQA-aware, reading the codes in place.
+
+    q: ``[tokens, num_q_heads, head_dim]``; sequence s owns rows ``query_start_loc[s] ..
+    query_start_loc[s+1] - 1`` (int32 ``[num_seqs + 1]``, vLLM's ``query_start_loc``), at
+    positions ``seq_lens[s] - q_len .. seq_lens[s] - 1``; every token attends to the cache's
+    positions up to its own, so its own chunk must be stored first (:func:`store_kv`): a chunk, a
+    prefix-cache hit's remainder and a decode step all attend over what the cache holds, and the
+    result does not depend on how a prompt was split. ``max_query_len`` (a host int, as vLLM's
+    metadata has it; None reads it, a device sync): 1 with one row per sequence runs
+    :func:`decode_attention` instead. Returns ``[tokens, num_q_heads, head_dim]`` in q's dtype.
+    """
+    layout.check(cache)
+    t, hq, d = q.shape
+    h = layout.num_kv_heads
+    if d != layout.head_dim or hq % h:
+        raise ValueError(f"paged_attention: q {tuple(q.shape)} does not match {layout}")
+    if q.stride(-1) != 1:
+        raise ValueError("paged_attention: q needs a contiguous last dimension")
+    n = seq_lens.shape[0]
+    if seq_lens.dim() != 1 or tuple(query_start_loc.shape) != (n + 1,):
+        raise ValueError(f"paged_attention: seq_lens must be [num_seqs] and query_start_loc [num_seqs + 1], "
+                         f"got {tuple(seq_lens.shape)} and {tuple(query_start_loc.shape)}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != n or block_tables.stride(-1) != 1:
+        raise ValueError("paged_attention: block_tables must be [num_seqs, max_blocks] with contiguous rows")
+    if out is None:
+        out = torch.empty_like(q)
+    if t == 0 or n == 0:
+        return out
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    if max_query_len == 1 and t == n:
+        return decode_attention(q, cache, layout, block_tables, seq_lens, sm_scale, out=out)
+    g = hq // h
+    sm_scale = d ** -0.5 if sm_scale is None else float(sm_scale)
+    block_q = max(1, 64 // g)
+    cs = cache.stride()
+    _kernels()._varlen_kernel[(n * h, _cdiv(max_query_len, block_q))](
+        q, cache, cache.view(torch.float16) if layout.quantized else cache, block_tables, query_start_loc, seq_lens,
+        out, sm_scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        cs[0], cs[1], cs[2], HKV=h, G=g, D=d, BS=layout.block_size, BITS=layout.bits,
+        CB=layout.code_bytes if layout.quantized else d, BLOCK_Q=block_q, BLOCK_N=block_n,
+        ASM=q.device.type == "cuda", num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _per_sequence_strides(x: torch.Tensor, b: int, h: int, name: str, last: int | None = None) -> tuple[int, int]:

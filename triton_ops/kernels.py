@@ -336,3 +336,110 @@ def _decode_planes_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, lens_ptr, held_ptr
         o = tl.trans(accs[j] * (1.0 / (C0 * (1 << (j * BITS)))) + zsum[None, :])      # [G_PAD, CB]
         _store_partial(o, m_i, l_i, b, qh, split, num_splits, out_ptr, po_ptr, pml_ptr, stride_ob, stride_oh,
                        j * CB + offs_c, gmask, HKV, G, D, SPLIT, j == NP - 1)
+
+
+@triton.jit
+def _varlen_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, qsl_ptr, lens_ptr, out_ptr, sm_scale,
+                   stride_qt, stride_qh, stride_ot, stride_oh, stride_btb, stride_cblk, stride_ckv, stride_ch,
+                   HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BITS: tl.constexpr,
+                   CB: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
+    """Causal attention of a varlen batch (decode rows and prefill chunks mixed) over a paged cache.
+
+    Grid ``(num_seqs * HKV, query tiles)``: a program takes BLOCK_Q query tokens of one sequence and
+    the G query heads of one KV head, ``M = BLOCK_Q * G`` rows (row = token * G + head). Sequence s
+    owns tokens ``qsl[s] .. qsl[s+1]-1`` of q, at positions ``seq_len - q_len ..``; every key
+    position ``<=`` a token's own is read from the cache, its own chunk included (stored before
+    this call). Keys and values as :func:`_decode_planes_kernel` (planes, the scale and zero of K
+    factored out, V's scale in the weights with centred codes) in the usual orientation, queries
+    as rows; BITS 16: the float16/bfloat16 cache of codec none. No splits: a program loops over
+    its whole causal range.
+    """
+    NP: tl.constexpr = 8 // BITS if BITS != 16 else 1
+    W: tl.constexpr = CB if BITS != 16 else D
+    M: tl.constexpr = BLOCK_Q * G
+    pid = tl.program_id(0)
+    qtile = tl.program_id(1)
+    s = pid // HKV
+    h = pid % HKV
+    q0 = tl.load(qsl_ptr + s)
+    q_len = tl.load(qsl_ptr + s + 1) - q0
+    if qtile * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(lens_ptr + s).to(tl.int32)
+    ctx = seq_len - q_len
+    offs_r = tl.arange(0, M)
+    tok = qtile * BLOCK_Q + offs_r // G                  # token within the sequence's chunk
+    rmask = tok < q_len
+    pos = ctx + tok                                      # its position
+    qh = h * G + offs_r % G
+    offs_c = tl.arange(0, W)
+    q_row = q_ptr + (q0 + tok).to(tl.int64)[:, None] * stride_qt + qh[:, None] * stride_qh + offs_c[None, :]
+    qsum = tl.zeros([M], tl.float32)
+    qs = ()
+    accs = ()
+    for j in tl.static_range(NP):
+        qj = (tl.load(q_row + j * W, mask=rmask[:, None], other=0.0).to(tl.float32)
+              * (sm_scale * 1.4426950408889634)).to(tl.float16)
+        qsum += tl.sum(qj.to(tl.float32), axis=1)
+        if BITS != 16:
+            qj = (qj.to(tl.float32) * (1.0 / (1 << (j * BITS)))).to(tl.float16)
+        qs = qs + (qj,)
+        accs = accs + (tl.zeros([M, W], tl.float32),)
+    zacc = tl.zeros([M], tl.float32)
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    bt_row = bt_ptr + s.to(tl.int64) * stride_btb
+    head_off = h.to(tl.int64) * stride_ch
+    offs_m = tl.arange(0, 2)
+    end = tl.minimum(seq_len, ctx + (qtile + 1) * BLOCK_Q)   # the tile's last token sees up to here
+    for n0 in range(0, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < end
+        blk = tl.load(bt_row + offs_n // BS, mask=nmask, other=0).to(tl.int64)
+        row = blk * stride_cblk + head_off
+        off = offs_n % BS
+        see = (offs_n[None, :] <= pos[:, None]) & nmask[None, :]
+        if BITS == 16:
+            kp = cache_ptr + (row + off * D)[:, None] + offs_c[None, :]
+            k = tl.load(kp, mask=nmask[:, None], other=0.0)
+            v = tl.load(kp + stride_ckv, mask=nmask[:, None], other=0.0)
+            sc = tl.dot(qs[0], tl.trans(k.to(tl.float16)))
+        else:
+            kp = cache_ptr + (row + off * CB)[:, None] + offs_c[None, :]
+            kx = tl.load(kp, mask=nmask[:, None], other=0)
+            vx = tl.load(kp + stride_ckv, mask=nmask[:, None], other=0)
+            mp = meta_ptr + (row // 2 + (BS * CB) // 2 + off * 2)[:, None] + offs_m[None, :]
+            ks, kz = tl.split(tl.load(mp, mask=nmask[:, None], other=0.0).to(tl.float32))
+            vs, vz = tl.split(tl.load(mp + stride_ckv // 2, mask=nmask[:, None], other=0.0).to(tl.float32))
+            kpl = _planes(kx, BITS, ASM, True)
+            sc = tl.zeros([M, BLOCK_N], tl.float32)
+            for j in tl.static_range(NP):
+                sc = tl.dot(qs[j], tl.trans(kpl[j] - 1024.0), sc)
+            sc = sc * ks[None, :] + qsum[:, None] * kz[None, :]
+        sc = tl.where(see, sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)     # a padded row sees nothing
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        new = ()
+        if BITS == 16:
+            new = (tl.dot(p.to(tl.float16), v.to(tl.float16), accs[0] * alpha[:, None]),)
+        else:
+            C0: tl.constexpr = 1 << (BITS - 1)
+            w16 = (p * (vs * C0)[None, :]).to(tl.float16)
+            zacc = zacc * alpha + tl.sum(p * (vz + C0 * vs)[None, :], axis=1)
+            vpl = _planes(vx, BITS, ASM, False)
+            for j in tl.static_range(NP):
+                cj = vpl[j] - (1024.0 + C0 * (1 << (j * BITS)))
+                new = new + (tl.dot(w16, cj, accs[j] * alpha[:, None]),)
+        accs = new
+        m_i = m_new
+    out_row = out_ptr + (q0 + tok).to(tl.int64)[:, None] * stride_ot + qh[:, None] * stride_oh + offs_c[None, :]
+    norm = tl.where(l_i > 0, l_i, 1.0)
+    for j in tl.static_range(NP):
+        if BITS == 16:
+            o = accs[j]
+        else:
+            o = accs[j] * (1.0 / ((1 << (BITS - 1)) * (1 << (j * BITS)))) + zacc[:, None]
+        tl.store(out_row + j * W, (o / norm[:, None]).to(out_ptr.dtype.element_ty), mask=rmask[:, None])

@@ -105,3 +105,34 @@ def decode_attention_reference(q: torch.Tensor, cache: torch.Tensor, layout: Pag
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)           # all -inf rows (length 0) -> 0
     o = torch.einsum("bhgl,bhld->bhgd", p, v)
     return o.reshape(b, hq, d)
+
+
+def paged_attention_reference(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
+                              block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                              seq_lens: torch.Tensor, sm_scale: float | None = None,
+                              compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Causal attention of a varlen batch over its dequantized paged K/V, sequence by sequence.
+
+    q ``[tokens, q_heads, head_dim]``: sequence s owns rows ``query_start_loc[s] ..
+    query_start_loc[s+1] - 1``, at positions ``seq_lens[s] - q_len ..``; each attends to the
+    cache's positions up to its own. Returns ``[tokens, q_heads, head_dim]`` in ``compute_dtype``.
+    """
+    layout.check(cache)
+    t, hq, d = q.shape
+    h = layout.num_kv_heads
+    g = hq // h
+    sm_scale = d ** -0.5 if sm_scale is None else sm_scale
+    out = torch.zeros(t, hq, d, dtype=compute_dtype, device=q.device)
+    starts, lens = query_start_loc.tolist(), seq_lens.tolist()
+    for s, length in enumerate(lens):
+        a, b = starts[s], starts[s + 1]
+        if b == a:
+            continue
+        k, v = gather_kv(cache, layout, block_tables[s:s + 1], length, compute_dtype)   # [1, H, L, D]
+        qs = q[a:b].to(compute_dtype).view(b - a, h, g, d)
+        sc = torch.einsum("nhgd,hld->nhgl", qs, k[0]) * sm_scale
+        pos = torch.arange(length - (b - a), length, device=q.device)
+        sees = torch.arange(length, device=q.device)[None, :] <= pos[:, None]          # [n, L]
+        p = torch.softmax(sc.masked_fill(~sees[:, None, None, :], float("-inf")), dim=-1)
+        out[a:b] = torch.einsum("nhgl,hld->nhgd", p, v[0]).reshape(b - a, hq, d)
+    return out

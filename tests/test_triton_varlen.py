@@ -1,0 +1,86 @@
+"""paged_attention (Triton, interpreter mode on CPU): varlen batches of decode rows and prefill
+chunks against a float64 loop over each sequence's dequantized cache."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kvplug.triton_ops import (PagedLayout, paged_attention, paged_attention_reference,  # noqa: E402
+                               store_kv_reference)
+
+from test_triton_store import DEV, poisoned_cache  # noqa: E402
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _batch(bits, d, bs, hkv, g, ctx, qlen, gen, dtype=torch.float16):
+    """A poisoned paged cache holding ``ctx[s] + qlen[s]`` tokens of each sequence in shuffled
+    blocks (the chunk's own K/V stored too, as a backend stores before attending) and the
+    chunks' queries, concatenated."""
+    layout = PagedLayout(bs, hkv, d, bits, dtype)
+    lens = [c + n for c, n in zip(ctx, qlen)]
+    max_blocks = max(1, -(-max(lens) // bs))
+    nb = len(lens) * max_blocks + 3
+    cache = poisoned_cache(layout, nb, gen)
+    bt = torch.randperm(nb, generator=gen)[: len(lens) * max_blocks].view(len(lens), max_blocks).int().to(DEV)
+    for s, length in enumerate(lens):
+        t = torch.arange(length, device=DEV)
+        k = torch.randn(length, hkv, d, generator=gen).to(DEV, dtype)
+        v = torch.randn(length, hkv, d, generator=gen).to(DEV, dtype)
+        store_kv_reference(k, v, cache, bt[s, t // bs].long() * bs + t % bs, layout)
+    q = torch.randn(sum(qlen), hkv * g, d, generator=gen).to(DEV, dtype)
+    qsl = torch.tensor([0] + list(torch.tensor(qlen).cumsum(0)), dtype=torch.int32, device=DEV)
+    return layout, cache, bt, q, qsl, torch.tensor(lens, dtype=torch.int32, device=DEV)
+
+
+@pytest.mark.parametrize("bits,g", [(16, 4), (8, 1), (4, 4), (4, 8), (2, 4)])
+def test_mixed_batch_matches_the_float64_loop(bits, g, gen):
+    """Decode rows (1 token), a fresh prompt, chunks after a context that ends inside a block,
+    one longer than a query tile, in one launch; unused slots are NaN."""
+    ctx = [50, 0, 17, 200, 3, 0]
+    qlen = [1, 7, 33, 1, 70, 1]
+    layout, cache, bt, q, qsl, lens = _batch(bits, 64, 16, 2, g, ctx, qlen, gen)
+    out = torch.full_like(q, float("nan"))
+    res = paged_attention(q, cache, layout, bt, qsl, lens, max_query_len=max(qlen), out=out)
+    assert res is out and torch.isfinite(out).all(), "output not fully written, or a poisoned slot was read"
+    ref = paged_attention_reference(q, cache, layout, bt, qsl, lens, compute_dtype=torch.float64)
+    assert _rel(out, ref) < 2e-3
+    for s in range(len(ctx)):                                  # every sequence, not only on average
+        a, b = qsl[s].item(), qsl[s + 1].item()
+        assert _rel(out[a:b], ref[a:b]) < 3e-3, f"sequence {s} (context {ctx[s]}, {qlen[s]} tokens)"
+
+
+def test_chunks_give_what_one_chunk_gives(gen):
+    """A 90-token prompt in one chunk, and the same prompt in chunks of 25 / 40 / 25 (each run as
+    its own call over the cache that holds the tokens so far): the same outputs."""
+    bits, g = 4, 4
+    layout, cache, bt, q, qsl, lens = _batch(bits, 64, 16, 2, g, [0], [90], gen)
+    whole = paged_attention(q, cache, layout, bt, qsl, lens, max_query_len=90)
+    parts, start = [], 0
+    for n in (25, 40, 25):
+        qs = q[start:start + n].contiguous()
+        parts.append(paged_attention(qs, cache, layout, bt, torch.tensor([0, n], dtype=torch.int32, device=DEV),
+                                     torch.tensor([start + n], dtype=torch.int32, device=DEV), max_query_len=n))
+        start += n
+    ref = paged_attention_reference(q, cache, layout, bt, qsl, lens, compute_dtype=torch.float64)
+    assert _rel(torch.cat(parts), ref) < 2e-3 and _rel(whole, ref) < 2e-3
+    assert _rel(torch.cat(parts), whole) < 2e-3
+
+
+def test_decode_only_batch_takes_the_decode_kernel(gen):
+    """max_query_len 1 with one row per sequence: decode_attention's path, same function."""
+    layout, cache, bt, q, qsl, lens = _batch(8, 64, 16, 2, 4, [40, 9, 0], [1, 1, 1], gen)
+    out = paged_attention(q, cache, layout, bt, qsl, lens, max_query_len=1)
+    ref = paged_attention_reference(q, cache, layout, bt, qsl, lens, compute_dtype=torch.float64)
+    assert _rel(out, ref) < 2e-3
+
+
+def test_bad_shapes_are_one_line_errors(gen):
+    layout, cache, bt, q, qsl, lens = _batch(4, 64, 16, 2, 4, [3], [2], gen)
+    with pytest.raises(ValueError, match="query_start_loc"):
+        paged_attention(q, cache, layout, bt, qsl[:1], lens)
+    with pytest.raises(ValueError, match="block_tables"):
+        paged_attention(q, cache, layout, bt[:, None], qsl, lens)
