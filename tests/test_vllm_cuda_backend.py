@@ -18,11 +18,12 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None or impo
 HKV, G, D, BS, LAYERS = 2, 2, 64, 16, 2
 
 
-SELECTED = {"spec": "int4"}
-"""The strategy the stand-in config of :func:`_config` selects (set by each test)."""
+SELECTED = {"spec": "int4", "extra": {}}
+"""The strategy (and other additional-config keys) the stand-in config of :func:`_config` selects
+(set by each test)."""
 
 
-def _config(spec):
+def _config(spec, extra=None):
     """A stand-in for the worker's VllmConfig (the fields the backend reads)."""
     model = SimpleNamespace(dtype=torch.float16, get_head_size=lambda: D, get_total_num_hidden_layers=lambda: LAYERS,
                             max_model_len=256)
@@ -30,7 +31,8 @@ def _config(spec):
                            scheduler_config=SimpleNamespace(enable_chunked_prefill=False, max_num_seqs=4,
                                                             max_num_batched_tokens=256, long_prefill_token_threshold=0),
                            compilation_config=SimpleNamespace(max_cudagraph_capture_size=8),
-                           speculative_config=None, kv_transfer_config=None, additional_config={"kvplug": spec})
+                           speculative_config=None, kv_transfer_config=None,
+                           additional_config={"kvplug": spec, **(SELECTED["extra"] if extra is None else extra)})
 
 
 @pytest.fixture
@@ -39,7 +41,9 @@ def cb(monkeypatch):
 
     monkeypatch.setattr(compat, "current_config", lambda: _config(SELECTED["spec"]))
     monkeypatch.setattr(cuda_backend, "ACTIVE", {"layout": None, "evicting": None})
-    return cuda_backend
+    SELECTED["extra"] = {}
+    yield cuda_backend
+    SELECTED["extra"] = {}
 
 
 def _impl(cb, spec):
@@ -121,6 +125,57 @@ def test_forward_mixed_batches_match_float32_reference(cb, spec, gen):
     torch.testing.assert_close(layout.codes(mine)[blk, :, :, off], layout.codes(ref_cache)[blk, :, :, off])
     torch.testing.assert_close(layout.meta(mine)[blk, :, :, off], layout.meta(ref_cache)[blk, :, :, off])
 
+@pytest.mark.parametrize("spec", ["int8", "int4", "int2"])
+def test_compressed_prefill_serves_chunks_and_cached_context(cb, spec, gen):
+    """kvplug_prefill=compressed: a prompt in chunks (its second chunk after 7 cached tokens, a
+    context ending inside a block), a prefix-cache-like hit (a fresh request whose first step
+    starts after 16 cached tokens), decode rows beside them; every row against a float64 loop
+    over the reference store's cache, the chunk's own tokens included. Unwritten slots hold
+    random bytes."""
+    from kvplug import triton_ops
+
+    SELECTED["extra"] = {"kvplug_prefill": "compressed"}
+    impl = _impl(cb, spec)
+    layout = impl.layout
+    nb = 16
+    kv_cache = torch.randint(0, 256, cb.KVPlugCudaBackend.get_kv_cache_shape(nb, BS, HKV, D), dtype=torch.uint8,
+                             generator=gen)
+    ref_cache = layout.allocate(nb).zero_()
+    tables = torch.randperm(nb, generator=gen)[:12].view(3, 4).int()
+    lengths = [0, 0, 16]           # request 2's first 16 tokens are "cached": stored by an earlier request
+    pos = torch.arange(16)
+    k0, v0 = torch.randn(16, HKV, D, generator=gen).half(), torch.randn(16, HKV, D, generator=gen).half()
+    shared = tables[2, pos // BS].long() * BS + pos % BS
+    triton_ops.store_kv_reference(k0, v0, ref_cache, shared, layout)
+    kv_view = kv_cache.view(layout.shape(nb))
+    kv_view[tables[2, :1].long()] = ref_cache[tables[2, :1].long()]       # the hit's block, as stored
+    for reqs in ([(0, 20), (1, 7)], [(0, 1), (1, 12), (2, 9)], [(0, 1), (1, 1), (2, 1)]):
+        qlens, ctx, slot_list = [], [], []
+        for r, t in reqs:
+            p = torch.arange(lengths[r], lengths[r] + t)
+            slot_list.append(tables[r, p // BS].long() * BS + p % BS)
+            qlens.append(t)
+            ctx.append(lengths[r])
+        slots = torch.cat(slot_list)
+        n = len(slots)
+        q = torch.randn(n, HKV * G, D, generator=gen).half()
+        k = torch.randn(n, HKV, D, generator=gen).half()
+        v = torch.randn(n, HKV, D, generator=gen).half()
+        common = _common(qlens, ctx, slots, tables[[r for r, _ in reqs]])
+        md = cb.build_metadata(common, compressed=True)   # what the builder builds in this mode
+        out = torch.full_like(q, float("nan"))
+        impl.forward(None, q, k, v, kv_cache, md, output=out)
+        triton_ops.store_kv_reference(k, v, ref_cache, slots, layout)
+        for r, t in reqs:
+            lengths[r] += t
+        expected = triton_ops.paged_attention_reference(q, ref_cache, layout, common.block_table_tensor,
+                                                        common.query_start_loc, common.seq_lens,
+                                                        compute_dtype=torch.float64)
+        assert not out.isnan().any()
+        err = ((out.double() - expected).norm() / expected.norm()).item()
+        assert err < 3e-3, (reqs, err)
+
+
 def test_builder_splits_decodes_first_and_refuses_cached_prefill(cb):
     tables = torch.arange(8, dtype=torch.int32).view(4, 2)
     md = cb.build_metadata(_common([1, 1, 4, 3], [9, 2, 0, 0], torch.arange(9), tables))
@@ -131,6 +186,8 @@ def test_builder_splits_decodes_first_and_refuses_cached_prefill(cb):
     assert (md.num_decodes, md.num_decode_tokens, md.num_prefill_tokens) == (2, 2, 0)
     with pytest.raises(RuntimeError, match="cached context"):
         cb.build_metadata(_common([1, 4], [3, 5], torch.arange(5), tables[:2]))
+    md = cb.build_metadata(_common([1, 4], [3, 5], torch.arange(5), tables[:2]), compressed=True)
+    assert md.compressed_prefill and (md.num_decodes, md.num_prefill_tokens, md.first_prefill) == (1, 4, 1)
 
 
 @pytest.mark.parametrize("spec,bits", [("int8", 8), ("int4", 4), ("int2", 2)])
@@ -158,8 +215,14 @@ def test_refusals_are_one_line(cb):
     config = _config("int4")
     config.cache_config.enable_prefix_caching = True
     config.scheduler_config = SimpleNamespace(enable_chunked_prefill=True)
-    with pytest.raises(SpecError, match="no-enable-prefix-caching.*no-enable-chunked-prefill") as e:
+    with pytest.raises(SpecError, match="no-enable-prefix-caching.*no-enable-chunked-prefill.*compressed") as e:
         cb.check_engine(config, resolve("int4"))
+    assert "\n" not in str(e.value)
+    compressed = _config("int4", {"kvplug_prefill": "compressed"})
+    compressed.cache_config.enable_prefix_caching = compressed.scheduler_config.enable_chunked_prefill = True
+    cb.check_engine(compressed, resolve("int4"))                       # both features on: served
+    with pytest.raises(SpecError, match="do not evict") as e:
+        cb.check_engine(compressed, resolve("snapkv(budget=64)+int4"))
     assert "\n" not in str(e.value)
     config.cache_config.enable_prefix_caching = False
     config.scheduler_config.enable_chunked_prefill = False

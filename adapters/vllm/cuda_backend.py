@@ -21,12 +21,18 @@ reads each layer's held slots only (``held`` of the decode kernel, three ints pe
 request that do not change while it generates, written before each step from the prompt
 lengths: :func:`.eviction.held_spans`).
 
-A prefill with cached context (prefix-cache hit, a later chunk of a chunked prefill) would need
-attention over compressed context plus its own tokens, which is not written yet: start-up refuses
-prefix caching and chunked prefill (:func:`check_engine`), and the builder stops on such a batch
-rather than attend over part of the context. The decode path allocates nothing outside the
-kernels' own scratch and never syncs, so pure-decode batches run as full CUDA graphs
-(``UNIFORM_SINGLE_TOKEN_DECODE``); mixed batches run piecewise, attention eager.
+Prefill modes (``kvplug_prefill``, :func:`kvplug.adapters.vllm.prefill_mode`): ``uncompressed``
+(default, the HF adapter's first tokens) attends each prompt over its own raw K/V as above; a
+prefill with cached context (prefix-cache hit, a later chunk of a chunked prefill) cannot be
+served that way, so start-up refuses prefix caching and chunked prefill (:func:`check_engine`) and
+the builder stops on such a batch rather than attend over part of the context. ``compressed``
+(strategies that do not evict): every prefill token attends over what the cache holds, its own
+chunk included (stored first), through :func:`kvplug.triton_ops.paged_attention` in one launch for
+all prefills of the step, so chunked prefill and prefix caching run, and output does not depend on
+chunking, cache hits or preemption: a hit's blocks hold exactly the codes a cold run writes (the
+store is a function of the token's K/V alone), so it reuses them as they are. The decode path
+allocates nothing outside the kernels' own scratch and never syncs, so pure-decode batches run as
+full CUDA graphs (``UNIFORM_SINGLE_TOKEN_DECODE``); mixed batches run piecewise, attention eager.
 """
 
 from __future__ import annotations
@@ -77,6 +83,12 @@ def check_engine(vllm_config, strategy) -> None:
         raise SpecError(f"kvplug in vLLM on CUDA: {strategy.scorer.name} ranks tokens by the attention of each "
                         f"generated token, which the CUDA decode kernel does not report yet; run it on the CPU "
                         f"backend or with the HF adapter")
+    mode = prefill_mode(vllm_config)
+    if mode == "compressed":
+        if strategy.evicts:
+            raise SpecError(f"kvplug in vLLM on CUDA: {PREFILL_KEY}='compressed' is for strategies that do not "
+                            f"evict yet ({strategy.scorer.name} selects at the prompt's own step); drop the option")
+        return
     cache = getattr(vllm_config, "cache_config", None)
     sched = getattr(vllm_config, "scheduler_config", None)
     on = [flag for flag, enabled in (
@@ -84,11 +96,10 @@ def check_engine(vllm_config, strategy) -> None:
         ("--no-enable-chunked-prefill / enable_chunked_prefill=False",
          getattr(sched, "enable_chunked_prefill", False)),
     ) if enabled]
-    if prefill_mode(vllm_config) != "uncompressed":
-        on.append(f"no {PREFILL_KEY}={prefill_mode(vllm_config)!r} (the CPU backend's option)")
     if on:
-        raise SpecError(f"kvplug in vLLM on CUDA attends prefills over their own tokens only; pass "
-                        f"{' and '.join(on)} with {KEY}")
+        raise SpecError(f"kvplug in vLLM on CUDA attends prefills over their own tokens only in its default "
+                        f"{PREFILL_KEY}='uncompressed' mode; pass {' and '.join(on)} with {KEY}, or add "
+                        f"\"{PREFILL_KEY}\": \"compressed\" to the additional config")
 
 
 class KVPlugCudaBackend(AttentionBackend):
@@ -146,6 +157,7 @@ class KVPlugCudaMetadata:
     prefill_starts_cpu: torch.Tensor | None
     max_prefill_len: int
     first_prefill: int = 0  # the request (row) of the first prefill
+    compressed_prefill: bool = False  # prefills attend over the stored cache (paged_attention)
     held: torch.Tensor | None = None  # eviction: int32 [layers, rows, 3], what each reads (held_spans)
     strategy: object = None  # eviction: the strategy the spans follow
     prompt_lens: torch.Tensor | None = None  # eviction: int [requests], from the model runner
@@ -169,6 +181,7 @@ class KVPlugCudaMetadataBuilder(AttentionMetadataBuilder[KVPlugCudaMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         strategy = selected_strategy(vllm_config)
         self.evicting = strategy if strategy is not None and strategy.evicts else None
+        self.compressed = prefill_mode(vllm_config) == "compressed"
         if self.evicting is not None:
             rows = max(vllm_config.scheduler_config.max_num_seqs,
                        getattr(vllm_config.compilation_config, "max_cudagraph_capture_size", None) or 0)
@@ -177,18 +190,19 @@ class KVPlugCudaMetadataBuilder(AttentionMetadataBuilder[KVPlugCudaMetadata]):
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> KVPlugCudaMetadata:
-        md = build_metadata(common_attn_metadata)
+        md = build_metadata(common_attn_metadata, self.compressed)
         if self.evicting is not None:
             md.held, md.strategy = self.held, self.evicting
         return md
 
 
-def build_metadata(common: CommonAttentionMetadata) -> KVPlugCudaMetadata:
+def build_metadata(common: CommonAttentionMetadata, compressed: bool = False) -> KVPlugCudaMetadata:
     """Split the (reordered) batch into decodes and prefills; host tensors only, no device sync.
 
     Decodes hold one token each (threshold 1). A padded batch (CUDA graphs) may end in requests of
     no token or in tokens of no request; the decode kernel runs over the rows that have both
-    (padding rows have length 0 and slot -1: nothing read, nothing stored)."""
+    (padding rows have length 0 and slot -1: nothing read, nothing stored). ``compressed``: the
+    prefills attend over the cache, so a prefill with cached context is served, not refused."""
     num_decodes, num_prefills, num_decode_tokens, num_prefill_tokens = split_decodes_and_prefills(common, 1)
     starts = starts_cpu = None
     max_len = 0
@@ -198,7 +212,7 @@ def build_metadata(common: CommonAttentionMetadata) -> KVPlugCudaMetadata:
         lens = starts_cpu[1:] - starts_cpu[:-1]
         max_len = int(lens.max())
         seq_lens_cpu = getattr(common, "seq_lens_cpu_upper_bound", None)  # exact for prefill rows
-        if seq_lens_cpu is not None and bool((seq_lens_cpu[num_decodes:n] > lens[:len(seq_lens_cpu) - num_decodes]).any()):
+        if not compressed and seq_lens_cpu is not None and bool((seq_lens_cpu[num_decodes:n] > lens[:len(seq_lens_cpu) - num_decodes]).any()):
             raise RuntimeError("kvplug in vLLM on CUDA: a prefill with cached context (prefix caching or "
                                "chunked prefill) reached the backend; start the engine with both disabled")
         starts = common.query_start_loc[num_decodes:n + 1] - num_decode_tokens
@@ -207,7 +221,7 @@ def build_metadata(common: CommonAttentionMetadata) -> KVPlugCudaMetadata:
         block_table=common.block_table_tensor, seq_lens=common.seq_lens,
         num_decodes=min(num_decodes, num_decode_tokens), num_decode_tokens=num_decode_tokens,
         num_prefill_tokens=num_prefill_tokens, prefill_starts=starts, prefill_starts_cpu=starts_cpu,
-        max_prefill_len=max_len, first_prefill=num_decodes)
+        max_prefill_len=max_len, first_prefill=num_decodes, compressed_prefill=compressed)
 
 
 class KVPlugCudaImpl(AttentionImpl):
@@ -254,7 +268,7 @@ class KVPlugCudaImpl(AttentionImpl):
                                         attn_metadata.seq_lens[:nd], self.scale, held=held, out=output[:nd])
         if attn_metadata.num_prefill_tokens:
             p = attn_metadata.num_decode_tokens
-            self._prefill(query[p:n], key[p:n], value[p:n], attn_metadata, output[p:n])
+            self._prefill(query[p:n], key[p:n], value[p:n], cache, attn_metadata, output[p:n])
             if ev is not None:
                 self._compress_prompts(ev, query, key, value, kv_cache, attn_metadata, output)
         return output
@@ -285,8 +299,14 @@ class KVPlugCudaImpl(AttentionImpl):
             ev.after_prompt(query[s:e], key[s:e], value[s:e], kv_cache, md.block_table[row], prompt_len,
                             self.scale, output[s:e])
 
-    def _prefill(self, q, k, v, md: KVPlugCudaMetadata, out) -> None:
-        """Causal attention of each prefill over its own tokens (packed, ``md.prefill_starts``)."""
+    def _prefill(self, q, k, v, cache, md: KVPlugCudaMetadata, out) -> None:
+        """Causal attention of each prefill (packed, ``md.prefill_starts``): over the stored cache
+        with ``compressed_prefill``, otherwise over its own raw tokens."""
+        if md.compressed_prefill:
+            rows = slice(md.first_prefill, md.first_prefill + len(md.prefill_starts_cpu) - 1)
+            triton_ops.paged_attention(q, cache, self.layout, md.block_table[rows], md.prefill_starts,
+                                       md.seq_lens[rows], self.scale, max_query_len=md.max_prefill_len, out=out)
+            return
         fa = _flash_attn() if q.is_cuda else None
         if fa is not None:
             varlen, version = fa
