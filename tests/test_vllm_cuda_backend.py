@@ -62,6 +62,23 @@ def _common(query_lens, context_lens, slots, block_table):
                            slot_mapping=slots, causal=True)
 
 
+def _step_inputs(reqs, lengths, tables, gen):
+    """One step's batch: ``reqs`` = (request, new tokens), each continuing at ``lengths[request]``;
+    its query lengths, contexts, slots and fresh q, k, v (float16)."""
+    qlens, ctx, slot_list = [], [], []
+    for r, t in reqs:
+        pos = torch.arange(lengths[r], lengths[r] + t)
+        slot_list.append(tables[r, pos // BS].long() * BS + pos % BS)
+        qlens.append(t)
+        ctx.append(lengths[r])
+    slots = torch.cat(slot_list)
+    n = len(slots)
+    q = torch.randn(n, HKV * G, D, generator=gen).half()
+    k = torch.randn(n, HKV, D, generator=gen).half()
+    v = torch.randn(n, HKV, D, generator=gen).half()
+    return qlens, ctx, slots, q, k, v
+
+
 @pytest.mark.parametrize("spec", ["int8", "int4", "int2"])
 def test_forward_mixed_batches_match_float32_reference(cb, spec, gen):
     from kvplug import triton_ops
@@ -81,17 +98,8 @@ def test_forward_mixed_batches_match_float32_reference(cb, spec, gen):
 
     def step(reqs):
         """reqs: (request, new tokens) with decodes (1 token) first; returns (output, expected)."""
-        qlens, ctx, slot_list = [], [], []
-        for r, t in reqs:
-            pos = torch.arange(lengths[r], lengths[r] + t)
-            slot_list.append(tables[r, pos // BS].long() * BS + pos % BS)
-            qlens.append(t)
-            ctx.append(lengths[r])
-        slots = torch.cat(slot_list)
+        qlens, ctx, slots, q, k, v = _step_inputs(reqs, lengths, tables, gen)
         n = len(slots)
-        q = torch.randn(n, HKV * G, D, generator=gen).half()
-        k = torch.randn(n, HKV, D, generator=gen).half()
-        v = torch.randn(n, HKV, D, generator=gen).half()
         md = cb.build_metadata(_common(qlens, ctx, slots, tables[[r for r, _ in reqs]]))
         out = torch.full_like(q, float("nan"))
         impl.forward(None, q, k, v, kv_cache, md, output=out)
@@ -150,17 +158,7 @@ def test_compressed_prefill_serves_chunks_and_cached_context(cb, spec, gen):
     kv_view = kv_cache.view(layout.shape(nb))
     kv_view[tables[2, :1].long()] = ref_cache[tables[2, :1].long()]       # the hit's block, as stored
     for reqs in ([(0, 20), (1, 7)], [(0, 1), (1, 12), (2, 9)], [(0, 1), (1, 1), (2, 1)]):
-        qlens, ctx, slot_list = [], [], []
-        for r, t in reqs:
-            p = torch.arange(lengths[r], lengths[r] + t)
-            slot_list.append(tables[r, p // BS].long() * BS + p % BS)
-            qlens.append(t)
-            ctx.append(lengths[r])
-        slots = torch.cat(slot_list)
-        n = len(slots)
-        q = torch.randn(n, HKV * G, D, generator=gen).half()
-        k = torch.randn(n, HKV, D, generator=gen).half()
-        v = torch.randn(n, HKV, D, generator=gen).half()
+        qlens, ctx, slots, q, k, v = _step_inputs(reqs, lengths, tables, gen)
         common = _common(qlens, ctx, slots, tables[[r for r, _ in reqs]])
         md = cb.build_metadata(common, compressed=True)   # what the builder builds in this mode
         out = torch.full_like(q, float("nan"))

@@ -111,14 +111,7 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
     use, CUDA only; 0 = the layout's default, None = no limit).
     ``out`` (optional, like q) receives the result.
     """
-    layout.check(cache)
-    b, hq, d = q.shape
-    h = layout.num_kv_heads
-    if d != layout.head_dim or hq % h:
-        raise ValueError(f"decode_attention: q {tuple(q.shape)} does not match {layout}")
-    if q.stride(-1) != 1:
-        raise ValueError("decode_attention: q needs a contiguous last dimension")
-    g = hq // h
+    b, hq, d, h, g = _check_q(q, cache, layout, "decode_attention")
     sm_scale = d ** -0.5 if sm_scale is None else float(sm_scale)
     lb, lh = _per_sequence_strides(seq_lens, b, h, "seq_lens")
     hb, hh = (0, 0) if held is None else _per_sequence_strides(held, b, h, "held", 3)
@@ -178,13 +171,7 @@ def paged_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout, b
     metadata has it; None reads it, a device sync): 1 with one row per sequence runs
     :func:`decode_attention` instead. Returns ``[tokens, num_q_heads, head_dim]`` in q's dtype.
     """
-    layout.check(cache)
-    t, hq, d = q.shape
-    h = layout.num_kv_heads
-    if d != layout.head_dim or hq % h:
-        raise ValueError(f"paged_attention: q {tuple(q.shape)} does not match {layout}")
-    if q.stride(-1) != 1:
-        raise ValueError("paged_attention: q needs a contiguous last dimension")
+    t, hq, d, h, g = _check_q(q, cache, layout, "paged_attention")
     n = seq_lens.shape[0]
     if seq_lens.dim() != 1 or tuple(query_start_loc.shape) != (n + 1,):
         raise ValueError(f"paged_attention: seq_lens must be [num_seqs] and query_start_loc [num_seqs + 1], "
@@ -199,7 +186,6 @@ def paged_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout, b
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     if max_query_len == 1 and t == n:
         return decode_attention(q, cache, layout, block_tables, seq_lens, sm_scale, out=out)
-    g = hq // h
     sm_scale = d ** -0.5 if sm_scale is None else float(sm_scale)
     block_q = max(1, 64 // g)
     cs = cache.stride()
@@ -210,6 +196,19 @@ def paged_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout, b
         CB=layout.code_bytes if layout.quantized else d, BLOCK_Q=block_q, BLOCK_N=block_n,
         ASM=q.device.type == "cuda", num_warps=num_warps, num_stages=num_stages)
     return out
+
+
+def _check_q(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout, name: str) -> tuple[int, ...]:
+    """``(rows, q heads, head_dim, kv heads, group)`` of a query that fits ``layout``'s cache, or a
+    one-line error."""
+    layout.check(cache)
+    rows, hq, d = q.shape
+    h = layout.num_kv_heads
+    if d != layout.head_dim or hq % h:
+        raise ValueError(f"{name}: q {tuple(q.shape)} does not match {layout}")
+    if q.stride(-1) != 1:
+        raise ValueError(f"{name}: q needs a contiguous last dimension")
+    return rows, hq, d, h, hq // h
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -115,6 +115,18 @@ def _slot(offs_i, first, n_front, recent, HELD: tl.constexpr):
 
 
 @triton.jit
+def _tile_rows(n0, end, bt_row, head_off, first, n_front, recent, stride_cblk, BS: tl.constexpr,
+               BLOCK_N: tl.constexpr, HELD: tl.constexpr):
+    """The tile of held tokens ``[n0, n0 + BLOCK_N)``: its mask (``< end``), each token's
+    (block, head) row in the cache (storage elements) and its offset in the block."""
+    offs_i = n0 + tl.arange(0, BLOCK_N)
+    nmask = offs_i < end
+    offs_n = _slot(offs_i, first, n_front, recent, HELD)
+    blk = tl.load(bt_row + offs_n // BS, mask=nmask, other=0).to(tl.int64)
+    return nmask, blk * stride_cblk + head_off, offs_n % BS
+
+
+@triton.jit
 def _store_partial(acc, m_i, l_i, b, qh, split, num_splits, out_ptr, po_ptr, pml_ptr, stride_ob, stride_oh,
                    offs_d, gmask, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr,
                    LAST: tl.constexpr):
@@ -156,11 +168,8 @@ def _decode_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, held_ptr, out_ptr, po_ptr
     bt_row = bt_ptr + b.to(tl.int64) * stride_btb
     head_off = h.to(tl.int64) * stride_ch
     for n0 in range(start, end, BLOCK_N):
-        offs_i = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_i < end
-        offs_n = _slot(offs_i, first, n_front, recent, HELD)
-        blk = tl.load(bt_row + offs_n // BS, mask=nmask, other=0).to(tl.int64)
-        kp = cache_ptr + (blk * stride_cblk + head_off + (offs_n % BS) * D)[:, None] + offs_d[None, :]
+        nmask, row, off = _tile_rows(n0, end, bt_row, head_off, first, n_front, recent, stride_cblk, BS, BLOCK_N, HELD)
+        kp = cache_ptr + (row + off * D)[:, None] + offs_d[None, :]
         k = tl.load(kp, mask=nmask[:, None], other=0.0)
         v = tl.load(kp + stride_ckv, mask=nmask[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k)) * (sm_scale * 1.4426950408889634)
@@ -249,6 +258,21 @@ def _planes(x, BITS: tl.constexpr, ASM: tl.constexpr, PURE: tl.constexpr):
 
 
 @triton.jit
+def _quant_tile(cache_ptr, meta_ptr, row, off, nmask, stride_ckv, offs_c, BS: tl.constexpr, CB: tl.constexpr,
+                BITS: tl.constexpr, ASM: tl.constexpr):
+    """One tile of a quantized cache: K's planes (``1024 + 2^(j*BITS) c``, float16), V's raw code
+    bytes (unpacked where they are used) and the float32 (scale, zero) of K and V, per token.
+    ``row``: each token's (block, head) row in bytes, ``off`` its offset in the block."""
+    kp = cache_ptr + (row + off * CB)[:, None] + offs_c[None, :]
+    kx = tl.load(kp, mask=nmask[:, None], other=0)
+    vx = tl.load(kp + stride_ckv, mask=nmask[:, None], other=0)
+    mp = meta_ptr + (row // 2 + (BS * CB) // 2 + off * 2)[:, None] + tl.arange(0, 2)[None, :]
+    ks, kz = tl.split(tl.load(mp, mask=nmask[:, None], other=0.0).to(tl.float32))
+    vs, vz = tl.split(tl.load(mp + stride_ckv // 2, mask=nmask[:, None], other=0.0).to(tl.float32))
+    return _planes(kx, BITS, ASM, True), vx, ks, kz, vs, vz
+
+
+@triton.jit
 def _decode_planes_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, lens_ptr, held_ptr, out_ptr, po_ptr, pml_ptr,
                           sm_scale, num_splits,
                           stride_qb, stride_qh, stride_ob, stride_oh, stride_btb, stride_lb, stride_lh,
@@ -282,7 +306,6 @@ def _decode_planes_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, lens_ptr, held_ptr
     gmask = offs_g < G
     qh = h * G + offs_g
     offs_c = tl.arange(0, CB)
-    offs_m = tl.arange(0, 2)
     # q^T, plane by plane: [CB, G_PAD]
     q_col = q_ptr + b.to(tl.int64) * stride_qb + qh[None, :] * stride_qh + offs_c[:, None]
     qsum = tl.zeros([G_PAD], tl.float32)
@@ -300,19 +323,9 @@ def _decode_planes_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, lens_ptr, held_ptr
     bt_row = bt_ptr + b.to(tl.int64) * stride_btb
     head_off = h.to(tl.int64) * stride_ch
     for n0 in range(start, end, BLOCK_N):
-        offs_i = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_i < end
-        offs_n = _slot(offs_i, first, n_front, recent, HELD)
-        blk = tl.load(bt_row + offs_n // BS, mask=nmask, other=0).to(tl.int64)
-        row = blk * stride_cblk + head_off
-        off = offs_n % BS
-        kp = cache_ptr + (row + off * CB)[:, None] + offs_c[None, :]
-        kx = tl.load(kp, mask=nmask[:, None], other=0)
-        vx = tl.load(kp + stride_ckv, mask=nmask[:, None], other=0)
-        mp = meta_ptr + (row // 2 + (BS * CB) // 2 + off * 2)[:, None] + offs_m[None, :]
-        ks, kz = tl.split(tl.load(mp, mask=nmask[:, None], other=0.0).to(tl.float32))
-        vs, vz = tl.split(tl.load(mp + stride_ckv // 2, mask=nmask[:, None], other=0.0).to(tl.float32))
-        kpl = _planes(kx, BITS, ASM, True)
+        nmask, row, off = _tile_rows(n0, end, bt_row, head_off, first, n_front, recent, stride_cblk, BS, BLOCK_N, HELD)
+        kpl, vx, ks, kz, vs, vz = _quant_tile(cache_ptr, meta_ptr, row, off, nmask, stride_ckv, offs_c, BS, CB, BITS,
+                                              ASM)
         s = tl.zeros([BLOCK_N, G_PAD], tl.float32)
         for j in tl.static_range(NP):
             s = tl.dot(kpl[j] - 1024.0, qs[j], s)
@@ -390,7 +403,6 @@ def _varlen_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, qsl_ptr, lens_ptr, out_pt
     l_i = tl.zeros([M], tl.float32)
     bt_row = bt_ptr + s.to(tl.int64) * stride_btb
     head_off = h.to(tl.int64) * stride_ch
-    offs_m = tl.arange(0, 2)
     end = tl.minimum(seq_len, ctx + (qtile + 1) * BLOCK_Q)   # the tile's last token sees up to here
     for n0 in range(0, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -405,13 +417,8 @@ def _varlen_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, qsl_ptr, lens_ptr, out_pt
             v = tl.load(kp + stride_ckv, mask=nmask[:, None], other=0.0)
             sc = tl.dot(qs[0], tl.trans(k.to(tl.float16)))
         else:
-            kp = cache_ptr + (row + off * CB)[:, None] + offs_c[None, :]
-            kx = tl.load(kp, mask=nmask[:, None], other=0)
-            vx = tl.load(kp + stride_ckv, mask=nmask[:, None], other=0)
-            mp = meta_ptr + (row // 2 + (BS * CB) // 2 + off * 2)[:, None] + offs_m[None, :]
-            ks, kz = tl.split(tl.load(mp, mask=nmask[:, None], other=0.0).to(tl.float32))
-            vs, vz = tl.split(tl.load(mp + stride_ckv // 2, mask=nmask[:, None], other=0.0).to(tl.float32))
-            kpl = _planes(kx, BITS, ASM, True)
+            kpl, vx, ks, kz, vs, vz = _quant_tile(cache_ptr, meta_ptr, row, off, nmask, stride_ckv, offs_c, BS, CB,
+                                                  BITS, ASM)
             sc = tl.zeros([M, BLOCK_N], tl.float32)
             for j in tl.static_range(NP):
                 sc = tl.dot(qs[j], tl.trans(kpl[j] - 1024.0), sc)
