@@ -11,7 +11,9 @@ gets the same memory; capacity is vLLM's own accounting (its "GPU KV cache size:
 Configurations: ``auto``/``fp8``/``int4_per_token_head`` are ``--kv-cache-dtype`` values (vLLM's own
 backends); ``kvplug:SPEC`` selects a kvplug strategy (``additional_config={"kvplug": SPEC}``).
 Workloads (random prompt token ids, greedy, ``ignore_eos``): A 64 x (1024 + 1024), decode-heavy;
-B 64 x (8192 + 256), prefill-heavy; C 512 x (4096 + 512), more than ``auto`` holds at once.
+B 64 x (8192 + 256), prefill-heavy; C 512 x (4096 + 512), more than ``auto`` holds at once; D 256
+requests of one shared 4,096-token prefix (a system prompt) + 512 own tokens, 256 generated (the
+share of prompt tokens served from vLLM's prefix cache is reported).
 ``--model random``: a random-weight Llama (8 layers, 32 q / 8 kv heads, head_dim 128, bf16,
 ``load_format="dummy"``). Every engine: prefix caching and chunked prefill off (kvplug's CUDA
 backend needs both off; vLLM's own dtypes run with the same scheduling), CUDA graphs on;
@@ -43,7 +45,7 @@ import sys
 import time
 from pathlib import Path
 
-WORKLOADS = {"A": (64, 1024, 1024), "B": (64, 8192, 256), "C": (512, 4096, 512)}
+WORKLOADS = {"A": (64, 1024, 1024, 0), "B": (64, 8192, 256, 0), "C": (512, 4096, 512, 0), "D": (256, 512, 256, 4096)}
 RANDOM_LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, intermediate_size=8192,
                     num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                     vocab_size=32000, max_position_embeddings=16384, rms_norm_eps=1e-5, rope_theta=500000.0,
@@ -58,21 +60,28 @@ def random_model(where: Path) -> str:
     return str(where)
 
 
-def workload(name: str) -> tuple[int, int, int]:
-    """``A``/``B``/``C`` or ``NxP+G``: (requests, prompt tokens, generated tokens)."""
+def workload(name: str) -> tuple[int, int, int, int]:
+    """``A``..``D`` or ``NxP+G`` / ``NxS:P+G``: (requests, own prompt tokens, generated tokens,
+    tokens of a prefix every request shares)."""
     if name in WORKLOADS:
         return WORKLOADS[name]
-    m = re.fullmatch(r"(\d+)x(\d+)\+(\d+)", name)
+    m = re.fullmatch(r"(\d+)x(?:(\d+):)?(\d+)\+(\d+)", name)
     if not m:
-        raise SystemExit(f"unknown workload {name!r}: A, B, C or NxP+G (e.g. 128x8192+128)")
-    return int(m[1]), int(m[2]), int(m[3])
+        raise SystemExit(f"unknown workload {name!r}: A, B, C, D or NxP+G / NxS:P+G (e.g. 128x8192+128, "
+                         f"256x4096:512+256 for a shared 4096-token prefix)")
+    return int(m[1]), int(m[3]), int(m[4]), int(m[2] or 0)
+
+
+def _describe(name: str) -> str:
+    n, plen, gen, shared = workload(name)
+    return f"{n} x ({shared} shared + {plen} + {gen})" if shared else f"{n} x ({plen} + {gen})"
 
 
 def vllm_defaults_on(args, config: str) -> bool:
     """Whether this engine runs with vLLM's defaults (chunked prefill and prefix caching on):
     with ``--features defaults`` every engine whose backend supports them (kvplug's CUDA backend
-    does not yet)."""
-    return args.features == "defaults" and not config.startswith("kvplug:")
+    in its ``compressed`` prefill mode, ``--kvplug-prefill compressed``)."""
+    return args.features == "defaults" and (not config.startswith("kvplug:") or args.kvplug_prefill == "compressed")
 
 
 def engine_kwargs(args, config: str, random: bool) -> dict:
@@ -91,7 +100,7 @@ def engine_kwargs(args, config: str, random: bool) -> dict:
     if random:
         kw.update(load_format="dummy", skip_tokenizer_init=True)
     if config.startswith("kvplug:"):
-        kw["additional_config"] = {"kvplug": config.split(":", 1)[1]}
+        kw["additional_config"] = {"kvplug": config.split(":", 1)[1], "kvplug_prefill": args.kvplug_prefill}
     else:
         kw["kv_cache_dtype"] = config
     return kw
@@ -125,16 +134,21 @@ def child(job: dict) -> None:
     warm = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, detokenize=False)
     llm.generate(prompts(4, 64, vocab, 7), warm, use_tqdm=False)
     for name in job["workloads"]:
-        n, plen, gen = workload(name)
+        n, plen, gen, shared = workload(name)
         sp = SamplingParams(temperature=0, max_tokens=gen, ignore_eos=True, detokenize=False)
         ps = prompts(n, plen, vocab, 1)
+        if shared:
+            prefix = prompts(1, shared, vocab, 2)[0]["prompt_token_ids"]
+            ps = [{"prompt_token_ids": prefix + p["prompt_token_ids"]} for p in ps]
         if watch:
             watch.update(peak=0, preempted=0)
         t = time.perf_counter()
         outs = llm.generate(ps, sp, use_tqdm=False)
         wall = time.perf_counter() - t
         made = sum(len(o.outputs[0].token_ids) for o in outs)
-        result[name] = {"wall_s": wall, "generated": made, "tok_s": made / wall, **(watch or {})}
+        cached = sum(o.num_cached_tokens or 0 for o in outs) / sum(len(p["prompt_token_ids"]) for p in ps)
+        result[name] = {"wall_s": wall, "generated": made, "tok_s": made / wall, "cached_share": cached,
+                        **(watch or {})}
         print(f"[bench] {job['config']} {name}: {wall:.2f} s, {made / wall:,.0f} generated tok/s"
               + (f", at most {watch['peak']} running, {watch['preempted']} preemptions" if watch else ""), flush=True)
     if job["profile"]:
@@ -177,7 +191,7 @@ def _profile(llm, job: dict, sampling, warm: int = 5, timed: int = 20, profiled:
 
     scheduler.schedule = watched_schedule
     name = job["workloads"][-1]
-    n, plen, gen = workload(name)
+    n, plen, gen, _ = workload(name)      # the decode step does not depend on a shared prefix
     sp = sampling(temperature=0, max_tokens=gen, ignore_eos=True, detokenize=False)
     ids = [f"profile-{i}" for i in range(n)]
     for rid, p in zip(ids, prompts(n, plen, job["vocab"], 2)):
@@ -324,6 +338,9 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--kv-bytes", type=int, default=0, help="KV-cache memory in bytes (instead of the utilization)")
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs (the CPU)")
+    ap.add_argument("--kvplug-prefill", choices=("uncompressed", "compressed"), default="uncompressed",
+                    help="kvplug's prefill mode for the kvplug:SPEC engines (compressed: chunked prefill and "
+                         "prefix caching served, see adapters/vllm/cuda_backend.py)")
     ap.add_argument("--features", choices=("off", "defaults"), default="off",
                     help="chunked prefill and prefix caching: off for every engine, or vLLM's defaults (on) "
                          "for every engine that supports them")
@@ -350,7 +367,7 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> None:
     print(f"\nvLLM {vllm.__version__}, model {args.model}, {memory}")
     base = results[0]
     head = "| config | KV capacity (tokens) | " + " | ".join(
-        "{}: {} x ({} + {}) s, gen tok/s".format(w, *workload(w)) + (", peak running" if args.peak else "")
+        f"{w}: {_describe(w)} s, gen tok/s, prefix-cache hits" + (", peak running" if args.peak else "")
         for w in args.workloads) + " |"
     print(head)
     print("|" + "---|" * (2 + len(args.workloads)))
@@ -359,7 +376,8 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> None:
         cells = [f"{cap:,} ({cap / base['capacity']:.2f}x)" if cap and base.get("capacity") else str(cap)]
         for w in args.workloads:
             x, b = r.get(w), base.get(w)
-            cell = f"{x['wall_s']:.2f} s, {x['tok_s']:,.0f} ({x['tok_s'] / b['tok_s']:.2f}x)" if x and b else "-"
+            cell = (f"{x['wall_s']:.2f} s, {x['tok_s']:,.0f} ({x['tok_s'] / b['tok_s']:.2f}x), "
+                    f"{x.get('cached_share', 0):.0%}") if x and b else "-"
             if x and b and args.peak:
                 cell += f", {x['peak']} ({x['peak'] / max(1, b['peak']):.2f}x)"
             cells.append(cell)
