@@ -5,9 +5,12 @@
 * ``_decode_kernel`` (codec none) and ``_decode_planes_kernel`` (int8/int4/int2): one program per
   (sequence, KV head, split); the ``G`` query heads of a KV head share every K/V tile (GQA).
   Online softmax in base 2; partial results per split, merged by ``_reduce_kernel``. Which slots a
-  program reads (a length, or eviction's held runs) is :func:`_span` / :func:`_slot`, shared.
-* The quantized kernel's design, its numerics and what it measured are in its docstring and in
-  benchmarks/decode_attention_notes.md.
+  program reads (a length, or eviction's held runs) is :func:`_span` / :func:`_slot` /
+  :func:`_tile_rows`, shared.
+* ``_varlen_kernel``: causal attention of decode rows and prefill chunks mixed, over the cache.
+* The quantized kernels' unpacking (:func:`_planes`) and tile loads (:func:`_quant_tile`) are
+  shared; their design, numerics and measurements are in ``_decode_planes_kernel``'s docstring
+  and in benchmarks/decode_attention_notes.md.
 """
 
 from __future__ import annotations
