@@ -1,6 +1,7 @@
 """Paged decode attention: correctness on the GPU, then timing against fp16 SDPA.
 
-    PYTHONUNBUFFERED=1 python benchmarks/decode_attention.py --out $OUT     # on the H100
+    PYTHONUNBUFFERED=1 python benchmarks/decode_attention.py --out $OUT     # on the GPU
+    ... --vllm        # also vLLM's own int4_per_token_head decode and FlashAttention (bf16), where installed
     python benchmarks/decode_attention.py --shapes 512x4096 --bits 4 --block-sizes 16 \
         --variants 64:2:2:0:16,128:4:3:0:16                               # chosen variants
     TRITON_INTERPRET=1 python benchmarks/decode_attention.py --smoke        # CPU, tiny shapes
@@ -86,6 +87,85 @@ def build(bits, bs, k_tok, v_tok, b, length, dev):
     return lay, cache, bt
 
 
+def vllm_rows(q, k_tok, v_tok, o_sdpa, t_sdpa, b, length, dev, log):
+    """vLLM's own decode kernels at the same shape, where vLLM (a CUDA build) is installed:
+    ``int4_per_token_head`` (its Triton kernel, with the rotation of q and the output it applies,
+    the 3D split below 128 // kv_heads sequences as its builder sets it) and FlashAttention over a
+    bf16 paged cache. Layouts and arguments: docs/VLLM_INTERNALS.md section 6. Checked against fp16
+    SDPA on the raw K/V (their format's error included); rows ``vllm-int4`` and ``vllm-fa-bf16``."""
+    rows = []
+    try:
+        cases = _vllm_cases(q, k_tok, v_tok, b, length, dev)
+    except Exception as e:  # noqa: BLE001  (not installed, a CPU build, or an API that moved)
+        log(f"vLLM's kernels not run: {type(e).__name__}: {str(e)[:300]}")
+        return rows
+    for name, fn, res, nbytes in cases:
+        try:
+            res.fill_(float("nan"))
+            fn()
+            rel = ((res.float() - o_sdpa).norm() / o_sdpa.norm()).item()
+            us = bench(fn, dev)
+        except Exception as e:  # noqa: BLE001
+            log(f"  {name}: failed {type(e).__name__}: {str(e)[:300]}")
+            continue
+        rows.append(dict(B=b, L=length, kernel=name, us=us, gbs=nbytes / us / 1e3, speedup=t_sdpa / us,
+                         rel_err_sdpa=rel, finite=bool(torch.isfinite(res).all())))
+        log(f"  {name}: {us:8.1f} us {nbytes / us / 1e3:6.0f} GB/s x{t_sdpa / us:.2f} vs SDPA, rel err vs fp16 SDPA "
+            f"{rel:.2e}, all written {rows[-1]['finite']}")
+    return rows
+
+
+def _vllm_cases(q, k_tok, v_tok, b, length, dev):
+    """vLLM's int4 cache and bf16 pages filled from the same K/V: ``(name, run, output, bytes read)``."""
+    from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func, get_flash_attn_version
+    from vllm.v1.attention.ops.int4_per_token_head import reshape_and_cache_int4, unified_attention_int4
+
+    bs = 16
+    nblk = length // bs
+    bt = torch.randperm(b * nblk, device=dev).view(b, nblk).int()
+    t = torch.arange(length, device=dev)
+    cu = torch.arange(b + 1, dtype=torch.int32, device=dev)
+    used = torch.full((b,), length, dtype=torch.int32, device=dev)
+    out = torch.empty_like(q)
+    # int4_per_token_head: [blocks, heads, slot, 2 * (D/2 + 4)] bytes; K and V views [blocks, slot, heads, D/2 + 4]
+    kv = torch.zeros(b * nblk, HKV, bs, 2 * (D // 2 + 4), dtype=torch.uint8, device=dev)
+    kc, vc = kv.transpose(1, 2).split(D // 2 + 4, dim=-1)
+    ks = torch.empty(b * nblk, bs, HKV, dtype=torch.float32, device=dev)
+    vs = torch.empty_like(ks)
+    for i in range(b):
+        slots = bt[i, t // bs].long() * bs + t % bs
+        reshape_and_cache_int4(k_tok[i], v_tok[i], kc, vc, slots, k_scale_cache=ks, v_scale_cache=vs)
+    thr, segs = 128 // HKV, 16
+    segm = (torch.empty(thr, HQ, segs, D, dtype=torch.float32, device=dev),
+            torch.empty(thr, HQ, segs, dtype=torch.float32, device=dev),
+            torch.empty(thr, HQ, segs, dtype=torch.float32, device=dev))
+
+    def int4():
+        unified_attention_int4(
+            q, kc, vc, out, cu_seqlens_q=cu, max_seqlen_q=1, seqused_k=used, max_seqlen_k=length,
+            softmax_scale=D ** -0.5, window_size=(-1, -1), block_table=bt, softcap=0.0, sinks=None,
+            alibi_slopes=None, use_alibi_sqrt=False, qq_bias=None, output_scale=None, mm_prefix_range=None,
+            k_scale_cache=ks, v_scale_cache=vs, seq_threshold_3D=thr, num_par_softmax_segments=segs,
+            softmax_segm_output=segm[0], softmax_segm_max=segm[1], softmax_segm_expsum=segm[2])
+
+    # FlashAttention over bf16 pages [blocks, slot, heads, D]
+    kb = torch.empty(b * nblk, bs, HKV, D, dtype=torch.bfloat16, device=dev)
+    vb = torch.empty_like(kb)
+    for i in range(b):
+        kb[bt[i, t // bs].long(), t % bs] = k_tok[i].bfloat16()
+        vb[bt[i, t // bs].long(), t % bs] = v_tok[i].bfloat16()
+    qb = q.bfloat16()
+    outb = torch.empty_like(qb)
+    version = get_flash_attn_version()
+
+    def fa():
+        flash_attn_varlen_func(qb, kb, vb, max_seqlen_q=1, cu_seqlens_q=cu, max_seqlen_k=length, seqused_k=used,
+                               softmax_scale=D ** -0.5, causal=True, block_table=bt, out=outb, fa_version=version)
+
+    return (("vllm-int4", int4, out, b * length * HKV * 2 * (D // 2 + 4)),
+            ("vllm-fa-bf16", fa, outb, b * length * HKV * 2 * D * 2))
+
+
 def parse_variant(v):
     nums = v.split(":")
     if len(nums) not in (4, 5) or not all(x.lstrip("-").isdigit() for x in nums):
@@ -119,6 +199,8 @@ def main():
     ap.add_argument("--variants", default="",
                     help="instead of the built-in list: block_n:warps:stages:splits[:maxnreg],... (0 = the layout's "
                          "default; splits -N = N times the default; maxnreg -1 = no limit)")
+    ap.add_argument("--vllm", action="store_true", help="also time vLLM's own int4_per_token_head decode and "
+                    "FlashAttention (bf16, paged) at each shape, where vLLM is installed")
     ap.add_argument("--rounds", type=int, default=1, help="time every variant this many times, "
                     "alternating the order (median reported, with the spread)")
     ap.add_argument("--sm90-report", action="store_true",
@@ -171,6 +253,8 @@ def main():
         results["rows"].append(dict(B=b, L=length, kernel="sdpa-fp16", us=t_sdpa, gbs=by_sdpa / t_sdpa / 1e3))
         k_tok = k.transpose(1, 2).contiguous()      # [B, L, H, D]
         v_tok = v.transpose(1, 2).contiguous()      # k, v stay: SDPA is timed again in every round
+        if args.vllm:
+            results["rows"] += vllm_rows(q, k_tok, v_tok, o_sdpa, t_sdpa, b, length, dev, log)
         lens = torch.full((b,), length, dtype=torch.int32, device=dev)
         for bits in [int(x) for x in args.bits.split(",")]:
             for bs in ([int(x) for x in args.block_sizes.split(",")] if not args.smoke else (16,)):
@@ -263,9 +347,14 @@ def main():
     lines = ["| B | L | kernel | best config (block size, block_n, warps, stages, splits, maxnreg) | us | GB/s | vs SDPA "
              "| rel. err vs ref |", "|---|---|---|---|---|---|---|---|"]
     for (b, length, kern), r in best.items():
-        cfg = "-" if kern.startswith("sdpa") else f"{r['block_size']}, {r['block_n']}, {r['warps']}, {r['stages']}, {r['splits']}, {r['maxnreg'] or '-'}"
+        ours = kern.startswith("paged")
+        cfg = (f"{r['block_size']}, {r['block_n']}, {r['warps']}, {r['stages']}, {r['splits']}, {r['maxnreg'] or '-'}"
+               if ours else "-")
         sp = "1.00" if kern.startswith("sdpa") else f"{r['speedup']:.2f}x"
-        err = "-" if kern.startswith("sdpa") else f"{r['rel_err_ref']:.1e}" + ("" if r["rel_err_ref"] < 2e-3 else " (!)")
+        if ours:
+            err = f"{r['rel_err_ref']:.1e}" + ("" if r["rel_err_ref"] < 2e-3 else " (!)")
+        else:       # vLLM's kernels: against fp16 SDPA on the raw K/V (their own format's error included)
+            err = f"{r['rel_err_sdpa']:.1e} vs SDPA" if "rel_err_sdpa" in r else "-"
         lines.append(f"| {b} | {length} | {kern} | {cfg} | {r['us']:.1f} | {r['gbs']:.0f} | {sp} | {err} |")
     table = "\n".join(lines)
     log("\n" + table)
