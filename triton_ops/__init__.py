@@ -1,12 +1,13 @@
 """Triton kernels shared by the HF and vLLM adapters: quantize-and-store into a paged KV cache and
-decode attention that reads the compressed cache directly.
+attention that reads the compressed cache directly.
 
 Layout: :class:`PagedLayout` (one tensor per layer). Kernels: :func:`store_kv`,
 :func:`paged_attention` (any mix of decode rows and prefill chunks; a decode-only batch goes to
 :func:`decode_attention`, its one-token specialisation); their plain-PyTorch references:
-:func:`store_kv_reference`, :func:`paged_attention_reference`, :func:`decode_attention_reference`. Triton is imported only when a kernel is called, so this module
-imports without it (and ``import kvplug`` never imports it). Rotated codecs (``rotate=true``) are
-handled by the caller: rotate q before and the attention output after.
+:func:`store_kv_reference`, :func:`paged_attention_reference`, :func:`decode_attention_reference`.
+Triton is imported only when a kernel is called, so this module imports without it (and
+``import kvplug`` never imports it). Rotated codecs (``rotate=true``) are handled by the caller:
+rotate q before and the attention output after.
 """
 
 from __future__ import annotations
