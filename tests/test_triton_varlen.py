@@ -6,8 +6,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from kvplug.triton_ops import (PagedLayout, paged_attention, paged_attention_reference,  # noqa: E402
-                               store_kv_reference)
+from kvplug.triton_ops import (PagedLayout, dequantize_kv, dequantize_kv_reference, paged_attention,  # noqa: E402
+                               paged_attention_reference, store_kv_reference)
 
 from test_triton_store import DEV, poisoned_cache  # noqa: E402
 
@@ -84,3 +84,26 @@ def test_bad_shapes_are_one_line_errors(gen):
         paged_attention(q, cache, layout, bt, qsl[:1], lens)
     with pytest.raises(ValueError, match="block_tables"):
         paged_attention(q, cache, layout, bt[:, None], qsl, lens)
+
+
+@pytest.mark.parametrize("bits,dtype", [(16, torch.bfloat16), (8, torch.float16), (4, torch.bfloat16),
+                                        (2, torch.float16)])
+def test_dequantize_kv_packs_what_the_cache_holds(bits, dtype, gen):
+    """Sequences of 1, 0, 40 (ending mid-block) and 70 tokens in shuffled blocks of a poisoned
+    cache, packed at cu_seqlens: each value within one rounding (to ``dtype``) of the float64
+    decode of the core codec; nothing unwritten read (NaN scales would show)."""
+    layout, cache, bt, _, _, lens = _batch(bits, 64, 16, 2, 1, [1, 0, 40, 70], [0, 0, 0, 0], gen, dtype)
+    cu = torch.tensor([0] + lens.cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    k, v = dequantize_kv(cache, layout, bt, lens, cu, total=int(lens.sum()), max_seq_len=int(lens.max()))
+    rk, rv = dequantize_kv_reference(cache, layout, bt, lens, torch.float64)
+    ulp = torch.finfo(dtype).eps
+    for got, ref in ((k, rk), (v, rv)):
+        assert got.dtype == dtype and got.shape == ref.shape == (111, 2, 64)
+        assert torch.isfinite(got).all()
+        assert ((got.double() - ref).abs() <= ref.abs() * ulp + 1e-30).all()
+
+
+def test_dequantize_kv_bad_shapes_are_one_line_errors(gen):
+    layout, cache, bt, _, _, lens = _batch(4, 64, 16, 2, 1, [5, 3], [0, 0], gen)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        dequantize_kv(cache, layout, bt, lens, lens, total=8, max_seq_len=5)

@@ -3,8 +3,10 @@ attention that reads the compressed cache directly.
 
 Layout: :class:`PagedLayout` (one tensor per layer). Kernels: :func:`store_kv`,
 :func:`paged_attention` (any mix of decode rows and prefill chunks; a decode-only batch goes to
-:func:`decode_attention`, its one-token specialisation); their plain-PyTorch references:
-:func:`store_kv_reference`, :func:`paged_attention_reference`, :func:`decode_attention_reference`.
+:func:`decode_attention`, its one-token specialisation), :func:`dequantize_kv` (the decoded K/V
+of sequences, packed, for a dense varlen attention kernel); their plain-PyTorch references:
+:func:`store_kv_reference`, :func:`paged_attention_reference`, :func:`decode_attention_reference`,
+:func:`dequantize_kv_reference`.
 Triton is imported only when a kernel is called, so this module imports without it (and
 ``import kvplug`` never imports it). Rotated codecs (``rotate=true``) are handled by the caller:
 rotate q before and the attention output after.
@@ -15,11 +17,12 @@ from __future__ import annotations
 import torch
 
 from .layout import PagedLayout
-from .reference import decode_attention_reference, gather_kv, paged_attention_reference, store_kv_reference
+from .reference import (decode_attention_reference, dequantize_kv_reference, gather_kv, paged_attention_reference,
+                        store_kv_reference)
 
-__all__ = ["PagedLayout", "store_kv", "decode_attention", "paged_attention", "store_kv_reference",
-           "decode_attention_reference", "paged_attention_reference", "gather_kv", "default_num_splits",
-           "DECODE_TUNING"]
+__all__ = ["PagedLayout", "store_kv", "decode_attention", "paged_attention", "dequantize_kv", "store_kv_reference",
+           "decode_attention_reference", "paged_attention_reference", "dequantize_kv_reference", "gather_kv",
+           "default_num_splits", "DECODE_TUNING"]
 
 
 def _kernels():
@@ -197,6 +200,38 @@ def paged_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout, b
         CB=layout.code_bytes if layout.quantized else d, BLOCK_Q=block_q, BLOCK_N=block_n,
         ASM=q.device.type == "cuda", num_warps=num_warps, num_stages=num_stages)
     return out
+
+
+def dequantize_kv(cache: torch.Tensor, layout: PagedLayout, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                  cu_seqlens: torch.Tensor, *, total: int, max_seq_len: int,
+                  dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoded K and V of each sequence's first ``seq_lens[s]`` slots, packed one sequence
+    after another: ``[total, num_kv_heads, head_dim]`` each, sequence s at rows ``cu_seqlens[s] ..``
+    (int32 ``[num_seqs + 1]``, the ``cu_seqlens_k`` of a varlen attention kernel). ``total`` and
+    ``max_seq_len`` are host ints (``cu_seqlens[-1]`` and the longest length; no device sync).
+    Values are the core codec's ``code * scale + zero`` (float32) rounded to ``dtype`` (default the
+    layout's), so a dense kernel over them attends over what the cache holds.
+    """
+    layout.check(cache)
+    n = seq_lens.shape[0]
+    if seq_lens.dim() != 1 or tuple(cu_seqlens.shape) != (n + 1,):
+        raise ValueError(f"dequantize_kv: seq_lens must be [num_seqs] and cu_seqlens [num_seqs + 1], got "
+                         f"{tuple(seq_lens.shape)} and {tuple(cu_seqlens.shape)}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != n or block_tables.stride(-1) != 1:
+        raise ValueError("dequantize_kv: block_tables must be [num_seqs, max_blocks] with contiguous rows")
+    h, d = layout.num_kv_heads, layout.head_dim
+    dtype = dtype or layout.dtype
+    k = torch.empty(total, h, d, dtype=dtype, device=cache.device)
+    v = torch.empty_like(k)
+    if total == 0 or n == 0 or max_seq_len == 0:
+        return k, v
+    block_t = 64
+    cs = cache.stride()
+    _kernels()._dequant_kernel[(n, _cdiv(max_seq_len, block_t), h)](
+        cache, cache.view(torch.float16) if layout.quantized else cache, block_tables, seq_lens, cu_seqlens, k, v,
+        block_tables.stride(0), cs[0], cs[1], cs[2], k.stride(0), k.stride(1), HKV=h, D=d, BS=layout.block_size,
+        BITS=layout.bits, CB=layout.code_bytes if layout.quantized else d, BLOCK_T=block_t, num_warps=4)
+    return k, v
 
 
 def _check_q(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout, name: str) -> tuple[int, ...]:

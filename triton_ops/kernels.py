@@ -8,6 +8,7 @@
   program reads (a length, or eviction's held runs) is :func:`_span` / :func:`_slot` /
   :func:`_tile_rows`, shared.
 * ``_varlen_kernel``: causal attention of decode rows and prefill chunks mixed, over the cache.
+* ``_dequant_kernel``: the decoded K/V of sequences' slots, packed (for a dense attention kernel).
 * The quantized kernels' unpacking (:func:`_planes`) and tile loads (:func:`_quant_tile`) are
   shared; their design, numerics and measurements are in ``_decode_planes_kernel``'s docstring
   and in benchmarks/decode_attention_notes.md.
@@ -453,3 +454,45 @@ def _varlen_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, qsl_ptr, lens_ptr, out_pt
         else:
             o = accs[j] * (1.0 / ((1 << (BITS - 1)) * (1 << (j * BITS)))) + zacc[:, None]
         tl.store(out_row + j * W, (o / norm[:, None]).to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+@triton.jit
+def _dequant_kernel(cache_ptr, meta_ptr, bt_ptr, lens_ptr, cu_ptr, k_ptr, v_ptr,
+                    stride_btb, stride_cblk, stride_ckv, stride_ch, stride_ot, stride_oh,
+                    HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BITS: tl.constexpr, CB: tl.constexpr,
+                    BLOCK_T: tl.constexpr):
+    """Decoded K and V of sequences' first ``seq_len`` slots, packed: sequence s's token t goes to
+    row ``cu[s] + t`` of ``k``/``v`` ``[rows, HKV, D]`` (their dtype). Grid ``(num_seqs, tiles of
+    BLOCK_T tokens, HKV)``. Values as the core codec decodes them, ``code * scale + zero`` in float32,
+    then rounded once to the output dtype; BITS 16 copies the ``none`` cache."""
+    s = tl.program_id(0)
+    t0 = tl.program_id(1) * BLOCK_T
+    h = tl.program_id(2)
+    length = tl.load(lens_ptr + s).to(tl.int32)
+    if t0 >= length:
+        return
+    base = tl.load(cu_ptr + s).to(tl.int64)
+    offs_t = t0 + tl.arange(0, BLOCK_T)
+    tmask = offs_t < length
+    blk = tl.load(bt_ptr + s.to(tl.int64) * stride_btb + offs_t // BS, mask=tmask, other=0).to(tl.int64)
+    row = blk * stride_cblk + h.to(tl.int64) * stride_ch
+    off = offs_t % BS
+    out_row = (base + offs_t).to(tl.int64)[:, None] * stride_ot + h * stride_oh
+    W: tl.constexpr = CB if BITS != 16 else D
+    offs_c = tl.arange(0, W)
+    for kv in tl.static_range(2):
+        dst = k_ptr if kv == 0 else v_ptr
+        if BITS == 16:
+            x = tl.load(cache_ptr + (row + kv * stride_ckv + off * D)[:, None] + offs_c[None, :],
+                        mask=tmask[:, None], other=0.0)
+            tl.store(dst + out_row + offs_c[None, :], x.to(dst.dtype.element_ty), mask=tmask[:, None])
+        else:
+            codes = tl.load(cache_ptr + (row + kv * stride_ckv + off * CB)[:, None] + offs_c[None, :],
+                            mask=tmask[:, None], other=0).to(tl.int32)
+            mp = meta_ptr + (row + kv * stride_ckv) // 2 + (BS * CB) // 2 + off * 2
+            scale = tl.load(mp, mask=tmask, other=0.0).to(tl.float32)
+            zero = tl.load(mp + 1, mask=tmask, other=0.0).to(tl.float32)
+            for j in tl.static_range(8 // BITS):
+                c = (codes >> (j * BITS)) & ((1 << BITS) - 1)
+                x = c.to(tl.float32) * scale[:, None] + zero[:, None]
+                tl.store(dst + out_row + j * CB + offs_c[None, :], x.to(dst.dtype.element_ty), mask=tmask[:, None])

@@ -136,3 +136,19 @@ def paged_attention_reference(q: torch.Tensor, cache: torch.Tensor, layout: Page
         p = torch.softmax(sc.masked_fill(~sees[:, None, None, :], float("-inf")), dim=-1)
         out[a:b] = torch.einsum("nhgl,hld->nhgd", p, v[0]).reshape(b - a, hq, d)
     return out
+
+
+def dequantize_kv_reference(cache: torch.Tensor, layout: PagedLayout, block_tables: torch.Tensor,
+                            seq_lens: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoded K and V of each sequence's first ``seq_lens[s]`` slots, concatenated:
+    ``[sum(seq_lens), kv_heads, head_dim]`` in ``dtype`` (:func:`gather_kv`, sequence by sequence)."""
+    ks, vs = [], []
+    for s, length in enumerate(seq_lens.tolist()):
+        if length == 0:
+            continue
+        k, v = gather_kv(cache, layout, block_tables[s:s + 1], length, dtype)       # [1, H, L, D]
+        ks.append(k[0].transpose(0, 1))
+        vs.append(v[0].transpose(0, 1))
+    h, d = layout.num_kv_heads, layout.head_dim
+    empty = torch.zeros(0, h, d, dtype=dtype, device=cache.device)
+    return torch.cat(ks or [empty]), torch.cat(vs or [empty])
