@@ -111,10 +111,10 @@ def test_bad_or_unsupported_specs_are_one_line_errors(spec, message, monkeypatch
     assert "\n" not in str(info.value)
 
 
-def test_prefill_mode_defaults_to_uncompressed_and_is_checked():
-    assert prefill_mode(FakeConfig()) == "uncompressed" and prefill_mode(None) == "uncompressed"
-    assert prefill_mode(FakeConfig({"kvplug_prefill": "compressed"})) == "compressed"
-    with pytest.raises(SpecError, match="allowed: uncompressed, compressed"):
+def test_prefill_mode_defaults_to_compressed_and_is_checked():
+    assert prefill_mode(FakeConfig()) == "compressed" and prefill_mode(None) == "compressed"
+    assert prefill_mode(FakeConfig({"kvplug_prefill": "uncompressed"})) == "uncompressed"
+    with pytest.raises(SpecError, match="allowed: compressed, uncompressed"):
         prefill_mode(FakeConfig({"kvplug_prefill": "raw"}))
 
 

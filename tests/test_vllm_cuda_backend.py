@@ -210,18 +210,16 @@ def test_refusals_are_one_line(cb):
     from kvplug.config import resolve
     from kvplug.errors import SpecError
 
-    config = _config("int4")
+    config = _config("int4", {"kvplug_prefill": "uncompressed"})
     config.cache_config.enable_prefix_caching = True
     config.scheduler_config = SimpleNamespace(enable_chunked_prefill=True)
-    with pytest.raises(SpecError, match="no-enable-prefix-caching.*no-enable-chunked-prefill.*compressed") as e:
+    with pytest.raises(SpecError, match="no-enable-prefix-caching.*no-enable-chunked-prefill.*drop kvplug_prefill") as e:
         cb.check_engine(config, resolve("int4"))
     assert "\n" not in str(e.value)
-    compressed = _config("int4", {"kvplug_prefill": "compressed"})
-    compressed.cache_config.enable_prefix_caching = compressed.scheduler_config.enable_chunked_prefill = True
-    cb.check_engine(compressed, resolve("int4"))                       # both features on: served
-    with pytest.raises(SpecError, match="do not evict") as e:
-        cb.check_engine(compressed, resolve("snapkv(budget=64)+int4"))
-    assert "\n" not in str(e.value)
+    default = _config("int4", {})
+    default.cache_config.enable_prefix_caching = default.scheduler_config.enable_chunked_prefill = True
+    cb.check_engine(default, resolve("int4"))                       # both features on: served (compressed)
+    cb.check_engine(default, resolve("snapkv(budget=64)+int4"))
     config.cache_config.enable_prefix_caching = False
     config.scheduler_config.enable_chunked_prefill = False
     cb.check_engine(config, resolve("int4"))
@@ -260,8 +258,12 @@ def test_cuda_routes_eviction(cb, monkeypatch):
         assert adapter._pick_backend(stock) == adapter.CUDA_BACKEND  # with codec none too: eviction is ours
         config = _config(spec)
         config.cache_config.enable_prefix_caching = config.scheduler_config.enable_chunked_prefill = True
-        adapter._check_engine(config, resolve(spec))  # turns both off, then the CUDA checks pass
-        assert not config.cache_config.enable_prefix_caching and not config.scheduler_config.enable_chunked_prefill
+        adapter._check_engine(config, resolve(spec))  # turns prefix caching off, then the CUDA checks pass
+        assert not config.cache_config.enable_prefix_caching and config.scheduler_config.enable_chunked_prefill
+        builder = cb.KVPlugCudaMetadataBuilder
+        assert builder.get_cudagraph_support(config, None) == cb.AttentionCGSupport.NEVER  # compaction is eager
+        config.scheduler_config.enable_chunked_prefill = False
+        assert builder.get_cudagraph_support(config, None) == cb.AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
     from kvplug.errors import SpecError
 
     spec = "h2o(budget=64)+int4"  # runs on the CPU backend: the kernel does not report attention
@@ -270,19 +272,28 @@ def test_cuda_routes_eviction(cb, monkeypatch):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("spec", ["snapkv(budget=24, window=8)+int4", "knorm(budget=40%)+pyramid(beta=4)",
-                                  "snapkv(budget=30, window=8)", "streaming(sinks=3, window=20)+int8"])
-def test_forward_with_eviction_reads_the_kept_tokens_only(cb, spec, gen):
-    """Two prompts in one step, then decode steps: every decode output equals float64 attention
-    over the tokens the strategy keeps (its own selection on the prompt's raw K/V and last
-    queries; streaming's window sliding on) and the generated ones, as stored (encoded, decoded),
-    while the blocks the scheduler frees are poisoned; the builder's held buffer is what the decode
-    kernel reads."""
+@pytest.mark.parametrize("spec,mode", [("snapkv(budget=24, window=8)+int4", "uncompressed"),
+                                       ("snapkv(budget=24, window=8)+int4", "compressed"),
+                                       ("knorm(budget=40%)+pyramid(beta=4)", "uncompressed"),
+                                       ("knorm(budget=40%)+pyramid(beta=4)", "compressed"),
+                                       ("snapkv(budget=30, window=8)", "compressed"),
+                                       ("streaming(sinks=3, window=20)+int8", "uncompressed"),
+                                       ("streaming(sinks=3, window=20)+int8", "compressed")])
+def test_forward_with_eviction_reads_the_kept_tokens_only(cb, spec, mode, gen):
+    """Two prompts, then decode steps: every decode output equals float64 attention over the
+    tokens the strategy keeps (its own selection on the prompt's K/V and last queries; streaming's
+    window sliding on) and the generated ones, as stored (encoded, decoded), while the blocks the
+    scheduler frees are poisoned; the builder's held buffer is what the decode kernel reads.
+    ``uncompressed``: both prompts in one step, selected on their raw K/V. ``compressed``: in
+    chunks (vLLM's chunked prefill): the second prompt's last chunk is one token (a row the
+    decode kernel serves), the first's 40 tokens after 30, the window across the boundary; the
+    selection reads the prompt as the pages hold it."""
     from kvplug.adapters.vllm.eviction import freed_blocks
     from kvplug.config import resolve
     from kvplug.scorers.base import ScoreInputs
 
     strategy = resolve(spec)
+    SELECTED["extra"] = {"kvplug_prefill": mode}
     impl = _impl(cb, spec)
     builder = cb.KVPlugCudaMetadataBuilder(None, ["model.layers.1.self_attn.attn"], _config(spec), torch.device("cpu"))
     layer = SimpleNamespace(layer_name="model.layers.1.self_attn.attn")
@@ -298,30 +309,38 @@ def test_forward_with_eviction_reads_the_kept_tokens_only(cb, spec, gen):
     lens = torch.tensor(prompts)
 
     def run(pieces, ctx):
-        """One step: (request, token range) pieces; returns the output rows of each piece."""
+        """One step: (request, token range) pieces, one-token rows first; the output rows in order."""
+        rows = [r for r, _ in pieces]
         slots = torch.cat([tables[r, torch.arange(a, b) // BS].long() * BS + torch.arange(a, b) % BS for r, (a, b) in pieces])
-        md = builder.build(0, _common([b - a for _, (a, b) in pieces], ctx, slots, tables))
+        md = builder.build(0, _common([b - a for _, (a, b) in pieces], ctx, slots, tables[rows]))
         builder.held.fill_(-12345)  # stale rows: the step's own must be written
-        md.attach_prompt_lens(lens)
+        md.attach_prompt_lens(lens[rows])
         cat = lambda xs: torch.cat([x[r][a:b] for x, (r, (a, b)) in ((xs, p) for p in pieces)])  # noqa: E731
         out = torch.full((len(slots), HKV * G, D), float("nan"), dtype=torch.float16)
         impl.forward(layer, cat(q), cat(k), cat(v), kv_cache, md, output=out)
         return out
 
-    out = run([(0, (0, prompts[0])), (1, (0, prompts[1]))], [0, 0])
-    assert not out.isnan().any()
+    codec = strategy.codec
+
+    def stored(x, role, dtype=torch.float64):
+        return codec.decode(codec.encode(x.float(), role), role, dtype)
+
+    if mode == "uncompressed":
+        out = run([(0, (0, prompts[0])), (1, (0, prompts[1]))], [0, 0])
+        assert not out.isnan().any()
+    else:
+        assert not run([(0, (0, 30)), (1, (0, prompts[1] - 1))], [0, 0]).isnan().any()
+        assert not run([(1, (prompts[1] - 1, prompts[1])), (0, (30, prompts[0]))], [prompts[1] - 1, 30]).isnan().any()
     # what the strategy keeps of each prompt in this layer (index 1), per KV head
     kept = []
     for r, p in enumerate(prompts):
         window = min(strategy.scorer.observation_window, p)
-        inputs = ScoreInputs(keys=k[r][None, :p].transpose(1, 2).float(), values=v[r][None, :p].transpose(1, 2).float(),
+        seen_k = k[r][:p] if mode == "uncompressed" else stored(k[r][:p], "key", torch.float16)
+        seen_v = v[r][:p] if mode == "uncompressed" else stored(v[r][:p], "value", torch.float16)
+        inputs = ScoreInputs(keys=seen_k[None].transpose(1, 2).float(), values=seen_v[None].transpose(1, 2).float(),
                              queries=q[r][None, p - window:p].transpose(1, 2).float(),
                              valid=torch.ones(1, p, dtype=torch.bool), scale=D ** -0.5, layer_idx=1, num_layers=LAYERS)
         kept.append(strategy.select(inputs).indices[0])
-    codec = strategy.codec
-
-    def stored(x, role):
-        return codec.decode(codec.encode(x.float(), role), role, torch.float64)
 
     for step in range(steps):
         for r, p in enumerate(prompts):  # what the scheduler frees before this step: another request's now

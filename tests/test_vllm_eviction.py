@@ -98,9 +98,10 @@ def test_worker_reads_what_the_hf_adapter_keeps(spec, prompt_len, gen):
         for length in (prompt_len + 1, prompt_len + steps // 2 + 3, total):  # preempted, then re-run at once
             cache, kept = prefill(ours, layer, length)
             assert positions(ours.read(cache, table, prompt_len, length)[1]) == held[length - prompt_len - 1]
-            seen = ours.visible(prompt_len, kept, length)  # [H, queries after the prompt, length]
+            pos, sees = ours.extend_slots(prompt_len, prompt_len, length)  # what each re-run query reads
             for j in range(length - prompt_len):
-                assert [torch.nonzero(row).flatten().tolist() for row in seen[:, j]] == held[j]
+                read = paged.read(cache, slots_of(table, pos[sees[j]], bs))[1]
+                assert positions(read) == held[j], f"layer {layer}, re-run of {length}: query {j}"
 
 
 @pytest.mark.parametrize("spec, prompt_len", [
@@ -137,8 +138,9 @@ def test_replacing_worker_holds_what_the_hf_adapter_holds(spec, prompt_len, gen)
         paged.store(cache, keys[layer, :, :prompt_len].transpose(0, 1), values[layer, :, :prompt_len].transpose(0, 1),
                     slots)
         out = torch.empty(prompt_len, QHEADS, DIM)
-        ours.after_prompt(queries[layer, :prompt_len], keys[layer, :, :prompt_len].transpose(0, 1),
-                          values[layer, :, :prompt_len].transpose(0, 1), cache, table, prompt_len, scale, out)
+        ours.finish_chunk(0, queries[layer, :prompt_len], keys[layer, :, :prompt_len].transpose(0, 1),
+                          values[layer, :, :prompt_len].transpose(0, 1), cache, table, prompt_len, 0, scale, out,
+                          raw=True)
         freed, outs = set(), []
         for n in range(prompt_len, total):
             freed = _poison_freed(cache, table, strategy, prompt_len, n, bs, freed)
@@ -161,8 +163,8 @@ def test_replacing_worker_holds_what_the_hf_adapter_holds(spec, prompt_len, gen)
         paged.store(cache, keys[layer].transpose(0, 1), values[layer].transpose(0, 1),
                     slots_of(table, torch.arange(total), bs))
         out = torch.empty(total, QHEADS, DIM)
-        again.after_prompt(queries[layer], keys[layer].transpose(0, 1), values[layer].transpose(0, 1), cache, table,
-                           prompt_len, scale, out)
+        again.finish_chunk(0, queries[layer], keys[layer].transpose(0, 1), values[layer].transpose(0, 1), cache,
+                           table, prompt_len, 0, scale, out, raw=True)
         torch.testing.assert_close(out[prompt_len:], torch.cat(outs), rtol=1e-4, atol=1e-5)
 
 
@@ -260,17 +262,24 @@ def _config(extra=None, **parts):
 
 
 @needs_vllm
-def test_start_up_turns_off_prefix_caching_and_chunked_prefill_and_refuses_the_rest():
+def test_start_up_turns_off_prefix_caching_keeps_chunked_prefill_and_refuses_the_rest():
+    """The default (compressed) prefill: prefix caching off, chunked prefill as configured;
+    ``uncompressed``: both off, a whole prompt in one step."""
     from kvplug.adapters.vllm import StartupError, _check_config
 
     config = _config()
     _check_config(config)
-    assert not config.cache_config.enable_prefix_caching and not config.scheduler_config.enable_chunked_prefill
-    assert config.scheduler_config.max_num_batched_tokens == 4096  # a whole prompt fits in one step
-    assert config.scheduler_config.long_prefill_token_threshold == 0
+    assert not config.cache_config.enable_prefix_caching and config.scheduler_config.enable_chunked_prefill
+    assert config.scheduler_config.max_num_batched_tokens == 2048
+    assert config.scheduler_config.long_prefill_token_threshold == 512
+    raw = _config({"kvplug_prefill": "uncompressed"})
+    _check_config(raw)
+    assert not raw.cache_config.enable_prefix_caching and not raw.scheduler_config.enable_chunked_prefill
+    assert raw.scheduler_config.max_num_batched_tokens == 4096  # a whole prompt fits in one step
+    assert raw.scheduler_config.long_prefill_token_threshold == 0
     for bad, message in [(_config(speculative_config=object()), "speculative decoding"),
                          (_config(kv_transfer_config=object()), "KV connector"),
-                         (_config({"kvplug_prefill": "compressed"}), "kvplug_prefill=compressed")]:
+                         (_config({"kvplug_prefill": "raw"}), "kvplug_prefill='raw'")]:
         with pytest.raises(StartupError, match=message):
             _check_config(bad)
 
@@ -289,13 +298,33 @@ def run_job(job: dict) -> None:
 
     llm = LLM(job["model"], dtype="float32", enforce_eager=True, max_model_len=job.get("max_len", MAX_LEN),
               kv_cache_memory_bytes=job["kv_bytes"], seed=0, distributed_executor_backend="uni", max_num_seqs=64,
-              skip_tokenizer_init=True, additional_config={"kvplug": job["spec"]})
+              skip_tokenizer_init=True, additional_config={"kvplug": job["spec"], **job.get("extra", {})},
+              **job.get("engine", {}))
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
     pool = scheduler.kv_cache_manager.block_pool
     greedy = SamplingParams(temperature=0, max_tokens=job["steps"], ignore_eos=True)
     result = {"pool": pool.num_gpu_blocks}
     if job.get("prompts"):  # one request at a time, stepped: blocks held after each step
         result = one_by_one(llm, job["prompts"], greedy)
+    if job.get("sequential"):  # one after another: a later one may hit the prefix cache of an earlier one
+        chunks = [0]
+        schedule = scheduler.schedule
+
+        def counted(*args, **kwargs):
+            out = schedule(*args, **kwargs)
+            chunks[-1] += any(n > 1 for n in out.num_scheduled_tokens.values())  # decode steps schedule 1
+            return out
+
+        scheduler.schedule = counted
+        outs = []
+        for p in job["sequential"]:  # one request at a time: the steps with a prompt chunk are its
+            outs.append(llm.generate([{"prompt_token_ids": p}], greedy, use_tqdm=False)[0])
+            chunks.append(0)
+        scheduler.schedule = schedule
+        result["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
+        result["cached"] = [o.num_cached_tokens or 0 for o in outs]
+        result["chunks"] = chunks[:-1]
+        result["prefix_caching"] = llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
     if job.get("many"):
         preempted = []
         original = scheduler._preempt_request
@@ -337,15 +366,30 @@ def jobs(setup):
     vocab = setup["vocab"]
     rng = random.Random(7)
     mixed = _prompts([rng.randint(3, 600) for _ in range(64)], vocab, seed=8)
+    raw = {"kvplug_prefill": "uncompressed"}  # the HF adapter's prefill: the same tokens as it
+    shared = _prompts([1000], vocab, seed=9)[0]
+    sequential = [p for p in _prompts([LONG], vocab, seed=10)] + [shared + p for p in _prompts([200, 150], vocab, 11)]
+    chunked = {"max_num_batched_tokens": 512, "enable_chunked_prefill": True, "enable_prefix_caching": True}
+    whole = {"max_num_batched_tokens": 4096, "enable_chunked_prefill": True, "enable_prefix_caching": False}
+    schedules = {f"{how}:{spec}": dict(spec=spec, sequential=sequential, steps=24, kv_bytes=64 << 20, engine=engine)
+                 for spec in ("int8", "int4", "snapkv(budget=25%)+int4") for how, engine in (("chunked", chunked),
+                                                                                           ("whole", whole))}
+    # the codecs' chunked engines also run the 64 mixed requests, in pools of 22 (int8) and 21 (int4) blocks
+    schedules["chunked:int8"].update(many=mixed, kv_bytes=6 << 18, steps=64)  # longer: requests preempted late
+    schedules["whole:int8"].update(steps=64)
+    schedules["chunked:int4"].update(many=mixed, kv_bytes=3 << 18)
     return {
-        "snapkv": dict(spec="snapkv(budget=500)", prompts=_prompts([LONG, 700], vocab, 1), steps=48, kv_bytes=64 << 20),
+        **schedules,
+        "snapkv": dict(spec="snapkv(budget=500)", prompts=_prompts([LONG, 700], vocab, 1), steps=48, kv_bytes=64 << 20,
+                       extra=raw),
         "streaming": dict(spec="streaming(sinks=4, window=200)", prompts=_prompts([LONG, 150], vocab, 2), steps=300,
-                          kv_bytes=64 << 20),
+                          kv_bytes=64 << 20, extra=raw),
         "streaming-preempt": dict(spec="streaming(sinks=4, window=60)", many=mixed, steps=100, max_len=1024,
                                   kv_bytes=9 << 18),
         "snapkv-int4-preempt": dict(spec="snapkv(budget=25%)+int4", many=mixed, steps=48, max_len=1024,
                                     kv_bytes=3 << 18),
-        "h2o": dict(spec="h2o(budget=300)", prompts=_prompts([LONG, 150], vocab, 3), steps=200, kv_bytes=64 << 20),
+        "h2o": dict(spec="h2o(budget=300)", prompts=_prompts([LONG, 150], vocab, 3), steps=200, kv_bytes=64 << 20,
+                    extra=raw),
         "tova-int4-preempt": dict(spec="tova(budget=25%)+int4", many=mixed, steps=48, max_len=1024,
                                   kv_bytes=3 << 18),
     }
@@ -422,8 +466,31 @@ def test_footprint_stays_at_the_budget_while_generating(runs, jobs, name, most):
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("name", ["streaming-preempt", "snapkv-int4-preempt", "tova-int4-preempt"])
+@pytest.mark.parametrize("spec", ["int8", "int4", "snapkv(budget=25%)+int4"])
+def test_chunked_prefill_and_prefix_hits_give_the_one_chunk_cold_tokens(runs, spec):
+    """The default (compressed) prefill, vLLM's chunked prefill on: a 2,000-token prompt in chunks
+    of at most 512 tokens gives the tokens it gives in one chunk; two prompts sharing a 1,000-token
+    prefix, after it, are served from vLLM's prefix cache (its per-request count) for the codecs
+    and give the tokens of a cold run (an engine without prefix caching). Eviction turns prefix
+    caching off (its blocks hold the kept tokens only): no hit, same tokens."""
+    chunked, whole = runs(f"chunked:{spec}"), runs(f"whole:{spec}")
+    print(f"{spec}: chunks {chunked['chunks']} vs {whole['chunks']}, cached tokens {chunked['cached']}")
+    assert chunked["chunks"][0] >= 4 and whole["chunks"][0] == 1
+    assert chunked["tokens"] == whole["tokens"]
+    assert whole["cached"] == [0, 0, 0]
+    if "snapkv" in spec:
+        assert not chunked["prefix_caching"] and chunked["cached"] == [0, 0, 0]
+    else:
+        assert chunked["prefix_caching"] and chunked["cached"][0] == 0
+        assert chunked["cached"][2] >= 896  # the shared prefix's full blocks (block size 128 on the CPU)
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("name", ["streaming-preempt", "snapkv-int4-preempt", "tova-int4-preempt", "chunked:int4",
+                                  "chunked:int8"])
 def test_64_mixed_requests_equal_one_by_one_when_a_small_pool_preempts(runs, name):
+    """In the default (compressed) prefill, with vLLM's chunked prefill on; the codecs' engines
+    also with prefix caching on (a request run alone may reuse the blocks the batch left)."""
     result = runs(name)
     print(f"{name}: {result['pool']} blocks, preempted with {result['preempted']} tokens generated")
     assert result["together"] == result["alone"]
@@ -433,4 +500,4 @@ def test_64_mixed_requests_equal_one_by_one_when_a_small_pool_preempts(runs, nam
 
 
 if __name__ == "__main__":
-    run_job(json.loads(sys.argv[1]))
+    run_job(json.loads(Path(sys.argv[1]).read_text()))

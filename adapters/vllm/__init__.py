@@ -36,7 +36,7 @@ KEY = "kvplug"
 
 PREFILL_KEY = "kvplug_prefill"
 """Optional ``additional_config`` key: what a request's first step attends over (:func:`prefill_mode`)."""
-PREFILL_MODES = ("uncompressed", "compressed")
+PREFILL_MODES = ("compressed", "uncompressed")
 
 CPU_BACKEND = "kvplug.adapters.vllm.backend.KVPlugCPUBackend"
 CUDA_BACKEND = "kvplug.adapters.vllm.cuda_backend.KVPlugCudaBackend"
@@ -63,11 +63,13 @@ def selected_spec(vllm_config=None) -> Any | None:
 
 
 def prefill_mode(vllm_config=None) -> str:
-    """``uncompressed`` (default): a request's first step attends over its own K/V before they are
-    stored, as the HF adapter's prefill does (same first tokens in both engines). Tokens served from
-    vLLM's prefix cache, or earlier chunks of a chunked prefill, are read back compressed, so with
-    a lossy codec greedy output can depend on cache hits and chunking. ``compressed``: every step
-    attends over the stored (decoded) K/V, its own included: output independent of both."""
+    """``compressed`` (default): every step attends over the stored (decoded) K/V, a prompt's own
+    chunk included, so vLLM's chunked prefill and prefix caching run (both on by default) and
+    output does not depend on chunk sizes, prefix-cache hits, preemption or the rest of the batch.
+    ``uncompressed``: a request's first step attends over its own raw K/V before they are stored,
+    as the HF adapter's prefill does (the same first tokens in both engines, for comparing
+    methods across engines); the CUDA backend then needs chunked prefill and prefix caching off,
+    and eviction turns both off on any backend."""
     from . import compat
 
     extra = compat.additional_config(vllm_config) if vllm_config is not None else {}
@@ -215,8 +217,10 @@ def _stock_on_cuda(strategy: Strategy) -> bool:
 
 def _check_eviction(vllm_config, strategy: Strategy) -> None:
     """Refuse what eviction cannot run with; turn off what it replaces (as vLLM does for CPU MLA):
-    prefix caching (compressed blocks no longer hold the tokens their hashes name) and chunked
-    prefill (the selection needs the prompt's last queries, which only its own step has)."""
+    prefix caching (compressed blocks no longer hold the tokens their hashes name) and, in the
+    ``uncompressed`` prefill mode, chunked prefill (the selection then reads the prompt's raw K/V,
+    which only its own step has). In the default ``compressed`` mode a prompt may come in chunks:
+    the chunk that ends it selects over the prompt as the pages hold it (:mod:`.compaction`)."""
     from . import compat
 
     if not compat.supports_eviction():
@@ -232,13 +236,17 @@ def _check_eviction(vllm_config, strategy: Strategy) -> None:
     if getattr(vllm_config, "kv_transfer_config", None) is not None:
         raise SpecError(f"kvplug in vLLM: eviction ({strategy.scorer.name}) cannot run with a KV connector "
                         f"(it would transfer compacted blocks as if they held the tokens their positions name)")
-    if prefill_mode(vllm_config) != "uncompressed":
-        raise SpecError(f"kvplug in vLLM: {PREFILL_KEY}=compressed has no effect with eviction (a prompt is "
-                        f"always prefilled in one step over its raw K/V); remove it")
     cache, scheduler = vllm_config.cache_config, vllm_config.scheduler_config
+    if prefill_mode(vllm_config) == "compressed":
+        if cache.enable_prefix_caching:
+            _log(f"kvplug: eviction ({strategy.scorer.name}) turns off prefix caching (a request's blocks hold "
+                 f"its kept tokens only); chunked prefill stays as configured")
+        cache.enable_prefix_caching = False
+        return
     model_len = vllm_config.model_config.max_model_len
     if cache.enable_prefix_caching or scheduler.enable_chunked_prefill:
-        _log(f"kvplug: eviction ({strategy.scorer.name}) turns off prefix caching and chunked prefill")
+        _log(f"kvplug: eviction ({strategy.scorer.name}) with {PREFILL_KEY}=uncompressed turns off prefix caching "
+             f"and chunked prefill")
     cache.enable_prefix_caching = False
     scheduler.enable_chunked_prefill = False
     scheduler.long_prefill_token_threshold = 0  # it would split prompts even without chunked prefill

@@ -135,28 +135,30 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
 
     def _evicting(self, layer, query, key, value, kv_cache, block_ids, prompt_len: int, context: int,
                   total: int) -> torch.Tensor:
-        """One request's step with eviction (:mod:`.compaction`). A step that holds the prompt
-        attends over its raw K/V as the HF adapter's prefill does, then keeps the selected tokens;
-        the tokens after the prompt in that step (a preempted request's re-run) see what the HF
-        adapter's decode steps saw. Later steps read the kept tokens and the new ones."""
+        """One request's step with eviction (:mod:`.compaction`). The prompt's tokens attend over
+        the decoded cache (``compressed``) or, its whole prompt in this step, over its raw K/V
+        (``uncompressed``, the HF adapter's prefill); the chunk that ends the prompt then keeps the
+        selected tokens; tokens after the prompt (a preempted request's re-run, alone or in this
+        step) see what the HF adapter's decode steps saw. Later steps read the kept tokens and the
+        new ones."""
         ev = self.eviction
         if ev is None:
             from vllm.model_executor.models.utils import extract_layer_index
 
             ev = self.eviction = LayerEviction(self.strategy, self.paged, extract_layer_index(layer.layer_name),
                                                self.num_layers)
-        if context < prompt_len:
-            if context:
-                raise RuntimeError("kvplug: eviction needs each prompt in one step (chunked prefill is turned off "
-                                   f"for it); this one starts at token {context}")
-            out = torch.empty_like(query)
-            out[:prompt_len] = attend(query[:prompt_len], key[:prompt_len].transpose(0, 1),
-                                      value[:prompt_len].transpose(0, 1), self.scale)
-            ev.after_prompt(query, key, value, kv_cache, block_ids, prompt_len, self.scale, out)
-            return out
-        if total - context != 1:
-            raise RuntimeError(f"kvplug: eviction runs one token per step after the prompt; got {total - context}")
-        return ev.decode(query, kv_cache, block_ids, prompt_len, context, self.scale)
+        if context >= prompt_len:
+            return ev.extend(query, kv_cache, block_ids, prompt_len, context, self.scale)
+        m = min(total, prompt_len) - context
+        if self.raw_prefill:
+            keys, values = key[:m].transpose(0, 1), value[:m].transpose(0, 1)
+        else:
+            keys, values = self.paged.gather(kv_cache, block_ids, context + m)
+        out = torch.empty_like(query)
+        out[:m] = attend(query[:m], keys, values, self.scale, context)
+        ev.finish_chunk(int(block_ids[0]), query, key, value, kv_cache, block_ids, prompt_len, context, self.scale,
+                        out, self.raw_prefill)
+        return out
 
     def _stock_forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                        output_block_scale):

@@ -5,6 +5,14 @@ backend and a GPU one can share it. Where tokens go is :func:`.eviction.plan`, t
 scheduler frees blocks by; the tokens kept after the prompt are the core's
 :meth:`Strategy.select` on the same inputs the HF adapter gives it (the prompt's keys, values and
 its last queries), so both engines keep the same positions per layer and head.
+
+A prompt may come in chunks (vLLM's chunked prefill): nothing is evicted until its last chunk;
+each chunk's queries inside the scorer's observation window are kept (:meth:`LayerEviction.observe`,
+per request, on this object), and the chunk that ends the prompt selects over the prompt's keys
+and values as the backend passes them (read back from the pages in the ``compressed`` prefill
+mode, the step's raw ones in ``uncompressed``) and compacts (:meth:`LayerEviction.compress_prompt`).
+Steps after the prompt of more than one token (a preempted request's re-run, in chunks or with its
+prompt) read the held tokens with a mask per query (:meth:`LayerEviction.extend`).
 """
 
 from __future__ import annotations
@@ -31,6 +39,35 @@ class LayerEviction:
         """With :attr:`replaces`: per cache slot and head, the position (int32) and running score
         (float32) of the token there, beside the cache (8 bytes per token-head, outside vLLM's KV
         accounting), made at the first use."""
+        self.pending: dict[int, torch.Tensor] = {}
+        """Per request whose prompt is still coming in chunks (named by its first block, which no
+        other running request holds: prefix caching is off with eviction), its queries in the
+        observation window so far ``[n, Hq, D]``; dropped at the prompt's last chunk, replaced
+        when a request starts at position 0."""
+
+    def window(self, prompt_len: int) -> int:
+        """How many of the prompt's last queries the scorer reads."""
+        scorer = self.strategy.scorer
+        return prompt_len if scorer.needs_all_queries else min(scorer.observation_window, prompt_len)
+
+    def observe(self, request: int, query: torch.Tensor, context: int, prompt_len: int) -> torch.Tensor | None:
+        """A chunk of the prompt, queries ``[T, Hq, D]`` at positions ``context ..`` (none past the
+        prompt): keep those in the observation window; at the chunk that ends the prompt, return
+        the window's queries ``[window, Hq, D]`` (else None)."""
+        end = context + query.shape[0]
+        if end > prompt_len:
+            raise ValueError(f"kvplug: observe got positions up to {end} of a {prompt_len}-token prompt")
+        lo = prompt_len - self.window(prompt_len)
+        earlier = self.pending.pop(request, None) if context else None
+        part = query[max(lo - context, 0):]
+        rows = part if earlier is None else torch.cat([earlier, part])
+        if end < prompt_len:
+            self.pending[request] = rows
+            return None
+        if rows.shape[0] != prompt_len - lo:
+            raise RuntimeError(f"kvplug: layer {self.layer_idx} saw {rows.shape[0]} of the {prompt_len - lo} "
+                               f"observation queries of a {prompt_len}-token prompt (a chunk went missing)")
+        return rows
 
     def plan(self, prompt_len: int, num_tokens: int) -> Plan:
         return plan(self.strategy, prompt_len, num_tokens, self.layer_idx, self.num_layers)
@@ -44,13 +81,13 @@ class LayerEviction:
     @torch.no_grad()
     def select(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Positions ``[H, K]`` (ascending) each KV head keeps of a prompt whose queries ``[P, Hq, D]``
-        and keys/values ``[H, P, D]`` are given (every head keeps the count the plan expects), and,
-        with :attr:`replaces`, their running scores ``[H, K]`` (else None)."""
-        scorer = self.strategy.scorer
+        """Positions ``[H, K]`` (ascending) each KV head keeps of a prompt whose last queries
+        ``[>= window, Hq, D]`` (the whole prompt's or the window's, :meth:`window`) and keys/values
+        ``[H, P, D]`` are given (every head keeps the count the plan expects), and, with
+        :attr:`replaces`, their running scores ``[H, K]`` (else None)."""
         length = keys.shape[1]
-        window = length if scorer.needs_all_queries else min(scorer.observation_window, length)
-        observed = queries[length - window:].transpose(0, 1)[None]
+        window = self.window(length)
+        observed = queries[queries.shape[0] - window:].transpose(0, 1)[None]
         inputs = ScoreInputs(keys=keys[None], values=values[None], queries=observed,
                              valid=torch.ones(1, length, dtype=torch.bool, device=keys.device), scale=scale,
                              layer_idx=self.layer_idx, num_layers=self.num_layers)
@@ -62,44 +99,70 @@ class LayerEviction:
         kept = sel.indices[0]
         return kept, sel.scorer.running_scores(inputs)[0].gather(-1, kept) if self.replaces else None
 
-    def visible(self, prompt_len: int, kept: torch.Tensor, num_tokens: int) -> torch.Tensor:
-        """``[H, num_tokens - P, num_tokens]``: which logical positions each query after the prompt
-        sees (a step that re-runs a preempted request's prompt and generated tokens at once): the
-        kept prompt tokens and the generated ones up to the query, less what streaming evicted by then."""
-        heads, device = kept.shape[0], kept.device
-        pos = torch.arange(num_tokens, device=device)
-        queries = pos[prompt_len:]
-        held = torch.ones(heads, num_tokens, dtype=torch.bool, device=device)
-        held[:, :prompt_len] = False
-        held[torch.arange(heads, device=device)[:, None], kept] = True
-        mask = held[:, None, :] & (pos[None, :] <= queries[:, None])[None]
-        if self.strategy.scorer.evicts_on_decode:
-            for j, q in enumerate(queries.tolist()):
-                p = self.plan(prompt_len, q + 1)
-                mask[:, j] &= (pos < p.front) | (pos >= p.recent)
-        return mask
+    def finish_chunk(self, request: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     kv_cache: torch.Tensor, block_ids: torch.Tensor, prompt_len: int, context: int, scale: float,
+                     out: torch.Tensor, raw: bool) -> None:
+        """A request's step holding prompt tokens at positions ``context ..`` (``context <
+        prompt_len``; ``query``/``key``/``value`` ``[T, heads, D]``, all stored at their own slots),
+        once the caller has written the outputs of its prompt tokens: keep the observation
+        queries (:meth:`observe`); at the chunk that ends the prompt select over the prompt's keys
+        and values, the step's raw ones with ``raw`` (the whole prompt is in this step) or else as
+        the pages hold them, and compact (:meth:`compress_prompt`); the step's tokens after the
+        prompt (a preempted request's re-run) then get ``out`` from :meth:`extend`, what the HF
+        adapter's decode steps gave them. ``request``: the request's first block id."""
+        m = min(context + query.shape[0], prompt_len) - context
+        observed = self.observe(request, query[:m], context, prompt_len)
+        if observed is None:
+            return
+        if raw:
+            if context:
+                raise RuntimeError("kvplug: eviction with kvplug_prefill=uncompressed needs each prompt in one step "
+                                   f"(chunked prefill is turned off for it); this one starts at token {context}")
+            keys, values = key[:prompt_len].transpose(0, 1), value[:prompt_len].transpose(0, 1)
+        else:
+            keys, values = self.paged.gather(kv_cache, block_ids, prompt_len)
+        self.compress_prompt(observed, keys, values, kv_cache, block_ids, prompt_len, scale)
+        if m < query.shape[0]:
+            out[m:] = self.extend(query[m:], kv_cache, block_ids, prompt_len, prompt_len, scale)
 
-    def after_prompt(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                     block_ids: torch.Tensor, prompt_len: int, scale: float, out: torch.Tensor) -> None:
-        """A request's step that held its whole prompt (``query``/``key``/``value`` ``[T, heads, D]``,
-        stored at positions ``0..T-1``): keep the selection and compact it. When ``T`` exceeds the
-        prompt (a preempted request re-runs its generated tokens too), those tokens' outputs
-        ``out[prompt_len:]`` are what the HF adapter's decode steps gave them: attention over the
-        kept tokens as stored (encoded and decoded). The prompt's own outputs are the caller's."""
-        total, p = query.shape[0], prompt_len
-        keys, values = key.transpose(0, 1), value.transpose(0, 1)
-        kept, scores = self.select(query[:p], keys[:, :p], values[:, :p], scale)
-        if self.replaces:  # the decode steps again, one token at a time, on what was stored
-            slots = self.compact(kv_cache, block_ids, p, kept)
+    def compress_prompt(self, observed: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                        kv_cache: torch.Tensor, block_ids: torch.Tensor, prompt_len: int, scale: float) -> None:
+        """The prompt is in: select over its keys/values ``[H, P, D]`` with its last queries
+        ``observed`` (:meth:`select`), move the kept tokens where the plan holds them, and with
+        :attr:`replaces` start their running scores."""
+        kept, scores = self.select(observed, keys, values, scale)
+        slots = self.compact(kv_cache, block_ids, prompt_len, kept)
+        if self.replaces:
             positions, running = self._state(kv_cache)
             positions[slots], running[slots] = kept.T.int(), scores.T.float()
-            for n in range(p, total):
-                out[n:n + 1] = self.decode(query[n:n + 1], kv_cache, block_ids, p, n, scale)
-            return
-        if total > p:
-            out[p:] = attend(query[p:], self.paged.roundtrip(keys, "key"), self.paged.roundtrip(values, "value"),
-                             scale, p, self.visible(p, kept, total))
-        self.compact(kv_cache, block_ids, p, kept)
+
+    def extend_slots(self, prompt_len: int, context: int, end: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """For queries at positions ``context .. end-1`` (all after the prompt), the slots any of them
+        reads, ascending ``[L]``, and which each reads ``[end - context, L]``: query ``q`` reads what
+        the plan holds once ``q + 1`` tokens are in (:meth:`held`), up to itself."""
+        first = self.plan(prompt_len, context + 1)
+        front = torch.arange(first.base, first.base + first.front, device=device)
+        rest = torch.arange(max(first.recent, first.base + first.front), end, device=device)
+        pos = torch.cat([front, rest])
+        sees = []
+        for q in range(context, end):
+            p = self.plan(prompt_len, q + 1)
+            sees.append(((pos >= p.base) & (pos < p.base + p.front)) | ((pos >= p.recent) & (pos <= q)))
+        return pos, torch.stack(sees)
+
+    @torch.no_grad()
+    def extend(self, query: torch.Tensor, kv_cache: torch.Tensor, block_ids: torch.Tensor, prompt_len: int,
+               context: int, scale: float) -> torch.Tensor:
+        """Tokens after the prompt at positions ``context ..`` in one step (``query`` ``[T, Hq, D]``,
+        their K/V already stored at their own slots): what :meth:`decode` gives them one at a time.
+        With :attr:`replaces` that is :meth:`decode` in order (each moves into the slot it takes);
+        otherwise one attention over the held slots with :meth:`extend_slots`' mask."""
+        if self.replaces or query.shape[0] == 1:
+            return torch.cat([self.decode(query[j:j + 1], kv_cache, block_ids, prompt_len, context + j, scale)
+                              for j in range(query.shape[0])])
+        pos, sees = self.extend_slots(prompt_len, context, context + query.shape[0], block_ids.device)
+        keys, values = self.paged.read(kv_cache, slots_of(block_ids, pos, kv_cache.shape[2]))
+        return attend(query, keys, values, scale, context, sees[None].expand(keys.shape[0], -1, -1))
 
     def compact(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, prompt_len: int,
                 kept: torch.Tensor) -> torch.Tensor:

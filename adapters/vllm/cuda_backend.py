@@ -10,29 +10,36 @@ strategy) vLLM's own backend runs unchanged. Each step, in the layer's forward:
   :func:`kvplug.triton_ops.decode_attention` over vLLM's block table and ``seq_lens``, reading the
   codes in place (vLLM's ``[blocks, heads, block_size, C]`` page is viewed as the kernels'
   :class:`~kvplug.triton_ops.PagedLayout`: same bytes, :func:`.layout.as_triton_cache`);
-* prefill requests: causal attention over the step's own uncompressed K/V (vLLM's FlashAttention
-  varlen kernel; torch SDPA where vLLM has none), as the HF adapter's prefill does.
+* prefill requests: causal attention over the cache, their own chunk included (default), or over
+  the step's own uncompressed K/V as the HF adapter's prefill does (see the prefill modes below).
 
 With a strategy that evicts (snapkv, knorm, random with uniform or pyramid budgets; streaming),
-each prefill's step also keeps the selected tokens and compacts them into the last slots of the
-prompt (:meth:`.compaction.LayerEviction.after_prompt`, the CPU backend's code; streaming's stay
-in place), the scheduler's manager frees the blocks no layer reads (:mod:`.manager`), and decode
+the step holding a prompt's last chunk also keeps the selected tokens and compacts them into the
+last slots of the prompt (:meth:`.compaction.LayerEviction.finish_chunk`, the CPU backend's code;
+streaming's stay in place; earlier chunks only keep their observation queries), the scheduler's
+manager frees the blocks no layer reads (:mod:`.manager`), and decode
 reads each layer's held slots only (``held`` of the decode kernel, three ints per layer and
 request that do not change while it generates, written before each step from the prompt
 lengths: :func:`.eviction.held_spans`).
 
-Prefill modes (``kvplug_prefill``, :func:`kvplug.adapters.vllm.prefill_mode`): ``uncompressed``
-(default, the HF adapter's first tokens) attends each prompt over its own raw K/V as above; a
-prefill with cached context (prefix-cache hit, a later chunk of a chunked prefill) cannot be
-served that way, so start-up refuses prefix caching and chunked prefill (:func:`check_engine`) and
-the builder stops on such a batch rather than attend over part of the context. ``compressed``
-(strategies that do not evict): every prefill token attends over what the cache holds, its own
-chunk included (stored first), through :func:`kvplug.triton_ops.paged_attention` in one launch for
-all prefills of the step, so chunked prefill and prefix caching run, and output does not depend on
-chunking, cache hits or preemption: a hit's blocks hold exactly the codes a cold run writes (the
-store is a function of the token's K/V alone), so it reuses them as they are. The decode path
-allocates nothing outside the kernels' own scratch and never syncs, so pure-decode batches run as
-full CUDA graphs (``UNIFORM_SINGLE_TOKEN_DECODE``); mixed batches run piecewise, attention eager.
+Prefill modes (``kvplug_prefill``, :func:`kvplug.adapters.vllm.prefill_mode`): ``compressed``
+(default) attends every prefill token over what the cache holds, its own chunk included (stored
+first), so chunked prefill and prefix caching run, and output does not depend on chunking, cache
+hits or preemption: a hit's blocks hold exactly the codes a cold run writes (the store is a
+function of the token's K/V alone), so it reuses them as they are. A step's prefills read the
+cache one of two ways, the same values either way: chunks of at least ``dense_from`` tokens (16)
+have their sequences' K/V decoded into a packed buffer (:func:`kvplug.triton_ops.dequantize_kv`,
+groups of at most ``DENSE_TOKENS`` tokens) and run vLLM's FlashAttention varlen kernel over it
+(causal, bottom-right: the chunk after its context), which is 2.3x faster than reading the codes
+in the attention kernel at long prompts (``benchmarks/gpu_varlen_check.py --prefill``, H200);
+shorter chunks (a prefix hit's last tokens, spec-decode-like extends) read the codes in place
+with :func:`kvplug.triton_ops.paged_attention`. ``uncompressed`` (the HF adapter's first tokens)
+attends each prompt over its own raw K/V; a prefill with cached context (prefix-cache hit, a later
+chunk of a chunked prefill) cannot be served that way, so start-up refuses prefix caching and
+chunked prefill (:func:`check_engine`) and the builder stops on such a batch rather than attend
+over part of the context. The decode path allocates nothing outside the kernels' own scratch and
+never syncs, so pure-decode batches run as full CUDA graphs (``UNIFORM_SINGLE_TOKEN_DECODE``);
+mixed batches run piecewise, attention eager.
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ from kvplug.errors import SpecError
 
 from . import KEY, PREFILL_KEY, check_head_sizes, check_layer, compat, layer_spec, prefill_mode, selected_strategy
 from .compaction import LayerEviction
-from .eviction import held_spans, replaces
+from .eviction import READ_ALL, held_spans, replaces
 from .layout import PagedKV, TokenLayout, as_triton_cache
 
 ACTIVE: dict = {"layout": None, "evicting": None}
@@ -83,11 +90,7 @@ def check_engine(vllm_config, strategy) -> None:
         raise SpecError(f"kvplug in vLLM on CUDA: {strategy.scorer.name} ranks tokens by the attention of each "
                         f"generated token, which the CUDA decode kernel does not report yet; run it on the CPU "
                         f"backend or with the HF adapter")
-    mode = prefill_mode(vllm_config)
-    if mode == "compressed":
-        if strategy.evicts:
-            raise SpecError(f"kvplug in vLLM on CUDA: {PREFILL_KEY}='compressed' is for strategies that do not "
-                            f"evict yet ({strategy.scorer.name} selects at the prompt's own step); drop the option")
+    if prefill_mode(vllm_config) == "compressed":
         return
     cache = getattr(vllm_config, "cache_config", None)
     sched = getattr(vllm_config, "scheduler_config", None)
@@ -97,9 +100,9 @@ def check_engine(vllm_config, strategy) -> None:
          getattr(sched, "enable_chunked_prefill", False)),
     ) if enabled]
     if on:
-        raise SpecError(f"kvplug in vLLM on CUDA attends prefills over their own tokens only in its default "
-                        f"{PREFILL_KEY}='uncompressed' mode; pass {' and '.join(on)} with {KEY}, or add "
-                        f"\"{PREFILL_KEY}\": \"compressed\" to the additional config")
+        raise SpecError(f"kvplug in vLLM on CUDA with {PREFILL_KEY}='uncompressed' attends prefills over their own "
+                        f"tokens only; pass {' and '.join(on)} with {KEY}, or drop {PREFILL_KEY} (the default, "
+                        f"'compressed', runs both)")
 
 
 class KVPlugCudaBackend(AttentionBackend):
@@ -156,26 +159,47 @@ class KVPlugCudaMetadata:
     prefill_starts: torch.Tensor | None  # int32 [prefills + 1], from the first prefill token
     prefill_starts_cpu: torch.Tensor | None
     max_prefill_len: int
+    prefill_seq_lens_cpu: torch.Tensor | None = None  # [prefills], context + chunk, host
     first_prefill: int = 0  # the request (row) of the first prefill
-    compressed_prefill: bool = False  # prefills attend over the stored cache (paged_attention)
+    compressed_prefill: bool = False  # prefills attend over the stored cache
+    decode_seq_lens_cpu: torch.Tensor | None = None  # [decodes], host (None where vLLM has none)
     held: torch.Tensor | None = None  # eviction: int32 [layers, rows, 3], what each reads (held_spans)
     strategy: object = None  # eviction: the strategy the spans follow
     prompt_lens: torch.Tensor | None = None  # eviction: int [requests], from the model runner
+    prompt_decode_rows: tuple[int, ...] = ()  # eviction: one-token rows that are a prompt's chunk
 
     def attach_prompt_lens(self, lens: torch.Tensor) -> None:
         """Called (:func:`.compat.expose_prompt_lengths`) once the model runner has built this
         step's metadata: fill the decode rows' held spans in place (a copy on the step's stream,
-        before the step; the buffer is the one CUDA graphs captured)."""
+        before the step; the buffer is the one CUDA graphs captured). A one-token row that is
+        still in its prompt (a chunk of one token, vLLM counts it a decode) reads every slot; the
+        forward then keeps its observation query (and compacts, if it ends the prompt)."""
         self.prompt_lens = lens
         rows = min(self.num_decodes, len(lens))
         if self.held is not None and rows:
             spans = held_spans(self.strategy, lens[:rows], self.held.shape[0])
+            if self.decode_seq_lens_cpu is not None:
+                in_prompt = self.decode_seq_lens_cpu[:rows] <= lens[:rows]
+                if bool(in_prompt.any()):
+                    spans[:, in_prompt] = torch.tensor([0, 0, READ_ALL], dtype=spans.dtype)
+                    self.prompt_decode_rows = tuple(in_prompt.nonzero().flatten().tolist())
             self.held[:, :rows].copy_(spans, non_blocking=True)
 
 
 class KVPlugCudaMetadataBuilder(AttentionMetadataBuilder[KVPlugCudaMetadata]):
     _cudagraph_support: ClassVar = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
     reorder_batch_threshold: int | None = 1
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        """Full decode graphs, except for eviction with chunked prefill: a batch of one-token rows
+        may then hold a prompt's last chunk, whose compaction runs in the forward (Python), which
+        a replayed graph would skip; attention runs eagerly between vLLM's piecewise graphs."""
+        strategy = selected_strategy(vllm_config)
+        sched = getattr(vllm_config, "scheduler_config", None)
+        if strategy is not None and strategy.evicts and getattr(sched, "enable_chunked_prefill", False):
+            return AttentionCGSupport.NEVER
+        return cls._cudagraph_support
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):  # abstract in vLLM's base
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -216,16 +240,34 @@ def build_metadata(common: CommonAttentionMetadata, compressed: bool = False) ->
             raise RuntimeError("kvplug in vLLM on CUDA: a prefill with cached context (prefix caching or "
                                "chunked prefill) reached the backend; start the engine with both disabled")
         starts = common.query_start_loc[num_decodes:n + 1] - num_decode_tokens
+        if seq_lens_cpu is None:  # not in this version's metadata: read it (a prefill step, eager)
+            seq_lens_cpu = common.seq_lens.cpu()
+        prefill_lens = seq_lens_cpu[num_decodes:n]
+    decode_lens = getattr(common, "seq_lens_cpu_upper_bound", None)
     return KVPlugCudaMetadata(
         num_actual_tokens=common.num_actual_tokens, slot_mapping=common.slot_mapping,
         block_table=common.block_table_tensor, seq_lens=common.seq_lens,
         num_decodes=min(num_decodes, num_decode_tokens), num_decode_tokens=num_decode_tokens,
         num_prefill_tokens=num_prefill_tokens, prefill_starts=starts, prefill_starts_cpu=starts_cpu,
-        max_prefill_len=max_len, first_prefill=num_decodes, compressed_prefill=compressed)
+        max_prefill_len=max_len, prefill_seq_lens_cpu=prefill_lens if num_prefills else None,
+        first_prefill=num_decodes, compressed_prefill=compressed,
+        decode_seq_lens_cpu=None if decode_lens is None else decode_lens[:num_decodes])
+
+
+DENSE_TOKENS = 1 << 16
+"""Most decoded tokens (context + chunk, summed over a group of prefills) one dense prefill
+attention reads at once: its buffer is ``DENSE_TOKENS * kv_heads * head_dim * 4`` bytes (K and V,
+16-bit), 256 MiB at 8 KV heads of 128, freed after the layer; a longer single sequence gets its
+own buffer of its length."""
 
 
 class KVPlugCudaImpl(AttentionImpl):
-    """Store with ``store_kv``; decode with ``decode_attention``; prefill over the step's own K/V."""
+    """Store with ``store_kv``; decode with ``decode_attention``; prefill over the cache (or the
+    step's own K/V in ``uncompressed`` mode)."""
+
+    dense_from = 16
+    """Prefill chunks of at least this many tokens attend through a dense kernel over the decoded
+    K/V; shorter ones read the codes in place (same values)."""
 
     def __init__(self, num_heads, head_size, scale, num_kv_heads=None, alibi_slopes=None, sliding_window=None,
                  kv_cache_dtype="auto", logits_soft_cap=None, attn_type=AttentionType.DECODER,
@@ -269,8 +311,8 @@ class KVPlugCudaImpl(AttentionImpl):
         if attn_metadata.num_prefill_tokens:
             p = attn_metadata.num_decode_tokens
             self._prefill(query[p:n], key[p:n], value[p:n], cache, attn_metadata, output[p:n])
-            if ev is not None:
-                self._compress_prompts(ev, query, key, value, kv_cache, attn_metadata, output)
+        if ev is not None and (attn_metadata.num_prefill_tokens or attn_metadata.prompt_decode_rows):
+            self._compress_prompts(ev, query, key, value, kv_cache, attn_metadata, output)
         return output
 
     def _layer_eviction(self, layer) -> LayerEviction:
@@ -284,42 +326,97 @@ class KVPlugCudaImpl(AttentionImpl):
 
     def _compress_prompts(self, ev: LayerEviction, query, key, value, kv_cache, md: KVPlugCudaMetadata,
                           output) -> None:
-        """After the prefills' attention: each keeps its selection, compacted (eager steps only:
-        a step with a prefill never runs as a full CUDA graph)."""
+        """After the step's attention: each request holding prompt tokens keeps its observation
+        queries and, at its prompt's last chunk, its selection, compacted; tokens after a prompt in
+        a step of several (a preempted re-run) get :meth:`.compaction.LayerEviction.extend`'s
+        outputs (eager steps only: see ``get_cudagraph_support``)."""
         prompt_lens = compat.required_prompt_lengths(md.prompt_lens)
+        raw = not md.compressed_prefill
+        for row in md.prompt_decode_rows:  # one-token prompt chunks, served by the decode kernel
+            if row < len(prompt_lens):
+                context = int(md.decode_seq_lens_cpu[row]) - 1
+                ev.finish_chunk(int(md.block_table[row, 0]), query[row:row + 1], key[row:row + 1],
+                                value[row:row + 1], kv_cache, md.block_table[row], int(prompt_lens[row]), context,
+                                self.scale, output[row:row + 1], raw)
+        if not md.num_prefill_tokens:
+            return
         bounds = (md.prefill_starts_cpu + md.num_decode_tokens).tolist()
+        totals = md.prefill_seq_lens_cpu.tolist()
         for j, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
             row = md.first_prefill + j
             if row >= len(prompt_lens):  # warm-up and capture runs: rows with no request behind them
                 break
-            prompt_len = int(prompt_lens[row])
-            if e - s < prompt_len:
-                raise RuntimeError(f"kvplug: eviction needs each prompt in one step; request {row} has {e - s} of "
-                                   f"its {prompt_len} prompt tokens in this one")
-            ev.after_prompt(query[s:e], key[s:e], value[s:e], kv_cache, md.block_table[row], prompt_len,
-                            self.scale, output[s:e])
+            prompt_len, context = int(prompt_lens[row]), totals[j] - (e - s)
+            if context < prompt_len:
+                ev.finish_chunk(int(md.block_table[row, 0]), query[s:e], key[s:e], value[s:e], kv_cache,
+                                md.block_table[row], prompt_len, context, self.scale, output[s:e], raw)
+            elif e > s:
+                output[s:e] = ev.extend(query[s:e], kv_cache, md.block_table[row], prompt_len, context, self.scale)
 
     def _prefill(self, q, k, v, cache, md: KVPlugCudaMetadata, out) -> None:
         """Causal attention of each prefill (packed, ``md.prefill_starts``): over the stored cache
         with ``compressed_prefill``, otherwise over its own raw tokens."""
         if md.compressed_prefill:
             rows = slice(md.first_prefill, md.first_prefill + len(md.prefill_starts_cpu) - 1)
-            triton_ops.paged_attention(q, cache, self.layout, md.block_table[rows], md.prefill_starts,
-                                       md.seq_lens[rows], self.scale, max_query_len=md.max_prefill_len, out=out)
+            if md.max_prefill_len < self.dense_from:
+                triton_ops.paged_attention(q, cache, self.layout, md.block_table[rows], md.prefill_starts,
+                                           md.seq_lens[rows], self.scale, max_query_len=md.max_prefill_len, out=out)
+            else:
+                self._dense_over_cache(q, cache, md, rows, out)
             return
-        fa = _flash_attn() if q.is_cuda else None
-        if fa is not None:
-            varlen, version = fa
-            varlen(q, k, v, max_seqlen_q=md.max_prefill_len, cu_seqlens_q=md.prefill_starts,
-                   max_seqlen_k=md.max_prefill_len, cu_seqlens_k=md.prefill_starts, softmax_scale=self.scale,
-                   causal=True, out=out, fa_version=version)
-            return
-        bounds = md.prefill_starts_cpu.tolist()
-        for s, e in zip(bounds[:-1], bounds[1:]):
-            o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1),
-                                               v[s:e].transpose(0, 1), is_causal=True, scale=self.scale,
-                                               enable_gqa=self.num_heads != self.num_kv_heads)
-            out[s:e] = o.transpose(0, 1)
+        _varlen_attention(q, k, v, md.prefill_starts, md.prefill_starts, md.prefill_starts_cpu.tolist(),
+                          md.prefill_starts_cpu.tolist(), md.max_prefill_len, md.max_prefill_len, self.scale, out)
+
+    def _dense_over_cache(self, q, cache, md: KVPlugCudaMetadata, rows: slice, out) -> None:
+        """The prefills' sequences decoded (:func:`~kvplug.triton_ops.dequantize_kv`) in groups of
+        at most :data:`DENSE_TOKENS` tokens, each group one varlen attention call (the chunk's
+        queries at the end of its sequence: causal aligned bottom-right)."""
+        lens = md.prefill_seq_lens_cpu.tolist()
+        qstart = md.prefill_starts_cpu.tolist()
+        seq_lens, tables = md.seq_lens[rows], md.block_table[rows]
+        a = 0
+        while a < len(lens):
+            b, total = a + 1, lens[a]
+            while b < len(lens) and total + lens[b] <= DENSE_TOKENS:
+                total += lens[b]
+                b += 1
+            sl = seq_lens[a:b]
+            cu_k = F.pad(sl.cumsum(0, dtype=torch.int32), (1, 0))
+            keys, values = triton_ops.dequantize_kv(cache, self.layout, tables[a:b], sl, cu_k, total=total,
+                                                    max_seq_len=max(lens[a:b]), dtype=q.dtype)
+            q0, q1 = qstart[a], qstart[b]
+            cu_q = md.prefill_starts[a:b + 1] - q0
+            cu_k_cpu = [0]
+            for n in lens[a:b]:
+                cu_k_cpu.append(cu_k_cpu[-1] + n)
+            _varlen_attention(q[q0:q1], keys, values, cu_q, cu_k, [x - q0 for x in qstart[a:b + 1]], cu_k_cpu,
+                              max(x - y for x, y in zip(qstart[a + 1:b + 1], qstart[a:b])), max(lens[a:b]),
+                              self.scale, out[q0:q1])
+            a = b
+
+
+def _varlen_attention(q, k, v, cu_q, cu_k, cu_q_cpu: list[int], cu_k_cpu: list[int], max_q: int, max_k: int,
+                      scale: float, out) -> None:
+    """Causal varlen attention, each sequence's queries the last of its keys (bottom-right):
+    vLLM's FlashAttention kernel on CUDA, torch SDPA per sequence where vLLM has none."""
+    fa = _flash_attn() if q.is_cuda else None
+    if fa is not None:
+        varlen, version = fa
+        varlen(q, k, v, max_seqlen_q=max_q, cu_seqlens_q=cu_q, max_seqlen_k=max_k, cu_seqlens_k=cu_k,
+               softmax_scale=scale, causal=True, out=out, fa_version=version)
+        return
+    for s in range(len(cu_q_cpu) - 1):
+        qa, qb, ka, kb = cu_q_cpu[s], cu_q_cpu[s + 1], cu_k_cpu[s], cu_k_cpu[s + 1]
+        if qb == qa:
+            continue
+        mask = None
+        if qb - qa > 1:
+            pos = torch.arange(kb - ka, device=q.device)
+            mask = pos[None, :] <= (kb - ka - (qb - qa) + torch.arange(qb - qa, device=q.device))[:, None]
+        o = F.scaled_dot_product_attention(q[qa:qb].transpose(0, 1), k[ka:kb].transpose(0, 1),
+                                           v[ka:kb].transpose(0, 1), attn_mask=mask, scale=scale,
+                                           enable_gqa=q.shape[1] != k.shape[1])
+        out[qa:qb] = o.transpose(0, 1)
 
 
 @functools.cache
