@@ -51,7 +51,9 @@ def child(job: dict) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: its block pool is read
     from vllm import LLM, SamplingParams
 
-    extra = {} if job["spec"] == "none" else {"additional_config": {"kvplug": job["spec"]}}
+    # the HF adapter's prefill (over the prompt's raw K/V), so that the tokens compare
+    extra = {} if job["spec"] == "none" else {"additional_config": {"kvplug": job["spec"],
+                                                                   "kvplug_prefill": "uncompressed"}}
     memory = {"kv_cache_memory_bytes": job["kv_bytes"]} if job["kv_bytes"] else {"gpu_memory_utilization": 0.3}
     llm = LLM(job["model"], dtype=job["dtype"], max_model_len=job["max_len"], seed=0, enable_prefix_caching=False,
               enable_chunked_prefill=False, skip_tokenizer_init=True, enforce_eager=job["eager"], **memory, **extra)

@@ -15,9 +15,9 @@ B 64 x (8192 + 256), prefill-heavy; C 512 x (4096 + 512), more than ``auto`` hol
 requests of one shared 4,096-token prefix (a system prompt) + 512 own tokens, 256 generated (the
 share of prompt tokens served from vLLM's prefix cache is reported).
 ``--model random``: a random-weight Llama (8 layers, 32 q / 8 kv heads, head_dim 128, bf16,
-``load_format="dummy"``). Every engine: prefix caching and chunked prefill off (kvplug's CUDA
-backend needs both off; vLLM's own dtypes run with the same scheduling), CUDA graphs on;
-``--features defaults`` leaves both at vLLM's defaults (on) for the engines that support them.
+``load_format="dummy"``). Every engine: CUDA graphs on; prefix caching and chunked prefill at
+vLLM's defaults (on) for every engine that supports them (``--features defaults``, the default:
+all of them, unless ``--kvplug-prefill uncompressed``), or off for all (``--features off``).
 ``--check N``: greedy tokens of N steps on 8 fixed prompts, with vLLM's top-2 log-probabilities,
 compared with the first configuration (a mismatch at a step whose top-2 gap is within 0.125 nats
 is a tie the bf16 logits cannot separate).
@@ -142,6 +142,8 @@ def child(job: dict) -> None:
             ps = [{"prompt_token_ids": prefix + p["prompt_token_ids"]} for p in ps]
         if watch:
             watch.update(peak=0, preempted=0)
+        # a workload's prompts begin with an earlier one's (same seed): its hits must be its own
+        getattr(llm, "reset_prefix_cache", lambda: None)()
         t = time.perf_counter()
         outs = llm.generate(ps, sp, use_tqdm=False)
         wall = time.perf_counter() - t
@@ -338,12 +340,12 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--kv-bytes", type=int, default=0, help="KV-cache memory in bytes (instead of the utilization)")
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs (the CPU)")
-    ap.add_argument("--kvplug-prefill", choices=("uncompressed", "compressed"), default="uncompressed",
-                    help="kvplug's prefill mode for the kvplug:SPEC engines (compressed: chunked prefill and "
-                         "prefix caching served, see adapters/vllm/cuda_backend.py)")
-    ap.add_argument("--features", choices=("off", "defaults"), default="off",
-                    help="chunked prefill and prefix caching: off for every engine, or vLLM's defaults (on) "
-                         "for every engine that supports them")
+    ap.add_argument("--kvplug-prefill", choices=("compressed", "uncompressed"), default="compressed",
+                    help="kvplug's prefill mode for the kvplug:SPEC engines (compressed, the default: chunked "
+                         "prefill and prefix caching served; uncompressed: both must be off on CUDA)")
+    ap.add_argument("--features", choices=("off", "defaults"), default="defaults",
+                    help="chunked prefill and prefix caching: vLLM's defaults (on) for every engine that "
+                         "supports them (the default), or off for every engine")
     ap.add_argument("--peak", action="store_true", help="engine core in process: peak running requests, preemptions")
     ap.add_argument("--profile", action="store_true", help="the decode step at the last workload's concurrency: wall, kernels (torch.profiler)")
     ap.set_defaults(**(defaults or {}))
