@@ -250,17 +250,3 @@ def test_pages_are_byte_identical_to_triton_ops_reference(spec, dtype, gen):
     assert view.data_ptr() == theirs.data_ptr()
     triton_ops.store_kv_reference(k, v, view, slots, paged_layout)
     assert torch.equal(ours.view(torch.uint8), theirs.view(torch.uint8))
-
-
-def test_eviction_asks_for_the_v1_model_runner_unless_v2_is_forced(monkeypatch):
-    from kvplug.adapters.vllm import compat
-
-    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
-    assert compat.use_v1_model_runner() and os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
-    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
-    assert not compat.use_v1_model_runner() and os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "1"
-    pytest.importorskip("vllm")
-    import kvplug.adapters.vllm as adapter
-
-    with pytest.raises(SpecError, match="V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER"):
-        adapter._check_eviction(SimpleNamespace(), parse("snapkv(budget=64)"))

@@ -384,7 +384,10 @@ def test_model_runner_hook_fills_the_held_spans_of_each_group_once(cb, monkeypat
     def build(self, *args, **kwargs):
         return {"model.layers.0.self_attn.attn": md, "model.layers.1.self_attn.attn": md, "cpu.layer": other}, None
 
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2Runner
+
     monkeypatch.setattr(GPUModelRunner, "_build_attention_metadata", build)
+    monkeypatch.setattr(V2Runner, "prepare_inputs", V2Runner.prepare_inputs)  # restored after the test
     assert compat.expose_prompt_lengths()
     runner = SimpleNamespace(input_batch=SimpleNamespace(num_reqs=3, num_prompt_tokens_cpu_tensor=torch.tensor(
         [50, 80, 30, 999])))
@@ -394,3 +397,35 @@ def test_model_runner_hook_fills_the_held_spans_of_each_group_once(cb, monkeypat
     assert getattr(other, compat.PROMPT_LENS).tolist() == [50, 80, 30]
     assert torch.equal(builder.held[:, :2], held_spans(resolve(spec), torch.tensor([50, 80]), LAYERS))  # the 2 decode rows
     assert (builder.held[:, 2:] == -1).all()  # the prefill row: not a decode row
+
+
+def test_v2_model_runner_hook_hands_prompt_lengths_to_the_builder(cb, monkeypatch):
+    """compat wraps the V2 runner's ``prepare_inputs``: the batch's ``prompt_lens`` (None unless
+    R-SWA) become each request's prompt length (``req_states.prompt_len``, host), which vLLM passes
+    to builders as ``rswa_prefix_lens``; kvplug's builder fills the decode rows' held spans from it."""
+    import numpy as np
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2Runner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from kvplug.adapters.vllm import compat
+    from kvplug.adapters.vllm.eviction import held_spans
+    from kvplug.config import resolve
+
+    batch = SimpleNamespace(prompt_lens=None, idx_mapping_np=np.array([2, 0, 1, 3]), num_reqs=3)
+    monkeypatch.setattr(V2Runner, "prepare_inputs", lambda self, *a, **k: batch)
+    monkeypatch.setattr(GPUModelRunner, "_build_attention_metadata", GPUModelRunner._build_attention_metadata)
+    assert compat.expose_prompt_lengths()
+    runner = SimpleNamespace(req_states=SimpleNamespace(prompt_len=SimpleNamespace(
+        np=np.array([30, 50, 80, 7], dtype=np.int32))))
+    assert V2Runner.prepare_inputs(runner) is batch and batch.prompt_lens.tolist() == [80, 30, 50]
+    spec = "snapkv(budget=24, window=8)+pyramid(beta=4)"
+    _impl(cb, spec)
+    builder = cb.KVPlugCudaMetadataBuilder(None, ["model.layers.0.self_attn.attn"], _config(spec), torch.device("cpu"))
+    builder.held.fill_(-1)
+    common = _common([1, 1, 30], [90, 40, 0], torch.arange(32), torch.zeros(3, 8, dtype=torch.int32))
+    common.rswa_prefix_lens = batch.prompt_lens
+    md = builder.build(0, common)
+    assert md.prompt_lens.tolist() == [80, 30, 50]
+    # both decode rows are past their prompts (91 > 80 and 41 > 30 tokens): their spans come from the lengths
+    assert torch.equal(builder.held[:, :2], held_spans(resolve(spec), torch.tensor([80, 30]), LAYERS))
+    assert (builder.held[:, 2:] == -1).all()

@@ -227,9 +227,6 @@ def _check_eviction(vllm_config, strategy: Strategy) -> None:
         version = ".".join(map(str, compat.vllm_version()))
         raise SpecError(f"kvplug in vLLM: eviction ({strategy.scorer.name}) needs vLLM 0.26 or later (this is "
                         f"{version}); codecs alone run here")
-    if not compat.use_v1_model_runner():
-        raise SpecError(f"kvplug in vLLM: eviction ({strategy.scorer.name}) runs on vLLM's V1 model runner; unset "
-                        f"VLLM_USE_V2_MODEL_RUNNER")
     if getattr(vllm_config, "speculative_config", None) is not None:
         raise SpecError(f"kvplug in vLLM: eviction ({strategy.scorer.name}) cannot run with speculative decoding "
                         f"(drafts would attend over tokens the scheduler already freed)")

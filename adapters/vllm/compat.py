@@ -15,6 +15,8 @@ Each one reads vLLM lazily, so this module imports (and is unit-tested) without 
 * Config check at start-up: the platform classmethod ``check_and_update_config(vllm_config)``,
   called from ``VllmConfig.__post_init__`` in both.
 * ``get_supported_kernel_block_sizes`` takes ``kv_cache_spec`` in 0.32, nothing in 0.26.
+* Prompt lengths for eviction: wrapped in both, ``_build_attention_metadata`` of the V1 model
+  runner and ``prepare_inputs`` of the V2 one (:func:`expose_prompt_lengths`).
 """
 
 from __future__ import annotations
@@ -255,26 +257,48 @@ def supports_eviction() -> bool:
     return "num_prompt_tokens" in inspect.signature(SingleTypeKVCacheManager.remove_skipped_blocks).parameters
 
 
-def use_v1_model_runner() -> bool:
-    """0.26+ runs Llama-like models on its V2 model runner (``vllm/v1/worker/gpu``), whose attention
-    metadata :func:`expose_prompt_lengths` does not reach; ask for the V1 runner through
-    ``VLLM_USE_V2_MODEL_RUNNER=0`` (set here, in the process that builds the config, so that the
-    engine processes started after it read it). False when the user forced V2."""
-    import os
+def expose_prompt_lengths() -> bool:
+    """Give the attention backend each request's prompt length, in both of vLLM's model runners
+    (both know it but hand it to attention only for R-SWA models). True if a hook was installed."""
+    v1 = _expose_prompt_lengths_v1()
+    return _expose_prompt_lengths_v2() or v1
 
-    if (os.environ.get("VLLM_USE_V2_MODEL_RUNNER") or "").strip().lower() in ("1", "true"):
+
+def _expose_prompt_lengths_v2() -> bool:
+    """Target: ``vllm.v1.worker.gpu.model_runner.GPUModelRunner.prepare_inputs`` (the V2 model
+    runner, 0.26 and 0.32; its default for Llama-like models in 0.26). The wrapped call sets the
+    ``InputBatch``'s ``prompt_lens`` (left None unless the model is R-SWA) to the prompt length of
+    each of the batch's requests, on the host (``req_states.prompt_len``, not ``prefill_len``, which
+    grows after a preemption); vLLM's model state passes it to every builder as
+    ``CommonAttentionMetadata.rswa_prefix_lens`` (vLLM's own backends read it only for R-SWA
+    layers), where kvplug's CUDA builder takes it (``KVPlugCudaMetadataBuilder.build``)."""
+    try:
+        from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+    except ImportError:  # pragma: no cover - releases without the V2 runner
         return False
-    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    current = GPUModelRunner.prepare_inputs
+    if getattr(current, ROUTED, False):
+        return False
+
+    @functools.wraps(current)
+    def prepare_inputs(self, *args, **kwargs):
+        batch = current(self, *args, **kwargs)
+        if getattr(batch, "prompt_lens", None) is None and hasattr(batch, "idx_mapping_np"):
+            batch.prompt_lens = torch.from_numpy(self.req_states.prompt_len.np[batch.idx_mapping_np[:batch.num_reqs]])
+        return batch
+
+    setattr(prepare_inputs, ROUTED, True)
+    GPUModelRunner.prepare_inputs = prepare_inputs
     return True
 
 
-def expose_prompt_lengths() -> bool:
-    """Give the attention backend each request's prompt length: vLLM's model runner knows it
-    (``input_batch.num_prompt_tokens``) but hands it to attention only for R-SWA models, so its
-    ``_build_attention_metadata`` is wrapped to attach it to the metadata it returns (the rows are
-    the batch's requests in order; rows beyond them, as in warm-up runs, get none): through the
-    metadata's own ``attach_prompt_lens`` where it has one (kvplug's CUDA backend), else as the
-    attribute :data:`PROMPT_LENS`."""
+def _expose_prompt_lengths_v1() -> bool:
+    """Target: ``vllm.v1.worker.gpu_model_runner.GPUModelRunner._build_attention_metadata`` (the
+    V1 model runner, 0.26 and 0.32; the CPU worker's base). Wrapped to attach the prompt lengths
+    (``input_batch.num_prompt_tokens``) to the metadata it returns (the rows are the batch's
+    requests in order; rows beyond them, as in warm-up runs, get none): through the metadata's
+    own ``attach_prompt_lens`` where it has one (kvplug's CUDA backend), else as the attribute
+    :data:`PROMPT_LENS`."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     current = GPUModelRunner._build_attention_metadata

@@ -217,6 +217,9 @@ class KVPlugCudaMetadataBuilder(AttentionMetadataBuilder[KVPlugCudaMetadata]):
         md = build_metadata(common_attn_metadata, self.compressed)
         if self.evicting is not None:
             md.held, md.strategy = self.held, self.evicting
+            lens = getattr(common_attn_metadata, "rswa_prefix_lens", None)
+            if lens is not None:  # the V2 model runner (compat's prepare_inputs hook); V1 attaches after build
+                md.attach_prompt_lens(lens.cpu())
         return md
 
 
