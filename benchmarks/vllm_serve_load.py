@@ -9,7 +9,8 @@ answer the same requests (``--requests`` of 20-700 random prompt tokens, 16 gree
 ``--concurrency`` at once; a quarter of them repeat an earlier request's first 256 tokens, so the
 prefix cache has something to hit). Printed per spec: completions that differ between the pools
 (they must not: every step attends over the stored pages, so preemption and batching change
-nothing), failed requests, vLLM's own preemption and prefix-cache counters (``/metrics``), and the
+nothing, up to a near tie: the large pool's top-2 log-probability gap is printed where a completion
+first differs), failed requests, vLLM's own preemption and prefix-cache counters (``/metrics``), and the
 KV usage once idle (it must be back to 0).
 """
 
@@ -40,6 +41,11 @@ def _metrics(port: int) -> dict[str, float]:
     return out
 
 
+def _gap(top: dict | None) -> float:
+    vals = sorted((top or {}).values(), reverse=True)
+    return vals[0] - vals[1] if len(vals) > 1 else float("inf")
+
+
 def requests(n: int, vocab: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     out: list[list[int]] = []
@@ -65,8 +71,10 @@ def run_server(args, spec: str, kv_bytes: int, prompts: list[list[int]], log: Pa
 
         def one(p: list[int]):
             try:
-                r = client.completions.create(model=args.model, prompt=p, max_tokens=16, temperature=0)
-                return r.choices[0].text
+                r = client.completions.create(model=args.model, prompt=p, max_tokens=16, temperature=0, logprobs=2)
+                lp = r.choices[0].logprobs
+                gaps = [_gap(top) for top in (lp.top_logprobs or [])]
+                return {"tokens": list(lp.tokens or []), "gaps": gaps}
             except Exception as e:  # counted, not raised: a failed request is a finding
                 return e
 
@@ -110,10 +118,15 @@ def main() -> None:
             print(f"{spec} {name} pool ({r['capacity']} tokens): {r['wall_s']:.0f} s, {failed} failed, "
                   f"metrics {r['metrics']}", flush=True)
         small, large = res["small"]["texts"], res["large"]["texts"]
-        differ = sum(1 for a, b in zip(small, large) if not isinstance(a, Exception) and a != b)
-        print(f"{spec}: {differ} of {len(prompts)} completions differ between the pools", flush=True)
+        gaps = []  # the large pool's top-2 gap (nats) where a completion first differs
+        for a, b in zip(small, large):
+            if isinstance(a, dict) and isinstance(b, dict) and a["tokens"] != b["tokens"]:
+                j = next((i for i, (x, y) in enumerate(zip(a["tokens"], b["tokens"])) if x != y), 0)
+                gaps.append(round(b["gaps"][j], 4) if j < len(b["gaps"]) else None)
+        print(f"{spec}: {len(gaps)} of {len(prompts)} completions differ between the pools; the large pool's "
+              f"top-2 log-probability gap where each first differs: {gaps}", flush=True)
         (out / f"{re.sub(r'[^A-Za-z0-9]', '_', spec)}.json").write_text(json.dumps(
-            {k: {**v, "texts": [x if isinstance(x, str) else repr(x) for x in v["texts"]]} for k, v in res.items()}))
+            {k: {**v, "texts": [x if isinstance(x, dict) else repr(x) for x in v["texts"]]} for k, v in res.items()}))
 
 
 if __name__ == "__main__":
