@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vllm_serving import TIE_NATS, random_model  # noqa: E402
+from vllm_serving import TIE_NATS, _gap, random_model  # noqa: E402
 
 SCHEDULES = {"chunked": {"max_num_batched_tokens": 512, "enable_chunked_prefill": True, "enable_prefix_caching": True},
              "whole": {"max_num_batched_tokens": 8192, "enable_chunked_prefill": True, "enable_prefix_caching": False}}
@@ -36,11 +36,6 @@ SCHEDULES = {"chunked": {"max_num_batched_tokens": 512, "enable_chunked_prefill"
 def _prompts(lengths, vocab, seed):
     rng = random.Random(seed)
     return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
-
-
-def _gap(step) -> float:
-    vals = sorted((lp.logprob for lp in step.values()), reverse=True)
-    return vals[0] - vals[1] if len(vals) > 1 else float("inf")
 
 
 def child(job: dict) -> None:

@@ -174,6 +174,42 @@ def test_compressed_prefill_serves_chunks_and_cached_context(cb, spec, gen):
         assert err < 3e-3, (reqs, err)
 
 
+def test_dense_prefill_over_a_long_context_matches_float64(cb, gen):
+    """The way long chunks go on CUDA (their sequences' pages decoded by ``dequantize_kv``, then a
+    dense varlen kernel: SDPA here, vLLM's FlashAttention on a GPU): a 512-token chunk after 2,500
+    cached tokens and a fresh 300-token prompt beside a decode row over 1,000, in one step, against
+    a float64 loop over the reference store's cache. Unwritten slots hold random bytes."""
+    from kvplug import triton_ops
+
+    impl = _impl(cb, "int4")
+    layout = impl.layout
+    tables = torch.randperm(600, generator=gen).view(3, 200).int()  # 3,200 tokens each at most
+    kv_cache = torch.randint(0, 256, cb.KVPlugCudaBackend.get_kv_cache_shape(601, BS, HKV, D), dtype=torch.uint8,
+                             generator=gen)
+    ref_cache = layout.allocate(601).zero_()
+    lengths = [1000, 2500, 0]
+    for r, n in enumerate(lengths):  # the cached context, as earlier steps stored it
+        pos = torch.arange(n)
+        slots = tables[r, pos // BS].long() * BS + pos % BS
+        k, v = torch.randn(n, HKV, D, generator=gen).half(), torch.randn(n, HKV, D, generator=gen).half()
+        for cache in (kv_cache.view(layout.shape(601)), ref_cache):
+            triton_ops.store_kv_reference(k, v, cache, slots, layout)
+    reqs = [(0, 1), (1, 512), (2, 300)]
+    qlens, ctx, slots, q, k, v = _step_inputs(reqs, lengths, tables, gen)
+    common = _common(qlens, ctx, slots, tables)
+    md = cb.build_metadata(common, compressed=True)
+    assert md.max_prefill_len >= impl.dense_from
+    out = torch.full_like(q, float("nan"))
+    impl.forward(None, q, k, v, kv_cache, md, output=out)
+    triton_ops.store_kv_reference(k, v, ref_cache, slots, layout)
+    expected = triton_ops.paged_attention_reference(q, ref_cache, layout, tables, common.query_start_loc,
+                                                    common.seq_lens, compute_dtype=torch.float64)
+    assert not out.isnan().any()
+    for (a, b) in ((0, 1), (1, 513), (513, 813)):
+        err = ((out[a:b].double() - expected[a:b]).norm() / expected[a:b].norm()).item()
+        assert err < 3e-3, (a, b, err)
+
+
 def test_builder_splits_decodes_first_and_refuses_cached_prefill(cb):
     tables = torch.arange(8, dtype=torch.int32).view(4, 2)
     md = cb.build_metadata(_common([1, 1, 4, 3], [9, 2, 0, 0], torch.arange(9), tables))
