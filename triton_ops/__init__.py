@@ -176,12 +176,7 @@ def paged_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout, b
     :func:`decode_attention` instead. Returns ``[tokens, num_q_heads, head_dim]`` in q's dtype.
     """
     t, hq, d, h, g = _check_q(q, cache, layout, "paged_attention")
-    n = seq_lens.shape[0]
-    if seq_lens.dim() != 1 or tuple(query_start_loc.shape) != (n + 1,):
-        raise ValueError(f"paged_attention: seq_lens must be [num_seqs] and query_start_loc [num_seqs + 1], "
-                         f"got {tuple(seq_lens.shape)} and {tuple(query_start_loc.shape)}")
-    if block_tables.dim() != 2 or block_tables.shape[0] != n or block_tables.stride(-1) != 1:
-        raise ValueError("paged_attention: block_tables must be [num_seqs, max_blocks] with contiguous rows")
+    n = _check_varlen("paged_attention", block_tables, seq_lens, query_start_loc, "query_start_loc")
     if out is None:
         out = torch.empty_like(q)
     if t == 0 or n == 0:
@@ -213,12 +208,7 @@ def dequantize_kv(cache: torch.Tensor, layout: PagedLayout, block_tables: torch.
     layout's), so a dense kernel over them attends over what the cache holds.
     """
     layout.check(cache)
-    n = seq_lens.shape[0]
-    if seq_lens.dim() != 1 or tuple(cu_seqlens.shape) != (n + 1,):
-        raise ValueError(f"dequantize_kv: seq_lens must be [num_seqs] and cu_seqlens [num_seqs + 1], got "
-                         f"{tuple(seq_lens.shape)} and {tuple(cu_seqlens.shape)}")
-    if block_tables.dim() != 2 or block_tables.shape[0] != n or block_tables.stride(-1) != 1:
-        raise ValueError("dequantize_kv: block_tables must be [num_seqs, max_blocks] with contiguous rows")
+    n = _check_varlen("dequantize_kv", block_tables, seq_lens, cu_seqlens, "cu_seqlens")
     h, d = layout.num_kv_heads, layout.head_dim
     dtype = dtype or layout.dtype
     k = torch.empty(total, h, d, dtype=dtype, device=cache.device)
@@ -232,6 +222,19 @@ def dequantize_kv(cache: torch.Tensor, layout: PagedLayout, block_tables: torch.
         block_tables.stride(0), cs[0], cs[1], cs[2], k.stride(0), k.stride(1), HKV=h, D=d, BS=layout.block_size,
         BITS=layout.bits, CB=layout.code_bytes if layout.quantized else d, BLOCK_T=block_t, num_warps=4)
     return k, v
+
+
+def _check_varlen(name: str, block_tables: torch.Tensor, seq_lens: torch.Tensor, starts: torch.Tensor,
+                  starts_name: str) -> int:
+    """The number of sequences of a varlen batch whose ``seq_lens`` ``[n]``, ``starts`` ``[n + 1]``
+    (``starts_name`` in the message) and ``block_tables`` ``[n, max_blocks]`` agree, or a one-line error."""
+    n = seq_lens.shape[0]
+    if seq_lens.dim() != 1 or tuple(starts.shape) != (n + 1,):
+        raise ValueError(f"{name}: seq_lens must be [num_seqs] and {starts_name} [num_seqs + 1], got "
+                         f"{tuple(seq_lens.shape)} and {tuple(starts.shape)}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != n or block_tables.stride(-1) != 1:
+        raise ValueError(f"{name}: block_tables must be [num_seqs, max_blocks] with contiguous rows")
+    return n
 
 
 def _check_q(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout, name: str) -> tuple[int, ...]:

@@ -157,7 +157,7 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
         out = torch.empty_like(query)
         out[:m] = attend(query[:m], keys, values, self.scale, context)
         ev.finish_chunk(int(block_ids[0]), query, key, value, kv_cache, block_ids, prompt_len, context, self.scale,
-                        out, self.raw_prefill)
+                        out, self.raw_prefill, read=(keys, values))
         return out
 
     def _stock_forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale,

@@ -101,7 +101,7 @@ class LayerEviction:
 
     def finish_chunk(self, request: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      kv_cache: torch.Tensor, block_ids: torch.Tensor, prompt_len: int, context: int, scale: float,
-                     out: torch.Tensor, raw: bool) -> None:
+                     out: torch.Tensor, raw: bool, read: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """A request's step holding prompt tokens at positions ``context ..`` (``context <
         prompt_len``; ``query``/``key``/``value`` ``[T, heads, D]``, all stored at their own slots),
         once the caller has written the outputs of its prompt tokens: keep the observation
@@ -109,15 +109,19 @@ class LayerEviction:
         and values, the step's raw ones with ``raw`` (the whole prompt is in this step) or else as
         the pages hold them, and compact (:meth:`compress_prompt`); the step's tokens after the
         prompt (a preempted request's re-run) then get ``out`` from :meth:`extend`, what the HF
-        adapter's decode steps gave them. ``request``: the request's first block id."""
+        adapter's decode steps gave them. ``request``: the request's first block id. ``read``: the
+        keys and values ``[H, L, D]`` of positions ``0 ..`` the caller already has for its own
+        attention (raw or decoded, as ``raw`` says), used when they cover the prompt."""
         m = min(context + query.shape[0], prompt_len) - context
         observed = self.observe(request, query[:m], context, prompt_len)
         if observed is None:
             return
-        if raw:
-            if context:
-                raise RuntimeError("kvplug: eviction with kvplug_prefill=uncompressed needs each prompt in one step "
-                                   f"(chunked prefill is turned off for it); this one starts at token {context}")
+        if raw and context:
+            raise RuntimeError("kvplug: eviction with kvplug_prefill=uncompressed needs each prompt in one step "
+                               f"(chunked prefill is turned off for it); this one starts at token {context}")
+        if read is not None and read[0].shape[1] >= prompt_len:
+            keys, values = read[0][:, :prompt_len], read[1][:, :prompt_len]
+        elif raw:
             keys, values = key[:prompt_len].transpose(0, 1), value[:prompt_len].transpose(0, 1)
         else:
             keys, values = self.paged.gather(kv_cache, block_ids, prompt_len)

@@ -45,6 +45,7 @@ mixed batches run piecewise, attention eager.
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -58,7 +59,7 @@ from kvplug import triton_ops
 from kvplug.errors import SpecError
 
 from . import KEY, PREFILL_KEY, check_head_sizes, check_layer, compat, layer_spec, prefill_mode, selected_strategy
-from .compaction import LayerEviction
+from .compaction import LayerEviction, attend
 from .eviction import READ_ALL, held_spans, replaces
 from .layout import PagedKV, TokenLayout, as_triton_cache
 
@@ -233,12 +234,13 @@ def build_metadata(common: CommonAttentionMetadata, compressed: bool = False) ->
     num_decodes, num_prefills, num_decode_tokens, num_prefill_tokens = split_decodes_and_prefills(common, 1)
     starts = starts_cpu = None
     max_len = 0
+    upper = getattr(common, "seq_lens_cpu_upper_bound", None)  # host; exact for prefill rows
     if num_prefills:
         n = common.num_reqs
         starts_cpu = common.query_start_loc_cpu[num_decodes:n + 1] - num_decode_tokens
         lens = starts_cpu[1:] - starts_cpu[:-1]
         max_len = int(lens.max())
-        seq_lens_cpu = getattr(common, "seq_lens_cpu_upper_bound", None)  # exact for prefill rows
+        seq_lens_cpu = upper
         if not compressed and seq_lens_cpu is not None and bool((seq_lens_cpu[num_decodes:n] > lens[:len(seq_lens_cpu) - num_decodes]).any()):
             raise RuntimeError("kvplug in vLLM on CUDA: a prefill with cached context (prefix caching or "
                                "chunked prefill) reached the backend; start the engine with both disabled")
@@ -246,7 +248,6 @@ def build_metadata(common: CommonAttentionMetadata, compressed: bool = False) ->
         if seq_lens_cpu is None:  # not in this version's metadata: read it (a prefill step, eager)
             seq_lens_cpu = common.seq_lens.cpu()
         prefill_lens = seq_lens_cpu[num_decodes:n]
-    decode_lens = getattr(common, "seq_lens_cpu_upper_bound", None)
     return KVPlugCudaMetadata(
         num_actual_tokens=common.num_actual_tokens, slot_mapping=common.slot_mapping,
         block_table=common.block_table_tensor, seq_lens=common.seq_lens,
@@ -254,7 +255,7 @@ def build_metadata(common: CommonAttentionMetadata, compressed: bool = False) ->
         num_prefill_tokens=num_prefill_tokens, prefill_starts=starts, prefill_starts_cpu=starts_cpu,
         max_prefill_len=max_len, prefill_seq_lens_cpu=prefill_lens if num_prefills else None,
         first_prefill=num_decodes, compressed_prefill=compressed,
-        decode_seq_lens_cpu=None if decode_lens is None else decode_lens[:num_decodes])
+        decode_seq_lens_cpu=None if upper is None else upper[:num_decodes])
 
 
 DENSE_TOKENS = 1 << 16
@@ -388,13 +389,10 @@ class KVPlugCudaImpl(AttentionImpl):
             keys, values = triton_ops.dequantize_kv(cache, self.layout, tables[a:b], sl, cu_k, total=total,
                                                     max_seq_len=max(lens[a:b]), dtype=q.dtype)
             q0, q1 = qstart[a], qstart[b]
-            cu_q = md.prefill_starts[a:b + 1] - q0
-            cu_k_cpu = [0]
-            for n in lens[a:b]:
-                cu_k_cpu.append(cu_k_cpu[-1] + n)
-            _varlen_attention(q[q0:q1], keys, values, cu_q, cu_k, [x - q0 for x in qstart[a:b + 1]], cu_k_cpu,
-                              max(x - y for x, y in zip(qstart[a + 1:b + 1], qstart[a:b])), max(lens[a:b]),
-                              self.scale, out[q0:q1])
+            cu_q_cpu = [x - q0 for x in qstart[a:b + 1]]
+            _varlen_attention(q[q0:q1], keys, values, md.prefill_starts[a:b + 1] - q0, cu_k, cu_q_cpu,
+                              [0, *itertools.accumulate(lens[a:b])], max(y - x for x, y in zip(cu_q_cpu, cu_q_cpu[1:])),
+                              max(lens[a:b]), self.scale, out[q0:q1])
             a = b
 
 
@@ -410,16 +408,9 @@ def _varlen_attention(q, k, v, cu_q, cu_k, cu_q_cpu: list[int], cu_k_cpu: list[i
         return
     for s in range(len(cu_q_cpu) - 1):
         qa, qb, ka, kb = cu_q_cpu[s], cu_q_cpu[s + 1], cu_k_cpu[s], cu_k_cpu[s + 1]
-        if qb == qa:
-            continue
-        mask = None
-        if qb - qa > 1:
-            pos = torch.arange(kb - ka, device=q.device)
-            mask = pos[None, :] <= (kb - ka - (qb - qa) + torch.arange(qb - qa, device=q.device))[:, None]
-        o = F.scaled_dot_product_attention(q[qa:qb].transpose(0, 1), k[ka:kb].transpose(0, 1),
-                                           v[ka:kb].transpose(0, 1), attn_mask=mask, scale=scale,
-                                           enable_gqa=q.shape[1] != k.shape[1])
-        out[qa:qb] = o.transpose(0, 1)
+        if qb > qa:  # the queries at positions (kb - ka) - (qb - qa) ..
+            out[qa:qb] = attend(q[qa:qb], k[ka:kb].transpose(0, 1), v[ka:kb].transpose(0, 1), scale,
+                                (kb - ka) - (qb - qa))
 
 
 @functools.cache
