@@ -40,7 +40,6 @@ def cb(monkeypatch):
     from kvplug.adapters.vllm import compat, cuda_backend
 
     monkeypatch.setattr(compat, "current_config", lambda: _config(SELECTED["spec"]))
-    monkeypatch.setattr(cuda_backend, "ACTIVE", {"layout": None, "evicting": None})
     SELECTED["extra"] = {}
     yield cuda_backend
     SELECTED["extra"] = {}
@@ -49,6 +48,14 @@ def cb(monkeypatch):
 def _impl(cb, spec):
     SELECTED["spec"] = spec
     return cb.KVPlugCudaImpl(HKV * G, D, D ** -0.5, HKV)
+
+
+def _backend(cb, spec):
+    """The backend class vLLM is given for an engine of ``spec`` (the stand-in config's dtype and layers)."""
+    from kvplug.adapters.vllm.capabilities import Engine, configured
+    from kvplug.config import resolve
+
+    return configured(cb.KVPlugCudaBackend, Engine.of(_config(spec), resolve(spec)))
 
 
 def _common(query_lens, context_lens, slots, block_table):
@@ -85,10 +92,9 @@ def test_forward_mixed_batches_match_float32_reference(cb, spec, gen):
 
     impl = _impl(cb, spec)
     layout = impl.layout
-    assert cb.ACTIVE["layout"] is layout
     nb = 12
     c = cb.token_bytes(layout)
-    shape = cb.KVPlugCudaBackend.get_kv_cache_shape(nb, BS, HKV, D)
+    shape = _backend(cb, spec).get_kv_cache_shape(nb, BS, HKV, D)
     assert shape == (nb, HKV, BS, c)
     kv_cache = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)  # poisoned page
     ref_cache = layout.allocate(nb)
@@ -146,8 +152,8 @@ def test_compressed_prefill_serves_chunks_and_cached_context(cb, spec, gen):
     impl = _impl(cb, spec)
     layout = impl.layout
     nb = 16
-    kv_cache = torch.randint(0, 256, cb.KVPlugCudaBackend.get_kv_cache_shape(nb, BS, HKV, D), dtype=torch.uint8,
-                             generator=gen)
+    shape = _backend(cb, spec).get_kv_cache_shape(nb, BS, HKV, D)
+    kv_cache = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
     ref_cache = layout.allocate(nb).zero_()
     tables = torch.randperm(nb, generator=gen)[:12].view(3, 4).int()
     lengths = [0, 0, 16]           # request 2's first 16 tokens are "cached": stored by an earlier request
@@ -184,8 +190,8 @@ def test_dense_prefill_over_a_long_context_matches_float64(cb, gen):
     impl = _impl(cb, "int4")
     layout = impl.layout
     tables = torch.randperm(600, generator=gen).view(3, 200).int()  # 3,200 tokens each at most
-    kv_cache = torch.randint(0, 256, cb.KVPlugCudaBackend.get_kv_cache_shape(601, BS, HKV, D), dtype=torch.uint8,
-                             generator=gen)
+    shape = _backend(cb, "int4").get_kv_cache_shape(601, BS, HKV, D)
+    kv_cache = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
     ref_cache = layout.allocate(601).zero_()
     lengths = [1000, 2500, 0]
     for r, n in enumerate(lengths):  # the cached context, as earlier steps stored it
@@ -233,39 +239,78 @@ def test_spec_reports_the_codec_page(cb, spec, bits):
 
     impl = _impl(cb, spec)
     stock = FullAttentionSpec(block_size=BS, num_kv_heads=HKV, head_size=D, dtype=torch.float16)
-    page = cb.KVPlugCudaBackend.customize_spec(stock).page_size_bytes
+    backend = _backend(cb, spec)
+    page = backend.customize_spec(stock).page_size_bytes
     # codes + float16 scale and zero, for K and V of each head; the CPU backend's page is the same
     assert page == BS * HKV * 2 * (D * bits // 8 + 4) == impl.layout.page_bytes()
     assert page == BS * HKV * TokenLayout.for_codec(resolve(spec).codec, D, torch.float16).token_bytes
-    with pytest.raises(Exception, match="head sizes"):
-        cb.KVPlugCudaBackend.customize_spec(FullAttentionSpec(block_size=BS, num_kv_heads=HKV, head_size=2 * D,
-                                                              dtype=torch.float16))
+    with pytest.raises(Exception, match="head sizes"):  # K and V of one size per page
+        backend.customize_spec(FullAttentionSpec(block_size=BS, num_kv_heads=HKV, head_size=D, head_size_v=2 * D,
+                                                 dtype=torch.float16))
 
 
 def test_refusals_are_one_line(cb):
+    """Every refusal comes from what the backend class declares (:mod:`.capabilities`)."""
+    from kvplug.adapters.vllm.capabilities import check_backend, check_engine
     from kvplug.config import resolve
     from kvplug.errors import SpecError
 
+    backend = cb.KVPlugCudaBackend
     config = _config("int4", {"kvplug_prefill": "uncompressed"})
     config.cache_config.enable_prefix_caching = True
     config.scheduler_config = SimpleNamespace(enable_chunked_prefill=True)
     with pytest.raises(SpecError, match="no-enable-prefix-caching.*no-enable-chunked-prefill.*drop kvplug_prefill") as e:
-        cb.check_engine(config, resolve("int4"))
+        check_engine(config, resolve("int4"), backend)
     assert "\n" not in str(e.value)
     default = _config("int4", {})
     default.cache_config.enable_prefix_caching = default.scheduler_config.enable_chunked_prefill = True
-    cb.check_engine(default, resolve("int4"))                       # both features on: served (compressed)
-    cb.check_engine(default, resolve("snapkv(budget=64)+int4"))
+    check_engine(default, resolve("int4"), backend)                       # both features on: served (compressed)
+    check_engine(default, resolve("snapkv(budget=64)+int4"), backend)
     config.cache_config.enable_prefix_caching = False
     config.scheduler_config.enable_chunked_prefill = False
-    cb.check_engine(config, resolve("int4"))
-    with pytest.raises(SpecError, match="rotate"):
-        cb.check_engine(config, resolve("int4(rotate=true)"))
-    with pytest.raises(SpecError, match="group"):
-        cb.check_engine(config, resolve("int4(group=32)"))
+    check_engine(config, resolve("int4"), backend)
+    config.cache_config.cache_dtype = "fp8"
+    with pytest.raises(SpecError, match="keep --kv-cache-dtype auto"):
+        check_engine(config, resolve("int4"), backend)
+    for spec, kwargs, message in (("int4(rotate=true)", {}, "rotate"), ("int4(group=32)", {}, "group"),
+                                  ("int4", {"dtype": torch.float32}, "runs models in float16, bfloat16"),
+                                  ("int4", {"head_dim": 80}, "head size 80 is not supported"),
+                                  ("tova(budget=64)+int4", {}, "tova ranks tokens")):
+        with pytest.raises(SpecError, match=message) as e:
+            check_backend(backend, resolve(spec), **{"head_dim": D, "dtype": torch.float16, **kwargs})
+        assert "\n" not in str(e.value)
+    check_backend(backend, resolve("int2"), D, torch.bfloat16)
     with pytest.raises(SpecError, match="sliding-window"):
         SELECTED["spec"] = "int4"
         cb.KVPlugCudaImpl(HKV * G, D, 1.0, HKV, sliding_window=128)
+    with pytest.raises(SpecError, match="on CUDA does not support encoder or cross attention"):
+        cb.KVPlugCudaImpl(HKV * G, D, 1.0, HKV, attn_type="encoder_only")
+
+
+def test_each_engine_gets_its_own_backend_class_importable_by_name(cb):
+    """Two engines in one process (different strategies, dtypes) get two classes with their own
+    pages; the name vLLM is given resolves in a fresh process too (the module rebuilds it)."""
+    import importlib
+
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from kvplug.adapters.vllm.capabilities import Engine, configured, path
+
+    a, b = _backend(cb, "int4"), _backend(cb, "int8")
+    assert a is not b and a is _backend(cb, "int4") and issubclass(a, cb.KVPlugCudaBackend)
+    stock = FullAttentionSpec(block_size=BS, num_kv_heads=HKV, head_size=D, dtype=torch.float16)
+    assert a.customize_spec(stock).page_size_bytes == BS * HKV * 2 * (D // 2 + 4)
+    assert b.customize_spec(stock).page_size_bytes == BS * HKV * 2 * (D + 4)
+    module, _, name = path(a).rpartition(".")
+    assert module == "kvplug.adapters.vllm.cuda_backend"
+    delattr(cb, name)  # as in a process that never configured it
+    rebuilt = getattr(importlib.import_module(module), name)
+    assert rebuilt.engine == a.engine == Engine("int4(group=0, rotate=False)", "float16", LAYERS)
+    assert configured(cb.KVPlugCudaBackend, rebuilt.engine) is rebuilt
+    with pytest.raises(AttributeError):
+        getattr(cb, "KVPlugCudaBackend__NOT-A-TOKEN")
+    with pytest.raises(RuntimeError, match="serves no engine"):
+        cb.KVPlugCudaBackend.customize_spec(stock)
 
 
 def test_cuda_platform_routes_compressed_codecs_only(cb, monkeypatch):
@@ -275,9 +320,10 @@ def test_cuda_platform_routes_compressed_codecs_only(cb, monkeypatch):
     monkeypatch.setattr(compat, "platform", lambda: SimpleNamespace(is_cuda=lambda: True, is_cpu=lambda: False,
                                                                      device_name="H100"))
     stock = "vllm.v1.attention.backends.flash_attn.FlashAttentionBackend"
-    for spec, expected in (("int4", adapter.CUDA_BACKEND), ("int2", adapter.CUDA_BACKEND), ("none", None)):
+    for spec, ours in (("int4", True), ("int2", True), ("none", False)):
         SELECTED["spec"] = spec
-        assert adapter._pick_backend(stock) == expected
+        chosen = adapter._pick_backend(stock)
+        assert chosen == (f"{adapter.CUDA_BACKEND}__{_backend(cb, spec).engine.token()}" if ours else None)
 
 
 def test_cuda_routes_eviction(cb, monkeypatch):
@@ -291,7 +337,8 @@ def test_cuda_routes_eviction(cb, monkeypatch):
     stock = "vllm.v1.attention.backends.flash_attn.FlashAttentionBackend"
     for spec in ("snapkv(budget=25%)+int4", "snapkv(budget=25%)", "knorm(budget=50%)+pyramid", "streaming+int8"):
         SELECTED["spec"] = spec
-        assert adapter._pick_backend(stock) == adapter.CUDA_BACKEND  # with codec none too: eviction is ours
+        chosen = adapter._pick_backend(stock)  # with codec none too: eviction is ours
+        assert chosen == f"{adapter.CUDA_BACKEND}__{_backend(cb, spec).engine.token()}"
         config = _config(spec)
         config.cache_config.enable_prefix_caching = config.scheduler_config.enable_chunked_prefill = True
         adapter._check_engine(config, resolve(spec))  # turns prefix caching off, then the CUDA checks pass
@@ -333,7 +380,7 @@ def test_forward_with_eviction_reads_the_kept_tokens_only(cb, spec, mode, gen):
     impl = _impl(cb, spec)
     builder = cb.KVPlugCudaMetadataBuilder(None, ["model.layers.1.self_attn.attn"], _config(spec), torch.device("cpu"))
     layer = SimpleNamespace(layer_name="model.layers.1.self_attn.attn")
-    assert cb.ACTIVE["evicting"] == (str(strategy), LAYERS)
+    assert _backend(cb, spec).engine.evicting == (str(strategy), LAYERS)
     nb, prompts, steps = 24, [70, 45], 20
     c = cb.token_bytes(impl.layout)
     kv_cache = torch.randint(0, 256, (nb, HKV, BS, c), dtype=torch.uint8, generator=gen)

@@ -17,9 +17,11 @@ How it reaches the engine (details and the 0.26 differences in :mod:`.compat`): 
 routes the platform's attention-backend choice, made in each worker while the model is built (when
 ``get_current_vllm_config()`` holds the user's ``additional_config``), to
 :class:`.backend.KVPlugCPUBackend` (CPU) or :class:`.cuda_backend.KVPlugCudaBackend` (CUDA, codecs
-int8/int4/int2; with ``none`` vLLM's own backend runs) when a strategy is selected; the backend reports the
+int8/int4/int2; with ``none`` vLLM's own backend runs) when a strategy is selected, as the
+subclass configured for the engine (:func:`.capabilities.configured`); the backend reports the
 compressed page size to vLLM (``customize_spec``), so the block manager hands out proportionally
-more blocks, and its impl stores and reads the compressed layout (:mod:`.layout`) itself.
+more blocks, and its impl stores and reads the compressed layout (:mod:`.layout`) itself. What each
+backend supports, and every refusal that follows, is declared in :mod:`.capabilities`.
 """
 
 from __future__ import annotations
@@ -40,9 +42,11 @@ PREFILL_MODES = ("compressed", "uncompressed")
 
 CPU_BACKEND = "kvplug.adapters.vllm.backend.KVPlugCPUBackend"
 CUDA_BACKEND = "kvplug.adapters.vllm.cuda_backend.KVPlugCudaBackend"
+"""The backend classes; vLLM is given their per-engine subclasses, ``<path>__<engine token>``
+(:func:`.capabilities.configured`)."""
 
-__all__ = ["register", "selected_spec", "selected_strategy", "check_supported", "check_layer", "check_head_sizes",
-           "layer_spec", "prefill_mode", "KEY", "PREFILL_KEY", "CPU_BACKEND", "CUDA_BACKEND", "StartupError"]
+__all__ = ["register", "selected_spec", "selected_strategy", "check_supported", "layer_spec", "prefill_mode", "KEY",
+           "PREFILL_KEY", "CPU_BACKEND", "CUDA_BACKEND", "StartupError"]
 
 
 class StartupError(RuntimeError):
@@ -79,48 +83,6 @@ def prefill_mode(vllm_config=None) -> str:
     return mode
 
 
-def check_supported(strategy: Strategy, head_dim: int | None = None, dtype=None) -> None:
-    """Refuse, in one line, what the vLLM adapter cannot run yet."""
-    from .eviction import check_evictable
-
-    check_evictable(strategy)
-    if strategy.merger is not None:
-        raise SpecError(f"kvplug in vLLM: {strategy.merger.name} shares pages between layers, which the vLLM "
-                        f"adapter does not do yet; got {str(strategy)!r}")
-    codec = strategy.codec
-    if codec.token_group != 1 or codec.residual:
-        raise SpecError(f"kvplug in vLLM: {codec.name} quantizes groups of {codec.token_group} tokens with a "
-                        f"full-precision window, which paged blocks cannot hold yet; use int2/int4 "
-                        f"(optionally rotate=true)")
-    if head_dim is not None:
-        import torch
-
-        from .layout import TokenLayout
-
-        TokenLayout.for_codec(codec, head_dim, dtype or torch.bfloat16)
-
-
-def check_layer(strategy: Strategy, *, sliding_window=None, alibi_slopes=None, logits_soft_cap=None, sinks=None,
-                kv_sharing_target_layer_name=None, where: str = "") -> None:
-    """Refuse, in one line, attention-layer features the kvplug backends do not implement."""
-    refused = [what for what, present in (
-        ("sliding-window attention", sliding_window is not None),
-        ("ALiBi", alibi_slopes is not None),
-        ("logits soft-capping", bool(logits_soft_cap)),
-        ("attention sinks", sinks is not None),
-        ("KV sharing across layers", kv_sharing_target_layer_name is not None),
-    ) if present]
-    if refused:
-        raise SpecError(f"kvplug in vLLM{where} does not support {', '.join(refused)} yet (strategy {str(strategy)!r})")
-
-
-def check_head_sizes(spec, head_dim: int) -> None:
-    """A compressed page holds K and V of ``head_dim`` each: refuse a layer whose sizes differ."""
-    if spec.head_size != head_dim or getattr(spec, "head_size_v", spec.head_size) != head_dim:
-        raise SpecError(f"kvplug: layer head sizes {spec.head_size}/{spec.head_size_v} differ from "
-                        f"{head_dim}; only equal K/V head sizes are supported")
-
-
 def layer_spec(spec, token_bytes: int | None, evicting: tuple[str, int] | None):
     """A layer's KV-cache spec as a kvplug backend reports it: with ``evicting`` (spec string,
     layer count) the spec whose manager frees what eviction empties (:mod:`.manager`), then with
@@ -137,6 +99,18 @@ def layer_spec(spec, token_bytes: int | None, evicting: tuple[str, int] | None):
     return spec
 
 
+def check_supported(strategy: Strategy, head_dim: int | None = None, dtype=None) -> None:
+    """Refuse, in one line, what no kvplug backend runs of ``strategy`` (and, given the model's
+    ``head_dim``, what its codec cannot store); the per-backend checks are in :mod:`.capabilities`."""
+    from .capabilities import check_strategy, cpu_page
+
+    check_strategy(strategy)
+    if head_dim is not None:
+        import torch
+
+        cpu_page(strategy.codec, head_dim, dtype or torch.bfloat16)
+
+
 def selected_strategy(vllm_config=None) -> Strategy | None:
     """The parsed, checked strategy of ``vllm_config`` (None when none is selected)."""
     spec = selected_spec(vllm_config)
@@ -150,22 +124,47 @@ def selected_strategy(vllm_config=None) -> Strategy | None:
     return strategy
 
 
+def _backend_class(vllm_config, strategy: Strategy) -> type | None:
+    """The kvplug backend class this platform runs ``strategy`` with (None: vLLM's own, for codec
+    none without eviction on CUDA), not yet configured; or a one-line SpecError."""
+    from . import compat
+
+    plat = compat.platform()
+    if plat.is_cpu():
+        from .backend import KVPlugCPUBackend
+
+        return KVPlugCPUBackend
+    if plat.is_cuda():
+        if _stock_on_cuda(strategy):
+            return None
+        from .cuda_backend import KVPlugCudaBackend
+
+        return KVPlugCudaBackend
+    raise SpecError(f"kvplug in vLLM runs on the CPU and CUDA platforms; this is {plat.device_name!r}: "
+                    f"remove the {KEY!r} key / ${ENV_VAR} to run uncompressed")
+
+
 def _pick_backend(stock_path: str) -> str | None:
     """Called where vLLM chooses a layer's attention backend (in the worker, config set)."""
     from . import compat
 
-    strategy = selected_strategy(compat.current_config())
+    from .capabilities import Engine, configured, path
+
+    config = compat.current_config()
+    strategy = selected_strategy(config)
     if strategy is None:
         return None
     if strategy.evicts:
         compat.expose_prompt_lengths()
-    if stock_path == CPU_BACKEND or stock_path == compat.stock_cpu_backend_path():
-        return CPU_BACKEND
-    if compat.platform().is_cuda():  # codec none without eviction: vLLM's own backend, unchanged
-        return None if _stock_on_cuda(strategy) else CUDA_BACKEND
-    raise SpecError(f"kvplug in vLLM has no compressed backend for {stock_path.rsplit('.', 1)[-1]} on "
-                    f"{compat.platform().device_name!r} yet (CPU and CUDA are supported); remove the "
-                    f"{KEY!r} key / ${ENV_VAR} to run uncompressed")
+    base = _backend_class(config, strategy)
+    if base is None:  # codec none without eviction on CUDA: vLLM's own backend, unchanged
+        return None
+    if compat.platform().is_cpu() and not (stock_path.startswith(CPU_BACKEND)
+                                           or stock_path == compat.stock_cpu_backend_path()):
+        raise SpecError(f"kvplug in vLLM has no compressed backend for {stock_path.rsplit('.', 1)[-1]} on the CPU "
+                        f"yet (only for vLLM's CPU attention backend); remove the {KEY!r} key / ${ENV_VAR} to run "
+                        f"uncompressed")
+    return path(configured(base, Engine.of(config, strategy)))
 
 
 def _check_config(vllm_config) -> None:
@@ -183,26 +182,20 @@ def _check_config(vllm_config) -> None:
 
 
 def _check_engine(vllm_config, strategy: Strategy) -> None:
+    """What the platform's kvplug backend declares it cannot serve (:mod:`.capabilities`), then
+    what eviction turns off."""
     from . import compat
+    from .capabilities import check_backend, check_engine
 
-    plat = compat.platform()
-    backend = CPU_BACKEND
+    base = _backend_class(vllm_config, strategy)
+    backend = "vLLM's own (codec none)"
+    if base is not None:
+        model_config = getattr(vllm_config, "model_config", None)
+        check_backend(base, strategy, compat.head_size(vllm_config), getattr(model_config, "dtype", None))
+        check_engine(vllm_config, strategy, base)
+        backend = f"{base.__module__}.{base.__name__}"
     if strategy.evicts:
-        _check_eviction(vllm_config, strategy)
-    if plat.is_cuda() and _stock_on_cuda(strategy):
-        backend = "vLLM's own (codec none)"
-    elif plat.is_cuda():
-        from . import cuda_backend
-
-        backend = CUDA_BACKEND
-        cuda_backend.check_engine(vllm_config, strategy)
-    elif not plat.is_cpu():
-        raise SpecError(f"kvplug in vLLM runs on the CPU and CUDA platforms; this is {plat.device_name!r}: "
-                        f"remove the {KEY!r} key / ${ENV_VAR} to run uncompressed")
-    cache_dtype = getattr(getattr(vllm_config, "cache_config", None), "cache_dtype", "auto")
-    if cache_dtype not in ("auto", None):
-        raise SpecError(f"kvplug stores its own codes: keep --kv-cache-dtype auto (got {cache_dtype!r}) "
-                        f"with {KEY}={str(strategy)!r}")
+        _turn_off_for_eviction(vllm_config, strategy)
     version = ".".join(map(str, compat.vllm_version()))
     _log(f"kvplug: strategy {str(strategy)!r} selected, {prefill_mode(vllm_config)} prefill; attention backend "
          f"{backend} (vLLM {version})")
@@ -215,24 +208,13 @@ def _stock_on_cuda(strategy: Strategy) -> bool:
     return isinstance(strategy.codec, NoCodec) and not strategy.evicts
 
 
-def _check_eviction(vllm_config, strategy: Strategy) -> None:
-    """Refuse what eviction cannot run with; turn off what it replaces (as vLLM does for CPU MLA):
-    prefix caching (compressed blocks no longer hold the tokens their hashes name) and, in the
-    ``uncompressed`` prefill mode, chunked prefill (the selection then reads the prompt's raw K/V,
-    which only its own step has). In the default ``compressed`` mode a prompt may come in chunks:
-    the chunk that ends it selects over the prompt as the pages hold it (:mod:`.compaction`)."""
-    from . import compat
-
-    if not compat.supports_eviction():
-        version = ".".join(map(str, compat.vllm_version()))
-        raise SpecError(f"kvplug in vLLM: eviction ({strategy.scorer.name}) needs vLLM 0.26 or later (this is "
-                        f"{version}); codecs alone run here")
-    if getattr(vllm_config, "speculative_config", None) is not None:
-        raise SpecError(f"kvplug in vLLM: eviction ({strategy.scorer.name}) cannot run with speculative decoding "
-                        f"(drafts would attend over tokens the scheduler already freed)")
-    if getattr(vllm_config, "kv_transfer_config", None) is not None:
-        raise SpecError(f"kvplug in vLLM: eviction ({strategy.scorer.name}) cannot run with a KV connector "
-                        f"(it would transfer compacted blocks as if they held the tokens their positions name)")
+def _turn_off_for_eviction(vllm_config, strategy: Strategy) -> None:
+    """Turn off what eviction replaces (as vLLM does for CPU MLA; its refusals are in
+    :func:`.capabilities.check_engine`): prefix caching (compressed blocks no longer hold the
+    tokens their hashes name) and, in the ``uncompressed`` prefill mode, chunked prefill (the
+    selection then reads the prompt's raw K/V, which only its own step has). In the default
+    ``compressed`` mode a prompt may come in chunks: the chunk that ends it selects over the
+    prompt as the pages hold it (:mod:`.compaction`)."""
     cache, scheduler = vllm_config.cache_config, vllm_config.scheduler_config
     if prefill_mode(vllm_config) == "compressed":
         if cache.enable_prefix_caching:

@@ -24,51 +24,76 @@ one) every call goes to vLLM's own CPU implementation unchanged.
 
 from __future__ import annotations
 
+import functools
+from typing import ClassVar
+
 import torch
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
 from kvplug.codecs.none import NoCodec
 
-from . import check_head_sizes, check_layer, compat, layer_spec, prefill_mode, selected_strategy
+from . import compat, layer_spec, prefill_mode, selected_strategy
+from .capabilities import Engine, Support, check_head_sizes, check_layer, cpu_page, resolve_configured
 from .compaction import LayerEviction, attend
 from .layout import PagedKV, TokenLayout
 
-ACTIVE: dict = {"layout": None, "evicting": None}
-"""The token layout of the model last built in this process (one engine per worker process) and,
-when its strategy evicts, ``(spec, num_layers)``: ``customize_spec`` (a classmethod, called
-without the config) reads them."""
-
 
 class KVPlugCPUBackend(CPUAttentionBackend):
-    """vLLM's CPU attention backend with a kvplug-compressed paged KV cache."""
+    """vLLM's CPU attention backend with a kvplug-compressed paged KV cache. The class that
+    serves an engine is its subclass carrying the engine (:func:`.capabilities.configured`)."""
 
     kvplug = True
     forward_includes_kv_cache_update = True  # the impl stores in forward (also when passing through)
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto"]
+    kvplug_support: ClassVar[Support] = Support(
+        platform="CPU", page=cpu_page, token_bytes=lambda layout: layout.token_bytes, replaces_on_decode=True,
+        raw_prefill_with_context=True, encoder_attention=True)
+    engine: ClassVar[Engine | None] = None
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return []  # torch SDPA over the decoded K/V: any head size (the codec checks its own)
 
     @staticmethod
     def get_impl_cls() -> type[KVPlugCPUImpl]:
         return KVPlugCPUImpl
 
     @classmethod
+    def _layout(cls, head_size: int) -> TokenLayout | None:
+        if cls.engine is None or isinstance(cls.engine.strategy.codec, NoCodec):
+            return None
+        return _token_layout(cls.engine.strategy.codec, head_size, cls.engine.torch_dtype)
+
+    @classmethod
     def customize_spec(cls, spec):
         stock = getattr(super(), "customize_spec", None)  # 0.32; 0.26 calls this from compat's hook
         spec = stock(spec) if stock is not None else spec
-        layout: TokenLayout | None = ACTIVE["layout"]
-        if layout is None:
+        if cls.engine is None:
             return spec
-        compressed = not isinstance(layout.codec, NoCodec)
-        if compressed:
+        layout = cls._layout(spec.head_size)
+        if layout is not None:
             check_head_sizes(spec, layout.head_dim)
-        return layer_spec(spec, layout.token_bytes if compressed else None, ACTIVE["evicting"])
+        return layer_spec(spec, None if layout is None else layout.token_bytes, cls.engine.evicting)
 
-    @staticmethod
-    def get_kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size, cache_dtype_str="auto"):
+    @classmethod
+    def get_kv_cache_shape(cls, num_blocks, block_size, num_kv_heads, head_size, cache_dtype_str="auto"):
         """0.26 only (0.32 derives the shape from the spec)."""
-        layout: TokenLayout | None = ACTIVE["layout"]
-        if layout is None or isinstance(layout.codec, NoCodec):
+        layout = cls._layout(head_size)
+        if layout is None:
             return num_blocks, num_kv_heads, block_size, 2 * head_size
         return compat.kv_cache_shape(num_blocks, block_size, num_kv_heads, layout.token_bytes)
+
+
+@functools.cache
+def _token_layout(codec, head_size: int, dtype: torch.dtype) -> TokenLayout:
+    return TokenLayout.for_codec(codec, head_size, dtype)
+
+
+def __getattr__(name: str):
+    """vLLM imports the configured class by name, in whichever process it needs it."""
+    return resolve_configured(KVPlugCPUBackend, name)
 
 
 class KVPlugCPUImpl(CPUAttentionBackendImpl):
@@ -83,22 +108,18 @@ class KVPlugCPUImpl(CPUAttentionBackendImpl):
         strategy = selected_strategy(config)
         self.paged: PagedKV | None = None
         if strategy is None:
-            ACTIVE["layout"] = ACTIVE["evicting"] = None
             return
         if attn_type != AttentionType.DECODER:
             return  # encoder attention keeps no KV cache: vLLM's own path
-        check_layer(strategy, sliding_window=sliding_window, alibi_slopes=alibi_slopes,
+        check_layer(KVPlugCPUBackend, strategy, sliding_window=sliding_window, alibi_slopes=alibi_slopes,
                     logits_soft_cap=logits_soft_cap, sinks=sinks,
                     kv_sharing_target_layer_name=kv_sharing_target_layer_name)
         dtype = getattr(getattr(config, "model_config", None), "dtype", None) or torch.get_default_dtype()
-        layout = TokenLayout.for_codec(strategy.codec, head_size, dtype)
-        ACTIVE["layout"] = layout
-        self.paged = PagedKV(layout)
+        self.paged = PagedKV(_token_layout(strategy.codec, head_size, dtype))
         self.raw_prefill = prefill_mode(config) == "uncompressed"
         self.strategy = strategy
         self.num_layers = config.model_config.get_total_num_hidden_layers()
         self.eviction: LayerEviction | None = None  # made at the first step, when the layer's name is known
-        ACTIVE["evicting"] = (str(strategy), self.num_layers) if strategy.evicts else None
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):

@@ -1,7 +1,35 @@
-"""Every difference between the vLLM versions kvplug supports (0.26 and 0.32), in one place.
+"""Every difference between the vLLM versions kvplug supports (0.26 and 0.32), and every patch of vLLM, in one place.
 
 The rest of ``kvplug.adapters.vllm`` calls these functions and never tests a version itself.
 Each one reads vLLM lazily, so this module imports (and is unit-tested) without a running engine.
+
+Patches of vLLM (all idempotent: each wrapper carries the :data:`ROUTED` marker; each passes
+through unchanged while no strategy is selected):
+
+=============================================================  ==========  ===============================
+target                                                         versions    installed by / why no API
+=============================================================  ==========  ===============================
+``<current platform class>.get_attn_backend_cls`` (classmethod) 0.26, 0.32  :func:`route_backend_choice`:
+                                                                           ``register_backend`` maps a
+                                                                           name the user must select to
+                                                                           one class; kvplug picks per
+                                                                           engine from its strategy
+``<current platform class>.check_and_update_config``            0.26, 0.32  :func:`check_config_on_creation`:
+                                                                           no config-validation hook for
+                                                                           general plugins
+``Attention.get_kv_cache_spec``                                 0.26        :func:`install_spec_hook`; 0.32
+                                                                           has ``customize_spec`` (used)
+``gpu_model_runner.GPUModelRunner._build_attention_metadata``  0.26, 0.32  :func:`_expose_prompt_lengths_v1`
+                                                                           (eviction only): prompt lengths
+                                                                           reach no backend otherwise
+``gpu.model_runner.GPUModelRunner.prepare_inputs`` (V2 runner)  0.26, 0.32  :func:`_expose_prompt_lengths_v2`
+                                                                           (eviction only), same reason
+=============================================================  ==========  ===============================
+
+Supported APIs used instead of patches: the ``vllm.general_plugins`` entry point, the backend's
+``customize_spec`` (0.32), ``KVCacheSpecRegistry`` for the evicting spec's manager (:mod:`.manager`).
+
+Version differences:
 
 * Page size of a compressed layer. 0.32: the backend's classmethod ``customize_spec`` returns
   ``replace(spec, dtype=uint8, state_content_bytes=C)`` and vLLM derives the layer's cache shape

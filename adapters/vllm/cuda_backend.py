@@ -36,7 +36,7 @@ shorter chunks (a prefix hit's last tokens, spec-decode-like extends) read the c
 with :func:`kvplug.triton_ops.paged_attention`. ``uncompressed`` (the HF adapter's first tokens)
 attends each prompt over its own raw K/V; a prefill with cached context (prefix-cache hit, a later
 chunk of a chunked prefill) cannot be served that way, so start-up refuses prefix caching and
-chunked prefill (:func:`check_engine`) and the builder stops on such a batch rather than attend
+chunked prefill (:func:`.capabilities.check_engine`) and the builder stops on such a batch rather than attend
 over part of the context. The decode path allocates nothing outside the kernels' own scratch and
 never syncs, so pure-decode batches run as full CUDA graphs (``UNIFORM_SINGLE_TOKEN_DECODE``);
 mixed batches run piecewise, attention eager.
@@ -56,61 +56,34 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, Att
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from kvplug import triton_ops
-from kvplug.errors import SpecError
 
-from . import KEY, PREFILL_KEY, check_head_sizes, check_layer, compat, layer_spec, prefill_mode, selected_strategy
+from . import compat, layer_spec, prefill_mode, selected_strategy
+from .capabilities import Engine, Support, check_head_sizes, check_layer, cuda_page, resolve_configured
 from .compaction import LayerEviction, attend
-from .eviction import READ_ALL, held_spans, replaces
+from .eviction import READ_ALL, held_spans
 from .layout import PagedKV, TokenLayout, as_triton_cache
 
-ACTIVE: dict = {"layout": None, "evicting": None}
-"""The :class:`~kvplug.triton_ops.PagedLayout` of the model last built in this process (one engine
-per worker) and, when its strategy evicts, ``(spec, num_layers)``: ``customize_spec`` and
-``get_kv_cache_shape`` (class methods, no config) read them."""
-
-
-def paged_layout(codec, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype):
-    """The kernels' layout for ``codec``, or a one-line :class:`SpecError` naming what they lack."""
-    if getattr(codec, "rotate", False):
-        raise SpecError(f"kvplug in vLLM on CUDA: {codec} (rotate=true) has no GPU path yet; use it without "
-                        "rotate")
-    try:
-        return triton_ops.PagedLayout.for_codec(codec, block_size, num_kv_heads, head_dim, dtype)
-    except ValueError as e:
-        raise SpecError(f"kvplug in vLLM on CUDA: {e}") from None
-
-
-def check_engine(vllm_config, strategy) -> None:
-    """Refuse, at start-up, a codec the kernels cannot hold and the scheduling this backend cannot
-    attend over (see the module doc)."""
-    model = getattr(vllm_config, "model_config", None)
-    head_dim = compat.head_size(vllm_config)
-    if head_dim is not None:
-        paged_layout(strategy.codec, 16, 1, head_dim, getattr(model, "dtype", None) or torch.bfloat16)
-    if replaces(strategy):
-        raise SpecError(f"kvplug in vLLM on CUDA: {strategy.scorer.name} ranks tokens by the attention of each "
-                        f"generated token, which the CUDA decode kernel does not report yet; run it on the CPU "
-                        f"backend or with the HF adapter")
-    if prefill_mode(vllm_config) == "compressed":
-        return
-    cache = getattr(vllm_config, "cache_config", None)
-    sched = getattr(vllm_config, "scheduler_config", None)
-    on = [flag for flag, enabled in (
-        ("--no-enable-prefix-caching / enable_prefix_caching=False", getattr(cache, "enable_prefix_caching", False)),
-        ("--no-enable-chunked-prefill / enable_chunked_prefill=False",
-         getattr(sched, "enable_chunked_prefill", False)),
-    ) if enabled]
-    if on:
-        raise SpecError(f"kvplug in vLLM on CUDA with {PREFILL_KEY}='uncompressed' attends prefills over their own "
-                        f"tokens only; pass {' and '.join(on)} with {KEY}, or drop {PREFILL_KEY} (the default, "
-                        f"'compressed', runs both)")
+def token_bytes(layout) -> int:
+    """Bytes of K and V of one token for one KV head in ``layout`` (vLLM's ``C``)."""
+    return layout.bytes_per_token() // layout.num_kv_heads
 
 
 class KVPlugCudaBackend(AttentionBackend):
-    """A paged KV cache of kvplug codes on CUDA, read by :mod:`kvplug.triton_ops`."""
+    """A paged KV cache of kvplug codes on CUDA, read by :mod:`kvplug.triton_ops`. The class that
+    serves an engine is its subclass carrying the engine (:func:`.capabilities.configured`)."""
 
     kvplug = True
     forward_includes_kv_cache_update = True  # store_kv runs in forward, before attention
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto"]
+    kvplug_support: ClassVar[Support] = Support(
+        platform="CUDA", page=cuda_page, token_bytes=token_bytes, replaces_on_decode=False,
+        raw_prefill_with_context=False, encoder_attention=False)
+    engine: ClassVar[Engine | None] = None
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return [16, 32, 64, 128, 256, 512]  # the kernels' tiles: powers of two (PagedLayout)
 
     @staticmethod
     def get_name() -> str:
@@ -125,25 +98,30 @@ class KVPlugCudaBackend(AttentionBackend):
         return KVPlugCudaMetadataBuilder
 
     @classmethod
+    def _engine(cls) -> Engine:
+        if cls.engine is None:
+            raise RuntimeError(f"kvplug: {cls.__name__} serves no engine; vLLM is given the configured subclass "
+                               f"(capabilities.configured)")
+        return cls.engine
+
+    @classmethod
     def customize_spec(cls, spec):
         """The codec's bytes per token-head as the page (0.32 calls this; 0.26 through compat's hook)."""
-        layout = ACTIVE["layout"]
-        if layout is None:
-            return spec
+        engine = cls._engine()
+        layout = cuda_page(engine.strategy.codec, spec.head_size, engine.torch_dtype)
         check_head_sizes(spec, layout.head_dim)
-        return layer_spec(spec, token_bytes(layout), ACTIVE["evicting"])
+        return layer_spec(spec, token_bytes(layout), engine.evicting)
 
-    @staticmethod
-    def get_kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size, cache_dtype_str="auto"):
-        layout = ACTIVE["layout"]
-        if layout is None:
-            raise RuntimeError("kvplug: the CUDA backend's KV-cache shape was asked before its layer was built")
+    @classmethod
+    def get_kv_cache_shape(cls, num_blocks, block_size, num_kv_heads, head_size, cache_dtype_str="auto"):
+        engine = cls._engine()
+        layout = cuda_page(engine.strategy.codec, head_size, engine.torch_dtype)
         return compat.kv_cache_shape(num_blocks, block_size, num_kv_heads, token_bytes(layout))
 
 
-def token_bytes(layout) -> int:
-    """Bytes of K and V of one token for one KV head in ``layout`` (vLLM's ``C``)."""
-    return layout.bytes_per_token() // layout.num_kv_heads
+def __getattr__(name: str):
+    """vLLM imports the configured class by name, in whichever process it needs it."""
+    return resolve_configured(KVPlugCudaBackend, name)
 
 
 @dataclass
@@ -281,20 +259,15 @@ class KVPlugCudaImpl(AttentionImpl):
         self.kv_cache_dtype = kv_cache_dtype
         config = compat.current_config()
         strategy = selected_strategy(config)
-        if attn_type != AttentionType.DECODER:
-            raise SpecError(f"kvplug in vLLM on CUDA does not support encoder or cross attention yet "
-                            f"(strategy {str(strategy)!r})")
-        check_layer(strategy, sliding_window=sliding_window, alibi_slopes=alibi_slopes,
-                    logits_soft_cap=logits_soft_cap, sinks=sinks,
-                    kv_sharing_target_layer_name=kv_sharing_target_layer_name, where=" on CUDA")
+        check_layer(KVPlugCudaBackend, strategy, encoder=attn_type != AttentionType.DECODER,
+                    sliding_window=sliding_window, alibi_slopes=alibi_slopes, logits_soft_cap=logits_soft_cap,
+                    sinks=sinks, kv_sharing_target_layer_name=kv_sharing_target_layer_name)
         dtype = getattr(getattr(config, "model_config", None), "dtype", None) or torch.get_default_dtype()
         block_size = getattr(getattr(config, "cache_config", None), "block_size", None) or 16
-        self.layout = paged_layout(strategy.codec, block_size, self.num_kv_heads, head_size, dtype)
-        ACTIVE["layout"] = self.layout
+        self.layout = cuda_page(strategy.codec, head_size, dtype, block_size, self.num_kv_heads)
         self.strategy = strategy
         self.num_layers = config.model_config.get_total_num_hidden_layers()
         self.eviction: LayerEviction | None = None  # made at the first step, when the layer's name is known
-        ACTIVE["evicting"] = (str(strategy), self.num_layers) if strategy.evicts else None
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output=None, output_scale=None,
                 output_block_scale=None):
