@@ -2,6 +2,7 @@
 not depend on how the scheduler ran a request.
 
     python benchmarks/vllm_schedule_check.py --model random --specs int4,snapkv(budget=25%)+int4
+    python benchmarks/vllm_schedule_check.py --specs "snapkv(budget=25%)+int4" --variants graphs,v1,v2
 
 Per spec, two engines (eager, the same weights and KV memory): ``chunked`` (vLLM's defaults on:
 chunked prefill with ``max_num_batched_tokens`` 512, prefix caching) and ``whole`` (each prompt
@@ -29,8 +30,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vllm_serving import TIE_NATS, _gap, random_model  # noqa: E402
 
-SCHEDULES = {"chunked": {"max_num_batched_tokens": 512, "enable_chunked_prefill": True, "enable_prefix_caching": True},
+CHUNKED = {"max_num_batched_tokens": 512, "enable_chunked_prefill": True, "enable_prefix_caching": True}
+SCHEDULES = {"chunked": CHUNKED,
              "whole": {"max_num_batched_tokens": 8192, "enable_chunked_prefill": True, "enable_prefix_caching": False}}
+"""The two schedules every spec runs (eager, the model runner vLLM picks)."""
+VARIANTS = {"graphs": {"eager": False}, "v1": {"runner": "0"}, "v2": {"runner": "1"}}
+"""``--variants``: the ``chunked`` schedule again with CUDA graphs (vLLM's compiled piecewise /
+full-decode graphs) or with the V1 / V2 model runner forced (``VLLM_USE_V2_MODEL_RUNNER``),
+each compared with ``whole`` and with itself alone."""
 
 
 def _prompts(lengths, vocab, seed):
@@ -40,12 +47,22 @@ def _prompts(lengths, vocab, seed):
 
 def child(job: dict) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler in this process: chunks, preemptions
+    variant = VARIANTS.get(job["schedule"], {})
+    if "runner" in variant:
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = variant["runner"]
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=job["model"], dtype="bfloat16", max_model_len=4096, seed=0, enforce_eager=True,
-              kv_cache_memory_bytes=job["kv_bytes"], max_num_seqs=64, load_format=job["load_format"],
-              skip_tokenizer_init=True, additional_config={"kvplug": job["spec"]}, **SCHEDULES[job["schedule"]])
-    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    llm = LLM(model=job["model"], dtype="bfloat16", max_model_len=4096, seed=0,
+              enforce_eager=variant.get("eager", True), kv_cache_memory_bytes=job["kv_bytes"], max_num_seqs=64,
+              load_format=job["load_format"], skip_tokenizer_init=True, additional_config={"kvplug": job["spec"]},
+              **SCHEDULES.get(job["schedule"], CHUNKED))
+    core = llm.llm_engine.engine_core.engine_core
+    scheduler = core.scheduler
+    try:
+        runner = type(core.model_executor.driver_worker.worker.model_runner)
+        runner_name = f"{runner.__module__}.{runner.__name__}"
+    except AttributeError:
+        runner_name = "?"
     pool = scheduler.kv_cache_manager.block_pool
     vocab = job["vocab"]
     greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2, detokenize=False)
@@ -65,7 +82,7 @@ def child(job: dict) -> None:
 
     scheduler.schedule, scheduler._preempt_request = counted, counted_preempt
     res: dict = {"spec": job["spec"], "schedule": job["schedule"], "pool": pool.num_gpu_blocks, "tokens": [],
-                 "gaps": [], "cached": []}
+                 "gaps": [], "cached": [], "runner": runner_name}
     for p in sequential:
         o = llm.generate([{"prompt_token_ids": p}], greedy, use_tqdm=False)[0]
         res["tokens"].append(list(o.outputs[0].token_ids))
@@ -73,7 +90,7 @@ def child(job: dict) -> None:
         res["cached"].append(o.num_cached_tokens or 0)
         chunks.append(0)
     res["chunks"] = chunks[:-1]
-    if job["schedule"] == "chunked":
+    if job["schedule"] != "whole":
         rng = random.Random(7)
         many = [{"prompt_token_ids": p} for p in _prompts([rng.randint(3, 600) for _ in range(64)], vocab, 8)]
         short = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2, detokenize=False)
@@ -110,6 +127,7 @@ def main() -> None:
     ap.add_argument("--kv-bytes", type=int, default=40 << 20, help="KV-cache memory of every engine")
     ap.add_argument("--out", default="/tmp/vllm_schedule_check")
     ap.add_argument("--timeout", type=int, default=300)
+    ap.add_argument("--variants", default="", help=f"comma-separated, of {', '.join(VARIANTS)}: more chunked runs")
     args = ap.parse_args()
     if args.child:
         child(json.loads(args.child))
@@ -122,9 +140,13 @@ def main() -> None:
         model, fmt = args.model, "auto"
         vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
     print(f"model {args.model}, KV memory {args.kv_bytes} bytes, schedules {SCHEDULES}", flush=True)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        ap.error(f"--variants: unknown {sorted(unknown)}; known: {', '.join(VARIANTS)}")
     for spec in args.specs.split(","):
         runs = {}
-        for name in SCHEDULES:
+        for name in [*SCHEDULES, *variants]:
             safe = "".join(c if c.isalnum() else "_" for c in f"{spec}-{name}")
             job = {"model": model, "vocab": vocab, "load_format": fmt, "spec": spec, "schedule": name,
                    "kv_bytes": args.kv_bytes, "out": str(out / f"{safe}.json")}
@@ -136,17 +158,25 @@ def main() -> None:
                 print(f"{spec} {name}: failed (rc {rc}):\n" + (out / f"{safe}.log").read_text()[-3000:], flush=True)
                 break
             runs[name] = json.loads(Path(job["out"]).read_text())
-            print(f"{spec} {name}: {time.perf_counter() - t:.0f} s, pool {runs[name]['pool']} blocks, prompt chunks "
-                  f"{runs[name]['chunks']}, prefix-cache tokens {runs[name]['cached']}", flush=True)
-        if len(runs) < 2:
+            print(f"{spec} {name}: {time.perf_counter() - t:.0f} s, {runs[name]['runner']}, pool {runs[name]['pool']} "
+                  f"blocks, prompt chunks {runs[name]['chunks']}, prefix-cache tokens {runs[name]['cached']}",
+                  flush=True)
+        if "whole" not in runs:
             continue
-        c, w = runs["chunked"], runs["whole"]
-        eq, ties, other = agreement(c["tokens"], w["tokens"], w["gaps"])
-        print(f"{spec}: chunked + prefix cache vs one chunk cold: {eq}/3 equal, {ties} part at a tie, "
-              f"{other} part elsewhere", flush=True)
-        eq, ties, other = agreement(c["together"], c["alone"], c["alone_gaps"])
-        print(f"{spec}: 64 together ({c['preempted']} preemptions) vs alone: {eq}/64 equal, {ties} part at a tie, "
-              f"{other} part elsewhere; free blocks after {c['free_end']} of {c['pool']}", flush=True)
+        w = runs["whole"]
+        for name, c in runs.items():
+            if name == "whole":
+                continue
+            eq, ties, other = agreement(c["tokens"], w["tokens"], w["gaps"])
+            print(f"{spec} {name}: chunked + prefix cache vs one chunk cold: {eq}/3 equal, {ties} part at a tie, "
+                  f"{other} part elsewhere", flush=True)
+            eq, ties, other = agreement(c["together"], c["alone"], c["alone_gaps"])
+            print(f"{spec} {name}: 64 together ({c['preempted']} preemptions) vs alone: {eq}/64 equal, {ties} part at "
+                  f"a tie, {other} part elsewhere; free blocks after {c['free_end']} of {c['pool']}", flush=True)
+            if name != "chunked" and "chunked" in runs:
+                eq, ties, other = agreement(c["together"], runs["chunked"]["together"], runs["chunked"]["alone_gaps"])
+                print(f"{spec} {name} vs chunked (eager, vLLM's runner), 64 together: {eq}/64 equal, {ties} part at "
+                      f"a tie, {other} part elsewhere", flush=True)
 
 
 if __name__ == "__main__":
