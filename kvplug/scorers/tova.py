@@ -2,8 +2,10 @@
 
 TOVA (Oren et al., "Transformers are Multi-State RNNs", arXiv 2401.06104): at each step, drop the
 token with the lowest attention from the newest query, averaged over all heads of the layer (one
-decision per layer). At prefill the last prompt query ranks the prompt; while generating, each new
-query ranks the cache and the lowest token is evicted.
+decision per layer). At prefill the last prompt query ranks the prompt, the last prompt token
+itself always kept (``keep_last``, as TOVA's and kvpress's code do: it is the token the next step
+attends to most reliably, and dropping it loses the query's own context); while generating, each
+new query ranks the cache and the lowest token is evicted.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from kvplug.parts import param
-from kvplug.scorers.base import ScoreInputs, Scorer
+from kvplug.scorers.base import ALWAYS, ScoreInputs, Scorer
 from kvplug.tokens import TokenCount
 
 
@@ -26,6 +28,7 @@ class Tova(Scorer):
     evicts_on_decode = True
     needs_decode_attention = True
     budget: TokenCount = param(TokenCount(tokens=1024), doc="tokens kept per head (count or %)")
+    keep_last: bool = param(True, doc="always keep the last prompt token at prefill (TOVA's and kvpress's code)")
 
     @property
     def observation_window(self) -> int:
@@ -36,6 +39,9 @@ class Tova(Scorer):
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         last = inputs.window_probs[:, :, -1, :].mean(1, keepdim=True)  # [B, 1, T]
+        if self.keep_last:  # prompts are left-padded: the last column is every row's last token
+            last = last.clone()
+            last[..., -1] = ALWAYS
         return inputs.finish(last)
 
     def decode_update(self, scores: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
