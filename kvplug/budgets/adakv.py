@@ -3,7 +3,8 @@
 Ada-KV (Feng et al., "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation for
 Efficient LLM Inference", arXiv 2407.11550): heads differ in how concentrated their attention is,
 so the layer's budget (``budget x heads``) goes to the highest scores across all heads, with a
-safeguard of ``alpha x budget`` tokens guaranteed to every head.
+safeguard of ``floor(alpha x budget)`` tokens, at least one when ``alpha > 0`` (as the authors'
+code and kvpress's ``AdaKVPress``), guaranteed to every head.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ class AdaKV(Budget):
     def allocate(self, scores: torch.Tensor, kept: torch.Tensor, layer_idx: int, num_layers: int) -> torch.Tensor:
         b, h, t = scores.shape
         floor = torch.floor(kept.float() * self.alpha).long()
+        if self.alpha > 0:
+            floor = torch.minimum(floor.clamp(min=1), kept)
         guaranteed = top_per_head(scores, floor)
         rest = scores.masked_fill(guaranteed, float("-inf")).reshape(b, 1, h * t)
         extra = (kept * h - floor * h).clamp(min=0)
