@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from kvplug import parse
@@ -63,18 +64,27 @@ def test_streaming_short_prompt_keeps_everything(gen):
     assert all(h == set(range(12)) for heads in kept_sets(sel) for h in heads)
 
 
-def test_snapkv_matches_naive_loop(gen):
+@pytest.mark.parametrize("pool, span", [("avg", "prefix"), ("max", "all"), ("max", "prefix"), ("avg", "all")])
+def test_snapkv_matches_naive_loop(gen, pool, span):
+    """The authors' scoring (avg, prefix: the default) and the variants, against a float64 loop:
+    window attention summed, group mean, pooled over the prefix (zero padding, divided by the
+    kernel as ``avg_pool1d`` counts padding) or over every column; the window always kept."""
     w, budget, kernel = 6, 15, 5
     inputs = make_inputs(gen, window=w)
-    sel = parse(f"snapkv(budget={budget}, window={w}, kernel={kernel})").select(inputs)
+    sel = parse(f"snapkv(budget={budget}, window={w}, kernel={kernel}, pool={pool}, span={span})").select(inputs)
     got = kept_sets(sel)
+    n = 40 - w if span == "prefix" else 40
     for b in range(2):
         valid = inputs.valid[b]
         for h in range(2):
             probs = naive_probs(inputs.queries[b], inputs.keys[b], valid, 40 - w, inputs.scale)
             attn = probs[2 * h:2 * h + 2].sum(1).mean(0)  # window sum, group mean
-            pooled = [max(attn[max(0, j - kernel // 2):j + kernel // 2 + 1]).item() for j in range(40)]
-            scores = [pooled[j] if valid[j] else -math.inf for j in range(40)]
+            pooled = []
+            for j in range(n):
+                near = [attn[i].item() if 0 <= i < n else 0.0 for i in range(j - kernel // 2, j + kernel // 2 + 1)]
+                pooled.append(sum(near) / kernel if pool == "avg" else max(x for x, i in zip(
+                    near, range(j - kernel // 2, j + kernel // 2 + 1)) if 0 <= i < n))
+            scores = [pooled[j] if valid[j] and j < n else -math.inf if not valid[j] else 0.0 for j in range(40)]
             window = set(range(40 - w, 40))
             k = min(budget, int(valid.sum()))
             expect = naive_topk(scores, k, must=window)
@@ -97,16 +107,20 @@ def test_h2o_matches_naive_accumulated_attention(gen):
             assert got[b][h] == naive_topk(scores, min(12, n), must=recent)
 
 
-def test_tova_uses_last_query_mean_over_all_heads(gen):
+@pytest.mark.parametrize("keep_last", [True, False])
+def test_tova_uses_last_query_mean_over_all_heads(gen, keep_last):
+    """The last query's attention averaged over every head; the last token kept by default
+    (TOVA's code); a budget of 2 so that the last token's own rank decides."""
     inputs = make_inputs(gen, window=1)
-    sel = parse("tova(budget=9)").select(inputs)
-    got = kept_sets(sel)
-    for b in range(2):
-        valid = inputs.valid[b]
-        probs = naive_probs(inputs.queries[b], inputs.keys[b], valid, 39, inputs.scale)
-        scores = [probs[:, 0, j].mean().item() if valid[j] else -math.inf for j in range(40)]
-        expect = naive_topk(scores, 9)
-        assert got[b] == [expect, expect]
+    for budget in (9, 2):
+        sel = parse(f"tova(budget={budget}, keep_last={keep_last})").select(inputs)
+        got = kept_sets(sel)
+        for b in range(2):
+            valid = inputs.valid[b]
+            probs = naive_probs(inputs.queries[b], inputs.keys[b], valid, 39, inputs.scale)
+            scores = [probs[:, 0, j].mean().item() if valid[j] else -math.inf for j in range(40)]
+            expect = naive_topk(scores, budget, must={39} if keep_last else ())
+            assert got[b] == [expect, expect]
 
 
 def test_knorm_keeps_smallest_norms(gen):
@@ -141,16 +155,20 @@ def test_pyramid_budgets_decrease_and_average(gen):
     assert counts == expect and sum(counts) == 5 * 20
 
 
-def test_adakv_shares_budget_across_heads_with_floor(gen):
+@pytest.mark.parametrize("alpha, floor", [(0.5, 5), (0.05, 1), (0.0, 0)])
+def test_adakv_shares_budget_across_heads_with_floor(gen, alpha, floor):
+    """Each head's top floor(alpha * budget) (at least 1 when alpha > 0), then the layer's best."""
     inputs = make_inputs(gen, hkv=4, window=8, pad=(0, 0))
-    sel = parse("snapkv(budget=10, window=8)+adakv(alpha=0.5)").select(inputs)
+    inputs.keys[:, 3] *= 10  # head 3 ranks below every other: only its floor keeps anything there
+    sel = parse(f"knorm(budget=10)+adakv(alpha={alpha})").select(inputs)
+    assert (sel.counts[:, 3] == floor).all()
     assert (sel.counts.sum(-1) == 40).all()
-    scores = parse("snapkv(budget=10, window=8)").scorer.score(inputs)
+    scores = parse("knorm(budget=10)").scorer.score(inputs)
     for b in range(2):
-        floor_sets = [naive_topk(scores[b, h].tolist(), 5) for h in range(4)]
+        floor_sets = [naive_topk(scores[b, h].tolist(), floor) for h in range(4)]
         pool = [(scores[b, h, j].item(), h, j) for h in range(4) for j in range(40) if j not in floor_sets[h]]
         pool.sort(key=lambda x: (-x[0], x[1] * 40 + x[2]))
-        extra = {(h, j) for _, h, j in pool[:20]}
+        extra = {(h, j) for _, h, j in pool[:40 - 4 * floor]}
         for h in range(4):
             expect = floor_sets[h] | {j for hh, j in extra if hh == h}
             assert kept_sets(sel)[b][h] == expect
@@ -187,3 +205,63 @@ def test_simlayerkv_lazy_decision_and_kept_positions_match_naive(gen):
             first = int((~inputs.valid[b]).sum())
             expect = set(range(first, first + sinks)) | set(range(48 - window, 48)) if lazy else set(range(first, 48))
             assert all(h == expect for h in heads)
+
+
+@pytest.mark.parametrize("covariance, vnorm", [(True, True), (False, False)])
+def test_expected_attention_matches_naive_loop(gen, covariance, vnorm):
+    """Queries made by rotating known pre-RoPE queries (left padding: positions restart after
+    it); a float64 loop takes their mean and covariance after the sinks, rotates them by the mean
+    of explicit per-position 2x2 rotations over the next positions, and ranks keys by
+    ``softmax(scale k.mu' + scale^2/2 k^T S' k)`` (group mean, times the value norm), sinks kept."""
+    from kvplug.rope import Rope
+
+    b, hkv, group, t, d, n_sink, future, budget = 2, 2, 2, 24, 8, 3, 16, 10
+    inv_freq = 1.0 / (500.0 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    rope = Rope(inv_freq.float())
+    pre = torch.randn(b, hkv * group, t, d, generator=gen)
+    keys, values = torch.randn(b, hkv, t, d, generator=gen), torch.randn(b, hkv, t, d, generator=gen)
+    valid = torch.ones(b, t, dtype=torch.bool)
+    valid[1, :5] = False
+    pos = torch.where(valid, valid.long().cumsum(-1) - 1, 0)
+    queries = rope.rotate(pre, pos[:, None, :])
+    inputs = ScoreInputs(keys=keys, values=values, queries=queries, valid=valid, scale=d ** -0.5, rope=rope)
+    spec = (f"expected_attention(budget={budget}, n_future={future}, n_sink={n_sink}, use_covariance={covariance}, "
+            f"use_vnorm={vnorm})")
+    got = kept_sets(parse(spec).select(inputs))
+
+    def rotation(p):
+        r = torch.zeros(d, d, dtype=torch.float64)
+        for i in range(d // 2):
+            c, s = math.cos(p * inv_freq[i].item()), math.sin(p * inv_freq[i].item())
+            r[i, i], r[i, i + d // 2], r[i + d // 2, i], r[i + d // 2, i + d // 2] = c, -s, s, c
+        return r
+
+    for row in range(b):
+        idx = [j for j in range(t) if valid[row, j]]
+        length = len(idx)
+        stats = [j for j in idx if pos[row, j] >= n_sink]
+        rbar = sum(rotation(p) for p in range(length, length + future)) / future
+        per_head = []
+        for h in range(hkv * group):
+            qs = [pre[row, h, j].double() for j in stats]
+            mu = sum(qs) / len(qs)
+            cov = sum(torch.outer(q - mu, q - mu) for q in qs) / len(qs)
+            mu2, cov2 = rbar @ mu, rbar @ cov @ rbar.T
+            kv = h // group
+            logit = {j: inputs.scale * float(keys[row, kv, j].double() @ mu2)
+                     + (inputs.scale ** 2 / 2 * float(keys[row, kv, j].double() @ cov2 @ keys[row, kv, j].double())
+                        if covariance else 0.0) for j in stats}
+            top = max(logit.values())
+            z = sum(math.exp(x - top) for x in logit.values())
+            per_head.append({j: math.exp(x - top) / z for j, x in logit.items()})
+        for kv in range(hkv):
+            scores = []
+            for j in range(t):
+                if not valid[row, j]:
+                    scores.append(-math.inf)
+                elif pos[row, j] < n_sink:
+                    scores.append(math.inf)
+                else:
+                    s = sum(per_head[kv * group + g][j] for g in range(group)) / group
+                    scores.append(s * values[row, kv, j].double().norm().item() if vnorm else s)
+            assert got[row][kv] == naive_topk(scores, budget), (row, kv)
