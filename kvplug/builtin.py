@@ -11,6 +11,7 @@ from kvplug.codecs.kivi import Kivi
 from kvplug.codecs.none import NoCodec
 from kvplug.hookspecs import hookimpl
 from kvplug.mergers.minicache import MiniCache
+from kvplug.scorers.expected_attention import ExpectedAttention
 from kvplug.scorers.h2o import H2O
 from kvplug.scorers.knorm import KNorm
 from kvplug.scorers.random import RandomScorer
@@ -23,5 +24,5 @@ from kvplug.scorers.tova import Tova
 @hookimpl
 def kvplug_parts() -> list[type]:
     return [NoCodec, Int8, Int4, Int2, Kivi, Fp8,
-            Streaming, H2O, SnapKV, Tova, KNorm, RandomScorer, SimLayerKV,
+            Streaming, H2O, SnapKV, Tova, KNorm, RandomScorer, SimLayerKV, ExpectedAttention,
             Uniform, Pyramid, AdaKV, MiniCache]

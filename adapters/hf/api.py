@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import functools
 
+import torch
+
 from kvplug.config import resolve
 from kvplug.errors import SpecError
+from kvplug.rope import Rope
 
 from .attention import NAME, register
 from .cache import KVPlugCache
@@ -55,8 +58,23 @@ def cache(model, spec=None, paged: bool | None = None, keep_prompt: bool = False
     merger = strategy.merger
     if merger is not None and not merger.pairs(text.num_hidden_layers):
         raise SpecError(f"{merger}: merges no layer pair of this {text.num_hidden_layers}-layer model; lower start")
+    scorer = strategy.scorer
+    rope = rope_of(model)
+    if scorer is not None and scorer.needs_rope and rope is None:
+        raise SpecError(f"{scorer.name} needs the model's rotary embedding; this {text.model_type} model has no "
+                        f"rotary module kvplug can read (inv_freq)")
     use_kvplug_attention(model)
-    return KVPlugCache(strategy, text.num_hidden_layers, paged, keep_prompt)
+    return KVPlugCache(strategy, text.num_hidden_layers, paged, keep_prompt, rope=rope)
+
+
+def rope_of(model) -> Rope | None:
+    """The model's rotary embedding (transformers' ``rotary_emb``: ``inv_freq`` and
+    ``attention_scaling``), or None where it has none (one shared by every layer)."""
+    for module in model.modules():
+        inv_freq = getattr(module, "inv_freq", None)
+        if isinstance(inv_freq, torch.Tensor) and inv_freq.dim() == 1:
+            return Rope(inv_freq.detach().float().clone(), float(getattr(module, "attention_scaling", 1.0)))
+    return None
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from transformers.cache_utils import Cache
 
+from kvplug.rope import Rope
 from kvplug.strategy import Strategy
 
 from .layer import KVPlugLayer
@@ -12,18 +13,19 @@ from .layer import KVPlugLayer
 class KVPlugCache(Cache):
     """One :class:`KVPlugLayer` per decoder layer, all following one strategy."""
 
-    def __init__(self, strategy: Strategy, num_layers: int, paged: bool | None = None, keep_prompt: bool = False):
-        shared: dict = {}  # cross-layer state (a merger's parked prompts), one per cache
+    def __init__(self, strategy: Strategy, num_layers: int, paged: bool | None = None, keep_prompt: bool = False,
+                 rope: Rope | None = None):
+        shared: dict = {"rope": rope}  # cross-layer state (the model's RoPE, a merger's parked prompts)
         super().__init__(layers=[KVPlugLayer(strategy, i, num_layers, paged, keep_prompt, shared)
                                  for i in range(num_layers)])
-        self.strategy, self.paged = strategy, paged
+        self.strategy, self.paged, self.rope = strategy, paged, rope
 
     def fork(self, strategy: Strategy, paged: bool | None = None) -> KVPlugCache:
         """A cache for ``strategy`` holding this cache's prompt compressed its way, without running
         the model again: the prompt's attention does not depend on the strategy, only what is kept
         afterwards does. Needs a cache made with ``keep_prompt=True`` that has seen only a prompt.
         ``paged``: the new cache's layout choice (default: this cache's)."""
-        other = KVPlugCache(strategy, len(self.layers), self.paged if paged is None else paged)
+        other = KVPlugCache(strategy, len(self.layers), self.paged if paged is None else paged, rope=self.rope)
         for mine, theirs in zip(self.layers, other.layers):
             if mine.prompt is None or mine.seen != mine.prompt[0].shape[-2]:
                 raise RuntimeError("fork() needs a keep_prompt=True cache that has seen only its prompt")

@@ -112,7 +112,8 @@ class KVPlugLayer(CacheLayerMixin):
         strategy, scorer = self.strategy, self.strategy.scorer
         window = 0 if scorer is None else (t if scorer.needs_all_queries else min(scorer.observation_window, t))
         inputs = ScoreInputs(keys=keys, values=values, queries=queries[:, :, t - window:], valid=valid,
-                             scale=scale, layer_idx=self.layer_idx, num_layers=self.num_layers)
+                             scale=scale, layer_idx=self.layer_idx, num_layers=self.num_layers,
+                             rope=self.shared.get("rope"))
         sel = strategy.select(inputs)
         self.scorer = scorer = sel.scorer
         idx = sel.indices

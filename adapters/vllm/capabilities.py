@@ -156,6 +156,10 @@ def check_strategy(strategy: Strategy) -> None:
     from .eviction import check_evictable
 
     check_evictable(strategy)
+    scorer = strategy.scorer
+    if scorer is not None and scorer.needs_rope:
+        raise SpecError(f"kvplug in vLLM: {scorer.name} needs the model's rotary embedding to read queries before "
+                        f"RoPE, which the vLLM adapter does not pass its scorers yet; use it with the HF adapter")
     if strategy.merger is not None:
         raise SpecError(f"kvplug in vLLM: {strategy.merger.name} shares pages between layers, which the vLLM "
                         f"adapter does not do yet; got {str(strategy)!r}")

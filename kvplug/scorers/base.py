@@ -14,6 +14,7 @@ import torch
 
 from kvplug.attention import accumulated_attention, window_attention
 from kvplug.parts import Part
+from kvplug.rope import Rope
 
 NEVER = float("-inf")
 ALWAYS = float("inf")
@@ -34,6 +35,7 @@ class ScoreInputs:
     scale: float
     layer_idx: int = 0
     num_layers: int = 1
+    rope: Rope | None = None  # the model's rotary embedding, where the adapter knows it (needs_rope)
 
     @property
     def num_kv_heads(self) -> int:
@@ -69,6 +71,7 @@ class Scorer(Part):
     needs_all_queries: ClassVar[bool] = False
     evicts_on_decode: ClassVar[bool] = False
     needs_decode_attention: ClassVar[bool] = False
+    needs_rope: ClassVar[bool] = False  # reads ScoreInputs.rope (queries before rotation)
 
     @property
     def observation_window(self) -> int:
