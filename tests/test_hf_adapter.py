@@ -253,3 +253,44 @@ def test_paged_layout_matches_slot_store(spec, gen):
 
     for a, b in zip(caches[0].layers, caches[1].layers):
         assert kept(a) == kept(b)
+
+
+def _registered_specs():
+    """One spec per registered part (the registry, not a list kept here): a scorer with half its
+    prompt as the budget where it takes one, a budget behind knorm, a codec or merger alone."""
+    from kvplug.registry import Registry
+
+    reg = Registry(discover=False)
+    for name in reg.names():
+        cls = reg.get(name)
+        fields = {f.name for f in cls.parameters()}
+        if cls.kind == "scorer":
+            yield name, f"{name}(budget=50%)" if "budget" in fields else name
+        elif cls.kind == "budget":
+            yield name, f"knorm(budget=50%)+{name}"
+        else:
+            yield name, name
+
+
+@pytest.mark.parametrize("name, spec", list(_registered_specs()), ids=[n for n, _ in _registered_specs()])
+def test_every_registered_part_runs_in_generate(gen, name, spec):
+    """Each part the registry holds runs once through ``generate()`` on a tiny 4-layer Llama (batch
+    of 2, left padding; 4 layers so that a merger has a pair); an evicting one keeps about half the
+    prompt, at most what was seen."""
+    print(f"seed {gen.initial_seed()}")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**SMALL, "num_hidden_layers": 4}, num_key_value_heads=2, head_dim=32))
+    model.generation_config.eos_token_id = None
+    model.eval()
+    ids, mask = prompts(gen, length=40, pad=6)
+    strategy = parse(spec)
+    cache = kvplug.hf.cache(model, strategy)
+    out = greedy(model, ids, mask, steps=6, cache=cache)
+    assert out.shape == (2, 46)
+    layers, heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+    seen = layers * heads * (2 * 46 - 6 - 1)  # every real token but the last generated one
+    kept = cache.kept_tokens()
+    if strategy.scorer is not None and "budget" in {f.name for f in type(strategy.scorer).parameters()}:
+        assert kept < seen * 0.8, (spec, kept, seen)
+    else:
+        assert 0 < kept <= seen, (spec, kept, seen)
