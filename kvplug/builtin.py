@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kvplug.budgets.adakv import AdaKV
+from kvplug.budgets.chunkkv import ChunkKV
 from kvplug.budgets.pyramid import Pyramid
 from kvplug.budgets.uniform import Uniform
 from kvplug.codecs.fp8 import Fp8
@@ -13,7 +14,9 @@ from kvplug.hookspecs import hookimpl
 from kvplug.mergers.minicache import MiniCache
 from kvplug.scorers.expected_attention import ExpectedAttention
 from kvplug.scorers.h2o import H2O
+from kvplug.scorers.keydiff import KeyDiff
 from kvplug.scorers.knorm import KNorm
+from kvplug.scorers.lagkv import LagKV
 from kvplug.scorers.random import RandomScorer
 from kvplug.scorers.simlayerkv import SimLayerKV
 from kvplug.scorers.snapkv import SnapKV
@@ -24,5 +27,5 @@ from kvplug.scorers.tova import Tova
 @hookimpl
 def kvplug_parts() -> list[type]:
     return [NoCodec, Int8, Int4, Int2, Kivi, Fp8,
-            Streaming, H2O, SnapKV, Tova, KNorm, RandomScorer, SimLayerKV, ExpectedAttention,
-            Uniform, Pyramid, AdaKV, MiniCache]
+            Streaming, H2O, SnapKV, Tova, KNorm, RandomScorer, SimLayerKV, ExpectedAttention, KeyDiff, LagKV,
+            Uniform, Pyramid, AdaKV, ChunkKV, MiniCache]

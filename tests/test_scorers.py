@@ -265,3 +265,83 @@ def test_expected_attention_matches_naive_loop(gen, covariance, vnorm):
                     s = sum(per_head[kv * group + g][j] for g in range(group)) / group
                     scores.append(s * values[row, kv, j].double().norm().item() if vnorm else s)
             assert got[row][kv] == naive_topk(scores, budget), (row, kv)
+
+
+def test_keydiff_keeps_the_keys_least_like_the_mean_direction(gen):
+    """Loop: anchor = mean of the valid keys' unit vectors; score = -cos(key, anchor)."""
+    inputs = make_inputs(gen, window=1)
+    got = kept_sets(parse("keydiff(budget=11)").select(inputs))
+    for b in range(2):
+        idx = [j for j in range(40) if inputs.valid[b, j]]
+        for h in range(2):
+            keys = [inputs.keys[b, h, j].double() for j in range(40)]
+            anchor = sum(keys[j] / keys[j].norm() for j in idx) / len(idx)
+            scores = [-float(keys[j] @ anchor / (keys[j].norm() * anchor.norm())) if j in idx else -math.inf
+                      for j in range(40)]
+            assert got[b][h] == naive_topk(scores, 11)
+
+
+def naive_spread(x, own, ref):
+    """Per token of ``own``: the sample std over channels of its values min-max normalised by the
+    range of the rows ``ref`` (float64 loops)."""
+    d = x.shape[1]
+    out = []
+    for j in own:
+        chans = []
+        for c in range(d):
+            lo, hi = min(float(x[r, c]) for r in ref), max(float(x[r, c]) for r in ref)
+            chans.append((float(x[j, c]) - lo) / (hi - lo))
+        mean = sum(chans) / d
+        out.append(math.sqrt(sum((v - mean) ** 2 for v in chans) / (d - 1)))
+    return out
+
+
+def naive_softmax(xs):
+    e = [math.exp(x - max(xs)) for x in xs]
+    return [v / sum(e) for v in e]
+
+
+@pytest.mark.parametrize("n, budget", [(40, 28), (20, 12)])
+def test_lagkv_ranks_within_partitions_against_the_next(gen, n, budget):
+    """Loop: per partition, each token's rank (0..lag-1)/lag by the mean over K and V of
+    softmax(std over channels of (x - min_ref) / (max_ref - min_ref)); sinks and the last partition
+    plus remainder scored 1; a short prompt (n < sinks + 2 lag) keeps sinks then the newest. At
+    40 tokens 16 score 1, so a budget of 28 picks 12 by their ranks."""
+    sink, lag = 2, 8
+    inputs = make_inputs(gen, t=n, window=1, pad=(0, 3))
+    got = kept_sets(parse(f"lagkv(budget={budget}, n_sink={sink}, lag={lag})").select(inputs))
+    for b in range(2):
+        first = int((~inputs.valid[b]).sum())
+        m = n - first
+        for h in range(2):
+            k, v = inputs.keys[b, h, first:].double(), inputs.values[b, h, first:].double()
+            if m < sink + 2 * lag:
+                row = [1.0] * sink + [i / (m - sink) for i in range(m - sink)]
+            else:
+                row = [1.0] * m
+                for p in range((m - sink) // lag - 1):
+                    own = range(sink + p * lag, sink + (p + 1) * lag)
+                    ref = range(sink + (p + 1) * lag, sink + (p + 2) * lag)
+                    soft = [naive_softmax(naive_spread(x, own, ref)) for x in (k, v)]
+                    mean = [(a + c) / 2 for a, c in zip(*soft)]
+                    for r, i in enumerate(sorted(range(lag), key=lambda i: mean[i])):
+                        row[own[i]] = r / lag
+            scores = [-math.inf] * first + row
+            assert got[b][h] == naive_topk(scores, min(budget, m)), (b, h)
+
+
+def test_chunkkv_keeps_whole_chunks_by_their_mean_score(gen):
+    """Loop: chunks of 6 over each row's tokens (remainder a chunk), mean of the head-summed
+    knorm scores, the best floor(chunks * 15 / tokens) chunks kept in every head."""
+    inputs = make_inputs(gen, window=1, pad=(0, 5))
+    got = kept_sets(parse("knorm(budget=15)+chunkkv(chunk=6)").select(inputs))
+    for b in range(2):
+        first = int((~inputs.valid[b]).sum())
+        n = 40 - first
+        summed = [sum(-inputs.keys[b, h, first + j].double().norm().item() for h in range(2)) for j in range(n)]
+        chunks = [list(range(s, min(s + 6, n))) for s in range(0, n, 6)]
+        means = [sum(summed[j] for j in c) / len(c) for c in chunks]
+        count = max(1, len(chunks) * 15 // n)
+        best = sorted(range(len(chunks)), key=lambda i: (-means[i], i))[:count]
+        expect = {first + j for i in best for j in chunks[i]}
+        assert got[b] == [expect, expect]
