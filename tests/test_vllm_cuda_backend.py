@@ -360,6 +360,8 @@ def test_cuda_routes_eviction(cb, monkeypatch):
                                        ("knorm(budget=40%)+pyramid(beta=4)", "uncompressed"),
                                        ("knorm(budget=40%)+pyramid(beta=4)", "compressed"),
                                        ("snapkv(budget=30, window=8)", "compressed"),
+                                       ("keydiff(budget=30)+int4", "compressed"),
+                                       ("lagkv(budget=30, n_sink=2, lag=8)+int8", "compressed"),
                                        ("streaming(sinks=3, window=20)+int8", "uncompressed"),
                                        ("streaming(sinks=3, window=20)+int8", "compressed")])
 def test_forward_with_eviction_reads_the_kept_tokens_only(cb, spec, mode, gen):
