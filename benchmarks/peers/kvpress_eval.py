@@ -35,6 +35,8 @@ PRESSES = {
     "tova": ("TOVAPress", {}),
     "knorm": ("KnormPress", {}),
     "expected-attention": ("ExpectedAttentionPress", {}),
+    "keydiff": ("KeyDiffPress", {}),
+    "lagkv": ("LagKVPress", {}),
 }
 
 

@@ -57,6 +57,9 @@ def presses(ratio: float) -> dict:
         "adakv-snapkv": kp.AdaKVPress(kp.SnapKVPress(compression_ratio=ratio)),  # alpha_safeguard=0.2
         "adakv-knorm": kp.AdaKVPress(kp.KnormPress(compression_ratio=ratio)),
         "adakv-expected-attention": kp.AdaKVPress(kp.ExpectedAttentionPress(compression_ratio=ratio)),
+        "keydiff": kp.KeyDiffPress(compression_ratio=ratio),
+        "lagkv": kp.LagKVPress(compression_ratio=ratio),  # n_sink=4, lag_size=128
+        "chunkkv-knorm": kp.ChunkKVPress(kp.KnormPress(compression_ratio=ratio)),  # chunk_length=20
     }
 
 
@@ -87,7 +90,7 @@ def record(press, layers: dict) -> None:
     import kvpress as kp
 
     adakv = isinstance(press, kp.AdaKVPress)
-    scorer = press.press if adakv else press
+    scorer = press.press if isinstance(press, (kp.AdaKVPress, kp.ChunkKVPress)) else press  # wrappers score inside
     compress, score = press.compress, scorer.score
     last = {}
 

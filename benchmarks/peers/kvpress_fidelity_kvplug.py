@@ -65,6 +65,9 @@ def variants(press: str, ratio: float, t: int, percent: bool = False) -> list[tu
         "adakv-knorm": [(f"kvplug knorm(budget={keep})+adakv(alpha=0.2)", f"knorm(budget={keep})+adakv(alpha=0.2)")],
         "adakv-expected-attention": [(f"kvplug expected_attention(budget={keep})+adakv(alpha=0.2)",
                                       f"expected_attention(budget={keep})+adakv(alpha=0.2)")],
+        "keydiff": [(f"kvplug keydiff(budget={keep})", f"keydiff(budget={keep})")],
+        "lagkv": [(f"kvplug lagkv(budget={keep})", f"lagkv(budget={keep})")],
+        "chunkkv-knorm": [(f"kvplug knorm(budget={keep})+chunkkv", f"knorm(budget={keep})+chunkkv")],
     }[press]
 
 
