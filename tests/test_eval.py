@@ -111,6 +111,18 @@ def test_evaluate_writes_valid_results_and_reports_failures(tiny_model, tmp_path
     assert (out / "quality_vs_memory.png").stat().st_size > 1000
     assert (out / "retrieval_int4.png").exists()
     assert cli(["eval", "--compare", str(out / "results.json"), str(out / "results.json"), "--out", str(tmp_path / "c")]) == 0
+    from transformers import AutoConfig
+
+    from kvplug.eval import report
+
+    assert results["trained_length"] == AutoConfig.from_pretrained(tiny_model).max_position_embeddings
+    headers = [c.header for c in report.table([results]).columns]
+    assert "ppl @256 (vs none)" in headers and not any("beyond" in h for h in headers)
+    results["trained_length"] = 128  # as if 256 were past what the model was trained for
+    headers = [c.header for c in report.table([results]).columns]
+    assert "ppl @256 (vs none) (beyond trained length)" in headers
+    assert str(tmp_path) not in report.table([results]).title  # the model's name, not its path
+    assert report.plots([results], tmp_path / "p")[0].stat().st_size > 1000
 
 
 def test_bad_settings_are_one_line_errors(capsys):

@@ -37,13 +37,14 @@ def run_label(run: dict) -> str:
 def table(runs: list[dict]) -> Table:
     """One row per (run, strategy): memory ratio, then per context ppl (delta), retrieval, agreement."""
     contexts = sorted({c for run in runs for c in run["settings"]["contexts"]})
-    t = Table(title="kvplug eval" + (f" ({runs[0]['model']}, {runs[0]['device']})" if len(runs) == 1 else ""))
+    t = Table(title="kvplug eval" + (f" ({model_name(runs[0])}, {runs[0]['device']})" if len(runs) == 1 else ""))
     t.add_column("strategy")
     t.add_column("KV vs DynamicCache")
     for c in contexts:
-        t.add_column(f"ppl @{c} (vs none)")
-        t.add_column(f"retrieval @{c}")
-        t.add_column(f"agree @{c}")
+        flag = " (beyond trained length)" if any(beyond_training(run, c) for run in runs) else ""
+        t.add_column(f"ppl @{c} (vs none){flag}")
+        t.add_column(f"retrieval @{c}{flag}")
+        t.add_column(f"agree @{c}{flag}")
     for run in runs:
         for r in run["results"]:
             name = escape(r["strategy"] if len(runs) == 1 else f"{r['strategy']} [{run_label(run)}]")
@@ -64,9 +65,22 @@ def table(runs: list[dict]) -> Table:
     return t
 
 
+def beyond_training(run: dict, context: str | int) -> bool:
+    """Whether ``context`` exceeds the positions the run's model was trained for."""
+    trained = run.get("trained_length")
+    return trained is not None and int(context) > trained
+
+
+def model_name(run: dict) -> str:
+    """The model as titles show it: its folder or hub name, never a machine path."""
+    return Path(run["model"]).name or run["model"]
+
+
 def plots(runs: list[dict], out: Path) -> list[Path]:
-    """quality_vs_memory.png (perplexity and retrieval vs KV bytes per token) and one retrieval
-    heatmap (depth x context) per strategy of the first run."""
+    """quality_vs_memory.png: per context, the perplexity change against ``none`` and the
+    retrieval accuracy against the KV bytes held per token (no mean over contexts: a context
+    beyond the model's trained length is titled as such, its ``none`` already broken); and one
+    retrieval heatmap (depth x context) per strategy of the first run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,26 +88,36 @@ def plots(runs: list[dict], out: Path) -> list[Path]:
 
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    fig, (ax_p, ax_r) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for run in runs:
-        tag = "" if len(runs) == 1 else f" [{run_label(run)}]"
-        for r in run["results"]:
-            if not r["ok"] or "memory" not in r:
-                continue
-            bpt = _mean(m["kv_bytes_per_token"] for m in r["memory"].values())
-            if "perplexity" in r:
-                ax_p.scatter(bpt, _mean(p["ppl"] for p in r["perplexity"].values()))
-                ax_p.annotate(r["strategy"] + tag, (bpt, _mean(p["ppl"] for p in r["perplexity"].values())), fontsize=7)
-            accs = [retrieval_accuracy(r, c) for c in r.get("retrieval", {})]
-            if accs:
-                ax_r.scatter(bpt, _mean(accs))
-                ax_r.annotate(r["strategy"] + tag, (bpt, _mean(accs)), fontsize=7)
-    for ax, label in ((ax_p, "decode perplexity (mean over contexts)"), (ax_r, "retrieval accuracy (mean)")):
-        ax.set_xscale("log")
-        ax.set_xlabel("KV bytes held per token (all layers)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"quality vs KV memory: {runs[0]['model']}")
+    contexts = sorted({c for run in runs for r in run["results"] if r["ok"]
+                       for c in (*r.get("perplexity", {}), *r.get("retrieval", {}))}, key=int)
+    fig, axes = plt.subplots(2, max(1, len(contexts)), figsize=(4.2 * max(1, len(contexts)), 8), squeeze=False)
+    for col, c in enumerate(contexts):
+        ax_p, ax_r = axes[0][col], axes[1][col]
+        for run in runs:
+            tag = "" if len(runs) == 1 else f" [{run_label(run)}]"
+            for r in run["results"]:
+                mem = r.get("memory", {}).get(c) if r["ok"] else None
+                if mem is None:
+                    continue
+                x = mem["kv_bytes_per_token"]
+                delta = r.get("perplexity", {}).get(c, {}).get("delta_vs_none")
+                if delta is not None:
+                    ax_p.scatter(x, 100 * delta)
+                    ax_p.annotate(r["strategy"] + tag, (x, 100 * delta), fontsize=7)
+                acc = retrieval_accuracy(r, c) if c in r.get("retrieval", {}) else None
+                if acc is not None:
+                    ax_r.scatter(x, acc)
+                    ax_r.annotate(r["strategy"] + tag, (x, acc), fontsize=7)
+        beyond = any(beyond_training(run, c) for run in runs)
+        note = f"\nbeyond the trained {runs[0]['trained_length']} positions: none itself fails" if beyond else ""
+        for ax, label in ((ax_p, "perplexity change vs none (%)"), (ax_r, "retrieval accuracy")):
+            ax.set_xscale("log")
+            ax.set_xlabel("KV bytes held per token (all layers)")
+            ax.set_ylabel(label)
+            ax.set_title(f"context {c}{note}", fontsize=9, color="firebrick" if beyond else "black")
+            ax.grid(alpha=0.3)
+        ax_p.axhline(0, color="grey", lw=0.8)
+    fig.suptitle(f"quality vs KV memory: {model_name(runs[0])} ({runs[0]['device']})")
     fig.tight_layout()
     path = out / "quality_vs_memory.png"
     fig.savefig(path, dpi=120)

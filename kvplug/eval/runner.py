@@ -174,5 +174,13 @@ def evaluate(settings: EvalSettings | None = None, console=None) -> dict:
         "command": " ".join(sys.argv),
         "seconds": time.time() - started,
         "settings": asdict(settings),
+        "trained_length": trained_length(model),
         "results": results,
     }
+
+
+def trained_length(model) -> int | None:
+    """The positions the model was trained for (``max_position_embeddings``), None if unstated."""
+    text = model.config.get_text_config()
+    value = getattr(text, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
