@@ -117,6 +117,7 @@ def plots(runs: list[dict], out: Path) -> list[Path]:
             ax.set_title(f"context {c}{note}", fontsize=9, color="firebrick" if beyond else "black")
             ax.grid(alpha=0.3)
         ax_p.axhline(0, color="grey", lw=0.8)
+        ax_p.set_yscale("symlog", linthresh=10)  # a method 25x off must not flatten the rest
     fig.suptitle(f"quality vs KV memory: {model_name(runs[0])} ({runs[0]['device']})")
     fig.tight_layout()
     path = out / "quality_vs_memory.png"
