@@ -108,6 +108,7 @@ def test_evaluate_writes_valid_results_and_reports_failures(tiny_model, tmp_path
     assert mem["ratio_vs_dynamic"] == pytest.approx(4 * 64 * 2 / (2 * (32 + 4)))  # fp32 model vs int4 + meta
     snap = by_name["snapkv(budget=25%)"]["memory"]["256"]
     assert snap["kv_bytes"] < by_name["none"]["memory"]["256"]["kv_bytes"] * 0.4
+    assert snap["bookkeeping_bytes"] > 0 and by_name["none"]["memory"]["256"]["bookkeeping_bytes"] > 0
     assert (out / "quality_vs_memory.png").stat().st_size > 1000
     assert (out / "retrieval_int4.png").exists()
     assert cli(["eval", "--compare", str(out / "results.json"), str(out / "results.json"), "--out", str(tmp_path / "c")]) == 0

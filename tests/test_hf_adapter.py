@@ -198,7 +198,12 @@ def test_simlayerkv_lazy_layers_stay_at_sinks_and_window_while_generating(thresh
             total = n + 11  # the prompt and the generated tokens the model has seen
             assert kept == (list(range(2)) + list(range(total - 8, total)) if lazy else list(range(total)))
     per_token = parse("int4").bytes_per_token(32, dtype_bytes=4)
-    assert cache.stored_bytes() == cache.kept_tokens() * per_token
+    # the tensors hold every row and head up to the longest: the shorter row's slots are padding
+    longest = 10 if lazy else int(mask.sum(-1).max()) + 11
+    b, layers, heads = mask.shape[0], model.config.num_hidden_layers, model.config.num_key_value_heads
+    assert cache.stored_bytes() == per_token * layers * b * heads * longest
+    assert cache.bookkeeping_bytes() == (8 + 4) * layers * b * heads * longest  # int64 position, float32 score
+    assert (cache.stored_bytes() > cache.kept_tokens() * per_token) == (not lazy)
 
 
 def test_compress_context_manager(gen):
@@ -247,7 +252,13 @@ def test_paged_layout_matches_slot_store(spec, gen):
         caches.append(cache)
     assert type(caches[1].layers[0].slots).__name__ == "PagedStore"
     assert (logits[0] - logits[1]).norm() / logits[0].norm() < 2e-2
-    assert caches[0].stored_bytes() == caches[1].stored_bytes()
+    # the same tokens; both hold every head and row up to the longest, the paged one in 16-token blocks
+    per_token = parse(spec).bytes_per_token(32, dtype_bytes=2)
+    for cache, block in ((caches[0], 1), (caches[1], 16)):
+        expect = sum(per_token * c.numel() * (-(-int(c.max()) // block) * block)
+                     for c in (layer.slots.counts for layer in cache.layers))
+        assert cache.stored_bytes() == expect, (spec, block)
+
     def kept(layer):
         return [sorted(p for p in row if p >= 0) for row in layer.slots.positions.flatten(0, 1).tolist()]
 
@@ -294,3 +305,17 @@ def test_every_registered_part_runs_in_generate(gen, name, spec):
         assert kept < seen * 0.8, (spec, kept, seen)
     else:
         assert 0 < kept <= seen, (spec, kept, seen)
+
+
+def test_adakv_stored_bytes_count_the_padding_of_uneven_heads(gen):
+    """Ada-KV gives heads different counts; the slot tensors hold every head up to the longest,
+    and stored_bytes says so (the kept tokens alone would under-report)."""
+    model = tiny()
+    ids, _ = prompts(gen, batch=1, length=64)
+    cache = kvplug.hf.cache(model, "snapkv(budget=12, window=4)+adakv(alpha=0.1)")
+    model(input_ids=ids, past_key_values=cache)
+    per_token = parse("none").bytes_per_token(32, dtype_bytes=4)
+    counts = [layer.slots.counts for layer in cache.layers]
+    assert any(int(c.max()) > int(c.min()) for c in counts)  # uneven heads somewhere
+    assert cache.stored_bytes() == sum(per_token * c.numel() * int(c.max()) for c in counts)
+    assert cache.stored_bytes() > cache.kept_tokens() * per_token

@@ -40,8 +40,15 @@ class KVPlugCache(Cache):
         return sum(layer.kept_tokens() for layer in self.layers)
 
     def stored_bytes(self) -> int:
-        """Bytes of K/V held, summed over layers (what the cache really keeps)."""
+        """Bytes of K/V the cache's tensors hold, summed over layers: padding to the longest head
+        and sequence included (and whole 16-token blocks in the paged layout); slots allocated
+        ahead for tokens still to come are not counted. Positions and scores are apart
+        (:meth:`bookkeeping_bytes`)."""
         return sum(layer.stored_bytes() for layer in self.layers)
+
+    def bookkeeping_bytes(self) -> int:
+        """Bytes of the per-slot bookkeeping (logical positions, eviction scores), summed over layers."""
+        return sum(layer.bookkeeping_bytes() for layer in self.layers)
 
     def __repr__(self) -> str:
         return f"KVPlugCache({self.strategy}, layers={len(self.layers)}, seen={self.get_seq_length()})"

@@ -258,8 +258,13 @@ class KVPlugLayer(CacheLayerMixin):
         merged = int(self.merged[0].filled.sum()) if self.merged is not None else 0
         return grouped + merged + int(self.slots.counts.sum())
 
+    def bookkeeping_bytes(self) -> int:
+        """Bytes of the per-slot positions and eviction scores beside the K/V."""
+        return 0 if self.slots is None else self.slots.bookkeeping_bytes()
+
     def stored_bytes(self) -> int:
-        """Bytes of the K/V this layer holds (codes, scales, full-precision residual)."""
+        """Bytes of the K/V this layer's tensors hold (codes, scales, full-precision residual),
+        padding to the longest head and row included."""
         if self.slots is None:
             return 0
         total = self.slots.stored_bytes() + (self.groups.stored_bytes() if self.groups is not None else 0)

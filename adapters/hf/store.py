@@ -95,12 +95,23 @@ class SlotStore:
         self.counts = (self.positions >= 0).sum(-1)
         return front
 
+    def used_slots(self) -> int:
+        """Slots every (row, head) holds in the tensors: the longest head's count (heads and rows
+        with fewer tokens are padded to it); slots allocated ahead for later tokens are not counted."""
+        return 0 if self.counts is None or self.capacity == 0 else int(self.counts.max())
+
     def stored_bytes(self) -> int:
-        """Bytes of the tokens held (filled slots only)."""
+        """Bytes of K/V the tensors hold for the tokens, padding included (:meth:`used_slots`)."""
         if self.counts is None or self.capacity == 0:
             return 0
-        per_slot = (encoded_bytes(self.keys) + encoded_bytes(self.values)) / (self.positions.numel())
-        return round(per_slot * int(self.counts.sum()))
+        per_slot = (encoded_bytes(self.keys) + encoded_bytes(self.values)) // self.positions.numel()
+        return per_slot * self.counts.numel() * self.used_slots()
+
+    def bookkeeping_bytes(self) -> int:
+        """Bytes of the per-slot positions and scores over the same slots."""
+        if self.counts is None or self.capacity == 0:
+            return 0
+        return (self.positions.element_size() + self.scores.element_size()) * self.counts.numel() * self.used_slots()
 
 
 
@@ -231,7 +242,22 @@ class PagedStore:
         out = attend(queries.contiguous(), self.cache, self.layout, self.block_tables, self.counts, scale)
         return out.to(queries.dtype)
 
-    def stored_bytes(self) -> int:
+    def used_slots(self) -> int:
+        """Token slots per row the blocks hold: the longest head's count in whole blocks (a block
+        holds every head; rows are padded to the longest); blocks allocated ahead are not counted."""
         if self.counts is None:
             return 0
-        return int(self.counts.sum()) * self.layout.bytes_per_token() // self.layout.num_kv_heads
+        return -(-int(self.counts.max()) // self.BLOCK) * self.BLOCK
+
+    def stored_bytes(self) -> int:
+        """Bytes of the blocks that hold tokens, padding included (:meth:`used_slots`)."""
+        if self.counts is None:
+            return 0
+        return self.counts.shape[0] * self.used_slots() * self.layout.bytes_per_token()
+
+    def bookkeeping_bytes(self) -> int:
+        """Bytes of the per-slot positions and scores (one per head and slot)."""
+        if self.counts is None:
+            return 0
+        per = self.positions.element_size() + self.scores.element_size()
+        return per * self.counts.numel() * -(-int(self.counts.max()) // self.BLOCK) * self.BLOCK

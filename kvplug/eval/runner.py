@@ -134,12 +134,16 @@ def _context(board: _Board, settings: EvalSettings, context: int, model, tokeniz
     if "memory" in settings.tasks:
         prompt = measure.Prompt(model, inputs.memory_prompt(source, seed, context, device))
         steps = 16
-        held = board.each(lambda spec: measure.greedy(prompt, spec, steps + 1)[1].stored_bytes())
+        def held(spec):  # (K/V bytes, bookkeeping bytes); the cache itself is dropped at once
+            cache = measure.greedy(prompt, spec, steps + 1)[1]
+            return cache.stored_bytes(), getattr(cache, "bookkeeping_bytes", lambda: 0)()
+
+        sizes = board.each(held)
         logical = context + steps
         dynamic = dynamic_cache_bytes(model, logical)
         board.put("memory", context, {
-            spec: {"kv_bytes": b, "tokens": logical, "kv_bytes_per_token": b / logical,
-                   "dynamic_cache_bytes": dynamic, "ratio_vs_dynamic": dynamic / b} for spec, b in held.items()})
+            spec: {"kv_bytes": b, "tokens": logical, "kv_bytes_per_token": b / logical, "dynamic_cache_bytes": dynamic,
+                   "ratio_vs_dynamic": dynamic / b, "bookkeeping_bytes": extra} for spec, (b, extra) in sizes.items()})
         progress.advance(bar)
 
 
