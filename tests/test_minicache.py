@@ -166,3 +166,42 @@ def test_minicache_composes_with_kivi_and_refuses_eviction(gen):
         parse("snapkv(budget=25%)+minicache")
     with pytest.raises(SpecError, match="merges no layer pair of this 4-layer model"):
         kvplug.hf.cache(model, "minicache(start=4)")
+
+
+def test_a_pair_whose_merge_would_not_be_smaller_stays_unmerged(gen):
+    """gamma=0 retains nearly every token, so the shared direction and norms only add bytes: the
+    pair keeps each layer's own K/V, holds exactly what the unmerged layers would, and generates
+    the tokens of the plain cache; with gamma=1 (nothing retained) the pair merges and is smaller.
+    The merged pairs are counted."""
+    model = tiny_llama(layers=4)
+    ids = torch.randint(0, 96, (1, 64), generator=gen)
+    runs = {}
+    for spec in ("none", "minicache(start=2, gamma=0.0)", "minicache(start=2, gamma=1.0)"):
+        cache = kvplug.hf.cache(model, spec)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=6,
+                             do_sample=False)
+        runs[spec] = (out, cache)
+    plain_out, plain = runs["none"]
+    out, kept = runs["minicache(start=2, gamma=0.0)"]
+    assert kept.merged_pairs() == (0, 1)
+    assert kept.stored_bytes() == plain.stored_bytes()
+    assert torch.equal(out, plain_out)
+    out, merged = runs["minicache(start=2, gamma=1.0)"]
+    assert merged.merged_pairs() == (1, 1)
+    assert merged.stored_bytes() < plain.stored_bytes()
+    assert plain.merged_pairs() == (0, 0)
+
+
+def test_minicache_defaults_never_hold_more_than_none(gen):
+    """The issue's case: a random 6-layer Llama and a 300-token prompt, where every pair merged
+    and held 555,552 bytes against none's 465,408."""
+    model = tiny_llama(layers=6)
+    ids = torch.randint(0, 96, (1, 300), generator=gen)
+    sizes = {}
+    for spec in ("none", "minicache"):
+        cache = kvplug.hf.cache(model, spec)
+        model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=4,
+                       do_sample=False)
+        sizes[spec] = (cache.stored_bytes(), cache.merged_pairs())
+    print(sizes)
+    assert sizes["minicache"][0] <= sizes["none"][0]

@@ -46,6 +46,12 @@ class KVPlugCache(Cache):
         (:meth:`bookkeeping_bytes`)."""
         return sum(layer.stored_bytes() for layer in self.layers)
 
+    def merged_pairs(self) -> tuple[int, int]:
+        """``(merged, pairs)``: of the merger's layer pairs that hold a prompt, how many share
+        directions (a pair whose merged form would not be smaller keeps each layer's own K/V)."""
+        stores = [layer.merged[0] for layer in self.layers if layer.merged is not None and layer.merged[1] == 1]
+        return sum(store.is_merged for store in stores), len(stores)
+
     def bookkeeping_bytes(self) -> int:
         """Bytes of the per-slot bookkeeping (logical positions, eviction scores), summed over layers."""
         return sum(layer.bookkeeping_bytes() for layer in self.layers)

@@ -25,6 +25,7 @@ class MergedStore:
         # retained originals are single tokens at scattered positions: a grouped codec cannot hold them
         self.own_codec = codec if codec.token_group == 1 else NoCodec()
         self.roles: dict[str, tuple] = {}
+        self.plain: dict[str, tuple] | None = None  # role -> (first, second) encoded, when not merged
         self.filled: torch.Tensor | None = None  # [B, H, M]
 
     def build(self, first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor],
@@ -44,9 +45,22 @@ class MergedStore:
             own = [self.own_codec.encode(x.gather(2, gather), role, kept.valid()) for x in (a, b)]
             index = kept.indices.to(torch.int32 if a.shape[-2] < 2**31 else torch.int64)
             self.roles[role] = (direction, merged.magnitudes.to(norm_dtype), index, kept.valid(), own)
+        plain = {role: tuple(self.own_codec.encode(x[i].to(store_dtype), role, filled) for x in (first, second))
+                 for i, role in enumerate(("key", "value"))}
+        if sum(encoded_bytes(e) for pair in plain.values() for e in pair) <= self._merged_bytes():
+            self.roles, self.plain = {}, plain  # merging would not be smaller: each layer keeps its own
+
+    @property
+    def is_merged(self) -> bool:
+        """Whether the pair shares directions (False: merging would not have been smaller, so each
+        layer holds its own K/V here, encoded with the codec)."""
+        return self.plain is None
 
     def decode(self, which: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Layer ``which`` (0: first of the pair, 1: second): ``(keys, values, filled)``."""
+        if self.plain is not None:
+            return (*(self.own_codec.decode(self.plain[role][which], role, self.dtype) for role in ("key", "value")),
+                    self.filled)
         out = []
         for role in ("key", "value"):
             direction, magnitudes, index, valid, own = self.roles[role]
@@ -61,6 +75,12 @@ class MergedStore:
 
     def stored_bytes(self) -> int:
         """Bytes held for both layers (real tokens only, as the other stores count)."""
+        if self.plain is not None:
+            share = float(self.filled.float().mean()) if self.filled.numel() else 0.0
+            return round(share * sum(encoded_bytes(e) for pair in self.plain.values() for e in pair))
+        return self._merged_bytes()
+
+    def _merged_bytes(self) -> int:
         total = 0
         share = float(self.filled.float().mean()) if self.filled.numel() else 0.0
         for direction, magnitudes, index, valid, own in self.roles.values():
@@ -70,6 +90,8 @@ class MergedStore:
         return round(total)
 
     def retained_share(self) -> float:
-        """Share of real tokens kept unmerged, over K and V."""
+        """Share of real tokens kept unmerged, over K and V (1 for a pair left unmerged)."""
+        if self.plain is not None:
+            return 1.0
         kept = sum(int(valid.sum()) for *_, valid, _ in self.roles.values())
         return kept / max(1, 2 * int(self.filled.sum()))
