@@ -221,11 +221,55 @@ def test_move_reads_every_row_before_writing(gen):
     ("streaming(window=64)+pyramid", "streaming keeps the same number of tokens in every layer while generating"),
     ("h2o(budget=64)+pyramid", "h2o keeps the same number of tokens in every layer while generating"),
     ("snapkv(budget=64)+kivi(bits=2)", "groups of 32 tokens"),
+    ("knorm(budget=64)+chunkkv", "chunkkv budget keeps a data-dependent number"),
 ])
 def test_what_eviction_cannot_do_in_vllm_is_refused_in_one_line(spec, message):
     with pytest.raises(SpecError, match=message) as info:
         check_supported(parse(spec), 64)
     assert "\n" not in str(info.value)
+
+
+def test_placement_comes_from_what_a_part_declares():
+    """A scorer kvplug does not know (defined here, not registered) that declares a sinks-and-
+    window placement is planned and freed from its own declaration, like streaming; a budget that
+    does not declare fixed counts is refused. No adapter branch names either."""
+    from dataclasses import dataclass
+
+    from kvplug.adapters.vllm.eviction import held_spans, plan
+    from kvplug.budgets.base import Budget, top_per_head
+    from kvplug.scorers.base import ALWAYS, Scorer
+    from kvplug.strategy import Strategy
+
+    @dataclass(frozen=True)
+    class EdgeKeeper(Scorer):  # first 3 tokens and the last 10% of the prompt (at least 5)
+        name = "edge_keeper"
+        evicts_on_decode = True
+        placement = "window"
+
+        def kept_tokens(self, present):
+            return 3 + max(5, present // 10)
+
+        def sinks_and_window(self, present):
+            return 3, max(5, present // 10)
+
+        def score(self, inputs):
+            return inputs.finish(torch.where(inputs.positions < 3, ALWAYS, inputs.positions.float())[:, None])
+
+    @dataclass(frozen=True)
+    class ByScore(Budget):
+        name = "by_score"
+
+        def allocate(self, scores, kept, layer_idx, num_layers):
+            return top_per_head(scores, kept)
+
+    strategy = Strategy(scorer=EdgeKeeper())
+    check_supported(strategy, 64)
+    assert plan(strategy, 200, 200, 0, 4) == (0, 3, 180)  # sinks at 0..2, the 20 newest from 180
+    assert plan(strategy, 200, 230, 3, 4) == (0, 3, 210)  # the window slides while generating
+    assert held_spans(strategy, torch.tensor([200, 50]), 2)[:, :, 1:].tolist() == [[[3, 20], [3, 5]]] * 2
+    assert freed_blocks(strategy, 200, 230, 16, 4) == [(1, 13)]  # blocks 1..12 hold nothing read
+    with pytest.raises(SpecError, match="by_score budget keeps a data-dependent number"):
+        check_supported(Strategy(scorer=parse("knorm(budget=8)").scorer, budget=ByScore()), 64)
 
 
 @needs_vllm

@@ -27,11 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-from kvplug.budgets.pyramid import Pyramid
-from kvplug.budgets.uniform import Uniform
 from kvplug.errors import SpecError
-from kvplug.scorers.simlayerkv import SimLayerKV
-from kvplug.scorers.streaming import Streaming
 from kvplug.strategy import Strategy
 
 
@@ -54,24 +50,28 @@ def replaces(strategy: Strategy) -> bool:
     """Whether generated tokens replace kept ones chosen by the data (h2o, tova: a fixed set of
     slots and running scores), rather than by position (streaming) or never (snapkv)."""
     scorer = strategy.scorer
-    return scorer is not None and scorer.evicts_on_decode and not isinstance(scorer, Streaming)
+    return scorer is not None and scorer.evicts_on_decode and scorer.placement == "select"
 
 
 def check_evictable(strategy: Strategy) -> None:
-    """Refuse, in one line, what the vLLM adapter cannot evict in paged blocks."""
-    scorer = strategy.scorer
+    """Refuse, in one line, what the vLLM adapter cannot evict in paged blocks (from what the
+    parts declare: ``Scorer.placement``/``per_layer``, ``Budget.fixed_counts``/``same_in_every_layer``)."""
+    scorer, budget = strategy.scorer, strategy.budget
     if scorer is None:
         return
-    if isinstance(scorer, SimLayerKV):
+    if scorer.per_layer:
         raise SpecError(f"kvplug in vLLM: {scorer.name} decides per layer and request whether to evict, which "
                         f"vLLM's block accounting cannot follow yet; use it with the HF adapter")
-    if not isinstance(strategy.budget, (Uniform, Pyramid)):
-        raise SpecError(f"kvplug in vLLM: the {strategy.budget.name} budget keeps a data-dependent number of "
-                        f"tokens per head, which vLLM's block accounting cannot know in advance; use the "
-                        f"uniform or pyramid budget")
-    if scorer.evicts_on_decode and not isinstance(strategy.budget, Uniform):
+    if scorer.placement not in ("select", "window"):
+        raise SpecError(f"kvplug in vLLM: {scorer.name} places its tokens as {scorer.placement!r}, which the vLLM "
+                        f"adapter does not know; it places 'select' and 'window'")
+    if not budget.fixed_counts:
+        raise SpecError(f"kvplug in vLLM: the {budget.name} budget keeps a data-dependent number of "
+                        f"tokens per head, which vLLM's block accounting cannot know in advance; use a budget "
+                        f"with fixed counts (uniform, pyramid)")
+    if scorer.evicts_on_decode and not budget.same_in_every_layer:
         raise SpecError(f"kvplug in vLLM: {scorer.name} keeps the same number of tokens in every layer while "
-                        f"generating; drop {strategy.budget.name}")
+                        f"generating; drop {budget.name}")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -84,21 +84,13 @@ def layer_kept(strategy: Strategy, prompt_len: int, layer_idx: int, num_layers: 
     return int(keep.sum())
 
 
-def _streaming(scorer: Streaming, prompt_len: int) -> tuple[int, int]:
-    """``(sinks, window)`` streaming holds after a prompt of ``prompt_len``: the HF adapter's
-    capacity, while generating too."""
-    capacity = scorer.kept_tokens(prompt_len)
-    sinks = min(scorer.sinks, capacity)
-    return sinks, capacity - sinks
-
-
 def plan(strategy: Strategy, prompt_len: int, num_tokens: int, layer_idx: int, num_layers: int) -> Plan:
     """Where layer ``layer_idx``'s kept tokens are once ``num_tokens >= prompt_len`` tokens have
     been processed (before that every written slot is valid: ``Plan(0, 0, 0)``)."""
     if num_tokens < prompt_len or strategy.scorer is None:
         return Plan(0, 0, 0)
-    if isinstance(strategy.scorer, Streaming):
-        sinks, window = _streaming(strategy.scorer, prompt_len)
+    if strategy.scorer.placement == "window":
+        sinks, window = strategy.scorer.sinks_and_window(prompt_len)
         return Plan(0, sinks, max(sinks, num_tokens - window))
     if replaces(strategy):  # C slots from base: the prompt's kept tokens, then the generated ones in them
         capacity = strategy.scorer.kept_tokens(prompt_len)
@@ -115,8 +107,8 @@ READ_ALL = 1 << 30
 @functools.lru_cache(maxsize=4096)
 def _spans(strategy: Strategy, prompt_len: int, num_layers: int) -> torch.Tensor:
     """int32 ``[num_layers, 3]`` of one prompt length (cached: read, never written)."""
-    if isinstance(strategy.scorer, Streaming):
-        rows = [(0, *_streaming(strategy.scorer, prompt_len))] * num_layers
+    if strategy.scorer.placement == "window":
+        rows = [(0, *strategy.scorer.sinks_and_window(prompt_len))] * num_layers
     elif replaces(strategy):
         plan0 = plan(strategy, prompt_len, prompt_len, 0, num_layers)
         rows = [(plan0.base, plan0.front, 0)] * num_layers

@@ -28,6 +28,11 @@ class Budget(Part):
     """Splits a per-head token budget over layers and heads."""
 
     kind: ClassVar[str] = "budget"
+    fixed_counts: ClassVar[bool] = False
+    """Whether every head of a layer keeps a count fixed by the prompt length and the layer alone
+    (not by the scores), so an adapter can place the kept tokens before seeing them (vLLM)."""
+    same_in_every_layer: ClassVar[bool] = False
+    """Whether that count is the same in every layer."""
 
     def allocate(self, scores: torch.Tensor, kept: torch.Tensor, layer_idx: int, num_layers: int) -> torch.Tensor:
         """Kept mask ``[B, Hkv, T]`` given scores and the mean tokens per head ``kept`` ``[B]``."""

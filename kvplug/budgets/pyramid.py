@@ -22,6 +22,7 @@ class Pyramid(Budget):
 
     name = "pyramid"
     paper = "PyramidKV, arXiv 2406.02069"
+    fixed_counts = True
     beta: float = param(20.0, low=1.0, high=1000.0, doc="top layer keeps budget/beta tokens")
 
     def layer_budget(self, kept: torch.Tensor, layer_idx: int, num_layers: int) -> torch.Tensor:

@@ -15,6 +15,8 @@ class Uniform(Budget):
 
     name = "uniform"
     paper = "default"
+    fixed_counts = True
+    same_in_every_layer = True
 
     def allocate(self, scores: torch.Tensor, kept: torch.Tensor, layer_idx: int, num_layers: int) -> torch.Tensor:
         return top_per_head(scores, kept)

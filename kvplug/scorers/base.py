@@ -72,6 +72,14 @@ class Scorer(Part):
     evicts_on_decode: ClassVar[bool] = False
     needs_decode_attention: ClassVar[bool] = False
     needs_rope: ClassVar[bool] = False  # reads ScoreInputs.rope (queries before rotation)
+    placement: ClassVar[str] = "select"
+    """Where the kept tokens live, for adapters that place them (vLLM's blocks): ``select`` keeps
+    a prompt-time selection (and, with ``evicts_on_decode``, replaces its lowest-ranked slot by
+    each generated token: h2o, tova); ``window`` keeps sinks plus a sliding window by position
+    (:meth:`sinks_and_window`), also while generating (streaming)."""
+    per_layer: ClassVar[bool] = False
+    """Whether :meth:`for_layer` decides per layer and prompt whether to evict at all (SimLayerKV),
+    so the tokens a layer keeps are not known from the prompt length alone."""
 
     @property
     def observation_window(self) -> int:
@@ -81,6 +89,11 @@ class Scorer(Part):
     def kept_tokens(self, present: int) -> int:
         """Tokens per KV head this scorer keeps when ``present`` tokens are there."""
         raise NotImplementedError
+
+    def sinks_and_window(self, present: int) -> tuple[int, int]:
+        """``placement = "window"``: the first tokens and the most recent ones held after a
+        prompt of ``present`` tokens (and from then on while generating)."""
+        raise NotImplementedError(f"{self.name} keeps a selection, not sinks and a window")
 
     def for_layer(self, inputs: ScoreInputs) -> Scorer | None:
         """The scorer this layer uses, decided at prefill from its inputs (None: keep every token).

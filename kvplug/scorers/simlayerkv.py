@@ -24,6 +24,7 @@ class SimLayerKV(Scorer):
     """SimLayerKV: per layer, sinks + recent window if the layer is lazy, else every token."""
 
     name = "simlayerkv"
+    per_layer = True
     paper = "SimLayerKV, arXiv 2410.13846"
     evicts_on_decode = True  # its lazy layers do (as streaming)
     threshold: float = param(0.9, low=0.0, high=1.0, doc="attention share on sinks + window that makes a layer lazy")

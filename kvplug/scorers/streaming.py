@@ -24,11 +24,17 @@ class Streaming(Scorer):
     name = "streaming"
     paper = "StreamingLLM, arXiv 2309.17453"
     evicts_on_decode = True
+    placement = "window"
     sinks: int = param(4, low=0, high=1 << 20, doc="first tokens always kept")
     window: TokenCount = param(TokenCount(tokens=1020), doc="most recent tokens kept (count or % of the prompt)")
 
     def kept_tokens(self, present: int) -> int:
         return self.sinks + self.window.resolve(present)
+
+    def sinks_and_window(self, present: int) -> tuple[int, int]:
+        capacity = self.kept_tokens(present)
+        sinks = min(self.sinks, capacity)
+        return sinks, capacity - sinks
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         pos = inputs.positions.float()
