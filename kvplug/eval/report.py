@@ -85,6 +85,7 @@ def plots(runs: list[dict], out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -117,7 +118,10 @@ def plots(runs: list[dict], out: Path) -> list[Path]:
             ax.set_title(f"context {c}{note}", fontsize=9, color="firebrick" if beyond else "black")
             ax.grid(alpha=0.3)
         ax_p.axhline(0, color="grey", lw=0.8)
-        ax_p.set_yscale("symlog", linthresh=10)  # a method 25x off must not flatten the rest
+        if max((abs(y) for y in ax_p.get_ylim()), default=0) > 60:
+            ax_p.set_yscale("symlog", linthresh=10)  # a method 25x off must not flatten the rest
+        for ax in (ax_p, ax_r):
+            ax.xaxis.set_minor_formatter(NullFormatter())  # the log axis' minor labels overlap
     fig.suptitle(f"quality vs KV memory: {model_name(runs[0])} ({runs[0]['device']})")
     fig.tight_layout()
     path = out / "quality_vs_memory.png"
