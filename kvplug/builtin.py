@@ -12,6 +12,7 @@ from kvplug.codecs.kivi import Kivi
 from kvplug.codecs.none import NoCodec
 from kvplug.hookspecs import hookimpl
 from kvplug.mergers.minicache import MiniCache
+from kvplug.scorers.duo import DuoAttention
 from kvplug.scorers.expected_attention import ExpectedAttention
 from kvplug.scorers.h2o import H2O
 from kvplug.scorers.keydiff import KeyDiff
@@ -27,5 +28,5 @@ from kvplug.scorers.tova import Tova
 @hookimpl
 def kvplug_parts() -> list[type]:
     return [NoCodec, Int8, Int4, Int2, Kivi, Fp8,
-            Streaming, H2O, SnapKV, Tova, KNorm, RandomScorer, SimLayerKV, ExpectedAttention, KeyDiff, LagKV,
+            Streaming, H2O, SnapKV, Tova, KNorm, RandomScorer, SimLayerKV, ExpectedAttention, KeyDiff, LagKV, DuoAttention,
             Uniform, Pyramid, AdaKV, ChunkKV, MiniCache]

@@ -9,6 +9,7 @@ error messages all read one declaration.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ class Part:
     name: ClassVar[str]
     kind: ClassVar[str]
     paper: ClassVar[str] = ""
+    example: ClassVar[str] = ""  # a spec that runs, for a part with a required parameter (docs, tests)
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
@@ -49,13 +51,20 @@ class Part:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def __str__(self) -> str:
-        args = ", ".join(f"{k}={v}" for k, v in self.params().items())
+        args = ", ".join(f"{k}={_spec_value(v)}" for k, v in self.params().items())
         return f"{self.name}({args})" if args else self.name
 
     @classmethod
     def summary(cls) -> str:
         """First line of the docstring."""
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+
+def _spec_value(value: Any) -> str:
+    """``value`` as the spec parser reads it back: a string that is not a plain name is quoted."""
+    if isinstance(value, str) and not re.fullmatch(r"[A-Za-z_][\w.-]*", value):
+        return "'" + value + "'" if "'" not in value else '"' + value + '"'
+    return str(value)
 
 
 def _coerce(part: str, name: str, hint: Any, value: Any) -> Any:

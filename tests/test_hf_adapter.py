@@ -275,7 +275,9 @@ def _registered_specs():
     for name in reg.names():
         cls = reg.get(name)
         fields = {f.name for f in cls.parameters()}
-        if cls.kind == "scorer":
+        if getattr(cls, "example", None):  # a part with a required parameter gives its own example
+            yield name, cls.example
+        elif cls.kind == "scorer":
             yield name, f"{name}(budget=50%)" if "budget" in fields else name
         elif cls.kind == "budget":
             yield name, f"knorm(budget=50%)+{name}"
@@ -301,7 +303,8 @@ def test_every_registered_part_runs_in_generate(gen, name, spec):
     layers, heads = model.config.num_hidden_layers, model.config.num_key_value_heads
     seen = layers * heads * (2 * 46 - 6 - 1)  # every real token but the last generated one
     kept = cache.kept_tokens()
-    if strategy.scorer is not None and "budget" in {f.name for f in type(strategy.scorer).parameters()}:
+    if strategy.scorer is not None and ("budget" in {f.name for f in type(strategy.scorer).parameters()}
+                                        or getattr(strategy.scorer, "example", None)):
         assert kept < seen * 0.8, (spec, kept, seen)
     else:
         assert 0 < kept <= seen, (spec, kept, seen)
@@ -319,3 +322,41 @@ def test_adakv_stored_bytes_count_the_padding_of_uneven_heads(gen):
     assert any(int(c.max()) > int(c.min()) for c in counts)  # uneven heads somewhere
     assert cache.stored_bytes() == sum(per_token * c.numel() * int(c.max()) for c in counts)
     assert cache.stored_bytes() > cache.kept_tokens() * per_token
+
+
+@pytest.mark.parametrize("source", ["bits", "tsv"])
+def test_duo_streaming_heads_keep_sinks_and_window_retrieval_heads_everything(gen, tmp_path, source):
+    """A head pattern (bits, or DuoAttention's file of gates with half the heads streaming):
+    after a left-padded prompt and 12 steps, each retrieval head holds every token seen, each
+    streaming head its 2 sinks and the 8 newest, counted against the positions a loop lists."""
+    model = tiny()  # 2 layers x 2 KV heads
+    ids, mask = prompts(gen, length=40, pad=6)
+    if source == "bits":
+        pattern = "10/01"
+    else:
+        (tmp_path / "gates.tsv").write_text("0.9\t0.1\n0.2\t0.8\n")  # the lowest two stream: (0, 1), (1, 0)
+        pattern = str(tmp_path / "gates.tsv")
+    cache = kvplug.hf.cache(model, f"duo(pattern='{pattern}', sinks=2, window=8)")
+    greedy(model, ids, mask, steps=12, cache=cache)
+    retrieval = [[True, False], [False, True]]
+    for layer, full in zip(cache.layers, retrieval):
+        for b, n in enumerate(mask.sum(-1).tolist()):
+            total = n + 11  # the prompt and the generated tokens the model has seen
+            for h in range(2):
+                kept = sorted(p for p in layer.slots.positions[b, h].tolist() if p >= 0)
+                assert kept == (list(range(total)) if full[h] else [0, 1] + list(range(total - 8, total))), (b, h)
+
+
+def test_duo_refuses_a_pattern_that_does_not_fit_in_one_line(tmp_path):
+    model = tiny()
+    ids = torch.ones(1, 12, dtype=torch.long)
+    for spec, message in (("duo", "needs pattern="), ("duo(pattern='10/0')", "same number of heads"),
+                          ("duo(pattern='nope.tsv')", "neither bits like 10/01 nor a file")):
+        with pytest.raises(SpecError, match=message) as e:
+            parse(spec)
+        assert "\n" not in str(e.value)
+    with pytest.raises(SpecError, match="has 3 layers x 2 heads; the model has 2 x 2") as e:
+        model(input_ids=ids, past_key_values=kvplug.hf.cache(model, "duo(pattern='10/01/11')"))
+    with pytest.raises(SpecError, match="places its tokens as 'per_head'"):
+        from kvplug.adapters.vllm import check_supported
+        check_supported(parse("duo(pattern='10/01')"), 32)

@@ -128,6 +128,9 @@ class KVPlugLayer(CacheLayerMixin):
             budget = strategy.budget_per_row(valid, scorer)
             # a head at its budget keeps its count; a short prompt may grow up to the budget
             self.capacity = torch.where((present > budget)[:, None], sel.counts, budget[:, None])
+            own = scorer.head_capacity(present, self.layer_idx, self.num_layers, h)
+            if own is not None:  # heads that differ (DuoAttention's streaming and retrieval heads)
+                self.capacity = own.to(self.capacity.device)
             self.cap_max = int(self.capacity.max())  # once per prompt
         self.next_pos = valid.sum(-1)
         codec = strategy.codec

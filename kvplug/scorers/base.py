@@ -76,7 +76,8 @@ class Scorer(Part):
     """Where the kept tokens live, for adapters that place them (vLLM's blocks): ``select`` keeps
     a prompt-time selection (and, with ``evicts_on_decode``, replaces its lowest-ranked slot by
     each generated token: h2o, tova); ``window`` keeps sinks plus a sliding window by position
-    (:meth:`sinks_and_window`), also while generating (streaming)."""
+    (:meth:`sinks_and_window`), also while generating (streaming); ``per_head`` holds a different
+    count in each head (:meth:`head_capacity`: DuoAttention), which only per-head stores place."""
     per_layer: ClassVar[bool] = False
     """Whether :meth:`for_layer` decides per layer and prompt whether to evict at all (SimLayerKV),
     so the tokens a layer keeps are not known from the prompt length alone."""
@@ -89,6 +90,12 @@ class Scorer(Part):
     def kept_tokens(self, present: int) -> int:
         """Tokens per KV head this scorer keeps when ``present`` tokens are there."""
         raise NotImplementedError
+
+    def head_capacity(self, present: torch.Tensor, layer_idx: int, num_layers: int,
+                      num_kv_heads: int) -> torch.Tensor | None:
+        """``evicts_on_decode``: tokens each KV head may hold while generating ``[B, Hkv]`` (int64),
+        for a scorer whose heads differ (DuoAttention); None: the budget's, the same for every head."""
+        return None
 
     def sinks_and_window(self, present: int) -> tuple[int, int]:
         """``placement = "window"``: the first tokens and the most recent ones held after a
