@@ -11,7 +11,7 @@ of heads with the lowest gates streams) or inline bits, one string per layer sep
 (``1`` retrieval, ``0`` streaming), e.g. ``duo(pattern='10/01')`` for 2 layers of 2 KV heads
 (quoted: the spec parser reads ``/`` only inside quotes).
 Heads hold different counts, which the HF adapter's per-head slots allow; vLLM's blocks hold one
-count per layer (refused there). Ranking inside a streaming head is by position, as streaming's.
+count per layer (refused there). A streaming head evicts as ``streaming`` does (:class:`RecentFirst`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 from kvplug.errors import SpecError
 from kvplug.parts import param
 from kvplug.scorers.base import ALWAYS, NEVER, ScoreInputs, Scorer
+from kvplug.scorers.streaming import RecentFirst
 
 UNBOUNDED = 1 << 40  # a retrieval head's capacity: it never evicts
 
@@ -50,7 +51,7 @@ def _gates(pattern: str) -> tuple[tuple[float, ...], ...]:
 
 
 @dataclass(frozen=True)
-class DuoAttention(Scorer):
+class DuoAttention(RecentFirst, Scorer):
     """DuoAttention: a fixed head pattern; streaming heads keep sinks + a window, retrieval heads all."""
 
     name = "duo"
@@ -92,15 +93,6 @@ class DuoAttention(Scorer):
         n = inputs.valid.sum(-1)[:, None, None]
         held = (pos >= 0) & ((pos < self.sinks) | (pos >= n - self.window))
         return inputs.finish(torch.where(full.to(pos.device) | held, ALWAYS, NEVER))
-
-    def running_scores(self, inputs: ScoreInputs) -> torch.Tensor:
-        return inputs.positions.float()[:, None, :].expand(-1, inputs.num_kv_heads, -1)
-
-    def new_token_score(self, step: torch.Tensor) -> torch.Tensor:
-        return step.float()
-
-    def protected(self, positions: torch.Tensor, step: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
-        return positions < self.sinks
 
     def head_capacity(self, present: torch.Tensor, layer_idx: int, num_layers: int,
                       num_kv_heads: int) -> torch.Tensor:

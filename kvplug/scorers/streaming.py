@@ -17,8 +17,22 @@ from kvplug.scorers.base import ALWAYS, ScoreInputs, Scorer
 from kvplug.tokens import TokenCount
 
 
+class RecentFirst:
+    """The decode-time policy of sinks plus a recent window, for a scorer with ``sinks``: slots
+    rank by position (the oldest goes first when a head is full), the first ``sinks`` never go."""
+
+    def running_scores(self, inputs: ScoreInputs) -> torch.Tensor:
+        return inputs.positions.float()[:, None, :].expand(-1, inputs.num_kv_heads, -1)
+
+    def new_token_score(self, step: torch.Tensor) -> torch.Tensor:
+        return step.float()
+
+    def protected(self, positions: torch.Tensor, step: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
+        return positions < self.sinks
+
+
 @dataclass(frozen=True)
-class Streaming(Scorer):
+class Streaming(RecentFirst, Scorer):
     """StreamingLLM: keep the first `sinks` tokens and the `window` most recent."""
 
     name = "streaming"
@@ -40,12 +54,3 @@ class Streaming(Scorer):
         pos = inputs.positions.float()
         scores = torch.where(inputs.positions < self.sinks, ALWAYS, pos)
         return inputs.finish(scores[:, None, :])
-
-    def running_scores(self, inputs: ScoreInputs) -> torch.Tensor:
-        return inputs.positions.float()[:, None, :].expand(-1, inputs.num_kv_heads, -1)
-
-    def new_token_score(self, step: torch.Tensor) -> torch.Tensor:
-        return step.float()
-
-    def protected(self, positions: torch.Tensor, step: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
-        return positions < self.sinks
