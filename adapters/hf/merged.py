@@ -45,10 +45,12 @@ class MergedStore:
             own = [self.own_codec.encode(x.gather(2, gather), role, kept.valid()) for x in (a, b)]
             index = kept.indices.to(torch.int32 if a.shape[-2] < 2**31 else torch.int64)
             self.roles[role] = (direction, merged.magnitudes.to(norm_dtype), index, kept.valid(), own)
-        plain = {role: tuple(self.own_codec.encode(x[i].to(store_dtype), role, filled) for x in (first, second))
-                 for i, role in enumerate(("key", "value"))}
-        if sum(encoded_bytes(e) for pair in plain.values() for e in pair) <= self._merged_bytes():
-            self.roles, self.plain = {}, plain  # merging would not be smaller: each layer keeps its own
+        slots, d = first[0][..., 0].numel(), first[0].shape[-1]  # both layers' K and V apart, as stored_bytes counts
+        plain_bytes = round(self._share() * 2 * slots * self.own_codec.bytes_per_token(d, store_dtype.itemsize))
+        if plain_bytes <= self._merged_bytes():  # merging would not be smaller: each layer keeps its own
+            self.roles = {}
+            self.plain = {role: tuple(self.own_codec.encode(x[i].to(store_dtype), role, filled)
+                                      for x in (first, second)) for i, role in enumerate(("key", "value"))}
 
     @property
     def is_merged(self) -> bool:
@@ -76,13 +78,16 @@ class MergedStore:
     def stored_bytes(self) -> int:
         """Bytes held for both layers (real tokens only, as the other stores count)."""
         if self.plain is not None:
-            share = float(self.filled.float().mean()) if self.filled.numel() else 0.0
-            return round(share * sum(encoded_bytes(e) for pair in self.plain.values() for e in pair))
+            return round(self._share() * sum(encoded_bytes(e) for pair in self.plain.values() for e in pair))
         return self._merged_bytes()
+
+    def _share(self) -> float:
+        """Share of the pair's slots that hold real tokens (a shorter row's are padding)."""
+        return float(self.filled.float().mean()) if self.filled.numel() else 0.0
 
     def _merged_bytes(self) -> int:
         total = 0
-        share = float(self.filled.float().mean()) if self.filled.numel() else 0.0
+        share = self._share()
         for direction, magnitudes, index, valid, own in self.roles.values():
             total += share * (encoded_bytes(direction) + magnitudes.numel() * magnitudes.element_size())
             per_kept = (index.element_size() + sum(encoded_bytes(e) for e in own) / max(1, index.numel()))
