@@ -259,5 +259,4 @@ class PagedStore:
         """Bytes of the per-slot positions and scores (one per head and slot)."""
         if self.counts is None:
             return 0
-        per = self.positions.element_size() + self.scores.element_size()
-        return per * self.counts.numel() * -(-int(self.counts.max()) // self.BLOCK) * self.BLOCK
+        return (self.positions.element_size() + self.scores.element_size()) * self.counts.numel() * self.used_slots()
