@@ -147,7 +147,6 @@ def _backend_class(vllm_config, strategy: Strategy) -> type | None:
 def _pick_backend(stock_path: str) -> str | None:
     """Called where vLLM chooses a layer's attention backend (in the worker, config set)."""
     from . import compat
-
     from .capabilities import Engine, configured, path
 
     config = compat.current_config()

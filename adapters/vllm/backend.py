@@ -48,8 +48,8 @@ class KVPlugCPUBackend(CPUAttentionBackend):
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
     supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto"]
     kvplug_support: ClassVar[Support] = Support(
-        platform="CPU", page=cpu_page, token_bytes=lambda layout: layout.token_bytes, replaces_on_decode=True,
-        raw_prefill_with_context=True, encoder_attention=True)
+        platform="CPU", page=cpu_page, replaces_on_decode=True, raw_prefill_with_context=True,
+        encoder_attention=True)
     engine: ClassVar[Engine | None] = None
 
     @classmethod

@@ -69,8 +69,6 @@ class Support:
     page: Callable[..., Any]
     """``page(codec, head_dim, dtype)``: the layout its pages hold for ``codec``, or a one-line
     :class:`SpecError` naming what its kernels lack."""
-    token_bytes: Callable[[Any], int]
-    """Bytes of K and V of one token and KV head in a layout ``page`` returned (vLLM's ``C``)."""
     replaces_on_decode: bool
     """Eviction that replaces kept tokens by each generated token's attention (h2o, tova)."""
     raw_prefill_with_context: bool

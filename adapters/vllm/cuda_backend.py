@@ -77,8 +77,8 @@ class KVPlugCudaBackend(AttentionBackend):
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16]
     supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto"]
     kvplug_support: ClassVar[Support] = Support(
-        platform="CUDA", page=cuda_page, token_bytes=token_bytes, replaces_on_decode=False,
-        raw_prefill_with_context=False, encoder_attention=False)
+        platform="CUDA", page=cuda_page, replaces_on_decode=False, raw_prefill_with_context=False,
+        encoder_attention=False)
     engine: ClassVar[Engine | None] = None
 
     @classmethod
