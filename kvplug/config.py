@@ -20,12 +20,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kvplug.errors import SpecError
-from kvplug.parts import Part
+from kvplug.parts import NAME, Part
 from kvplug.registry import Registry, default_registry
 from kvplug.strategy import Strategy
 
 ENV_VAR = "KVPLUG_STRATEGY"
-_TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z_][\w.-]*)|(?P<num>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?%?)"
+_TOKEN = re.compile(rf"\s*(?:(?P<name>{NAME})|(?P<num>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?%?)"
                     r"|(?P<str>\"[^\"]*\"|'[^']*')|(?P<op>[()+,=]))")
 _ROLES = {"codec": "codec", "scorer": "scorer", "budget": "budget", "merger": "merger"}
 

@@ -60,9 +60,13 @@ class Part:
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
 
 
+NAME = r"[A-Za-z_][\w.-]*"
+"""What the spec parser reads as a bare name (a part, a parameter, an unquoted string value)."""
+
+
 def _spec_value(value: Any) -> str:
     """``value`` as the spec parser reads it back: a string that is not a plain name is quoted."""
-    if isinstance(value, str) and not re.fullmatch(r"[A-Za-z_][\w.-]*", value):
+    if isinstance(value, str) and not re.fullmatch(NAME, value):
         return "'" + value + "'" if "'" not in value else '"' + value + '"'
     return str(value)
 

@@ -275,7 +275,7 @@ def _registered_specs():
     for name in reg.names():
         cls = reg.get(name)
         fields = {f.name for f in cls.parameters()}
-        if getattr(cls, "example", None):  # a part with a required parameter gives its own example
+        if cls.example:  # a part with a required parameter gives its own example
             yield name, cls.example
         elif cls.kind == "scorer":
             yield name, f"{name}(budget=50%)" if "budget" in fields else name
@@ -304,7 +304,7 @@ def test_every_registered_part_runs_in_generate(gen, name, spec):
     seen = layers * heads * (2 * 46 - 6 - 1)  # every real token but the last generated one
     kept = cache.kept_tokens()
     if strategy.scorer is not None and ("budget" in {f.name for f in type(strategy.scorer).parameters()}
-                                        or getattr(strategy.scorer, "example", None)):
+                                        or strategy.scorer.example):
         assert kept < seen * 0.8, (spec, kept, seen)
     else:
         assert 0 < kept <= seen, (spec, kept, seen)
