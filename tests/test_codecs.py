@@ -9,6 +9,7 @@ from kvplug import SpecError, parse
 from kvplug.codecs.fp8 import Fp8
 from kvplug.codecs.integer import Int2, Int4, Int8
 from kvplug.codecs.kivi import Kivi
+from kvplug.codecs.mixed import Mixed
 from kvplug.codecs.none import NoCodec
 from kvplug.quant import pack, unpack
 from kvplug.rotation import hadamard
@@ -62,6 +63,31 @@ def test_codes_match_naive_reference(bits, codec, gen):
     assert torch.equal(unpack(enc["codes"], bits).long(), code.long())
     assert torch.equal(enc["scale"].double(), scale)
     assert torch.equal(enc["zero"].double(), zero)
+
+
+@pytest.mark.parametrize("key, value", [(8, 4), (4, 2), (8, 2), (4, 8)])
+@pytest.mark.parametrize("rotate", [False, True])
+def test_mixed_stores_each_role_at_its_width(key, value, rotate, gen):
+    """Keys at ``key`` bits and values at ``value`` bits, each per token with one scale/zero;
+    rotated: within the per-token bound in the rotated basis, which the orthonormal rotation back
+    keeps in L2 norm."""
+    codec = Mixed(key=key, value=value, rotate=rotate)
+    x = inputs("outliers", (2, 3, 9, 64), gen)
+    for role, bits in (("key", key), ("value", value)):
+        enc = codec.encode(x, role)
+        y = codec.decode(enc, role, torch.float64)
+        if not rotate:
+            code, scale, zero = naive_affine(x, bits)
+            assert torch.equal(unpack(enc["codes"], bits).long(), code.long()), role
+            assert torch.allclose(y, code * scale + zero, rtol=0, atol=1e-9), role
+            continue
+        r = x.double() @ hadamard(64).double()
+        step = (r.amax(-1, keepdim=True) - r.amin(-1, keepdim=True)) / (2**bits - 1)
+        bound = step * (0.5 + 2**bits * 2**-10) + r.abs().amax(-1, keepdim=True) * 2**-10 + 1e-5
+        assert ((y - x.double()).norm(dim=-1) <= bound.squeeze(-1) * 64**0.5).all(), role
+    assert codec.bytes_per_token(64) == (64 * key / 8 + 4) + (64 * value / 8 + 4)
+    with pytest.raises(SpecError, match="allowed"):
+        Mixed(key=3)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -121,7 +147,7 @@ def test_fp8_relative_error(gen):
     assert ((y - x.float()).abs() <= x.float().abs() * 2**-3 + amax * 2**-9 + 1e-6).all()
 
 
-@pytest.mark.parametrize("codec", [Int8(), Int4(), Int2(), Kivi(bits=2, group=16, residual=0), Fp8()])
+@pytest.mark.parametrize("codec", [Int8(), Int4(), Int2(), Kivi(bits=2, group=16, residual=0), Fp8(), Mixed()])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e5])
 def test_non_finite_and_out_of_range_refused(codec, bad, gen):
     x = torch.randn(1, 16, 64, generator=gen)
@@ -131,7 +157,8 @@ def test_non_finite_and_out_of_range_refused(codec, bad, gen):
 
 
 @pytest.mark.parametrize("spec", ["none", "int8", "int4", "int2", "int4(group=32)", "fp8",
-                                  "kivi(bits=2, group=32, residual=0)", "kivi(bits=4, group=64, residual=0)"])
+                                  "kivi(bits=2, group=32, residual=0)", "kivi(bits=4, group=64, residual=0)",
+                                  "mixed", "mixed(key=4, value=2, rotate=true)"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_bytes_per_token_is_what_encode_produces(spec, head_dim, gen):
     codec = parse(spec).codec

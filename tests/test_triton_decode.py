@@ -5,19 +5,24 @@ import torch
 
 pytest.importorskip("triton")
 
-from kvplug.triton_ops import (PagedLayout, decode_attention, decode_attention_reference,  # noqa: E402
+from kvplug.triton_ops import (decode_attention, decode_attention_reference,  # noqa: E402
                                store_kv_reference)
 
-from test_triton_store import DEV, poisoned_cache  # noqa: E402
+from test_triton_store import DEV, layout_of, poisoned_cache  # noqa: E402
 
 # relative L2 error vs unquantized attention that each format stays under (random normal K/V;
 # seen over many seeds: int8 <= 0.009, int4 <= 0.15, int2 <= 0.77 -- 2 bits without rotation is coarse)
 SANITY = {16: 3e-3, 8: 3e-2, 4: 0.3, 2: 1.0}
 
 
+def sanity(bits):
+    """The bound of the coarser role (``bits``: one width or ``(key bits, value bits)``)."""
+    return SANITY[min(bits) if isinstance(bits, tuple) else bits]
+
+
 def _case(bits, d, bs, hkv, g, lens, gen, dtype=torch.float16, v_offset=0.0):
     """A poisoned paged cache whose sequences hold lens[b][h] tokens in shuffled blocks."""
-    layout = PagedLayout(bs, hkv, d, bits, dtype)
+    layout = layout_of(bits, bs, hkv, d, dtype)
     b = lens.shape[0]
     lens2 = lens if lens.dim() == 2 else lens[:, None].expand(b, hkv)
     max_blocks = max(1, -(-int(lens2.max()) // bs))
@@ -61,6 +66,9 @@ def _rel(a, b):
     (4, 64, 64, 2, 1, 2, True),
     (2, 128, 32, 1, 8, 2, False),
     (2, 64, 16, 2, 4, 1, True),
+    ((8, 4), 128, 16, 2, 4, 2, False),
+    ((4, 2), 64, 32, 2, 8, 1, True),
+    ((2, 8), 64, 16, 1, 4, 3, False),
 ])
 def test_decode_matches_reference(bits, d, bs, hkv, g, splits, per_head, gen):
     b = 3
@@ -85,7 +93,7 @@ def test_decode_matches_reference(bits, d, bs, hkv, g, splits, per_head, gen):
     empty = (lens2 == 0).repeat_interleave(g, 1)
     assert (out[empty] == 0).all()
     # sanity: the format's error vs unquantized attention
-    assert _rel(out, _exact_attention(q, k, v, lens.cpu(), g).to(DEV)) < SANITY[bits]
+    assert _rel(out, _exact_attention(q, k, v, lens.cpu(), g).to(DEV)) < sanity(bits)
 
 
 def test_decode_bf16_default_splits(gen):
@@ -165,4 +173,4 @@ def test_decode_reads_only_the_held_slots(bits, per_head, splits, gen):
     s = torch.einsum("bhgd,bhld->bhgl", q.cpu().double().view(b, hkv, g, 64), k.cpu().double()) * 64 ** -0.5
     p = torch.softmax(s.masked_fill(~keep[:, :, None], float("-inf")), -1).nan_to_num(0.0)
     exact = torch.einsum("bhgl,bhld->bhgd", p, v.cpu().double()).reshape(b, hkv * g, 64)
-    assert _rel(out.cpu(), exact) < SANITY[bits]
+    assert _rel(out.cpu(), exact) < sanity(bits)

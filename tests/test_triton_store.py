@@ -15,12 +15,19 @@ from kvplug.triton_ops import PagedLayout, store_kv, store_kv_reference  # noqa:
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def layout_of(bits, bs, h, d, dtype=torch.float16):
+    """``bits``: one width for K and V, or ``(key bits, value bits)``."""
+    kb, vb = bits if isinstance(bits, tuple) else (bits, bits)
+    return PagedLayout(bs, h, d, kb, dtype, None if vb == kb else vb)
+
+
 def poisoned_cache(layout, num_blocks, gen):
     """A cache of random bytes (NaN scales) where nothing was stored: what is read unwritten shows."""
     cache = layout.allocate(num_blocks, DEV)
     if layout.quantized:
         cache.copy_(torch.randint(0, 256, cache.shape, dtype=torch.uint8, generator=gen))
-        layout.meta(cache).fill_(float("nan"))
+        for role in (0, 1):
+            layout.role_meta(cache, role).fill_(float("nan"))
     else:
         cache.fill_(float("nan"))
     return cache
@@ -43,9 +50,12 @@ def _inputs(t, h, d, dtype, gen):
     (4, 128, 16, 2, torch.bfloat16, False),
     (2, 64, 64, 2, torch.bfloat16, False),
     (2, 128, 16, 4, torch.float16, True),
+    ((8, 4), 128, 16, 3, torch.bfloat16, True),
+    ((4, 2), 64, 32, 2, torch.float16, False),
+    ((2, 8), 64, 16, 2, torch.float16, True),
 ])
 def test_store_matches_core_codec(bits, d, bs, h, dtype, per_head, gen):
-    layout = PagedLayout(bs, h, d, bits, dtype)
+    layout = layout_of(bits, bs, h, d, dtype)
     nb, t = 6, 37
     cache = poisoned_cache(layout, nb, gen)
     ref = cache.clone()
@@ -61,6 +71,35 @@ def test_store_matches_core_codec(bits, d, bs, h, dtype, per_head, gen):
     store_kv_reference(k, v, ref, slots, layout)
     # whole tensor: written slots bit-exact, every other byte (the poison) untouched
     assert torch.equal(cache.view(torch.uint8), ref.view(torch.uint8))
+
+
+@pytest.mark.parametrize("kbits, vbits", [(8, 4), (4, 2)])
+def test_two_widths_sit_where_the_layout_says(kbits, vbits, gen):
+    """Head-major rows, counted by hand: block b, head h, offset o has its key codes at byte
+    ``(b * H + h) * (rk + rv) + o * kcb`` and its (scale, zero) after the block's codes, its value
+    codes ``rk`` further, where ``r = bs * (cb + 4)``; the bytes are the core codec's."""
+    from kvplug.codecs.mixed import Mixed
+
+    bs, h, d, nb = 16, 3, 64, 4
+    layout = layout_of((kbits, vbits), bs, h, d)
+    cache = poisoned_cache(layout, nb, gen)
+    k, v = _inputs(9, h, d, torch.float16, gen)
+    slots = torch.randperm(nb * bs, generator=gen)[:9].to(DEV)
+    store_kv(k, v, cache, slots, layout)
+    flat = cache.view(-1).cpu()
+    kcb, vcb = d * kbits // 8, d * vbits // 8
+    rk, rv = bs * (kcb + 4), bs * (vcb + 4)
+    assert layout.page_bytes() == h * (rk + rv)
+    codec = Mixed(key=kbits, value=vbits)
+    for t, slot in enumerate(slots.tolist()):
+        b, o = divmod(slot, bs)
+        for head in range(h):
+            row = (b * h + head) * (rk + rv)
+            for x, role, start, cb in ((k, "key", row, kcb), (v, "value", row + rk, vcb)):
+                enc = codec.encode(x[t, head].cpu()[None], role)
+                assert torch.equal(flat[start + o * cb:start + (o + 1) * cb], enc["codes"][0]), (t, head, role)
+                meta = flat[start + bs * cb + 4 * o:start + bs * cb + 4 * (o + 1)].view(torch.float16)
+                assert torch.equal(meta, torch.cat([enc["scale"][0], enc["zero"][0]])), (t, head, role)
 
 
 def test_store_int4_decodes_close_to_input(gen):
@@ -89,8 +128,15 @@ def test_layout_sizes():
             assert lay.scale(c).shape == (3, 2, 8, 16)
             assert lay.bytes_per_token() == 2 * 8 * (128 * bits // 8 + 4)
     assert PagedLayout.for_codec("int4", 16, 8, 128).bits == 4
-    with pytest.raises(ValueError):
+    mixed = PagedLayout.for_codec("mixed(key=8, value=4, rotate=true)", 16, 8, 128)
+    assert (mixed.bits, mixed.vbits, mixed.rotated) == (8, 4, True)
+    assert mixed.bytes_per_token() == 8 * ((128 + 4) + (64 + 4))
+    with pytest.raises(ValueError, match="no paged kernel layout"):
         PagedLayout.for_codec(Int4(group=32), 16, 8, 128)
+    with pytest.raises(ValueError, match="no paged kernel layout"):
+        PagedLayout.for_codec("fp8", 16, 8, 128)
+    with pytest.raises(ValueError, match="both are quantized or neither"):
+        PagedLayout(16, 8, 128, 16, value_bits=4)
 
 
 def test_import_kvplug_does_not_import_triton():

@@ -6,10 +6,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from kvplug.triton_ops import (PagedLayout, dequantize_kv, dequantize_kv_reference, paged_attention,  # noqa: E402
+from kvplug.triton_ops import (dequantize_kv, dequantize_kv_reference, paged_attention,  # noqa: E402
                                paged_attention_reference, store_kv_reference)
 
-from test_triton_store import DEV, poisoned_cache  # noqa: E402
+from test_triton_store import DEV, layout_of, poisoned_cache  # noqa: E402
 
 
 def _rel(a, b):
@@ -20,7 +20,7 @@ def _batch(bits, d, bs, hkv, g, ctx, qlen, gen, dtype=torch.float16):
     """A poisoned paged cache holding ``ctx[s] + qlen[s]`` tokens of each sequence in shuffled
     blocks (the chunk's own K/V stored too, as a backend stores before attending) and the
     chunks' queries, concatenated."""
-    layout = PagedLayout(bs, hkv, d, bits, dtype)
+    layout = layout_of(bits, bs, hkv, d, dtype)
     lens = [c + n for c, n in zip(ctx, qlen)]
     max_blocks = max(1, -(-max(lens) // bs))
     nb = len(lens) * max_blocks + 3
@@ -36,7 +36,7 @@ def _batch(bits, d, bs, hkv, g, ctx, qlen, gen, dtype=torch.float16):
     return layout, cache, bt, q, qsl, torch.tensor(lens, dtype=torch.int32, device=DEV)
 
 
-@pytest.mark.parametrize("bits,g", [(16, 4), (8, 1), (4, 4), (4, 8), (2, 4)])
+@pytest.mark.parametrize("bits,g", [(16, 4), (8, 1), (4, 4), (4, 8), (2, 4), ((8, 4), 4), ((4, 2), 1)])
 def test_mixed_batch_matches_the_float64_loop(bits, g, gen):
     """Decode rows (1 token), a fresh prompt, chunks after a context that ends inside a block,
     one longer than a query tile, in one launch; unused slots are NaN."""
@@ -87,7 +87,7 @@ def test_bad_shapes_are_one_line_errors(gen):
 
 
 @pytest.mark.parametrize("bits,dtype", [(16, torch.bfloat16), (8, torch.float16), (4, torch.bfloat16),
-                                        (2, torch.float16)])
+                                        (2, torch.float16), ((8, 4), torch.bfloat16), ((2, 4), torch.float16)])
 def test_dequantize_kv_packs_what_the_cache_holds(bits, dtype, gen):
     """Sequences of 1, 0, 40 (ending mid-block) and 70 tokens in shuffled blocks of a poisoned
     cache, packed at cu_seqlens: each value within one rounding (to ``dtype``) of the float64

@@ -8,8 +8,9 @@ of sequences, packed, for a dense varlen attention kernel); their plain-PyTorch 
 :func:`store_kv_reference`, :func:`paged_attention_reference`, :func:`decode_attention_reference`,
 :func:`dequantize_kv_reference`.
 Triton is imported only when a kernel is called, so this module imports without it (and
-``import kvplug`` never imports it). Rotated codecs (``rotate=true``) are handled by the caller:
-rotate q before and the attention output after.
+``import kvplug`` never imports it). Keys and values may differ in width (``PagedLayout.value_bits``).
+Rotated codecs (``rotate=true``, ``PagedLayout.rotated``) are handled by the caller: rotate q
+before and the attention output after (:func:`kvplug.rotation.rotate`).
 """
 
 from __future__ import annotations
@@ -65,14 +66,17 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, slot_mapping
         return
     kern = _kernels()
     meta = cache.view(torch.float16) if layout.quantized else cache
-    s = cache.stride()
     kern._store_kernel[(t,)](
         k, v, slot_mapping, cache, meta,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), st, sh,
-        s[0], s[1], s[2],
-        H=h, H_PAD=_pow2(h), D=d, BS=layout.block_size, BITS=layout.bits,
-        CB=layout.code_bytes if layout.quantized else d,
+        *layout.strides(), H=h, H_PAD=_pow2(h), D=d, BS=layout.block_size, **_widths(layout),
         num_warps=4 if h * d >= 1024 else 2)
+
+
+def _widths(layout: PagedLayout) -> dict:
+    """The kernels' per-role constants: bits and code bytes of keys and values (16 bits: head_dim)."""
+    kcb, vcb = (layout.role_code_bytes(r) if layout.quantized else layout.head_dim for r in (0, 1))
+    return dict(KBITS=layout.bits, KCB=kcb, VBITS=layout.vbits, VCB=vcb)
 
 
 def default_num_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int,
@@ -125,7 +129,7 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
         out = torch.empty_like(q)
     if b == 0:
         return out
-    t_bn, t_warps, t_stages, t_maxnreg, t_progs = DECODE_TUNING[layout.bits]
+    t_bn, t_warps, t_stages, t_maxnreg, t_progs = DECODE_TUNING[max(layout.bits, layout.vbits)]  # the wider role
     block_n = block_n or t_bn
     num_warps = num_warps or t_warps
     num_stages = num_stages or t_stages
@@ -133,7 +137,7 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
     max_len = block_tables.shape[1] * layout.block_size
     splits = num_splits or default_num_splits(b, h, max_len, block_n, _num_sms(q.device), t_progs)
     kern = _kernels()
-    cs = cache.stride()
+    cs = layout.strides()
     if splits > 1:
         po = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
         pml = torch.empty(b, hq, splits, 2, dtype=torch.float32, device=q.device)
@@ -149,8 +153,8 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
     if layout.quantized:
         # the interpreter runs the same arithmetic without the PTX
         kern._decode_planes_kernel[(b * h, splits)](
-            q, cache, cache.view(torch.float16), *args, G_PAD=max(8, _pow2(g)), BITS=layout.bits,
-            CB=layout.code_bytes, ASM=q.device.type == "cuda", **const)
+            q, cache, cache.view(torch.float16), *args, G_PAD=max(8, _pow2(g)), **_widths(layout),
+            ASM=q.device.type == "cuda", **const)
     else:
         kern._decode_kernel[(b * h, splits)](q, cache, *args, G_PAD=max(16, _pow2(g)), **const)
     if splits > 1:
@@ -187,12 +191,12 @@ def paged_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout, b
         return decode_attention(q, cache, layout, block_tables, seq_lens, sm_scale, out=out)
     sm_scale = d ** -0.5 if sm_scale is None else float(sm_scale)
     block_q = max(1, 64 // g)
-    cs = cache.stride()
+    cs = layout.strides()
     _kernels()._varlen_kernel[(n * h, _cdiv(max_query_len, block_q))](
         q, cache, cache.view(torch.float16) if layout.quantized else cache, block_tables, query_start_loc, seq_lens,
         out, sm_scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        cs[0], cs[1], cs[2], HKV=h, G=g, D=d, BS=layout.block_size, BITS=layout.bits,
-        CB=layout.code_bytes if layout.quantized else d, BLOCK_Q=block_q, BLOCK_N=block_n,
+        cs[0], cs[1], cs[2], HKV=h, G=g, D=d, BS=layout.block_size, **_widths(layout), BLOCK_Q=block_q,
+        BLOCK_N=block_n,
         ASM=q.device.type == "cuda", num_warps=num_warps, num_stages=num_stages)
     return out
 
@@ -216,11 +220,11 @@ def dequantize_kv(cache: torch.Tensor, layout: PagedLayout, block_tables: torch.
     if total == 0 or n == 0 or max_seq_len == 0:
         return k, v
     block_t = 64
-    cs = cache.stride()
+    cs = layout.strides()
     _kernels()._dequant_kernel[(n, _cdiv(max_seq_len, block_t), h)](
         cache, cache.view(torch.float16) if layout.quantized else cache, block_tables, seq_lens, cu_seqlens, k, v,
         block_tables.stride(0), cs[0], cs[1], cs[2], k.stride(0), k.stride(1), HKV=h, D=d, BS=layout.block_size,
-        BITS=layout.bits, CB=layout.code_bytes if layout.quantized else d, BLOCK_T=block_t, num_warps=4)
+        **_widths(layout), BLOCK_T=block_t, num_warps=4)
     return k, v
 
 

@@ -61,7 +61,7 @@ def _store_kernel(k_ptr, v_ptr, slot_ptr, cache_ptr, meta_ptr,
                   stride_kt, stride_kh, stride_vt, stride_vh, stride_st, stride_sh,
                   stride_cblk, stride_ckv, stride_ch,
                   H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                  BITS: tl.constexpr, CB: tl.constexpr):
+                  KBITS: tl.constexpr, KCB: tl.constexpr, VBITS: tl.constexpr, VCB: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     offs_h = tl.arange(0, H_PAD)
     offs_d = tl.arange(0, D)
@@ -72,11 +72,10 @@ def _store_kernel(k_ptr, v_ptr, slot_ptr, cache_ptr, meta_ptr,
     blk = slot // BS
     off = slot % BS
     base = blk * stride_cblk + offs_h * stride_ch          # storage elements (bytes if quantized)
-    meta_base = base // 2 + (BS * CB) // 2                  # float16 elements
     _quantize_store(k_ptr, stride_kt, stride_kh, t, offs_h, offs_d, ok, base, off, cache_ptr, meta_ptr,
-                    meta_base, BITS, D, CB, H_PAD)
+                    base // 2 + (BS * KCB) // 2, KBITS, D, KCB, H_PAD)     # metadata: float16 elements
     _quantize_store(v_ptr, stride_vt, stride_vh, t, offs_h, offs_d, ok, base + stride_ckv, off, cache_ptr,
-                    meta_ptr, meta_base + stride_ckv // 2, BITS, D, CB, H_PAD)
+                    meta_ptr, (base + stride_ckv) // 2 + (BS * VCB) // 2, VBITS, D, VCB, H_PAD)
 
 
 @triton.jit
@@ -262,18 +261,21 @@ def _planes(x, BITS: tl.constexpr, ASM: tl.constexpr, PURE: tl.constexpr):
 
 
 @triton.jit
-def _quant_tile(cache_ptr, meta_ptr, row, off, nmask, stride_ckv, offs_c, BS: tl.constexpr, CB: tl.constexpr,
-                BITS: tl.constexpr, ASM: tl.constexpr):
-    """One tile of a quantized cache: K's planes (``1024 + 2^(j*BITS) c``, float16), V's raw code
+def _quant_tile(cache_ptr, meta_ptr, row, off, nmask, stride_ckv, offs_kc, offs_vc, BS: tl.constexpr,
+                KCB: tl.constexpr, VCB: tl.constexpr, KBITS: tl.constexpr, ASM: tl.constexpr):
+    """One tile of a quantized cache: K's planes (``1024 + 2^(j*KBITS) c``, float16), V's raw code
     bytes (unpacked where they are used) and the float32 (scale, zero) of K and V, per token.
-    ``row``: each token's (block, head) row in bytes, ``off`` its offset in the block."""
-    kp = cache_ptr + (row + off * CB)[:, None] + offs_c[None, :]
-    kx = tl.load(kp, mask=nmask[:, None], other=0)
-    vx = tl.load(kp + stride_ckv, mask=nmask[:, None], other=0)
-    mp = meta_ptr + (row // 2 + (BS * CB) // 2 + off * 2)[:, None] + tl.arange(0, 2)[None, :]
-    ks, kz = tl.split(tl.load(mp, mask=nmask[:, None], other=0.0).to(tl.float32))
-    vs, vz = tl.split(tl.load(mp + stride_ckv // 2, mask=nmask[:, None], other=0.0).to(tl.float32))
-    return _planes(kx, BITS, ASM, True), vx, ks, kz, vs, vz
+    ``row``: each token's (block, head) K row in bytes (its V row ``stride_ckv`` further), ``off``
+    its offset in the block."""
+    kx = tl.load(cache_ptr + (row + off * KCB)[:, None] + offs_kc[None, :], mask=nmask[:, None], other=0)
+    vrow = row + stride_ckv
+    vx = tl.load(cache_ptr + (vrow + off * VCB)[:, None] + offs_vc[None, :], mask=nmask[:, None], other=0)
+    two = tl.arange(0, 2)[None, :]
+    kmp = meta_ptr + (row // 2 + (BS * KCB) // 2 + off * 2)[:, None] + two
+    ks, kz = tl.split(tl.load(kmp, mask=nmask[:, None], other=0.0).to(tl.float32))
+    vmp = meta_ptr + (vrow // 2 + (BS * VCB) // 2 + off * 2)[:, None] + two
+    vs, vz = tl.split(tl.load(vmp, mask=nmask[:, None], other=0.0).to(tl.float32))
+    return _planes(kx, KBITS, ASM, True), vx, ks, kz, vs, vz
 
 
 @triton.jit
@@ -282,9 +284,12 @@ def _decode_planes_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, lens_ptr, held_ptr
                           stride_qb, stride_qh, stride_ob, stride_oh, stride_btb, stride_lb, stride_lh,
                           stride_hb, stride_hh, stride_cblk, stride_ckv, stride_ch,
                           HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                          BS: tl.constexpr, BITS: tl.constexpr, CB: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BS: tl.constexpr, KBITS: tl.constexpr, KCB: tl.constexpr, VBITS: tl.constexpr,
+                          VCB: tl.constexpr, BLOCK_N: tl.constexpr,
                           SPLIT: tl.constexpr, HELD: tl.constexpr, ASM: tl.constexpr):
     """Decode attention over an int8/int4/int2 paged cache, transposed, one plane of codes at a time.
+    Keys at KBITS (KCB code bytes per token), values at VBITS (VCB); below, BITS and CB stand for
+    the role's.
 
     stride_c*: the cache's strides in bytes; its (scale, zero) pairs are read through the float16
     view ``meta_ptr``. Tokens are the rows of both products, so the 16 rows of an mma are 16 real
@@ -302,25 +307,28 @@ def _decode_planes_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, lens_ptr, held_ptr
     (a row's minimum) out of the float16 products, which an uncentred fold loses on the GPU
     (``test_decode_long_diffuse_context``).
     """
-    NP: tl.constexpr = 8 // BITS
-    C0: tl.constexpr = 1 << (BITS - 1)
+    KNP: tl.constexpr = 8 // KBITS
+    VNP: tl.constexpr = 8 // VBITS
+    C0: tl.constexpr = 1 << (VBITS - 1)
     b, h, split, start, end, first, n_front, recent = _span(lens_ptr, held_ptr, num_splits, stride_lb, stride_lh,
                                                             stride_hb, stride_hh, HKV, BLOCK_N, HELD)
     offs_g = tl.arange(0, G_PAD)
     gmask = offs_g < G
     qh = h * G + offs_g
-    offs_c = tl.arange(0, CB)
-    # q^T, plane by plane: [CB, G_PAD]
-    q_col = q_ptr + b.to(tl.int64) * stride_qb + qh[None, :] * stride_qh + offs_c[:, None]
+    offs_kc = tl.arange(0, KCB)
+    offs_vc = tl.arange(0, VCB)
+    # q^T, plane by plane: [KCB, G_PAD]
+    q_col = q_ptr + b.to(tl.int64) * stride_qb + qh[None, :] * stride_qh + offs_kc[:, None]
     qsum = tl.zeros([G_PAD], tl.float32)
     qs = ()
-    accs = ()
-    for j in tl.static_range(NP):
-        qj = (tl.load(q_col + j * CB, mask=gmask[None, :], other=0.0).to(tl.float32)
+    for j in tl.static_range(KNP):
+        qj = (tl.load(q_col + j * KCB, mask=gmask[None, :], other=0.0).to(tl.float32)
               * (sm_scale * 1.4426950408889634)).to(tl.float16)
         qsum += tl.sum(qj.to(tl.float32), axis=0)
-        qs = qs + ((qj.to(tl.float32) * (1.0 / (1 << (j * BITS)))).to(tl.float16),)
-        accs = accs + (tl.zeros([CB, G_PAD], tl.float32),)
+        qs = qs + ((qj.to(tl.float32) * (1.0 / (1 << (j * KBITS)))).to(tl.float16),)
+    accs = ()
+    for j in tl.static_range(VNP):
+        accs = accs + (tl.zeros([VCB, G_PAD], tl.float32),)
     zacc = tl.zeros([BLOCK_N, G_PAD], tl.float32)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
@@ -328,10 +336,10 @@ def _decode_planes_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, lens_ptr, held_ptr
     head_off = h.to(tl.int64) * stride_ch
     for n0 in range(start, end, BLOCK_N):
         nmask, row, off = _tile_rows(n0, end, bt_row, head_off, first, n_front, recent, stride_cblk, BS, BLOCK_N, HELD)
-        kpl, vx, ks, kz, vs, vz = _quant_tile(cache_ptr, meta_ptr, row, off, nmask, stride_ckv, offs_c, BS, CB, BITS,
-                                              ASM)
+        kpl, vx, ks, kz, vs, vz = _quant_tile(cache_ptr, meta_ptr, row, off, nmask, stride_ckv, offs_kc, offs_vc, BS,
+                                              KCB, VCB, KBITS, ASM)
         s = tl.zeros([BLOCK_N, G_PAD], tl.float32)
-        for j in tl.static_range(NP):
+        for j in tl.static_range(KNP):
             s = tl.dot(kpl[j] - 1024.0, qs[j], s)
         s = s * ks[:, None] + kz[:, None] * qsum[None, :]
         s = tl.where(nmask[:, None], s, float("-inf"))
@@ -341,25 +349,26 @@ def _decode_planes_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, lens_ptr, held_ptr
         l_i = l_i * alpha + tl.sum(p, axis=0)
         w16 = (p * (vs * C0)[:, None]).to(tl.float16)
         zacc = zacc * alpha[None, :] + p * (vz + C0 * vs)[:, None]
-        vpl = _planes(vx, BITS, ASM, False)
+        vpl = _planes(vx, VBITS, ASM, False)
         new = ()
-        for j in tl.static_range(NP):
-            cj = vpl[j] - (1024.0 + C0 * (1 << (j * BITS)))
+        for j in tl.static_range(VNP):
+            cj = vpl[j] - (1024.0 + C0 * (1 << (j * VBITS)))
             new = new + (tl.dot(tl.trans(cj), w16, accs[j] * alpha[None, :]),)
         accs = new
         m_i = m_new
     zsum = tl.sum(zacc, axis=0)
-    for j in tl.static_range(NP):
-        o = tl.trans(accs[j] * (1.0 / (C0 * (1 << (j * BITS)))) + zsum[None, :])      # [G_PAD, CB]
+    for j in tl.static_range(VNP):
+        o = tl.trans(accs[j] * (1.0 / (C0 * (1 << (j * VBITS)))) + zsum[None, :])      # [G_PAD, VCB]
         _store_partial(o, m_i, l_i, b, qh, split, num_splits, out_ptr, po_ptr, pml_ptr, stride_ob, stride_oh,
-                       j * CB + offs_c, gmask, HKV, G, D, SPLIT, j == NP - 1)
+                       j * VCB + offs_vc, gmask, HKV, G, D, SPLIT, j == VNP - 1)
 
 
 @triton.jit
 def _varlen_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, qsl_ptr, lens_ptr, out_ptr, sm_scale,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_btb, stride_cblk, stride_ckv, stride_ch,
-                   HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BITS: tl.constexpr,
-                   CB: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
+                   HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, KBITS: tl.constexpr,
+                   KCB: tl.constexpr, VBITS: tl.constexpr, VCB: tl.constexpr, BLOCK_Q: tl.constexpr,
+                   BLOCK_N: tl.constexpr, ASM: tl.constexpr):
     """Causal attention of a varlen batch (decode rows and prefill chunks mixed) over a paged cache.
 
     Grid ``(num_seqs * HKV, query tiles)``: a program takes BLOCK_Q query tokens of one sequence and
@@ -368,11 +377,12 @@ def _varlen_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, qsl_ptr, lens_ptr, out_pt
     position ``<=`` a token's own is read from the cache, its own chunk included (stored before
     this call). Keys and values as :func:`_decode_planes_kernel` (planes, the scale and zero of K
     factored out, V's scale in the weights with centred codes) in the usual orientation, queries
-    as rows; BITS 16: the float16/bfloat16 cache of codec none. No splits: a program loops over
-    its whole causal range.
+    as rows; keys at KBITS (KCB code bytes), values at VBITS (VCB); 16 bits: the float16/bfloat16
+    cache of codec none (KCB = VCB = D). No splits: a program loops over its whole causal range.
     """
-    NP: tl.constexpr = 8 // BITS if BITS != 16 else 1
-    W: tl.constexpr = CB if BITS != 16 else D
+    QUANT: tl.constexpr = KBITS != 16
+    KNP: tl.constexpr = 8 // KBITS if QUANT else 1
+    VNP: tl.constexpr = 8 // VBITS if QUANT else 1
     M: tl.constexpr = BLOCK_Q * G
     pid = tl.program_id(0)
     qtile = tl.program_id(1)
@@ -389,19 +399,21 @@ def _varlen_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, qsl_ptr, lens_ptr, out_pt
     rmask = tok < q_len
     pos = ctx + tok                                      # its position
     qh = h * G + offs_r % G
-    offs_c = tl.arange(0, W)
-    q_row = q_ptr + (q0 + tok).to(tl.int64)[:, None] * stride_qt + qh[:, None] * stride_qh + offs_c[None, :]
+    offs_kc = tl.arange(0, KCB)
+    offs_vc = tl.arange(0, VCB)
+    q_row = q_ptr + (q0 + tok).to(tl.int64)[:, None] * stride_qt + qh[:, None] * stride_qh + offs_kc[None, :]
     qsum = tl.zeros([M], tl.float32)
     qs = ()
-    accs = ()
-    for j in tl.static_range(NP):
-        qj = (tl.load(q_row + j * W, mask=rmask[:, None], other=0.0).to(tl.float32)
+    for j in tl.static_range(KNP):
+        qj = (tl.load(q_row + j * KCB, mask=rmask[:, None], other=0.0).to(tl.float32)
               * (sm_scale * 1.4426950408889634)).to(tl.float16)
         qsum += tl.sum(qj.to(tl.float32), axis=1)
-        if BITS != 16:
-            qj = (qj.to(tl.float32) * (1.0 / (1 << (j * BITS)))).to(tl.float16)
+        if QUANT:
+            qj = (qj.to(tl.float32) * (1.0 / (1 << (j * KBITS)))).to(tl.float16)
         qs = qs + (qj,)
-        accs = accs + (tl.zeros([M, W], tl.float32),)
+    accs = ()
+    for j in tl.static_range(VNP):
+        accs = accs + (tl.zeros([M, VCB], tl.float32),)
     zacc = tl.zeros([M], tl.float32)
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
@@ -415,16 +427,16 @@ def _varlen_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, qsl_ptr, lens_ptr, out_pt
         row = blk * stride_cblk + head_off
         off = offs_n % BS
         see = (offs_n[None, :] <= pos[:, None]) & nmask[None, :]
-        if BITS == 16:
-            kp = cache_ptr + (row + off * D)[:, None] + offs_c[None, :]
+        if not QUANT:
+            kp = cache_ptr + (row + off * D)[:, None] + offs_kc[None, :]
             k = tl.load(kp, mask=nmask[:, None], other=0.0)
             v = tl.load(kp + stride_ckv, mask=nmask[:, None], other=0.0)
             sc = tl.dot(qs[0], tl.trans(k.to(tl.float16)))
         else:
-            kpl, vx, ks, kz, vs, vz = _quant_tile(cache_ptr, meta_ptr, row, off, nmask, stride_ckv, offs_c, BS, CB,
-                                                  BITS, ASM)
+            kpl, vx, ks, kz, vs, vz = _quant_tile(cache_ptr, meta_ptr, row, off, nmask, stride_ckv, offs_kc, offs_vc,
+                                                  BS, KCB, VCB, KBITS, ASM)
             sc = tl.zeros([M, BLOCK_N], tl.float32)
-            for j in tl.static_range(NP):
+            for j in tl.static_range(KNP):
                 sc = tl.dot(qs[j], tl.trans(kpl[j] - 1024.0), sc)
             sc = sc * ks[None, :] + qsum[:, None] * kz[None, :]
         sc = tl.where(see, sc, float("-inf"))
@@ -434,37 +446,58 @@ def _varlen_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, qsl_ptr, lens_ptr, out_pt
         p = tl.exp2(sc - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         new = ()
-        if BITS == 16:
+        if not QUANT:
             new = (tl.dot(p.to(tl.float16), v.to(tl.float16), accs[0] * alpha[:, None]),)
         else:
-            C0: tl.constexpr = 1 << (BITS - 1)
+            C0: tl.constexpr = 1 << (VBITS - 1)
             w16 = (p * (vs * C0)[None, :]).to(tl.float16)
             zacc = zacc * alpha + tl.sum(p * (vz + C0 * vs)[None, :], axis=1)
-            vpl = _planes(vx, BITS, ASM, False)
-            for j in tl.static_range(NP):
-                cj = vpl[j] - (1024.0 + C0 * (1 << (j * BITS)))
+            vpl = _planes(vx, VBITS, ASM, False)
+            for j in tl.static_range(VNP):
+                cj = vpl[j] - (1024.0 + C0 * (1 << (j * VBITS)))
                 new = new + (tl.dot(w16, cj, accs[j] * alpha[:, None]),)
         accs = new
         m_i = m_new
-    out_row = out_ptr + (q0 + tok).to(tl.int64)[:, None] * stride_ot + qh[:, None] * stride_oh + offs_c[None, :]
+    out_row = out_ptr + (q0 + tok).to(tl.int64)[:, None] * stride_ot + qh[:, None] * stride_oh + offs_vc[None, :]
     norm = tl.where(l_i > 0, l_i, 1.0)
-    for j in tl.static_range(NP):
-        if BITS == 16:
+    for j in tl.static_range(VNP):
+        if not QUANT:
             o = accs[j]
         else:
-            o = accs[j] * (1.0 / ((1 << (BITS - 1)) * (1 << (j * BITS)))) + zacc[:, None]
-        tl.store(out_row + j * W, (o / norm[:, None]).to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+            o = accs[j] * (1.0 / ((1 << (VBITS - 1)) * (1 << (j * VBITS)))) + zacc[:, None]
+        tl.store(out_row + j * VCB, (o / norm[:, None]).to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+@triton.jit
+def _dequant_role(cache_ptr, meta_ptr, dst, row, off, tmask, out_row, BS: tl.constexpr, D: tl.constexpr,
+                  BITS: tl.constexpr, CB: tl.constexpr):
+    """One role's tile of :func:`_dequant_kernel`: ``row`` its (block, head) row, ``CB`` its code bytes."""
+    if BITS == 16:
+        offs_d = tl.arange(0, D)
+        x = tl.load(cache_ptr + (row + off * D)[:, None] + offs_d[None, :], mask=tmask[:, None], other=0.0)
+        tl.store(dst + out_row + offs_d[None, :], x.to(dst.dtype.element_ty), mask=tmask[:, None])
+    else:
+        offs_c = tl.arange(0, CB)
+        codes = tl.load(cache_ptr + (row + off * CB)[:, None] + offs_c[None, :], mask=tmask[:, None],
+                        other=0).to(tl.int32)
+        mp = meta_ptr + row // 2 + (BS * CB) // 2 + off * 2
+        scale = tl.load(mp, mask=tmask, other=0.0).to(tl.float32)
+        zero = tl.load(mp + 1, mask=tmask, other=0.0).to(tl.float32)
+        for j in tl.static_range(8 // BITS):
+            c = (codes >> (j * BITS)) & ((1 << BITS) - 1)
+            x = c.to(tl.float32) * scale[:, None] + zero[:, None]
+            tl.store(dst + out_row + j * CB + offs_c[None, :], x.to(dst.dtype.element_ty), mask=tmask[:, None])
 
 
 @triton.jit
 def _dequant_kernel(cache_ptr, meta_ptr, bt_ptr, lens_ptr, cu_ptr, k_ptr, v_ptr,
                     stride_btb, stride_cblk, stride_ckv, stride_ch, stride_ot, stride_oh,
-                    HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BITS: tl.constexpr, CB: tl.constexpr,
-                    BLOCK_T: tl.constexpr):
+                    HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, KBITS: tl.constexpr, KCB: tl.constexpr,
+                    VBITS: tl.constexpr, VCB: tl.constexpr, BLOCK_T: tl.constexpr):
     """Decoded K and V of sequences' first ``seq_len`` slots, packed: sequence s's token t goes to
     row ``cu[s] + t`` of ``k``/``v`` ``[rows, HKV, D]`` (their dtype). Grid ``(num_seqs, tiles of
     BLOCK_T tokens, HKV)``. Values as the core codec decodes them, ``code * scale + zero`` in float32,
-    then rounded once to the output dtype; BITS 16 copies the ``none`` cache."""
+    then rounded once to the output dtype; 16 bits copies the ``none`` cache."""
     s = tl.program_id(0)
     t0 = tl.program_id(1) * BLOCK_T
     h = tl.program_id(2)
@@ -478,21 +511,5 @@ def _dequant_kernel(cache_ptr, meta_ptr, bt_ptr, lens_ptr, cu_ptr, k_ptr, v_ptr,
     row = blk * stride_cblk + h.to(tl.int64) * stride_ch
     off = offs_t % BS
     out_row = (base + offs_t).to(tl.int64)[:, None] * stride_ot + h * stride_oh
-    W: tl.constexpr = CB if BITS != 16 else D
-    offs_c = tl.arange(0, W)
-    for kv in tl.static_range(2):
-        dst = k_ptr if kv == 0 else v_ptr
-        if BITS == 16:
-            x = tl.load(cache_ptr + (row + kv * stride_ckv + off * D)[:, None] + offs_c[None, :],
-                        mask=tmask[:, None], other=0.0)
-            tl.store(dst + out_row + offs_c[None, :], x.to(dst.dtype.element_ty), mask=tmask[:, None])
-        else:
-            codes = tl.load(cache_ptr + (row + kv * stride_ckv + off * CB)[:, None] + offs_c[None, :],
-                            mask=tmask[:, None], other=0).to(tl.int32)
-            mp = meta_ptr + (row + kv * stride_ckv) // 2 + (BS * CB) // 2 + off * 2
-            scale = tl.load(mp, mask=tmask, other=0.0).to(tl.float32)
-            zero = tl.load(mp + 1, mask=tmask, other=0.0).to(tl.float32)
-            for j in tl.static_range(8 // BITS):
-                c = (codes >> (j * BITS)) & ((1 << BITS) - 1)
-                x = c.to(tl.float32) * scale[:, None] + zero[:, None]
-                tl.store(dst + out_row + j * CB + offs_c[None, :], x.to(dst.dtype.element_ty), mask=tmask[:, None])
+    _dequant_role(cache_ptr, meta_ptr, k_ptr, row, off, tmask, out_row, BS, D, KBITS, KCB)
+    _dequant_role(cache_ptr, meta_ptr, v_ptr, row + stride_ckv, off, tmask, out_row, BS, D, VBITS, VCB)

@@ -1,18 +1,25 @@
 """The paged KV-cache layout shared by the HF and vLLM adapters and the Triton kernels.
 
-One tensor per layer. For the integer codecs (int8/int4/int2, one float16 scale/zero per token
-per head, the format of :mod:`kvplug.quant`) it is ``uint8``::
+One tensor per layer. For the integer formats (8/4/2 bits per element, one float16 scale/zero per
+token per head, the format of :mod:`kvplug.quant`) it is ``uint8``. Keys and values at one width::
 
     [num_blocks, 2 (K, V), num_kv_heads, block_size * (code_bytes + 4)]
 
-where each ``(block, K/V, head)`` row holds first the packed codes of its ``block_size`` tokens,
+at two widths (``value_bits`` given, e.g. 8-bit keys and 4-bit values), head-major, the K row of a
+head followed by its V row::
+
+    [num_blocks, num_kv_heads, block_size * (key code_bytes + 4) + block_size * (value code_bytes + 4)]
+
+Each (block, K/V, head) row holds first the packed codes of its ``block_size`` tokens,
 ``[block_size, code_bytes]`` (``code_bytes = head_dim * bits / 8``, a multiple of 16 bytes, so a
 token's codes are whole 16-byte chunks), then their metadata ``[block_size, 2]`` float16
-(scale, zero). For codec ``none`` (bits 16) it is the model dtype::
+(scale, zero). For 16 bits (codec ``none``) it is the model dtype::
 
     [num_blocks, 2 (K, V), num_kv_heads, block_size, head_dim]
 
-A token's slot is ``block_id * block_size + offset`` (vLLM's convention).
+A token's slot is ``block_id * block_size + offset`` (vLLM's convention). The kernels address a
+row as ``block * strides[0] + role * strides[1] + head * strides[2]`` (:meth:`PagedLayout.strides`).
+Which layout a codec gets is what it declares (:meth:`kvplug.codecs.base.Codec.paged_format`).
 """
 
 from __future__ import annotations
@@ -22,16 +29,18 @@ from dataclasses import dataclass
 import torch
 
 _BITS = (16, 8, 4, 2)
-_CODEC_BITS = {"none": 16, "int8": 8, "int4": 4, "int2": 2}
 
 
 @dataclass(frozen=True)
 class PagedLayout:
     """Shape of one layer's paged KV cache.
 
-    ``bits``: 16 (codec ``none``, stored in ``dtype``), 8, 4 or 2 (integer codecs, group 0).
-    ``dtype``: the model dtype (float16 or bfloat16): of q, of the K/V given to ``store`` and of
-    the ``none`` cache.
+    ``bits``: of the keys, and of the values unless ``value_bits`` is given: 16 (codec ``none``,
+    stored in ``dtype``), 8, 4 or 2 (per-token integer codes). ``value_bits``: the values' width
+    when it differs (both quantized). ``rotated``: the codec Hadamard-rotates heads before
+    quantizing; the caller rotates q before attention and the output after (the kernels read the
+    rotated basis). ``dtype``: the model dtype (float16 or bfloat16): of q, of the K/V given to
+    ``store`` and of the ``none`` cache.
     """
 
     block_size: int
@@ -39,10 +48,16 @@ class PagedLayout:
     head_dim: int
     bits: int = 16
     dtype: torch.dtype = torch.float16
+    value_bits: int | None = None
+    rotated: bool = False
 
     def __post_init__(self):
-        if self.bits not in _BITS:
-            raise ValueError(f"PagedLayout: bits={self.bits} not supported; allowed: {_BITS} (16 = none)")
+        for name, bits in (("bits", self.bits), ("value_bits", self.vbits)):
+            if bits not in _BITS:
+                raise ValueError(f"PagedLayout: {name}={bits} not supported; allowed: {_BITS} (16 = none)")
+        if (self.bits == 16) != (self.vbits == 16):
+            raise ValueError(f"PagedLayout: keys at {self.bits} and values at {self.vbits} bits: both are "
+                             "quantized or neither")
         if self.dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"PagedLayout: dtype={self.dtype} not supported; allowed: float16, bfloat16")
         if self.block_size < 1 or self.num_kv_heads < 1:
@@ -50,54 +65,88 @@ class PagedLayout:
         hd = self.head_dim
         if hd < 16 or hd & (hd - 1):
             raise ValueError(f"PagedLayout: head_dim={hd} must be a power of two >= 16")
-        if self.quantized and (hd * self.bits // 8) % 16:
-            raise ValueError(f"PagedLayout: head_dim={hd} at {self.bits} bits gives "
-                             f"{hd * self.bits / 8:g} code bytes, not a multiple of 16")
+        for bits in {self.bits, self.vbits} - {16}:
+            if (hd * bits // 8) % 16:
+                raise ValueError(f"PagedLayout: head_dim={hd} at {bits} bits gives "
+                                 f"{hd * bits / 8:g} code bytes, not a multiple of 16")
 
     @classmethod
     def for_codec(cls, codec, block_size: int, num_kv_heads: int, head_dim: int,
                   dtype: torch.dtype = torch.float16) -> "PagedLayout":
-        """Layout for a codec object or name (``none``, ``int8``, ``int4``, ``int2``; group 0).
+        """The layout a codec declares (:meth:`~kvplug.codecs.base.Codec.paged_format`); a spec
+        string (``"int4"``) is parsed first. One-line ``ValueError`` for a codec the kernels cannot read."""
+        if isinstance(codec, str):
+            from kvplug import parse
 
-        A ``rotate=true`` codec is fine: the caller rotates q before and the output after.
-        """
-        name = codec if isinstance(codec, str) else codec.name
-        if name not in _CODEC_BITS:
-            raise ValueError(f"PagedLayout: codec {name!r} has no paged kernel; known: {sorted(_CODEC_BITS)}")
-        if getattr(codec, "group", 0):
-            raise ValueError(f"PagedLayout: codec {codec} uses group={codec.group}; the paged kernels "
-                             "need group=0 (one scale/zero per token per head)")
-        return cls(block_size, num_kv_heads, head_dim, _CODEC_BITS[name], dtype)
+            codec = parse(codec).codec
+        fmt = codec.paged_format(head_dim)
+        if fmt is None:
+            raise ValueError(f"PagedLayout: codec {codec} has no paged kernel layout (the kernels read "
+                             "per-token integer codes with one scale/zero per token-head, or the model dtype)")
+        value_bits = None if fmt.value_bits == fmt.key_bits else fmt.value_bits
+        return cls(block_size, num_kv_heads, head_dim, fmt.key_bits, dtype, value_bits, fmt.rotated)
 
     # sizes -------------------------------------------------------------------------------
+    @property
+    def vbits(self) -> int:
+        """Bits of the values (``bits`` unless ``value_bits`` is given)."""
+        return self.bits if self.value_bits is None else self.value_bits
+
+    @property
+    def mixed(self) -> bool:
+        """Keys and values at different widths (the head-major layout)."""
+        return self.vbits != self.bits
+
+    def role_bits(self, role: int) -> int:
+        """Bits of role 0 (keys) or 1 (values)."""
+        return self.bits if role == 0 else self.vbits
+
     @property
     def quantized(self) -> bool:
         return self.bits != 16
 
     @property
     def code_bytes(self) -> int:
-        """Bytes of one token's packed codes for one head (``head_dim * bits / 8``)."""
-        return self.head_dim * self.bits // 8
+        """Bytes of one token's packed key codes for one head (``head_dim * bits / 8``)."""
+        return self.role_code_bytes(0)
+
+    def role_code_bytes(self, role: int) -> int:
+        """Bytes of one token's codes of role 0 (keys) or 1 (values) for one head (16 bits: the
+        head in the model dtype)."""
+        bits = self.role_bits(role)
+        return self.head_dim * bits // 8 if bits != 16 else self.head_dim * self.dtype.itemsize
+
+    def role_row_bytes(self, role: int) -> int:
+        """Bytes of one (block, role, head) row: codes, then (scale, zero) when quantized."""
+        return self.block_size * (self.role_code_bytes(role) + (4 if self.quantized else 0))
 
     @property
     def row_bytes(self) -> int:
-        """Bytes of one (block, K/V, head) row of a quantized cache."""
-        return self.block_size * (self.code_bytes + 4)
+        """Bytes of one (block, K/V, head) row of a quantized cache at one width."""
+        return self.role_row_bytes(0)
 
     @property
     def storage_dtype(self) -> torch.dtype:
         return torch.uint8 if self.quantized else self.dtype
 
     def shape(self, num_blocks: int) -> tuple[int, ...]:
+        if self.mixed:
+            return (num_blocks, self.num_kv_heads, self.role_row_bytes(0) + self.role_row_bytes(1))
         if self.quantized:
             return (num_blocks, 2, self.num_kv_heads, self.row_bytes)
         return (num_blocks, 2, self.num_kv_heads, self.block_size, self.head_dim)
 
+    def strides(self) -> tuple[int, int, int]:
+        """``(block, role, head)`` strides of a row's start, in storage elements (bytes when quantized)."""
+        if self.mixed:
+            head = self.role_row_bytes(0) + self.role_row_bytes(1)
+            return self.num_kv_heads * head, self.role_row_bytes(0), head
+        row = self.row_bytes if self.quantized else self.block_size * self.head_dim
+        return 2 * self.num_kv_heads * row, self.num_kv_heads * row, row
+
     def bytes_per_token(self) -> int:
         """Bytes one token takes, K and V, all KV heads of one layer."""
-        if self.quantized:
-            return 2 * self.num_kv_heads * (self.code_bytes + 4)
-        return 2 * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+        return self.num_kv_heads * sum(self.role_row_bytes(r) for r in (0, 1)) // self.block_size
 
     def page_bytes(self) -> int:
         """Bytes of one block of one layer: exactly the cache tensor's size per block."""
@@ -116,24 +165,42 @@ class PagedLayout:
         if not cache.is_contiguous():
             raise ValueError("paged cache must be contiguous")
 
-    def codes(self, cache: torch.Tensor) -> torch.Tensor:
-        """uint8 view ``[num_blocks, 2, heads, block_size, code_bytes]`` of the packed codes."""
+    def role_codes(self, cache: torch.Tensor, role: int) -> torch.Tensor:
+        """uint8 view ``[num_blocks, heads, block_size, code_bytes]`` of role 0 (K) or 1 (V)'s codes."""
         self._need_quantized()
-        bs = self.block_size
-        return cache[..., : bs * self.code_bytes].unflatten(-1, (bs, self.code_bytes))
+        bs, cb = self.block_size, self.role_code_bytes(role)
+        return self._rows(cache, role)[..., : bs * cb].unflatten(-1, (bs, cb))
+
+    def role_meta(self, cache: torch.Tensor, role: int) -> torch.Tensor:
+        """float16 view ``[num_blocks, heads, block_size, 2]`` of role 0 (K) or 1 (V)'s (scale, zero)."""
+        self._need_quantized()
+        bs, cb = self.block_size, self.role_code_bytes(role)
+        return self._rows(cache, role)[..., bs * cb:].view(torch.float16).unflatten(-1, (bs, 2))
+
+    def _rows(self, cache: torch.Tensor, role: int) -> torch.Tensor:
+        """``[num_blocks, heads, row_bytes]`` rows of one role."""
+        if self.mixed:
+            k = self.role_row_bytes(0)
+            return cache[..., :k] if role == 0 else cache[..., k:]
+        return cache[:, role]
+
+    def codes(self, cache: torch.Tensor) -> torch.Tensor:
+        """uint8 view ``[num_blocks, 2, heads, block_size, code_bytes]`` of the packed codes (one width)."""
+        self._need_one_width()
+        return cache[..., : self.block_size * self.code_bytes].unflatten(-1, (self.block_size, self.code_bytes))
 
     def meta(self, cache: torch.Tensor) -> torch.Tensor:
-        """float16 view ``[num_blocks, 2, heads, block_size, 2]`` of (scale, zero)."""
-        self._need_quantized()
+        """float16 view ``[num_blocks, 2, heads, block_size, 2]`` of (scale, zero) (one width)."""
+        self._need_one_width()
         bs = self.block_size
         return cache[..., bs * self.code_bytes:].view(torch.float16).unflatten(-1, (bs, 2))
 
     def scale(self, cache: torch.Tensor) -> torch.Tensor:
-        """float16 view ``[num_blocks, 2, heads, block_size]`` of the scales."""
+        """float16 view ``[num_blocks, 2, heads, block_size]`` of the scales (one width)."""
         return self.meta(cache)[..., 0]
 
     def zero(self, cache: torch.Tensor) -> torch.Tensor:
-        """float16 view ``[num_blocks, 2, heads, block_size]`` of the zeros."""
+        """float16 view ``[num_blocks, 2, heads, block_size]`` of the zeros (one width)."""
         return self.meta(cache)[..., 1]
 
     def values(self, cache: torch.Tensor) -> torch.Tensor:
@@ -141,6 +208,11 @@ class PagedLayout:
         if self.quantized:
             raise ValueError(f"{self}: a quantized layout has codes/scale/zero, not values")
         return cache
+
+    def _need_one_width(self):
+        self._need_quantized()
+        if self.mixed:
+            raise ValueError(f"{self}: keys and values differ in width; use role_codes/role_meta")
 
     def _need_quantized(self):
         if not self.quantized:

@@ -9,7 +9,7 @@ from kvplug.codecs.integer import Int2, Int4, Int8
 
 from .layout import PagedLayout
 
-_CODECS = {8: Int8(), 4: Int4(), 2: Int2()}
+_CODECS = {8: Int8(), 4: Int4(), 2: Int2()}  # per-token, unrotated: the bytes the kernels read
 
 
 def _per_head(x: torch.Tensor, b: int, h: int) -> torch.Tensor:
@@ -42,10 +42,9 @@ def store_kv_reference(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
         if not layout.quantized:
             cache[blk, kv, head, off] = x.to(cache.dtype)
             continue
-        enc = _CODECS[layout.bits].encode(x, "key" if kv == 0 else "value")
-        layout.codes(cache)[blk, kv, head, off] = enc["codes"]
-        layout.scale(cache)[blk, kv, head, off] = enc["scale"][:, 0]
-        layout.zero(cache)[blk, kv, head, off] = enc["zero"][:, 0]
+        enc = _CODECS[layout.role_bits(kv)].encode(x, "key" if kv == 0 else "value")
+        layout.role_codes(cache, kv)[blk, head, off] = enc["codes"]
+        layout.role_meta(cache, kv)[blk, head, off] = torch.cat([enc["scale"], enc["zero"]], -1)
 
 
 def gather_kv(cache: torch.Tensor, layout: PagedLayout, block_tables: torch.Tensor, max_len: int,
@@ -59,11 +58,11 @@ def gather_kv(cache: torch.Tensor, layout: PagedLayout, block_tables: torch.Tens
     out = []
     for kv in (0, 1):
         if layout.quantized:
-            codes = layout.codes(cache)[:, kv]             # [NB, H, BS, CB]
-            meta = layout.meta(cache)[:, kv]               # [NB, H, BS, 2]
+            codes = layout.role_codes(cache, kv)           # [NB, H, BS, CB]
+            meta = layout.role_meta(cache, kv)             # [NB, H, BS, 2]
             c = codes[blk, :, off].permute(0, 2, 1, 3)     # [B, H, L, CB]
             m = meta[blk, :, off].permute(0, 2, 1, 3)      # [B, H, L, 2]
-            x = quant.affine_decode(quant.unpack(c, layout.bits), m[..., :1], m[..., 1:])
+            x = quant.affine_decode(quant.unpack(c, layout.role_bits(kv)), m[..., :1], m[..., 1:])
         else:
             x = cache[:, kv][blk, :, off].permute(0, 2, 1, 3)
         out.append(x.to(dtype))

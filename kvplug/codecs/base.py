@@ -15,6 +15,20 @@ Encoded = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
+class PagedFormat:
+    """What a codec declares so that the paged Triton kernels read its tokens in place
+    (:class:`kvplug.triton_ops.PagedLayout`): per role the bits per element, 16 for K/V kept in the
+    model dtype, or 8/4/2 for the codes of :mod:`kvplug.quant` (planar packed, one float16
+    scale/zero per token and head, ``encode`` returning ``codes``, ``scale``, ``zero``); and
+    whether heads are Hadamard-rotated first (:mod:`kvplug.rotation`: the caller rotates q before
+    attention and the output after). Both roles are quantized or neither."""
+
+    key_bits: int
+    value_bits: int
+    rotated: bool = False
+
+
+@dataclass(frozen=True)
 class Codec(Part):
     """Stores K/V tensors shaped ``[..., tokens, head_dim]``.
 
@@ -38,6 +52,11 @@ class Codec(Part):
 
     def check_head_dim(self, head_dim: int) -> None:
         """Raise a clear error if this codec cannot store heads of ``head_dim``."""
+
+    def paged_format(self, head_dim: int) -> PagedFormat | None:
+        """The paged kernels' format of this codec's tokens, or None when they cannot read it
+        (then the adapters use the codec's own encode/decode in PyTorch, where they can)."""
+        return None
 
     def encode(self, x: torch.Tensor, role: Role, valid: torch.Tensor | None = None) -> Encoded:
         """Encode ``x`` (``[..., T, D]``); ``valid`` (``[..., T]``) marks tokens that count."""

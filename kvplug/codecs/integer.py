@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 
 from kvplug import quant
-from kvplug.codecs.base import Codec, Encoded, Role
+from kvplug.codecs.base import Codec, Encoded, PagedFormat, Role
 from kvplug.errors import SpecError
 from kvplug.parts import param
 from kvplug.rotation import hadamard, rotate
@@ -41,6 +41,12 @@ class IntCodec(Codec):
                             f"and be a multiple of {8 // self.bits}")
         if self.rotate:
             hadamard(head_dim)
+
+    def paged_format(self, head_dim: int) -> PagedFormat | None:
+        """One scale/zero per token-head (``group=0``) is what the kernels read."""
+        if self.group_size(head_dim) != head_dim:
+            return None
+        return PagedFormat(self.bits, self.bits, self.rotate)
 
     def bytes_per_token(self, head_dim: int, dtype_bytes: int = 2) -> float:
         groups = head_dim // self.group_size(head_dim)

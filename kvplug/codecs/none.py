@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvplug.codecs.base import Codec, Encoded, Role
+from kvplug.codecs.base import Codec, Encoded, PagedFormat, Role
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,9 @@ class NoCodec(Codec):
 
     def bytes_per_token(self, head_dim: int, dtype_bytes: int = 2) -> float:
         return 2 * head_dim * dtype_bytes
+
+    def paged_format(self, head_dim: int) -> PagedFormat:
+        return PagedFormat(16, 16)
 
     def encode(self, x: torch.Tensor, role: Role, valid: torch.Tensor | None = None) -> Encoded:
         return {"x": x}

@@ -1,0 +1,52 @@
+"""``mixed``: keys and values at different integer widths, e.g. 8-bit keys with 4-bit values.
+
+Keys carry the outlier channels that one scale/zero per token and head cannot hold, values do not
+(KIVI, Liu et al. 2024, arXiv 2402.02750, section 3); spending the bits on keys keeps most of
+int8's quality for about the bytes of int4 values. vLLM's TurboQuant presets make the same choice
+(``turboquant_k8v4``: 8-bit keys, 4-bit values, both after a rotation). Each role is stored as the
+per-token codec of its width (:mod:`kvplug.codecs.integer`, one float16 scale/zero per token and
+head), optionally after the Hadamard rotation (QuaRot, arXiv 2404.00456).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvplug.codecs.base import Codec, Encoded, PagedFormat, Role
+from kvplug.codecs.integer import Int2, Int4, Int8, IntCodec
+from kvplug.parts import param
+
+_BY_BITS = {8: Int8, 4: Int4, 2: Int2}
+
+
+@dataclass(frozen=True)
+class Mixed(Codec):
+    """Per-token integer K/V with their own widths (default: 8-bit keys, 4-bit values)."""
+
+    name = "mixed"
+    paper = "KIVI 2402.02750 (keys hold the outliers); QuaRot 2404.00456 (rotate)"
+    key: int = param(8, choices=(8, 4, 2), doc="bits per key element")
+    value: int = param(4, choices=(8, 4, 2), doc="bits per value element")
+    rotate: bool = param(False, doc="Hadamard-rotate heads before quantizing (power-of-two head_dim)")
+
+    def role_codec(self, role: Role) -> IntCodec:
+        """The per-token codec that stores ``role``."""
+        return _BY_BITS[self.key if role == "key" else self.value](rotate=self.rotate)
+
+    def check_head_dim(self, head_dim: int) -> None:
+        for role in ("key", "value"):
+            self.role_codec(role).check_head_dim(head_dim)
+
+    def paged_format(self, head_dim: int) -> PagedFormat:
+        return PagedFormat(self.key, self.value, self.rotate)
+
+    def bytes_per_token(self, head_dim: int, dtype_bytes: int = 2) -> float:
+        return sum(self.role_codec(role).bytes_per_token(head_dim, dtype_bytes) / 2 for role in ("key", "value"))
+
+    def encode(self, x: torch.Tensor, role: Role, valid: torch.Tensor | None = None) -> Encoded:
+        return self.role_codec(role).encode(x, role, valid)
+
+    def decode(self, enc: Encoded, role: Role, dtype: torch.dtype) -> torch.Tensor:
+        return self.role_codec(role).decode(enc, role, dtype)
