@@ -234,7 +234,8 @@ def test_clear_errors():
 
 
 @pytest.mark.parametrize("spec", ["none", "int8", "int4", "streaming(sinks=2, window=20)+int4",
-                                  "snapkv(budget=20, window=4)+int8"])
+                                  "snapkv(budget=20, window=4)+int8", "int4(rotate=true)", "mixed",
+                                  "snapkv(budget=20, window=4)+mixed(rotate=true)"])
 def test_paged_layout_matches_slot_store(spec, gen):
     """The paged layout the Triton kernels read (here through their PyTorch references) gives the
     logits of the plain slot store, within bfloat16 rounding, and holds the same bytes."""

@@ -41,12 +41,12 @@ def cache(model, spec=None, paged: bool | None = None, keep_prompt: bool = False
     """A fresh compressed cache for ``model`` following ``spec`` (string, dict, Strategy; default
     ``$KVPLUG_STRATEGY`` or none). Pass it as ``model.generate(..., past_key_values=cache)``.
 
-    ``paged``: keep per-token codecs (none/int8/int4/int2, fp16/bf16 models) in the paged layout
+    ``paged``: keep per-token codecs (none/int8/int4/int2/mixed, rotated or not; fp16/bf16 models) in the paged layout
     of :mod:`kvplug.triton_ops`, whose Triton kernel decodes straight from the packed codes on CUDA
     instead of dequantizing the cache each step. Default (None): on CUDA devices, where it is
     measured as accurate as the reference path and 15x faster (docs/BENCHMARKS.md); ``True``
     forces it (on the CPU the kernels' PyTorch references read it); ``False`` keeps the reference
-    path. Codecs the layout cannot hold (kivi, fp8, rotated, grouped) use the reference path. Also switches the model's
+    path. Codecs the layout cannot hold (kivi, fp8, grouped) use the reference path. Also switches the model's
     attention implementation to ``kvplug`` (see :mod:`.attention`). ``keep_prompt`` retains the
     prompt's K/V and queries so that :meth:`KVPlugCache.fork` can compress it for other strategies.
     """

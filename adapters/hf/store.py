@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from kvplug.codecs.base import Codec, Encoded
+from kvplug.rotation import rotate
 
 GROWTH = 256  # slots added at once when a SlotStore is full (amortizes reallocation)
 
@@ -167,11 +168,9 @@ class PagedStore:
 
     @staticmethod
     def supports(codec: Codec, dtype: torch.dtype, head_dim: int) -> bool:
-        """Whether the paged kernels can hold this codec (their layout accepts it; no rotation)."""
+        """Whether the paged kernels can hold this codec (it declares a layout they read)."""
         from kvplug.triton_ops import PagedLayout
 
-        if getattr(codec, "rotate", False):
-            return False
         try:
             PagedLayout.for_codec(codec, PagedStore.BLOCK, 1, head_dim, dtype)
         except ValueError:
@@ -201,8 +200,12 @@ class PagedStore:
         if skips:
             flat = torch.where(slots >= 0, flat, -1)
         flat = flat.permute(0, 2, 1).reshape(b * n, h)
-        k = keys.permute(0, 2, 1, 3).reshape(b * n, h, d).to(self.dtype)
-        v = values.permute(0, 2, 1, 3).reshape(b * n, h, d).to(self.dtype)
+        if self.layout.rotated:  # rotated in float32 and quantized from there, as the codec does
+            keys, values = rotate(keys), rotate(values)
+        else:
+            keys, values = keys.to(self.dtype), values.to(self.dtype)
+        k = keys.permute(0, 2, 1, 3).reshape(b * n, h, d)
+        v = values.permute(0, 2, 1, 3).reshape(b * n, h, d)
         store = self.ops.store_kv if self.kernels else self.ops.store_kv_reference
         store(k, v, self.cache, flat, self.layout)
 
@@ -233,14 +236,20 @@ class PagedStore:
         self.counts = (self.positions >= 0).sum(-1) if added is None else self.counts + added
 
     def decode(self):
-        k, v = self.ops.gather_kv(self.cache, self.layout, self.block_tables, self.capacity, self.read_dtype)
+        if self.layout.rotated:  # the cache holds the rotated basis: rotate back (H is its own inverse)
+            k, v = self.ops.gather_kv(self.cache, self.layout, self.block_tables, self.capacity)
+            k, v = rotate(k).to(self.read_dtype), rotate(v).to(self.read_dtype)
+        else:
+            k, v = self.ops.gather_kv(self.cache, self.layout, self.block_tables, self.capacity, self.read_dtype)
         return k, v, self.positions >= 0
 
     def attend_one(self, queries: torch.Tensor, scale: float) -> torch.Tensor:
-        """Decode attention of one query per sequence ``[B, Hq, D]`` straight from the codes."""
+        """Decode attention of one query per sequence ``[B, Hq, D]`` straight from the codes (a
+        rotated layout: q rotated in, the output rotated back; scores do not change)."""
         attend = self.ops.decode_attention if self.kernels else self.ops.decode_attention_reference
-        out = attend(queries.contiguous(), self.cache, self.layout, self.block_tables, self.counts, scale)
-        return out.to(queries.dtype)
+        q = rotate(queries).to(queries.dtype) if self.layout.rotated else queries
+        out = attend(q.contiguous(), self.cache, self.layout, self.block_tables, self.counts, scale)
+        return (rotate(out) if self.layout.rotated else out).to(queries.dtype)
 
     def used_slots(self) -> int:
         """Token slots per row the blocks hold: the longest head's count in whole blocks (a block
