@@ -32,6 +32,22 @@ SHAPES = [(8, 32768), (1, 131072), (16, 8192), (64, 4096)]
 NAME = {16: "fp16", 8: "int8", 4: "int4", 2: "int2"}
 
 
+def parse_format(text: str) -> tuple[int, int]:
+    """``--bits`` entry: ``4`` (keys and values at 4 bits) or ``8/4`` (8-bit keys, 4-bit values)."""
+    widths = tuple(int(x) for x in text.split("/"))
+    return (widths[0], widths[-1]) if len(widths) in (1, 2) else SystemExit(f"--bits: {text!r}")
+
+
+def fmt_name(fmt) -> str:
+    k, v = fmt
+    return NAME[k] if k == v else f"k{k}v{v}"
+
+
+def layout(fmt, bs) -> PagedLayout:
+    k, v = fmt
+    return PagedLayout(bs, HKV, D, k, torch.float16, None if v == k else v)
+
+
 def bench(fn, dev):
     if dev == "cuda":
         import triton
@@ -42,16 +58,15 @@ def bench(fn, dev):
     return (time.perf_counter() - t) * 1e6
 
 
-def kv_bytes(bits, b, length):
-    per_tok = 2 * HKV * (D * 2 if bits == 16 else D * bits // 8 + 4)
-    return b * length * per_tok
+def kv_bytes(fmt, b, length):
+    return b * length * layout(fmt, 16).bytes_per_token()
 
 
 def check_store(dev, log):
     """Store kernel vs the core codec on the GPU: codes/scale/zero bit-exact?"""
     res = {}
-    for bits in (16, 8, 4, 2):
-        lay = PagedLayout(16, HKV, D, bits, torch.float16)
+    for fmt in ((16, 16), (8, 8), (4, 4), (2, 2), (8, 4), (4, 2)):
+        lay = layout(fmt, 16)
         t = 4096 if dev == "cuda" else 64
         nb = t // 16 + 4
         k = (torch.randn(t, HKV, D, device=dev) * torch.rand(t, HKV, 1, device=dev) * 3).half()
@@ -63,20 +78,22 @@ def check_store(dev, log):
         store_kv_reference(k, v, r, slots, lay)
         av, rv = a.view(torch.uint8), r.view(torch.uint8)
         bad = int((av != rv).sum())
-        res[NAME[bits]] = bad
-        log(f"store {NAME[bits]}: {bad} differing bytes of {av.numel()}")
-        if bad and bits != 16:
-            ca, cr = lay.codes(a).reshape(-1), lay.codes(r).reshape(-1)
+        res[fmt_name(fmt)] = bad
+        log(f"store {fmt_name(fmt)}: {bad} differing bytes of {av.numel()}")
+        if bad and lay.quantized:
             from kvplug.quant import unpack
-            ua, ur = unpack(lay.codes(a), bits).int(), unpack(lay.codes(r), bits).int()
-            log(f"  codes differing: {int((ua != ur).sum())}, max |diff| {int((ua - ur).abs().max())}; "
-                f"meta differing: {int((lay.meta(a) != lay.meta(r)).sum())}; bytes {int((ca != cr).sum())}")
+            for role in (0, 1):
+                ca, cr = lay.role_codes(a, role), lay.role_codes(r, role)
+                ua, ur = unpack(ca, lay.role_bits(role)).int(), unpack(cr, lay.role_bits(role)).int()
+                log(f"  role {role}: codes differing: {int((ua != ur).sum())}, max |diff| "
+                    f"{int((ua - ur).abs().max())}; meta differing: "
+                    f"{int((lay.role_meta(a, role) != lay.role_meta(r, role)).sum())}; bytes {int((ca != cr).sum())}")
     return res
 
 
-def build(bits, bs, k_tok, v_tok, b, length, dev):
+def build(fmt, bs, k_tok, v_tok, b, length, dev):
     """A paged cache of B sequences of `length` tokens, blocks scattered, filled by store_kv."""
-    lay = PagedLayout(bs, HKV, D, bits, torch.float16)
+    lay = layout(fmt, bs)
     nblk = length // bs
     cache = lay.allocate(b * nblk, dev)
     bt = torch.randperm(b * nblk, device=dev).view(b, nblk).int()
@@ -175,10 +192,10 @@ def parse_variant(v):
     return bn, nw, ns, sp, None if mr == -1 else mr
 
 
-def variants(bits, bs, quick):
+def variants(fmt, bs, quick):
     """The built-in sweep around the tuned defaults (0 = the layout's default, splits -N = N x
     the default's)."""
-    if bits == 16:
+    if fmt[0] == 16:
         return [(0, 0, 0, 0, 0)] + ([] if quick else [(32, 4, 2, 0, 0), (64, 8, 2, 0, 0)])
     base = [(0, 0, 0, 0, 0)]
     if quick or bs != 16:
@@ -194,7 +211,7 @@ def main():
     ap.add_argument("--budget", type=float, default=400.0, help="seconds; later variants are skipped")
     ap.add_argument("--shapes", default="", help="e.g. 8x32768,1x131072")
     ap.add_argument("--quick", action="store_true", help="a few variants, block size 16 only")
-    ap.add_argument("--bits", default="16,8,4,2", help="formats to run (16 = fp16)")
+    ap.add_argument("--bits", default="16,8,4,2", help="formats to run (16 = fp16; 8/4 = 8-bit keys, 4-bit values)")
     ap.add_argument("--block-sizes", default="16,32")
     ap.add_argument("--variants", default="",
                     help="instead of the built-in list: block_n:warps:stages:splits[:maxnreg],... (0 = the layout's "
@@ -256,33 +273,34 @@ def main():
         if args.vllm:
             results["rows"] += vllm_rows(q, k_tok, v_tok, o_sdpa, t_sdpa, b, length, dev, log)
         lens = torch.full((b,), length, dtype=torch.int32, device=dev)
-        for bits in [int(x) for x in args.bits.split(",")]:
+        for fmt in [parse_format(x) for x in args.bits.split(",")]:
+            name_f, tune = fmt_name(fmt), DECODE_TUNING[max(fmt)]
             for bs in ([int(x) for x in args.block_sizes.split(",")] if not args.smoke else (16,)):
                 if time.time() - t_start > args.budget:
-                    log(f"budget reached, skipping {NAME[bits]} bs={bs}")
+                    log(f"budget reached, skipping {name_f} bs={bs}")
                     continue
                 try:
-                    lay, cache, bt = build(bits, bs, k_tok, v_tok, b, length, dev)
+                    lay, cache, bt = build(fmt, bs, k_tok, v_tok, b, length, dev)
                 except Exception as e:  # noqa: BLE001
-                    log(f"{NAME[bits]} bs={bs}: build failed: {type(e).__name__}: {e}")
+                    log(f"{name_f} bs={bs}: build failed: {type(e).__name__}: {e}")
                     continue
                 # correctness against the dequantized reference (and the unquantized SDPA)
                 out = torch.full_like(q, float("nan"))
                 try:
                     decode_attention(q, cache, lay, bt, lens, out=out)
                 except Exception as e:  # noqa: BLE001
-                    log(f"{NAME[bits]} bs={bs}: kernel failed: {type(e).__name__}: {str(e)[:2000]}")
+                    log(f"{name_f} bs={bs}: kernel failed: {type(e).__name__}: {str(e)[:2000]}")
                     del cache
                     continue
                 ref = decode_attention_reference(q, cache, lay, bt, lens)
                 rel = ((out.float() - ref).norm() / ref.norm()).item()
                 rel_sdpa = ((out.float() - o_sdpa).norm() / o_sdpa.norm()).item()
                 finite = bool(torch.isfinite(out).all())
-                log(f"{NAME[bits]} bs={bs}: rel err vs dequant ref {rel:.2e}, vs fp16 SDPA {rel_sdpa:.2e}, "
+                log(f"{name_f} bs={bs}: rel err vs dequant ref {rel:.2e}, vs fp16 SDPA {rel_sdpa:.2e}, "
                     f"all written {finite}")
-                nbytes = kv_bytes(bits, b, length) + bt.numel() * 4 + q.numel() * 2 * 2
+                nbytes = kv_bytes(fmt, b, length) + bt.numel() * 4 + q.numel() * 2 * 2
                 # (block_n, warps, stages, splits, maxnreg): 0 = the layout's default; splits -N = N x the default
-                configs = variants(bits, bs, args.quick)
+                configs = variants(fmt, bs, args.quick)
                 if args.variants:
                     configs = [parse_variant(v) for v in args.variants.split(",")]
                 if args.smoke:
@@ -291,13 +309,13 @@ def main():
                 for bn, nw, ns, sp, mr in configs:
                     if time.time() - t_start > args.budget:
                         break
-                    auto = default_num_splits(b, HKV, length, bn or DECODE_TUNING[bits][0], torch.cuda.get_device_properties(0)
-                                              .multi_processor_count if dev == "cuda" else 4, DECODE_TUNING[bits][4])
+                    auto = default_num_splits(b, HKV, length, bn or tune[0], torch.cuda.get_device_properties(0)
+                                              .multi_processor_count if dev == "cuda" else 4, tune[4])
                     splits = auto if sp == 0 else (auto * -sp if sp < 0 else sp)
                     fn = (lambda bn=bn, nw=nw, ns=ns, splits=splits, mr=mr:  # noqa: E731
                           decode_attention(q, cache, lay, bt, lens, block_n=bn or None, num_warps=nw or None,
                                            num_stages=ns or None, num_splits=splits, maxnreg=mr, out=out))
-                    t = DECODE_TUNING[bits]
+                    t = tune
                     cfg = (bn or t[0], nw or t[1], ns or t[2], splits, t[3] if mr == 0 else mr)
                     name = "bn={} w={} st={} sp={} maxnreg={}".format(*cfg)
                     try:
@@ -309,7 +327,8 @@ def main():
                         log(f"  {name}: failed {type(e).__name__}: {str(e)[:300]}")
                         continue
                     extra = b * HQ * splits * (D + 2) * 4 * 2 if splits > 1 else 0
-                    row = dict(B=b, L=length, kernel=f"paged-{NAME[bits]}", bits=bits, block_size=bs,
+                    bits = fmt[0] if fmt[0] == fmt[1] else f"{fmt[0]}/{fmt[1]}"
+                    row = dict(B=b, L=length, kernel=f"paged-{name_f}", bits=bits, block_size=bs,
                                block_n=cfg[0], warps=cfg[1], stages=cfg[2], splits=splits, maxnreg=cfg[4],
                                rel_err_ref=rel_v, rel_err_sdpa=rel_sdpa, finite=ok, nbytes=nbytes + extra)
                     ready.append((name, fn, row))
@@ -388,13 +407,13 @@ def sm90_report(out_dir, log):
     rows = ["| codec | block_n | warps | stages | maxnreg | regs | spill bytes | smem | loop SASS instr/thread "
             "| warp-instr/token | mix (unpack, mov, float, smem, int/addr, mma) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for bits in (16, 8, 4, 2):
-        t = DECODE_TUNING[bits]
+        t, name_f = DECODE_TUNING[bits], NAME[bits]
         for bn, nw, ns, mr in {t[:4], (t[0], t[1], t[2], None), (64, 2, 2, t[3])}:
             fn = kern._decode_planes_kernel if bits != 16 else kern._decode_kernel
             const = dict(HKV=HKV, G=HQ // HKV, G_PAD=max(8 if bits != 16 else 16, HQ // HKV), D=D, BS=16,
                          BLOCK_N=bn, SPLIT=True, HELD=False)
             if bits != 16:
-                const.update(BITS=bits, CB=D * bits // 8, ASM=True)
+                const.update(KBITS=bits, KCB=D * bits // 8, VBITS=bits, VCB=D * bits // 8, ASM=True)
             types = dict(q_ptr="*fp16", cache_ptr="*u8" if bits != 16 else "*fp16", meta_ptr="*fp16", bt_ptr="*i32",
                          lens_ptr="*i32", held_ptr="*i32", out_ptr="*fp16", po_ptr="*fp32", pml_ptr="*fp32",
                          sm_scale="fp32")
@@ -410,7 +429,7 @@ def sm90_report(out_dir, log):
                 res = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
                 sass = subprocess.run([cuobjdump, "--dump-sass", f.name], capture_output=True, text=True).stdout
             except Exception as e:  # noqa: BLE001
-                log(f"sm90 report {NAME[bits]} bn={bn} w={nw}: {type(e).__name__}: {str(e)[:300]}")
+                log(f"sm90 report {name_f} bn={bn} w={nw}: {type(e).__name__}: {str(e)[:300]}")
                 continue
             lines = [ln for ln in sass.splitlines() if re.search(r"^\s+/\*[0-9a-f]{4}\*/", ln)]
             addr = [int(re.search(r"/\*([0-9a-f]{4})\*/", ln).group(1), 16) for ln in lines]
@@ -421,7 +440,7 @@ def sm90_report(out_dir, log):
                     loop = lines[addr.index(int(m.group(1), 16)):i + 1]
                     break
             if loop is None:
-                log(f"sm90 report {NAME[bits]} bn={bn} w={nw}: no loop found")
+                log(f"sm90 report {name_f} bn={bn} w={nw}: no loop found")
                 continue
             cnt = {c: 0 for c in _CATS}
             for ln in loop:
@@ -435,7 +454,7 @@ def sm90_report(out_dir, log):
                         break
             mix = ", ".join(str(cnt[c]) for c in ("unpack", "mov", "float", "smem", "int/addr", "mma"))
             regs, spill = re.search(r"REG:(\d+)", res).group(1), re.search(r"LOCAL:(\d+)", res).group(1)
-            rows.append(f"| {NAME[bits]} | {bn} | {nw} | {ns} | {mr or '-'} | {regs} | {spill} | {k.metadata.shared} "
+            rows.append(f"| {name_f} | {bn} | {nw} | {ns} | {mr or '-'} | {regs} | {spill} | {k.metadata.shared} "
                         f"| {len(loop)} | {len(loop) * nw / bn:.1f} | {mix} |")
             log(rows[-1])
     with open(os.path.join(out_dir, "sm90_report.md"), "w") as f:

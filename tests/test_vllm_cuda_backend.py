@@ -86,21 +86,28 @@ def _step_inputs(reqs, lengths, tables, gen):
     return qlens, ctx, slots, q, k, v
 
 
-@pytest.mark.parametrize("spec", ["int8", "int4", "int2"])
+@pytest.mark.parametrize("spec", ["int8", "int4", "int2", "int4(rotate=true)", "mixed",
+                                  "mixed(key=4, value=2, rotate=true)"])
 def test_forward_mixed_batches_match_float32_reference(cb, spec, gen):
-    from kvplug import triton_ops
+    """Decode rows against float32 attention over each request's K/V as the core codec returns
+    them (encode, decode: its own rotation, its own widths), prefills against SDPA over their raw
+    K/V; the page bytes against the CPU backend's writer (the core codec, bit for bit)."""
+    from kvplug.adapters.vllm.layout import PagedKV, TokenLayout
+    from kvplug.config import resolve
 
     impl = _impl(cb, spec)
     layout = impl.layout
+    codec = resolve(spec).codec
     nb = 12
     c = cb.token_bytes(layout)
     shape = _backend(cb, spec).get_kv_cache_shape(nb, BS, HKV, D)
     assert shape == (nb, HKV, BS, c)
     kv_cache = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)  # poisoned page
-    ref_cache = layout.allocate(nb)
-    ref_cache.zero_()
+    cpu_cache = torch.zeros_like(kv_cache)
+    cpu_writer = PagedKV(TokenLayout.for_codec(codec, D, torch.float16))
     tables = torch.randperm(nb, generator=gen)[:9].view(3, 3).int()
     lengths = [0, 0, 0]
+    history = [([], []) for _ in range(3)]
 
     def step(reqs):
         """reqs: (request, new tokens) with decodes (1 token) first; returns (output, expected)."""
@@ -109,20 +116,25 @@ def test_forward_mixed_batches_match_float32_reference(cb, spec, gen):
         md = cb.build_metadata(_common(qlens, ctx, slots, tables[[r for r, _ in reqs]]))
         out = torch.full_like(q, float("nan"))
         impl.forward(None, q, k, v, kv_cache, md, output=out)
-        triton_ops.store_kv_reference(k, v, ref_cache, slots, layout)
+        cpu_writer.store(cpu_cache, k, v, slots)
         expected = torch.empty(n, HKV * G, D)
         start = 0
         for (r, t), context in zip(reqs, ctx):
             lengths[r] += t
+            history[r][0].append(k[start:start + t])
+            history[r][1].append(v[start:start + t])
             if context == 0:  # prefill: over its own raw K/V
                 o = F.scaled_dot_product_attention(q[start:start + t].float().transpose(0, 1),
                                                    k[start:start + t].float().transpose(0, 1),
                                                    v[start:start + t].float().transpose(0, 1), is_causal=True,
                                                    enable_gqa=True)
                 expected[start:start + t] = o.transpose(0, 1)
-            else:
-                expected[start] = triton_ops.decode_attention_reference(
-                    q[start:start + 1], ref_cache, layout, tables[r:r + 1], torch.tensor([lengths[r]]))[0]
+            else:  # over what the codec gives back of every token so far
+                keys, values = (codec.decode(codec.encode(torch.cat(x).transpose(0, 1), role), role, torch.float32)
+                                for x, role in zip(history[r], ("key", "value")))
+                o = F.scaled_dot_product_attention(q[start:start + 1].float().transpose(0, 1), keys, values,
+                                                   enable_gqa=True)
+                expected[start] = o.transpose(0, 1)[0]
             start += t
         return out, expected
 
@@ -131,22 +143,24 @@ def test_forward_mixed_batches_match_float32_reference(cb, spec, gen):
         assert not out.isnan().any()
         err = (out.float() - expected).norm() / expected.norm()
         assert err < 1e-2, (reqs, err)
-    # the forward wrote what the reference store wrote: same codes, scales and zeros at every slot
+    # the forward wrote what the CPU backend's writer wrote: same bytes at every slot it wrote
     pos = [torch.arange(n) for n in lengths]
-    blk = torch.cat([tables[r, p // BS].long() for r, p in enumerate(pos)])
-    off = torch.cat([p % BS for p in pos])
-    mine = kv_cache.view(layout.shape(nb))
-    torch.testing.assert_close(layout.codes(mine)[blk, :, :, off], layout.codes(ref_cache)[blk, :, :, off])
-    torch.testing.assert_close(layout.meta(mine)[blk, :, :, off], layout.meta(ref_cache)[blk, :, :, off])
+    slots = torch.cat([tables[r, p // BS].long() * BS + p % BS for r, p in enumerate(pos)])
+    for mine, theirs in zip(cpu_writer.pages(kv_cache), cpu_writer.pages(cpu_cache)):
+        for a, b in zip(mine, theirs):
+            assert torch.equal(a[slots // BS, :, slots % BS], b[slots // BS, :, slots % BS])
 
-@pytest.mark.parametrize("spec", ["int8", "int4", "int2"])
+
+@pytest.mark.parametrize("spec", ["int8", "int4", "int2", "mixed(key=4, value=2)", "mixed(rotate=true)"])
 def test_compressed_prefill_serves_chunks_and_cached_context(cb, spec, gen):
     """kvplug_prefill=compressed: a prompt in chunks (its second chunk after 7 cached tokens, a
     context ending inside a block), a prefix-cache-like hit (a fresh request whose first step
     starts after 16 cached tokens), decode rows beside them; every row against a float64 loop
     over the reference store's cache, the chunk's own tokens included. Unwritten slots hold
-    random bytes."""
+    random bytes. A rotated codec: the reference stores the rotated K/V and attends with the
+    rotated q, its output rotated back (H is orthonormal and its own inverse)."""
     from kvplug import triton_ops
+    from kvplug.rotation import rotate
 
     SELECTED["extra"] = {"kvplug_prefill": "compressed"}
     impl = _impl(cb, spec)
@@ -160,7 +174,8 @@ def test_compressed_prefill_serves_chunks_and_cached_context(cb, spec, gen):
     pos = torch.arange(16)
     k0, v0 = torch.randn(16, HKV, D, generator=gen).half(), torch.randn(16, HKV, D, generator=gen).half()
     shared = tables[2, pos // BS].long() * BS + pos % BS
-    triton_ops.store_kv_reference(k0, v0, ref_cache, shared, layout)
+    turn = rotate if layout.rotated else (lambda x: x)
+    triton_ops.store_kv_reference(turn(k0), turn(v0), ref_cache, shared, layout)
     kv_view = kv_cache.view(layout.shape(nb))
     kv_view[tables[2, :1].long()] = ref_cache[tables[2, :1].long()]       # the hit's block, as stored
     for reqs in ([(0, 20), (1, 7)], [(0, 1), (1, 12), (2, 9)], [(0, 1), (1, 1), (2, 1)]):
@@ -169,12 +184,12 @@ def test_compressed_prefill_serves_chunks_and_cached_context(cb, spec, gen):
         md = cb.build_metadata(common, compressed=True)   # what the builder builds in this mode
         out = torch.full_like(q, float("nan"))
         impl.forward(None, q, k, v, kv_cache, md, output=out)
-        triton_ops.store_kv_reference(k, v, ref_cache, slots, layout)
+        triton_ops.store_kv_reference(turn(k), turn(v), ref_cache, slots, layout)
         for r, t in reqs:
             lengths[r] += t
-        expected = triton_ops.paged_attention_reference(q, ref_cache, layout, common.block_table_tensor,
-                                                        common.query_start_loc, common.seq_lens,
-                                                        compute_dtype=torch.float64)
+        expected = turn(triton_ops.paged_attention_reference(turn(q), ref_cache, layout, common.block_table_tensor,
+                                                             common.query_start_loc, common.seq_lens,
+                                                             compute_dtype=torch.float64)).double()
         assert not out.isnan().any()
         err = ((out.double() - expected).norm() / expected.norm()).item()
         assert err < 3e-3, (reqs, err)
@@ -272,7 +287,7 @@ def test_refusals_are_one_line(cb):
     config.cache_config.cache_dtype = "fp8"
     with pytest.raises(SpecError, match="keep --kv-cache-dtype auto"):
         check_engine(config, resolve("int4"), backend)
-    for spec, kwargs, message in (("int4(rotate=true)", {}, "rotate"), ("int4(group=32)", {}, "group"),
+    for spec, kwargs, message in (("fp8", {}, "no paged kernel layout"), ("int4(group=32)", {}, "no paged kernel layout"),
                                   ("int4", {"dtype": torch.float32}, "runs models in float16, bfloat16"),
                                   ("int4", {"head_dim": 80}, "head size 80 is not supported"),
                                   ("tova(budget=64)+int4", {}, "tova ranks tokens")):

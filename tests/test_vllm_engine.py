@@ -40,7 +40,7 @@ KV_BYTES = 32 << 20
 MAX_LEN = 1024
 STEPS = 32
 TIE_NATS = 0.125
-FIRST_TOKENS = {"int4": 4, "int2": 2}
+FIRST_TOKENS = {"int4": 4, "int2": 2, "mixed(rotate=true)": 8}
 BLOCKED = "lora_filesystem_resolver"  # VLLM_PLUGINS allow-list without kvplug: vLLM as shipped
 ENGINE_TIMEOUT = 240
 RAW = {"kvplug_prefill": "uncompressed"}
@@ -201,6 +201,8 @@ def runs(setup):
                                     setup["tmp"])
             elif name == "int4-hf":  # the HF adapter's prefill (over the prompt's raw K/V)
                 done[name] = engine(dict(base, spec="int4", extra=RAW), setup["tmp"])
+            elif name == "mixed-hf":  # 8-bit keys, 4-bit values, rotated: two widths in one page
+                done[name] = engine(dict(base, spec="mixed(rotate=true)", extra=RAW), setup["tmp"])
             else:
                 done[name] = engine(dict(base, spec=name), setup["tmp"])
         return done[name]
@@ -281,7 +283,8 @@ def test_int8_is_vllm_own_greedy_for_32_steps(runs):
     assert_same_greedy(ours, ref, "int8")
 
 
-@pytest.mark.parametrize("spec, engine_name, factor", [("int4", "int4", 3.5), ("int2", "int2-env", 6.0)])
+@pytest.mark.parametrize("spec, engine_name, factor", [("int4", "int4", 3.5), ("int2", "int2-env", 6.0),
+                                                       ("mixed(rotate=true)", "mixed-hf", 2.4)])
 def test_capacity_from_vllm_accounting(runs, spec, engine_name, factor):
     auto, ours = runs("vllm"), runs(engine_name)
     ratio = ours["capacity"] / auto["capacity"]
@@ -294,7 +297,8 @@ def test_int8_capacity_is_about_twice(runs):
     assert runs("int8")["capacity"] / runs("vllm")["capacity"] >= 1.85
 
 
-@pytest.mark.parametrize("spec, engine_name", [("int4", "int4-hf"), ("int2", "int2-env")])
+@pytest.mark.parametrize("spec, engine_name", [("int4", "int4-hf"), ("int2", "int2-env"),
+                                               ("mixed(rotate=true)", "mixed-hf")])
 def test_first_tokens_match_the_hf_adapter(runs, hf_first, spec, engine_name):
     """``kvplug_prefill=uncompressed``: the prefill attends over the prompt's raw K/V, as the HF
     adapter's does, so the first token is the HF adapter's exactly."""

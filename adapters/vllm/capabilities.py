@@ -47,13 +47,11 @@ def cpu_page(codec, head_dim: int, dtype: torch.dtype):
 
 
 def cuda_page(codec, head_dim: int, dtype: torch.dtype, block_size: int = 16, num_kv_heads: int = 1):
-    """The Triton kernels' :class:`~kvplug.triton_ops.PagedLayout` for ``codec`` (none, int8, int4,
-    int2 with one scale/zero per token and head; not rotated)."""
+    """The Triton kernels' :class:`~kvplug.triton_ops.PagedLayout` for ``codec``: what the codec
+    declares (:meth:`~kvplug.codecs.base.Codec.paged_format`; none, int8/int4/int2 and mixed with
+    one scale/zero per token and head, rotated or not)."""
     from kvplug import triton_ops
 
-    if getattr(codec, "rotate", False):
-        raise SpecError(f"kvplug in vLLM on CUDA: {codec} (rotate=true) has no GPU path yet; use it without "
-                        "rotate")
     try:
         return triton_ops.PagedLayout.for_codec(codec, block_size, num_kv_heads, head_dim, dtype)
     except ValueError as e:

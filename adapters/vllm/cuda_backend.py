@@ -56,6 +56,7 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, Att
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from kvplug import triton_ops
+from kvplug.rotation import rotate
 
 from . import compat, layer_spec, prefill_mode, selected_strategy
 from .capabilities import Engine, Support, check_head_sizes, check_layer, cuda_page, resolve_configured
@@ -278,13 +279,22 @@ class KVPlugCudaImpl(AttentionImpl):
             return output
         n = attn_metadata.num_actual_tokens
         cache = as_triton_cache(kv_cache, self.layout)
-        triton_ops.store_kv(key[:n], value[:n], cache, attn_metadata.slot_mapping[:n], self.layout)
+        rotated = self.layout.rotated  # the pages hold the rotated basis: q in, outputs back (scores unchanged)
+        if rotated:
+            triton_ops.store_kv(rotate(key[:n]), rotate(value[:n]), cache, attn_metadata.slot_mapping[:n],
+                                self.layout)
+        else:
+            triton_ops.store_kv(key[:n], value[:n], cache, attn_metadata.slot_mapping[:n], self.layout)
         ev = self._layer_eviction(layer) if self.strategy.evicts else None
         nd = attn_metadata.num_decodes
         if nd:
             held = None if ev is None else attn_metadata.held[ev.layer_idx, :nd]
-            triton_ops.decode_attention(query[:nd], cache, self.layout, attn_metadata.block_table[:nd],
-                                        attn_metadata.seq_lens[:nd], self.scale, held=held, out=output[:nd])
+            q = rotate(query[:nd]).to(query.dtype) if rotated else query[:nd]
+            o = triton_ops.decode_attention(q, cache, self.layout, attn_metadata.block_table[:nd],
+                                            attn_metadata.seq_lens[:nd], self.scale, held=held,
+                                            out=None if rotated else output[:nd])
+            if rotated:
+                output[:nd] = rotate(o)
         if attn_metadata.num_prefill_tokens:
             p = attn_metadata.num_decode_tokens
             self._prefill(query[p:n], key[p:n], value[p:n], cache, attn_metadata, output[p:n])
@@ -335,11 +345,16 @@ class KVPlugCudaImpl(AttentionImpl):
         with ``compressed_prefill``, otherwise over its own raw tokens."""
         if md.compressed_prefill:
             rows = slice(md.first_prefill, md.first_prefill + len(md.prefill_starts_cpu) - 1)
+            rotated = self.layout.rotated
+            if rotated:  # over the rotated cache: q in, the output back
+                q, final, out = rotate(q).to(q.dtype), out, torch.empty_like(q)
             if md.max_prefill_len < self.dense_from:
                 triton_ops.paged_attention(q, cache, self.layout, md.block_table[rows], md.prefill_starts,
                                            md.seq_lens[rows], self.scale, max_query_len=md.max_prefill_len, out=out)
             else:
                 self._dense_over_cache(q, cache, md, rows, out)
+            if rotated:
+                final.copy_(rotate(out))
             return
         _varlen_attention(q, k, v, md.prefill_starts, md.prefill_starts, md.prefill_starts_cpu.tolist(),
                           md.prefill_starts_cpu.tolist(), md.max_prefill_len, md.max_prefill_len, self.scale, out)

@@ -26,7 +26,7 @@ class Mixed(Codec):
     """Per-token integer K/V with their own widths (default: 8-bit keys, 4-bit values)."""
 
     name = "mixed"
-    paper = "KIVI 2402.02750 (keys hold the outliers); QuaRot 2404.00456 (rotate)"
+    paper = "KIVI 2402.02750; QuaRot 2404.00456 (rotate)"
     key: int = param(8, choices=(8, 4, 2), doc="bits per key element")
     value: int = param(4, choices=(8, 4, 2), doc="bits per value element")
     rotate: bool = param(False, doc="Hadamard-rotate heads before quantizing (power-of-two head_dim)")
