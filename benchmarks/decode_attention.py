@@ -274,7 +274,7 @@ def main():
             results["rows"] += vllm_rows(q, k_tok, v_tok, o_sdpa, t_sdpa, b, length, dev, log)
         lens = torch.full((b,), length, dtype=torch.int32, device=dev)
         for fmt in [parse_format(x) for x in args.bits.split(",")]:
-            name_f, tune = fmt_name(fmt), DECODE_TUNING[max(fmt)]
+            name_f, tune = fmt_name(fmt), DECODE_TUNING[min(fmt)]  # as decode_attention picks
             for bs in ([int(x) for x in args.block_sizes.split(",")] if not args.smoke else (16,)):
                 if time.time() - t_start > args.budget:
                     log(f"budget reached, skipping {name_f} bs={bs}")

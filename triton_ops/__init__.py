@@ -129,7 +129,9 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
         out = torch.empty_like(q)
     if b == 0:
         return out
-    t_bn, t_warps, t_stages, t_maxnreg, t_progs = DECODE_TUNING[max(layout.bits, layout.vbits)]  # the wider role
+    # two widths: the narrower role's settings (k8v4 at (8, 32K) on the H200: 130 us with int4's
+    # programs per SM, 160 with int8's; docs/BENCHMARKS.md)
+    t_bn, t_warps, t_stages, t_maxnreg, t_progs = DECODE_TUNING[min(layout.bits, layout.vbits)]
     block_n = block_n or t_bn
     num_warps = num_warps or t_warps
     num_stages = num_stages or t_stages
