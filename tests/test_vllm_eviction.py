@@ -374,14 +374,18 @@ def run_job(job: dict) -> None:
         original = scheduler._preempt_request
 
         def preempt(request, *args, **kwargs):
-            preempted.append(request.num_output_tokens)
+            preempted.append((job["many"].index(list(request.prompt_token_ids)), request.num_output_tokens))
             return original(request, *args, **kwargs)
 
         scheduler._preempt_request = preempt
         many = [{"prompt_token_ids": p} for p in job["many"]]
         result["together"] = [list(o.outputs[0].token_ids) for o in llm.generate(many, greedy, use_tqdm=False)]
         result["preempted"] = list(preempted)
-        result["alone"] = [list(llm.generate([p], greedy, use_tqdm=False)[0].outputs[0].token_ids) for p in many]
+        # alone: every preempted request and 8 others (fixed draw); running all 64 alone took most of CI's time
+        others = [i for i in range(len(many)) if i not in {i for i, _ in preempted}]
+        chosen = sorted({i for i, _ in preempted} | set(random.Random(12).sample(others, min(8, len(others)))))
+        result["alone"] = {i: list(llm.generate([many[i]], greedy, use_tqdm=False)[0].outputs[0].token_ids)
+                           for i in chosen}
         result["preempted_alone"] = len(preempted) - len(result["preempted"])
     result["free_end"] = pool.get_num_free_blocks()
     Path(job["out"]).write_text(json.dumps(result))
@@ -534,11 +538,15 @@ def test_chunked_prefill_and_prefix_hits_give_the_one_chunk_cold_tokens(runs, sp
                                   "chunked:int8"])
 def test_64_mixed_requests_equal_one_by_one_when_a_small_pool_preempts(runs, name):
     """In the default (compressed) prefill, with vLLM's chunked prefill on; the codecs' engines
-    also with prefix caching on (a request run alone may reuse the blocks the batch left)."""
+    also with prefix caching on (a request run alone may reuse the blocks the batch left). Alone:
+    every request that was preempted and 8 others."""
     result = runs(name)
-    print(f"{name}: {result['pool']} blocks, preempted with {result['preempted']} tokens generated")
-    assert result["together"] == result["alone"]
-    assert any(n > 0 for n in result["preempted"])  # a request re-ran its prompt and generated tokens at once
+    print(f"{name}: {result['pool']} blocks, preempted (request, tokens generated) {result['preempted']}")
+    alone = {int(i): tokens for i, tokens in result["alone"].items()}  # JSON keys are strings
+    assert {i for i, _ in result["preempted"]} <= set(alone) and len(alone) >= 8
+    for i, tokens in alone.items():
+        assert result["together"][i] == tokens, f"request {i}"
+    assert any(n > 0 for _, n in result["preempted"])  # a request re-ran its prompt and generated tokens at once
     assert result["preempted_alone"] == 0
     assert result["free_end"] == result["pool"] - 1
 
