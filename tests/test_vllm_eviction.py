@@ -422,9 +422,8 @@ def jobs(setup):
     schedules = {f"{how}:{spec}": dict(spec=spec, sequential=sequential, steps=24, kv_bytes=64 << 20, engine=engine)
                  for spec in ("int8", "int4", "snapkv(budget=25%)+int4") for how, engine in (("chunked", chunked),
                                                                                            ("whole", whole))}
-    # the codecs' chunked engines also run the 64 mixed requests, in pools of 22 (int8) and 21 (int4) blocks
-    schedules["chunked:int8"].update(many=mixed, kv_bytes=6 << 18, steps=64)  # longer: requests preempted late
-    schedules["whole:int8"].update(steps=64)
+    # int4's chunked engine also runs the 64 mixed requests, in a pool of 21 blocks (int8 takes the same
+    # code path with another codec: its 64-request run was dropped for CI's time)
     schedules["chunked:int4"].update(many=mixed, kv_bytes=3 << 18)
     return {
         **schedules,
@@ -534,8 +533,7 @@ def test_chunked_prefill_and_prefix_hits_give_the_one_chunk_cold_tokens(runs, sp
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("name", ["streaming-preempt", "snapkv-int4-preempt", "tova-int4-preempt", "chunked:int4",
-                                  "chunked:int8"])
+@pytest.mark.parametrize("name", ["streaming-preempt", "snapkv-int4-preempt", "tova-int4-preempt", "chunked:int4"])
 def test_64_mixed_requests_equal_one_by_one_when_a_small_pool_preempts(runs, name):
     """In the default (compressed) prefill, with vLLM's chunked prefill on; the codecs' engines
     also with prefix caching on (a request run alone may reuse the blocks the batch left). Alone:
