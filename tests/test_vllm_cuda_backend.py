@@ -378,7 +378,8 @@ def test_cuda_routes_eviction(cb, monkeypatch):
                                        ("keydiff(budget=30)+int4", "compressed"),
                                        ("lagkv(budget=30, n_sink=2, lag=8)+int8", "compressed"),
                                        ("streaming(sinks=3, window=20)+int8", "uncompressed"),
-                                       ("streaming(sinks=3, window=20)+int8", "compressed")])
+                                       ("streaming(sinks=3, window=20)+int8", "compressed"),
+                                       ("snapkv(budget=24, window=8)+mixed(rotate=true)", "compressed")])
 def test_forward_with_eviction_reads_the_kept_tokens_only(cb, spec, mode, gen):
     """Two prompts, then decode steps: every decode output equals float64 attention over the
     tokens the strategy keeps (its own selection on the prompt's K/V and last queries; streaming's

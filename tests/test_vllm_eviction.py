@@ -109,6 +109,7 @@ def test_worker_reads_what_the_hf_adapter_keeps(spec, prompt_len, gen):
     ("h2o(budget=40, recent_ratio=0.25)+int4", 90),
     ("h2o(budget=60)", 30),  # a short prompt grows up to the budget, then replaces
     ("tova(budget=32)", 80),
+    ("tova(budget=32)+mixed(rotate=true)", 80),  # two widths in one page: moves keep K and V rows apart
 ])
 def test_replacing_worker_holds_what_the_hf_adapter_holds(spec, prompt_len, gen):
     """h2o / tova: every decode step, beside the HF adapter's layer on the same queries, keys and
@@ -117,7 +118,7 @@ def test_replacing_worker_holds_what_the_hf_adapter_holds(spec, prompt_len, gen)
     blocks the scheduler frees are poisoned (NaN) after each step."""
     strategy = parse(spec)
     bs, steps, blocks = 16, 60, 40
-    codec_exact = "int4" not in spec
+    codec_exact = strategy.codec.name == "none"
     paged = PagedKV(TokenLayout.for_codec(strategy.codec, DIM, torch.float32))
     total = prompt_len + steps
     table = torch.randperm(blocks, generator=gen)[: total // bs + 1]
