@@ -56,7 +56,7 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, Att
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from kvplug import triton_ops
-from kvplug.rotation import rotate
+from kvplug.rotation import hadamard, rotate
 
 from . import compat, layer_spec, prefill_mode, selected_strategy
 from .capabilities import Engine, Support, check_head_sizes, check_layer, cuda_page, resolve_configured
@@ -266,6 +266,8 @@ class KVPlugCudaImpl(AttentionImpl):
         dtype = getattr(getattr(config, "model_config", None), "dtype", None) or torch.get_default_dtype()
         block_size = getattr(getattr(config, "cache_config", None), "block_size", None) or 16
         self.layout = cuda_page(strategy.codec, head_size, dtype, block_size, self.num_kv_heads)
+        if self.layout.rotated and torch.cuda.is_available():  # built now: a host-to-device copy cannot
+            hadamard(head_size, torch.device("cuda", torch.cuda.current_device()))  # run in a graph capture
         self.strategy = strategy
         self.num_layers = config.model_config.get_total_num_hidden_layers()
         self.eviction: LayerEviction | None = None  # made at the first step, when the layer's name is known
