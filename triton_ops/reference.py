@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 
 from kvplug import quant
-from kvplug.codecs.integer import Int2, Int4, Int8
+from kvplug.codecs.integer import BY_BITS
 
 from .layout import PagedLayout
 
-_CODECS = {8: Int8(), 4: Int4(), 2: Int2()}  # per-token, unrotated: the bytes the kernels read
+_CODECS = {bits: codec() for bits, codec in BY_BITS.items()}  # per token, unrotated: the bytes the kernels read
+
 
 
 def _per_head(x: torch.Tensor, b: int, h: int) -> torch.Tensor:

@@ -94,3 +94,7 @@ class Int2(IntCodec):
 
     name = "int2"
     bits = 2
+
+
+BY_BITS: dict[int, type[IntCodec]] = {8: Int8, 4: Int4, 2: Int2}
+"""The per-token integer codec of each width (``BY_BITS[4](rotate=True)``)."""

@@ -15,10 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from kvplug.codecs.base import Codec, Encoded, PagedFormat, Role
-from kvplug.codecs.integer import Int2, Int4, Int8, IntCodec
+from kvplug.codecs.integer import BY_BITS, IntCodec
 from kvplug.parts import param
-
-_BY_BITS = {8: Int8, 4: Int4, 2: Int2}
 
 
 @dataclass(frozen=True)
@@ -33,7 +31,7 @@ class Mixed(Codec):
 
     def role_codec(self, role: Role) -> IntCodec:
         """The per-token codec that stores ``role``."""
-        return _BY_BITS[self.key if role == "key" else self.value](rotate=self.rotate)
+        return BY_BITS[self.key if role == "key" else self.value](rotate=self.rotate)
 
     def check_head_dim(self, head_dim: int) -> None:
         for role in ("key", "value"):
