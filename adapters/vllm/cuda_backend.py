@@ -281,28 +281,32 @@ class KVPlugCudaImpl(AttentionImpl):
             return output
         n = attn_metadata.num_actual_tokens
         cache = as_triton_cache(kv_cache, self.layout)
-        rotated = self.layout.rotated  # the pages hold the rotated basis: q in, outputs back (scores unchanged)
-        if rotated:
-            triton_ops.store_kv(rotate(key[:n]), rotate(value[:n]), cache, attn_metadata.slot_mapping[:n],
-                                self.layout)
-        else:
-            triton_ops.store_kv(key[:n], value[:n], cache, attn_metadata.slot_mapping[:n], self.layout)
+        k, v = (rotate(key[:n]), rotate(value[:n])) if self.layout.rotated else (key[:n], value[:n])
+        triton_ops.store_kv(k, v, cache, attn_metadata.slot_mapping[:n], self.layout)
         ev = self._layer_eviction(layer) if self.strategy.evicts else None
         nd = attn_metadata.num_decodes
         if nd:
             held = None if ev is None else attn_metadata.held[ev.layer_idx, :nd]
-            q = rotate(query[:nd]).to(query.dtype) if rotated else query[:nd]
-            o = triton_ops.decode_attention(q, cache, self.layout, attn_metadata.block_table[:nd],
-                                            attn_metadata.seq_lens[:nd], self.scale, held=held,
-                                            out=None if rotated else output[:nd])
-            if rotated:
-                output[:nd] = rotate(o)
+            self._in_page_basis(lambda q, out: triton_ops.decode_attention(
+                q, cache, self.layout, attn_metadata.block_table[:nd], attn_metadata.seq_lens[:nd], self.scale,
+                held=held, out=out), query[:nd], output[:nd])
         if attn_metadata.num_prefill_tokens:
             p = attn_metadata.num_decode_tokens
             self._prefill(query[p:n], key[p:n], value[p:n], cache, attn_metadata, output[p:n])
         if ev is not None and (attn_metadata.num_prefill_tokens or attn_metadata.prompt_decode_rows):
             self._compress_prompts(ev, query, key, value, kv_cache, attn_metadata, output)
         return output
+
+    def _in_page_basis(self, attend, q, out) -> None:
+        """``attend(q, out)``, an attention over the pages, in the pages' basis: for a rotated
+        layout q goes in rotated and the result comes back into ``out`` rotated back (scores do
+        not change; the Hadamard matrix is its own inverse)."""
+        if not self.layout.rotated:
+            attend(q, out)
+            return
+        rotated_out = torch.empty_like(q)
+        attend(rotate(q).to(q.dtype), rotated_out)
+        out.copy_(rotate(rotated_out))
 
     def _layer_eviction(self, layer) -> LayerEviction:
         if self.eviction is None:
@@ -347,16 +351,12 @@ class KVPlugCudaImpl(AttentionImpl):
         with ``compressed_prefill``, otherwise over its own raw tokens."""
         if md.compressed_prefill:
             rows = slice(md.first_prefill, md.first_prefill + len(md.prefill_starts_cpu) - 1)
-            rotated = self.layout.rotated
-            if rotated:  # over the rotated cache: q in, the output back
-                q, final, out = rotate(q).to(q.dtype), out, torch.empty_like(q)
             if md.max_prefill_len < self.dense_from:
-                triton_ops.paged_attention(q, cache, self.layout, md.block_table[rows], md.prefill_starts,
-                                           md.seq_lens[rows], self.scale, max_query_len=md.max_prefill_len, out=out)
+                self._in_page_basis(lambda q, out: triton_ops.paged_attention(
+                    q, cache, self.layout, md.block_table[rows], md.prefill_starts, md.seq_lens[rows], self.scale,
+                    max_query_len=md.max_prefill_len, out=out), q, out)
             else:
-                self._dense_over_cache(q, cache, md, rows, out)
-            if rotated:
-                final.copy_(rotate(out))
+                self._in_page_basis(lambda q, out: self._dense_over_cache(q, cache, md, rows, out), q, out)
             return
         _varlen_attention(q, k, v, md.prefill_starts, md.prefill_starts, md.prefill_starts_cpu.tolist(),
                           md.prefill_starts_cpu.tolist(), md.max_prefill_len, md.max_prefill_len, self.scale, out)
