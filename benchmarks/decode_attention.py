@@ -35,7 +35,9 @@ NAME = {16: "fp16", 8: "int8", 4: "int4", 2: "int2"}
 def parse_format(text: str) -> tuple[int, int]:
     """``--bits`` entry: ``4`` (keys and values at 4 bits) or ``8/4`` (8-bit keys, 4-bit values)."""
     widths = tuple(int(x) for x in text.split("/"))
-    return (widths[0], widths[-1]) if len(widths) in (1, 2) else SystemExit(f"--bits: {text!r}")
+    if len(widths) not in (1, 2):
+        raise SystemExit(f"--bits: {text!r} is not BITS or KEY/VALUE bits")
+    return widths[0], widths[-1]
 
 
 def fmt_name(fmt) -> str:
