@@ -13,6 +13,7 @@ from kvplug.codecs.mixed import Mixed
 from kvplug.codecs.none import NoCodec
 from kvplug.hookspecs import hookimpl
 from kvplug.mergers.minicache import MiniCache
+from kvplug.placements.infinigen import InfiniGen
 from kvplug.scorers.duo import DuoAttention
 from kvplug.scorers.expected_attention import ExpectedAttention
 from kvplug.scorers.h2o import H2O
@@ -30,4 +31,4 @@ from kvplug.scorers.tova import Tova
 def kvplug_parts() -> list[type]:
     return [NoCodec, Int8, Int4, Int2, Mixed, Kivi, Fp8,
             Streaming, H2O, SnapKV, Tova, KNorm, RandomScorer, SimLayerKV, ExpectedAttention, KeyDiff, LagKV, DuoAttention,
-            Uniform, Pyramid, AdaKV, ChunkKV, MiniCache]
+            Uniform, Pyramid, AdaKV, ChunkKV, MiniCache, InfiniGen]

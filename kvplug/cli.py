@@ -51,6 +51,8 @@ def _show(args: argparse.Namespace, console: Console) -> None:
     console.print(f"bytes per token per KV head (K+V, head_dim {args.head_dim}): "
                   f"{strategy.bytes_per_token(args.head_dim):g} (fp16: {4 * args.head_dim})")
     console.print(f"at {args.context} prompt tokens: keeps {kept} per head; KV memory ratio vs fp16: {ratio:.2f}x")
+    if strategy.placement is not None and strategy.placement.accelerator_note(args.head_dim, args.context):
+        console.print(strategy.placement.accelerator_note(args.head_dim, args.context))
     if strategy.merger is not None:
         console.print(f"{strategy.merger.name} stores merged layer pairs once: not in the ratio above, since it depends "
                       f"on the model's layers and on the tokens retained; `kvplug eval` measures it")

@@ -27,7 +27,7 @@ from kvplug.strategy import Strategy
 ENV_VAR = "KVPLUG_STRATEGY"
 _TOKEN = re.compile(rf"\s*(?:(?P<name>{NAME})|(?P<num>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?%?)"
                     r"|(?P<str>\"[^\"]*\"|'[^']*')|(?P<op>[()+,=]))")
-_ROLES = {"codec": "codec", "scorer": "scorer", "budget": "budget", "merger": "merger"}
+_ROLES = {"codec": "codec", "scorer": "scorer", "budget": "budget", "merger": "merger", "placement": "placement"}
 
 
 def _tokens(text: str) -> list[tuple[str, str, int]]:
@@ -136,6 +136,16 @@ def parse(spec: Any, registry: Registry | None = None) -> Strategy:
     if "merger" in chosen and "scorer" in chosen:
         raise SpecError(f"{chosen['merger'].name} merges every prompt token of a layer pair, which eviction "
                         f"({chosen['scorer'].name}) would leave different in the two layers; use one of them")
+    placement = chosen.get("placement")
+    if placement is not None:
+        other = chosen.get("scorer") or chosen.get("merger")
+        if other is not None:
+            raise SpecError(f"{placement.name} fetches from every token a layer ever held, which {other.name} "
+                            f"would drop or share; use one of them")
+        codec = chosen.get("codec")
+        if codec is not None and codec.token_group > 1:
+            raise SpecError(f"{placement.name} fetches single tokens, which {codec.name} cannot decode alone (it "
+                            f"quantizes groups of {codec.token_group} tokens); use a per-token codec (int8/int4/mixed)")
     return Strategy(**chosen)
 
 

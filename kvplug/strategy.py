@@ -1,4 +1,5 @@
-"""A strategy: one codec, at most one scorer, one budget and one merger, composed with ``+`` in a spec.
+"""A strategy: one codec, at most one scorer, one budget, one merger and one placement, composed with
+``+`` in a spec.
 
 Tensor in, tensor out: adapters hand :meth:`Strategy.select` a layer's K/V and queries and get
 back which tokens to keep; they store them with :attr:`Strategy.codec`.
@@ -15,6 +16,7 @@ from kvplug.budgets.uniform import Uniform
 from kvplug.codecs.base import Codec
 from kvplug.codecs.none import NoCodec
 from kvplug.mergers.base import Merger
+from kvplug.placements.base import Placement
 from kvplug.scorers.base import ScoreInputs, Scorer
 
 
@@ -47,20 +49,21 @@ class Selection:
 
 @dataclass(frozen=True)
 class Strategy:
-    """codec + optional scorer + budget + optional merger."""
+    """codec + optional scorer + budget + optional merger + optional placement (where K/V live)."""
 
     codec: Codec = field(default_factory=NoCodec)
     scorer: Scorer | None = None
     budget: Budget = field(default_factory=Uniform)
     merger: Merger | None = None
+    placement: Placement | None = None
 
     @property
     def parts(self) -> list:
         return [p for p in (self.scorer, None if isinstance(self.budget, Uniform) else self.budget, self.merger,
-                            self.codec) if p is not None]
+                            self.placement, self.codec) if p is not None]
 
     def __str__(self) -> str:
-        shown = self.scorer is not None or self.merger is not None
+        shown = self.scorer is not None or self.merger is not None or self.placement is not None
         parts = [p for p in self.parts if not (isinstance(p, NoCodec) and shown)]
         return "+".join(str(p) for p in parts)
 

@@ -223,6 +223,7 @@ def test_move_reads_every_row_before_writing(gen):
     ("h2o(budget=64)+pyramid", "h2o keeps the same number of tokens in every layer while generating"),
     ("snapkv(budget=64)+kivi(bits=2)", "groups of 32 tokens"),
     ("knorm(budget=64)+chunkkv", "chunkkv budget keeps a data-dependent number"),
+    ("infinigen+int4", "infinigen keeps K/V in host memory"),
 ])
 def test_what_eviction_cannot_do_in_vllm_is_refused_in_one_line(spec, message):
     with pytest.raises(SpecError, match=message) as info:

@@ -6,7 +6,8 @@ Layout: :class:`PagedLayout` (one tensor per layer). Kernels: :func:`store_kv`,
 :func:`decode_attention`, its one-token specialisation), :func:`dequantize_kv` (the decoded K/V
 of sequences, packed, for a dense varlen attention kernel); their plain-PyTorch references:
 :func:`store_kv_reference`, :func:`paged_attention_reference`, :func:`decode_attention_reference`,
-:func:`dequantize_kv_reference`.
+:func:`dequantize_kv_reference`. :func:`gather_rows` copies indexed token rows out of a
+(possibly host-resident) tensor, for offloaded caches.
 Triton is imported only when a kernel is called, so this module imports without it (and
 ``import kvplug`` never imports it). Keys and values may differ in width (``PagedLayout.value_bits``).
 Rotated codecs (``rotate=true``, ``PagedLayout.rotated``) are handled by the caller: rotate q
@@ -18,12 +19,13 @@ from __future__ import annotations
 import torch
 
 from .layout import PagedLayout
-from .reference import (decode_attention_reference, dequantize_kv_reference, gather_kv, paged_attention_reference,
-                        store_kv_reference)
+from .reference import (decode_attention_reference, dequantize_kv_reference, gather_kv, gather_rows_reference,
+                        paged_attention_reference, store_kv_reference)
 
 __all__ = ["PagedLayout", "store_kv", "decode_attention", "paged_attention", "dequantize_kv", "store_kv_reference",
            "decode_attention_reference", "paged_attention_reference", "dequantize_kv_reference", "gather_kv",
-           "default_num_splits", "DECODE_TUNING"]
+           "default_num_splits", "DECODE_TUNING", "gather_rows",
+           "gather_rows_reference"]
 
 
 def _kernels():
@@ -228,6 +230,33 @@ def dequantize_kv(cache: torch.Tensor, layout: PagedLayout, block_tables: torch.
         block_tables.stride(0), cs[0], cs[1], cs[2], k.stride(0), k.stride(1), HKV=h, D=d, BS=layout.block_size,
         **_widths(layout), BLOCK_T=block_t, num_warps=4)
     return k, v
+
+
+def gather_rows(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[r, j, :] = src[r, index[r, j], :]`` for ``src`` ``[R, S, W]`` (rows contiguous in the
+    last dimension), ``index`` int ``[R, K]`` (each < S) on the kernel's device; ``out`` ``[R, K, W]``
+    (made when None). ``src`` may be pinned host memory while ``index`` and ``out`` are on the GPU:
+    the kernel reads just the indexed rows over the bus (unified addressing), no host-side gather
+    and no device sync. Reference: :func:`gather_rows_reference`.
+    """
+    r, s, w = src.shape
+    if index.dim() != 2 or index.shape[0] != r or index.stride(-1) != 1:
+        raise ValueError(f"gather_rows: index must be [{r}, K] with contiguous rows, got {tuple(index.shape)}")
+    if src.stride(-1) != 1:
+        raise ValueError("gather_rows: src needs a contiguous last dimension")
+    k = index.shape[1]
+    if out is None:
+        out = torch.empty(r, k, w, dtype=src.dtype, device=index.device)
+    if tuple(out.shape) != (r, k, w) or out.dtype != src.dtype or out.stride(-1) != 1:
+        raise ValueError(f"gather_rows: out must be [{r}, {k}, {w}] {src.dtype} with a contiguous last dimension")
+    if r == 0 or k == 0 or w == 0:
+        return out
+    block_k = 32
+    block_w = min(_pow2(w), 128)
+    _kernels()._gather_rows_kernel[(r, _cdiv(k, block_k))](
+        src, index, out, k, w, src.stride(0), src.stride(1), index.stride(0), out.stride(0), out.stride(1),
+        BLOCK_K=block_k, BLOCK_W=block_w, num_warps=4)
+    return out
 
 
 def _check_varlen(name: str, block_tables: torch.Tensor, seq_lens: torch.Tensor, starts: torch.Tensor,

@@ -513,3 +513,19 @@ def _dequant_kernel(cache_ptr, meta_ptr, bt_ptr, lens_ptr, cu_ptr, k_ptr, v_ptr,
     out_row = (base + offs_t).to(tl.int64)[:, None] * stride_ot + h * stride_oh
     _dequant_role(cache_ptr, meta_ptr, k_ptr, row, off, tmask, out_row, BS, D, KBITS, KCB)
     _dequant_role(cache_ptr, meta_ptr, v_ptr, row + stride_ckv, off, tmask, out_row, BS, D, VBITS, VCB)
+
+
+@triton.jit
+def _gather_rows_kernel(src_ptr, idx_ptr, out_ptr, k, w, stride_sr, stride_ss, stride_ir, stride_or, stride_ok,
+                        BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr):
+    """One program per (row, block of BLOCK_K indices): ``out[r, j, :] = src[r, idx[r, j], :]``.
+    ``src`` may be pinned host memory (read through unified addressing over the bus)."""
+    r = tl.program_id(0)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = offs_k < k
+    rows = tl.load(idx_ptr + r * stride_ir + offs_k, mask=kmask, other=0).to(tl.int64)
+    for w0 in range(0, w, BLOCK_W):
+        offs_w = w0 + tl.arange(0, BLOCK_W)
+        m = kmask[:, None] & (offs_w[None, :] < w)
+        x = tl.load(src_ptr + r.to(tl.int64) * stride_sr + rows[:, None] * stride_ss + offs_w[None, :], mask=m)
+        tl.store(out_ptr + r.to(tl.int64) * stride_or + offs_k[:, None] * stride_ok + offs_w[None, :], x, mask=m)

@@ -152,3 +152,8 @@ def dequantize_kv_reference(cache: torch.Tensor, layout: PagedLayout, block_tabl
     h, d = layout.num_kv_heads, layout.head_dim
     empty = torch.zeros(0, h, d, dtype=dtype, device=cache.device)
     return torch.cat(ks or [empty]), torch.cat(vs or [empty])
+
+
+def gather_rows_reference(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``gather_rows`` in PyTorch, on ``src``'s device: ``out[r, j] = src[r, index[r, j]]``."""
+    return src.gather(1, index.to(src.device).long()[..., None].expand(-1, -1, src.shape[-1]))

@@ -13,6 +13,7 @@ from kvplug.rope import Rope
 
 from .attention import NAME, register
 from .cache import KVPlugCache
+from .offload import ModelView
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox")
 
@@ -63,8 +64,15 @@ def cache(model, spec=None, paged: bool | None = None, keep_prompt: bool = False
     if scorer is not None and scorer.needs_rope and rope is None:
         raise SpecError(f"{scorer.name} needs the model's rotary embedding; this {text.model_type} model has no "
                         f"rotary module kvplug can read (inv_freq)")
+    view = ModelView.of(model)
+    placement = strategy.placement
+    if placement is not None and len(view.attention) != text.num_hidden_layers:
+        raise SpecError(f"{placement.name} computes the next layer's queries from its q_proj, which this "
+                        f"{text.model_type} model's attention does not have (supported: llama, mistral, qwen2, qwen3)")
     use_kvplug_attention(model)
-    return KVPlugCache(strategy, text.num_hidden_layers, paged, keep_prompt, rope=rope)
+    if placement is not None and placement.needs_hidden_states:
+        view.install()
+    return KVPlugCache(strategy, text.num_hidden_layers, paged, keep_prompt, rope=rope, view=view)
 
 
 def rope_of(model) -> Rope | None:

@@ -8,24 +8,48 @@ from kvplug.rope import Rope
 from kvplug.strategy import Strategy
 
 from .layer import KVPlugLayer
+from .offload import OffloadLayer
 
 
 class KVPlugCache(Cache):
-    """One :class:`KVPlugLayer` per decoder layer, all following one strategy."""
+    """One :class:`KVPlugLayer` per decoder layer, all following one strategy (an
+    :class:`~.offload.OffloadLayer` per layer when the strategy has a placement part)."""
 
     def __init__(self, strategy: Strategy, num_layers: int, paged: bool | None = None, keep_prompt: bool = False,
-                 rope: Rope | None = None):
-        shared: dict = {"rope": rope}  # cross-layer state (the model's RoPE, a merger's parked prompts)
-        super().__init__(layers=[KVPlugLayer(strategy, i, num_layers, paged, keep_prompt, shared)
-                                 for i in range(num_layers)])
-        self.strategy, self.paged, self.rope = strategy, paged, rope
+                 rope: Rope | None = None, view=None):
+        # cross-layer state: the model's RoPE and attention modules (view), a merger's parked
+        # prompts, an offloading cache's fetch buffers and side stream
+        shared: dict = {"rope": rope, "model": view}
+        if strategy.placement is not None:
+            layers = [OffloadLayer(strategy, i, num_layers, keep_prompt, shared) for i in range(num_layers)]
+        else:
+            layers = [KVPlugLayer(strategy, i, num_layers, paged, keep_prompt, shared) for i in range(num_layers)]
+        super().__init__(layers=layers)
+        self.strategy, self.paged, self.rope, self.view, self.shared = strategy, paged, rope, view, shared
+
+    def before_attention(self, layer_idx: int, hidden, position_embeddings, scaling: float) -> None:
+        """Called by the model's attention modules (:meth:`~.offload.ModelView.install`) with layer
+        ``layer_idx``'s input: a placement that speculates ahead chooses the next layer's tokens
+        from it and starts fetching them. A no-op for every other strategy."""
+        placement = self.strategy.placement
+        target = layer_idx + 1
+        if placement is None or not placement.needs_hidden_states or target >= len(self.layers):
+            return
+        layer = self.layers[target]
+        if layer.decoding() and hidden is not None and position_embeddings is not None:
+            queries = self.view.query(target, hidden, position_embeddings)
+            layer.prefetch(queries, self.view.attention[target].scaling, layer.host.count)
 
     def fork(self, strategy: Strategy, paged: bool | None = None) -> KVPlugCache:
         """A cache for ``strategy`` holding this cache's prompt compressed its way, without running
         the model again: the prompt's attention does not depend on the strategy, only what is kept
         afterwards does. Needs a cache made with ``keep_prompt=True`` that has seen only a prompt.
         ``paged``: the new cache's layout choice (default: this cache's)."""
-        other = KVPlugCache(strategy, len(self.layers), self.paged if paged is None else paged, rope=self.rope)
+        placement = strategy.placement
+        if placement is not None and placement.needs_hidden_states:
+            self.view.install()
+        other = KVPlugCache(strategy, len(self.layers), self.paged if paged is None else paged, rope=self.rope,
+                            view=self.view)
         for mine, theirs in zip(self.layers, other.layers):
             if mine.prompt is None or mine.seen != mine.prompt[0].shape[-2]:
                 raise RuntimeError("fork() needs a keep_prompt=True cache that has seen only its prompt")
@@ -43,8 +67,22 @@ class KVPlugCache(Cache):
         """Bytes of K/V the cache's tensors hold, summed over layers: padding to the longest head
         and sequence included (and whole 16-token blocks in the paged layout); slots allocated
         ahead for tokens still to come are not counted. Positions and scores are apart
-        (:meth:`bookkeeping_bytes`)."""
-        return sum(layer.stored_bytes() for layer in self.layers)
+        (:meth:`bookkeeping_bytes`). With a placement: host and accelerator together, the fetch
+        buffers included (:meth:`device_bytes`, :meth:`host_bytes` apart)."""
+        fetch = self.shared.get("fetch")
+        return sum(layer.stored_bytes() for layer in self.layers) + (0 if fetch is None else fetch.nbytes())
+
+    def device_bytes(self) -> int:
+        """Bytes of K/V on the accelerator: everything a cache without a placement holds; with one
+        (InfiniGen), the partial keys plus the fetch buffers."""
+        if self.strategy.placement is None:
+            return self.stored_bytes()
+        fetch = self.shared.get("fetch")
+        return sum(layer.device_bytes() for layer in self.layers) + (0 if fetch is None else fetch.nbytes())
+
+    def host_bytes(self) -> int:
+        """Bytes of K/V in host memory (only a placement puts any there)."""
+        return sum(layer.host_bytes() for layer in self.layers) if self.strategy.placement is not None else 0
 
     def merged_pairs(self) -> tuple[int, int]:
         """``(merged, pairs)``: of the merger's layer pairs that hold a prompt, how many share

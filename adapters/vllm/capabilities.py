@@ -159,6 +159,9 @@ def check_strategy(strategy: Strategy) -> None:
     if strategy.merger is not None:
         raise SpecError(f"kvplug in vLLM: {strategy.merger.name} shares pages between layers, which the vLLM "
                         f"adapter does not do yet; got {str(strategy)!r}")
+    if strategy.placement is not None:
+        raise SpecError(f"kvplug in vLLM: {strategy.placement.name} keeps K/V in host memory, which the vLLM adapter "
+                        f"does not do (docs/OFFLOAD.md says what it would take); use it with the HF adapter")
     codec = strategy.codec
     if codec.token_group != 1 or codec.residual:
         raise SpecError(f"kvplug in vLLM: {codec.name} quantizes groups of {codec.token_group} tokens with a "

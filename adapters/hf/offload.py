@@ -1,0 +1,370 @@
+"""The HF cache layer of a placement part: K/V in host memory, a few tokens fetched per step (InfiniGen).
+
+:class:`OffloadLayer` keeps every token of its layer, encoded by the strategy's codec, in host
+memory (:class:`HostStore`, pinned when the model runs on CUDA). On the accelerator it keeps only
+the placement's partial keys (a few skewed columns per token) and, transiently, the tokens fetched
+for one step. While generating, the tokens a layer's attention will read are chosen from the
+partial keys (:meth:`kvplug.placements.infinigen.InfiniGen.speculate`) and gathered from host
+memory by :func:`kvplug.triton_ops.gather_rows`, which reads just those rows over the bus; on
+CUDA the gather runs on a side stream. With ``ahead`` (InfiniGen's scheme) layer ``i + 1``'s
+choice is made from layer ``i``'s attention input, before layer ``i`` runs
+(:meth:`ModelView.install` hooks every attention module; the cache's :meth:`before_attention`),
+so the copy overlaps layer ``i``'s compute; the first layer, and any layer whose hook did not
+run, chooses from its own query when it attends. The prompt's own attention is exact (the model's
+SDPA over the raw prompt); each step's new tokens are attended raw and stored like the rest.
+Two fetch buffers are shared by all layers (layer ``i`` fills one while layer ``i - 1`` reads the
+other), so the accelerator holds two layers' fetched tokens at most.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import CacheLayerMixin
+
+from kvplug.codecs.base import Codec, Encoded
+from kvplug.codecs.none import NoCodec
+from kvplug.rope import rotate_half
+from kvplug.strategy import Strategy
+
+from .store import encoded_bytes
+
+HOST_GROWTH = 1024  # token slots added at once to a host store (pinned allocations are slow)
+DEVICE_GROWTH = 256  # token slots added at once to the partial keys
+FETCH_GROWTH = 64  # the fetch buffers hold a multiple of this many tokens
+
+
+def _grown(t: torch.Tensor, slots: int, pin: bool) -> torch.Tensor:
+    """``t`` ``[B, H, S, w]`` copied into a zeroed tensor of ``slots`` token slots."""
+    shape = (*t.shape[:2], slots, t.shape[-1])
+    out = torch.zeros(shape, dtype=t.dtype, device=t.device, pin_memory=pin) if t.device.type == "cpu" else \
+        t.new_zeros(shape)
+    out[:, :, :t.shape[2]].copy_(t)
+    return out
+
+
+class ModelView:
+    """What offloading layers read from the model: each layer's attention module (its query
+    projection, optional per-head query norm, softmax scale) and the skews already computed for
+    it. One per model (:meth:`of`), so a skew is computed once per model and reused by every cache."""
+
+    _views: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __init__(self, model):
+        self.attention: dict[int, torch.nn.Module] = {}
+        for module in model.modules():
+            if hasattr(module, "q_proj") and isinstance(getattr(module, "layer_idx", None), int):
+                self.attention[module.layer_idx] = module
+        self.skews: dict[tuple[int, int], torch.Tensor] = {}  # (layer, columns) -> [Hkv, D, r]
+        self.hooked = False
+
+    @classmethod
+    def of(cls, model) -> ModelView:
+        view = cls._views.get(model)
+        if view is None:
+            view = cls._views[model] = cls(model)
+        return view
+
+    def install(self) -> None:
+        """Hook every attention module so a kvplug cache sees the layer's input before it runs
+        (a no-op for any other cache, and for kvplug caches without a placement)."""
+        if self.hooked:
+            return
+        for module in self.attention.values():
+            module.register_forward_pre_hook(_before_attention, with_kwargs=True)
+        self.hooked = True
+
+    def query(self, layer: int, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
+        """Layer ``layer``'s queries ``[B, Hq, T, D]`` (RoPE applied) for the attention input
+        ``hidden`` ``[B, T, hidden]``, as the layer itself computes them."""
+        module = self.attention[layer]
+        b, t, _ = hidden.shape
+        d = module.head_dim
+        q = module.q_proj(hidden).view(b, t, -1, d)
+        if getattr(module, "q_norm", None) is not None:
+            q = module.q_norm(q)
+        q = q.transpose(1, 2)
+        cos, sin = position_embeddings
+        cos, sin = cos[:, None], sin[:, None]
+        return q * cos + rotate_half(q) * sin
+
+
+def _before_attention(module, args, kwargs):
+    cache = kwargs.get("past_key_values")
+    before = getattr(cache, "before_attention", None)
+    if before is not None:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        before(module.layer_idx, hidden, kwargs.get("position_embeddings"), module.scaling)
+
+
+class HostStore:
+    """One layer's tokens encoded by ``codec`` in host memory: per field ``[B, H, S, w]``, pinned
+    when the accelerator is CUDA; :meth:`fetch` brings chosen rows to the accelerator."""
+
+    def __init__(self, codec: Codec, device: torch.device):
+        self.codec, self.device = codec, device
+        self.pin = device.type == "cuda"
+        self.fields: dict[str, Encoded] = {}
+        self.count = 0  # token slots written (per row and head; padding included)
+
+    @property
+    def capacity(self) -> int:
+        return next(iter(self.fields["key"].values())).shape[2] if self.fields else 0
+
+    def write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Encode ``[B, H, N, D]`` tokens on the accelerator and append them in host memory."""
+        n = keys.shape[2]
+        encoded = {"key": self.codec.encode(keys, "key"), "value": self.codec.encode(values, "value")}
+        if self.count + n > self.capacity:
+            slots = self.count + n + HOST_GROWTH
+            if not self.fields:
+                self.fields = {role: {name: torch.zeros((*t.shape[:2], slots, t.shape[-1]), dtype=t.dtype,
+                                                        pin_memory=self.pin) for name, t in enc.items()}
+                               for role, enc in encoded.items()}
+            else:
+                self.fields = {role: {name: _grown(t, slots, self.pin) for name, t in enc.items()}
+                               for role, enc in self.fields.items()}
+        for role, enc in encoded.items():
+            for name, t in enc.items():
+                self.fields[role][name][:, :, self.count:self.count + n].copy_(t, non_blocking=self.pin)
+        self.count += n
+
+    def fetch(self, index: torch.Tensor, out: dict[str, Encoded]) -> dict[str, Encoded]:
+        """The rows ``index`` ``[B, H, K]`` of every field, written into the accelerator buffers
+        ``out`` (``[B, H, >= K, w]`` per field) and returned as views of their first ``K`` slots."""
+        from kvplug import triton_ops
+
+        b, h, k = index.shape
+        flat = index.reshape(b * h, k).to(torch.int32).contiguous()
+        got = {}
+        for role, enc in self.fields.items():
+            got[role] = {}
+            for name, src in enc.items():
+                buf = out[role][name]  # [B, H, slots, w], contiguous
+                w = src.shape[3]
+                rows, dst = src.view(b * h, src.shape[2], w), buf.view(b * h, buf.shape[2], w)[:, :k]
+                if self.device.type == "cuda":  # rows read from pinned host memory by the GPU
+                    triton_ops.gather_rows(rows, flat, dst)
+                else:
+                    dst.copy_(triton_ops.gather_rows_reference(rows, flat))
+                got[role][name] = buf[:, :, :k]
+        return got
+
+    def field_shapes(self) -> dict[str, dict[str, tuple]]:
+        return {role: {name: (t.shape[0], t.shape[1], t.shape[3], t.dtype) for name, t in enc.items()}
+                for role, enc in self.fields.items()}
+
+    def stored_bytes(self) -> int:
+        """Host bytes of the written slots (every field, K and V)."""
+        if not self.fields:
+            return 0
+        return sum(encoded_bytes(enc) for enc in self.fields.values()) // self.capacity * self.count
+
+
+class FetchBuffers:
+    """Two sets of accelerator buffers for fetched tokens, shared by a cache's layers: layer ``i``
+    uses set ``i % 2``, so one layer's prefetch never writes what the layer before it still reads."""
+
+    def __init__(self):
+        self.sets: list[dict[str, Encoded] | None] = [None, None]
+
+    def get(self, layer_idx: int, count: int, shapes: dict, device: torch.device) -> dict[str, Encoded]:
+        """Set ``layer_idx % 2``, holding at least ``count`` tokens of the host store's fields."""
+        i = layer_idx % 2
+        have = self.sets[i]
+        slots = -(-count // FETCH_GROWTH) * FETCH_GROWTH
+        fits = have is not None and all(
+            tuple(t.shape[:2]) + (t.shape[3], t.dtype) == shapes[role][name] and t.shape[2] >= count
+            for role, enc in have.items() for name, t in enc.items())
+        if not fits:
+            self.sets[i] = {role: {name: torch.empty((b, h, slots, w), dtype=dtype, device=device)
+                                   for name, (b, h, w, dtype) in enc.items()} for role, enc in shapes.items()}
+        return self.sets[i]
+
+    def nbytes(self) -> int:
+        return sum(encoded_bytes(enc) for s in self.sets if s is not None for enc in s.values())
+
+
+class OffloadLayer(CacheLayerMixin):
+    """One decoder layer's K/V under a placement part: all of it in host memory, partial keys and
+    the step's fetched tokens on the accelerator (see the module docstring)."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, strategy: Strategy, layer_idx: int, num_layers: int, keep_prompt: bool = False,
+                 shared: dict | None = None):
+        super().__init__()
+        self.strategy, self.layer_idx, self.num_layers = strategy, layer_idx, num_layers
+        self.placement = strategy.placement
+        self.keep_prompt = keep_prompt
+        self.shared = {} if shared is None else shared
+        self.prompt: tuple | None = None
+        self.seen = 0
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.host: HostStore | None = None
+        self.partial: torch.Tensor | None = None  # [B, H, slots, r] on the accelerator
+        self.filled: torch.Tensor | None = None  # [B, H, slots] bool: a real token (not padding)
+        self.skew: torch.Tensor | None = None
+        self.new: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's tokens, raw
+        self.ready: tuple | None = None  # (fetched fields, their filled flags, the copy's CUDA event)
+        self.chosen: torch.Tensor | None = None  # [B, H, K] the slots of the last fetch (for inspection)
+
+    # transformers' contract -------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.strategy.check_head_dim(key_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        from .layer import just_updated
+
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.host is None:
+            if self.pending is not None:
+                raise RuntimeError("kvplug: the prompt of this layer was never attended; run the model with "
+                                   "attn_implementation='kvplug' (kvplug.hf.cache sets it)")
+            self.pending = (key_states, value_states)
+        else:
+            self._append(key_states, value_states)
+        self.seen += key_states.shape[-2]
+        just_updated.set((self, key_states))
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__(self.strategy, self.layer_idx, self.num_layers, self.keep_prompt, self.shared)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("kvplug caches do not support beam search yet")
+
+    # prompt -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def compress_prompt(self, queries: torch.Tensor, valid: torch.Tensor, scale: float) -> None:
+        """Move the prompt to host memory and keep its partial keys (the prompt attended exactly)."""
+        keys, values = self.pending
+        self.pending = None
+        if self.keep_prompt:
+            self.prompt = (keys, values, queries, valid, scale)
+        b, h, t, d = keys.shape
+        self.skew = self._skew(queries, valid, h, d)
+        self.host = HostStore(self.strategy.codec, self.device)
+        self.host.write(keys, values)
+        slots = t + DEVICE_GROWTH
+        self.partial = keys.new_zeros(b, h, slots, self.skew.shape[-1])
+        self.partial[:, :, :t] = self.placement.partial_keys(keys, self.skew)
+        self.filled = torch.zeros(b, h, slots, dtype=torch.bool, device=self.device)
+        self.filled[:, :, :t] = valid[:, None, :]
+
+    def _skew(self, queries: torch.Tensor, valid: torch.Tensor, h: int, d: int) -> torch.Tensor:
+        """This layer's skew: the model's, computed from the first prompt any cache of it saw."""
+        view = self.shared.get("model")
+        key = (self.layer_idx, self.placement.columns(d))
+        if view is not None and key in view.skews:
+            return view.skews[key].to(self.device)
+        skew = self.placement.skew(queries, valid, h, d).to(self.device)
+        if view is not None:
+            view.skews[key] = skew
+        return skew
+
+    # decode -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        n, held = keys.shape[2], self.host.count
+        if held + n > self.partial.shape[2]:
+            self.partial = _grown(self.partial, held + n + DEVICE_GROWTH, False)
+            self.filled = _grown(self.filled[..., None], held + n + DEVICE_GROWTH, False)[..., 0]
+        self.partial[:, :, held:held + n] = self.placement.partial_keys(keys, self.skew)
+        self.filled[:, :, held:held + n] = True
+        self.host.write(keys, values)
+        self.new = (keys, values)
+
+    def decoding(self) -> bool:
+        """Whether the prompt is stored (later steps fetch from host memory)."""
+        return self.host is not None and self.pending is None
+
+    @torch.no_grad()
+    def prefetch(self, queries: torch.Tensor, scale: float, held: int) -> None:
+        """Choose, from ``queries`` ``[B, Hq, T, D]`` (the layer's own, or a prediction of them),
+        which of the first ``held`` stored tokens this layer's next attention reads, and start
+        fetching them (on a side stream on CUDA)."""
+        placement = self.placement
+        count = placement.fetch_count(held)
+        partial_q = placement.partial_queries(queries, self.skew)
+        index = placement.speculate(partial_q, self.partial[:, :, :held], self.filled[:, :, :held], scale, count)
+        buffers = self.shared.setdefault("fetch", FetchBuffers()).get(self.layer_idx, count,
+                                                                      self.host.field_shapes(), self.device)
+        done = None
+        if self.device.type == "cuda":
+            side = self.shared.get("stream")
+            if side is None:
+                side = self.shared["stream"] = torch.cuda.Stream(self.device)
+            chosen = torch.cuda.current_stream(self.device).record_event()
+            with torch.cuda.stream(side):
+                side.wait_event(chosen)
+                fields = self.host.fetch(index, buffers)
+                done = side.record_event()
+            index.record_stream(side)
+        else:
+            fields = self.host.fetch(index, buffers)
+        self.ready = (fields, self.filled[:, :, :held].gather(-1, index), done)
+        self.chosen = index
+
+    def attend(self, queries: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention of this step's queries ``[B, Hq, Tq, D]`` over the fetched tokens and the
+        step's own (causal among them). Returns ``[B, Tq, Hq, D]``."""
+        b, hq, tq, d = queries.shape
+        if self.ready is None:  # no prediction was made ahead: choose from the layer's own queries
+            self.prefetch(queries, scale, self.host.count - tq)
+        fields, valid, done = self.ready
+        self.ready = None
+        if done is not None:
+            torch.cuda.current_stream(self.device).wait_event(done)
+        codec = self.strategy.codec
+        read = self.dtype if isinstance(codec, NoCodec) else torch.float32  # as KVPlugLayer reads
+        new_k, new_v = self.new
+        keys = torch.cat([codec.decode(fields["key"], "key", read), new_k.to(read)], -2)
+        values = torch.cat([codec.decode(fields["value"], "value", read), new_v.to(read)], -2)
+        h = keys.shape[1]
+        causal = torch.ones(tq, tq, dtype=torch.bool, device=queries.device).tril()
+        visible = torch.cat([valid[:, :, None, :].expand(-1, -1, tq, -1), causal.expand(b, h, tq, tq)], -1)
+        mask = visible.repeat_interleave(hq // h, dim=1)
+        out = F.scaled_dot_product_attention(queries.to(read), keys, values, attn_mask=mask, scale=scale,
+                                             enable_gqa=hq != h).to(queries.dtype)
+        return out.transpose(1, 2)
+
+    # memory -----------------------------------------------------------------------------------
+    def kept_tokens(self) -> int:
+        """Tokens held (in host memory) over all heads of all sequences."""
+        return 0 if self.host is None else int(self.filled[:, :, :self.host.count].sum())
+
+    def host_bytes(self) -> int:
+        """Bytes of K/V (codes) this layer holds in host memory."""
+        return 0 if self.host is None else self.host.stored_bytes()
+
+    def device_bytes(self) -> int:
+        """Bytes of the partial keys this layer holds on the accelerator (written slots)."""
+        if self.host is None:
+            return 0
+        p = self.partial
+        return p.shape[0] * p.shape[1] * self.host.count * p.shape[3] * p.element_size()
+
+    def stored_bytes(self) -> int:
+        """K/V bytes this layer's tensors hold: host codes plus accelerator partial keys."""
+        return self.host_bytes() + self.device_bytes()
+
+    def bookkeeping_bytes(self) -> int:
+        """Bytes of the per-slot flags (real token or padding) on the accelerator."""
+        return 0 if self.host is None else self.filled[:, :, :self.host.count].numel()

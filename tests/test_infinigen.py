@@ -1,0 +1,227 @@
+"""InfiniGen (``infinigen``): K/V in host memory, the tokens each layer reads chosen from partial keys.
+
+References are independent of the code under test: the speculation is recomputed in float64 from
+the model's own weights and the hidden states the test captures with its own hooks (query and key
+projections, RoPE, an SVD for the skew, a loop over heads for the ranking); outputs with every
+token fetched are compared with the uncompressed cache; bytes are counted by hand.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import kvplug.hf
+from kvplug.adapters.hf.offload import FetchBuffers, HostStore, ModelView
+from kvplug.config import parse
+from kvplug.errors import SpecError
+
+HQ, HKV, D, LAYERS = 8, 2, 16, 3
+
+
+def tiny_llama(seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=HQ * D, intermediate_size=256, num_hidden_layers=LAYERS, num_attention_heads=HQ,
+                         num_key_value_heads=HKV, head_dim=D, vocab_size=300, max_position_embeddings=512)
+    return LlamaForCausalLM(config).eval()
+
+
+def seed_of(gen: torch.Generator) -> int:
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+
+
+def decode(model, spec, ids, steps, attention_mask=None):
+    """Logits ``[steps + 1, B, V]`` of a prompt then ``steps`` greedy tokens, and the cache."""
+    cache = kvplug.hf.cache(model, spec)
+    mask = attention_mask
+    out = model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+    logits = [out.logits[:, -1]]
+    for _ in range(steps):
+        token = logits[-1].argmax(-1, keepdim=True)
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones_like(token)], 1)
+        out = model(input_ids=token, attention_mask=mask, past_key_values=cache)
+        logits.append(out.logits[:, -1])
+    return torch.stack(logits), cache
+
+
+@pytest.mark.parametrize("spec", ["infinigen(budget=100%)", "infinigen(budget=100%, ahead=false)",
+                                  "infinigen(budget=100%, partial=0.1)"])
+@torch.no_grad()
+def test_fetching_every_token_equals_the_uncompressed_cache(spec, gen):
+    model = tiny_llama(seed_of(gen))
+    ids = torch.randint(0, 300, (3, 37), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0  # left padding: padded slots are held but never attended
+    mask[2, :1] = 0
+    want, _ = decode(model, "none", ids, 6, mask)
+    got, cache = decode(model, spec, ids, 6, mask)
+    assert torch.allclose(got, want, atol=2e-5, rtol=0), (got - want).abs().max()
+    assert cache.layers[1].chosen.shape[-1] == 37 + 5  # every held slot was fetched at the last step
+
+
+def _rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = np.concatenate([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rotated * sin
+
+
+def _naive_choice(model, captured, layer, source, budget_tokens, columns, prompt_len):
+    """Per (row, KV head), the set of prompt tokens layer ``layer`` fetches at the first decode
+    step, in float64: skew from an SVD of the prompt queries, partial keys of the prompt, the
+    partial query of the new token from layer ``source``'s input, softmax per query head summed
+    over the KV head's group, top ``budget_tokens``."""
+    attn = model.model.layers[layer].self_attn
+    wq = attn.q_proj.weight.double().numpy()
+    wk = attn.k_proj.weight.double().numpy()
+    prompt_hidden, prompt_cos, prompt_sin = captured[layer][0]
+    step_hidden, step_cos, step_sin = captured[source][1]
+    b, t, _ = prompt_hidden.shape
+    group = HQ // HKV
+    choice = {}
+    for row in range(b):
+        q = (prompt_hidden[row] @ wq.T).reshape(t, HQ, D).transpose(1, 0, 2)
+        k = (prompt_hidden[row] @ wk.T).reshape(t, HKV, D).transpose(1, 0, 2)
+        pc, ps = prompt_cos[row % len(prompt_cos)], prompt_sin[row % len(prompt_sin)]  # RoPE may be shared by rows
+        q, k = _rope(q, pc, ps), _rope(k, pc, ps)
+        q_new = (step_hidden[row] @ wq.T).reshape(1, HQ, D).transpose(1, 0, 2)
+        q_new = _rope(q_new, step_cos[row % len(step_cos)], step_sin[row % len(step_sin)])
+        for h in range(HKV):
+            heads = range(h * group, (h + 1) * group)
+            # the skew is computed over all rows of the prompt batch
+            stacked = np.concatenate([_prompt_queries(model, captured, layer, r)[g] for r in range(b) for g in heads])
+            _, _, vt = np.linalg.svd(stacked, full_matrices=False)
+            a = vt[:columns].T
+            mass = np.zeros(t)
+            for g in heads:
+                logits = np.array([float(q_new[g, 0] @ a @ (k[h, j] @ a)) for j in range(t)]) * attn.scaling
+                p = np.exp(logits - logits.max())
+                mass += p / p.sum()
+            order = np.argsort(-mass)
+            choice[row, h] = (set(order[:budget_tokens].tolist()), mass)
+    return choice
+
+
+def _prompt_queries(model, captured, layer, row):
+    attn = model.model.layers[layer].self_attn
+    hidden, cos, sin = captured[layer][0]
+    t = hidden.shape[1]
+    q = (hidden[row] @ attn.q_proj.weight.double().numpy().T).reshape(t, HQ, D).transpose(1, 0, 2)
+    return _rope(q, cos[row % len(cos)], sin[row % len(sin)])
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+@torch.no_grad()
+def test_speculation_picks_the_tokens_of_a_naive_float64_computation(ahead, gen):
+    model = tiny_llama(seed_of(gen))
+    t, budget, partial = 48, 12, 0.25
+    columns = round(partial * D)
+    ids = torch.randint(0, 300, (2, t), generator=gen)
+    captured = {i: [] for i in range(LAYERS)}
+
+    def record(i):
+        def hook(module, args, kwargs):
+            cos, sin = kwargs["position_embeddings"]
+            captured[i].append((kwargs["hidden_states"].double().numpy(), cos.double().numpy()[:, None],
+                                sin.double().numpy()[:, None]))
+        return hook
+
+    handles = [model.model.layers[i].self_attn.register_forward_pre_hook(record(i), with_kwargs=True)
+               for i in range(LAYERS)]
+    try:
+        ModelView.of(model).skews.clear()  # this prompt's skew, not an earlier test's
+        cache = kvplug.hf.cache(model, f"infinigen(budget={budget}, partial={partial}, ahead={str(ahead).lower()})")
+        out = model(input_ids=ids, past_key_values=cache)
+        model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for layer in range(LAYERS):
+        source = layer - 1 if ahead and layer > 0 else layer
+        want = _naive_choice(model, captured, layer, source, budget, columns, t)
+        got = cache.layers[layer].chosen
+        for (row, h), (tokens, mass) in want.items():
+            chosen = set(got[row, h].tolist())
+            kth = np.sort(mass)[::-1][budget - 1]
+            for j in chosen ^ tokens:  # a difference only at a float32 tie with the budget's last token
+                assert abs(mass[j] - kth) <= 1e-5 * max(kth, 1e-12), (layer, row, h, j, mass[j], kth)
+
+
+@torch.no_grad()
+def test_accelerator_bytes_are_bounded_by_the_budget_and_the_host_holds_every_token(gen):
+    model = tiny_llama(seed_of(gen))
+    b, t, steps, budget, partial = 2, 120, 5, 20, 0.25
+    ids = torch.randint(0, 300, (b, t), generator=gen)
+    _, cache = decode(model, f"infinigen(budget={budget}, partial={partial})+int8", ids, steps)
+    held = t + steps  # the prompt and one token per step
+    # by hand: int8 codes (D bytes) + fp16 scale and zero (4 bytes), K and V, per token and head
+    per_token = 2 * (D + 4)
+    assert cache.host_bytes() == LAYERS * b * HKV * held * per_token
+    columns = round(partial * D)
+    partial_bytes = LAYERS * b * HKV * held * columns * 4  # float32 model
+    fetch_slots = math.ceil(budget / 64) * 64
+    assert cache.device_bytes() == partial_bytes + 2 * b * HKV * fetch_slots * per_token
+    dynamic = LAYERS * b * HKV * held * 2 * D * 4
+    assert cache.device_bytes() < 0.25 * dynamic  # what the accelerator would hold without offloading
+    assert cache.kept_tokens() == LAYERS * b * HKV * held
+    for layer in cache.layers:
+        assert all(x.device.type == "cpu" for enc in layer.host.fields.values() for x in enc.values())
+
+
+def test_host_copy_holds_the_codecs_codes(gen):
+    codec = parse("int4").codec
+    keys, values = torch.randn(2, 3, 70, 32, generator=gen), torch.randn(2, 3, 70, 32, generator=gen)
+    store = HostStore(codec, torch.device("cpu"))
+    store.write(keys[:, :, :50], values[:, :, :50])
+    store.write(keys[:, :, 50:], values[:, :, 50:])
+    for role, x in (("key", keys), ("value", values)):
+        want = codec.encode(x, role)
+        for name, t in want.items():
+            assert torch.equal(store.fields[role][name][:, :, :70], t)
+    index = torch.stack([torch.randperm(70, generator=gen)[:9].sort().values for _ in range(6)]).view(2, 3, 9)
+    fetched = store.fetch(index, FetchBuffers().get(0, 9, store.field_shapes(), torch.device("cpu")))
+    for role, x in (("key", keys), ("value", values)):
+        for i in range(2):
+            for h in range(3):
+                want = codec.decode(codec.encode(x[i:i + 1, h:h + 1, index[i, h]], role), role, torch.float32)
+                got = codec.decode({n: t[i:i + 1, h:h + 1] for n, t in fetched[role].items()}, role, torch.float32)
+                assert torch.equal(got, want)
+
+
+def test_gather_rows_reads_the_indexed_rows(gen):
+    pytest.importorskip("triton")
+    from kvplug import triton_ops
+
+    for dtype in (torch.float16, torch.uint8, torch.float32):
+        src = (torch.randn(5, 70, 37, generator=gen) * 40).to(dtype)
+        index = torch.randint(0, 70, (5, 45), generator=gen, dtype=torch.int32)
+        out = torch.full((5, 45, 37), 7, dtype=dtype)
+        triton_ops.gather_rows(src, index, out)
+        for r in range(5):
+            for j in range(45):
+                assert torch.equal(out[r, j], src[r, int(index[r, j])])
+    with pytest.raises(ValueError, match="index must be"):
+        triton_ops.gather_rows(src, index[:2])
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("infinigen+snapkv", "use one of them"),
+    ("infinigen+kivi", "per-token codec"),
+    ("infinigen(partial=0)", "partial=0.0 is out of range"),
+    ("infinigen(budget=0)", "at least 1 tokens"),
+])
+def test_bad_specs_are_refused_in_one_line(spec, message):
+    with pytest.raises(SpecError, match=message) as e:
+        parse(spec)
+    assert "\n" not in str(e.value)
+
+
+def test_models_without_a_query_projection_are_refused():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=4, vocab_size=100))
+    with pytest.raises(SpecError, match="q_proj"):
+        kvplug.hf.cache(model, "infinigen")
