@@ -49,6 +49,10 @@ def main() -> None:
         print(f"\n{name}: step {wall:.2f} ms under the profiler, kernels {total:.2f} ms, gap {wall - total:.2f} ms")
         for e in sorted(rows, key=lambda e: -e.self_device_time_total)[:args.top]:
             print(f"  {e.self_device_time_total / 5 / 1e3:7.3f} ms  {e.count // 5:4d}x  {e.key[:90]}")
+        host = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
+        print(f"  host, by self CPU time (top {args.top}):")
+        for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:args.top]:
+            print(f"  {e.self_cpu_time_total / 5 / 1e3:7.3f} ms  {e.count // 5:4d}x  {e.key[:90]}")
         del cache
 
 

@@ -1,9 +1,10 @@
 """``kvplug bench``: decode speed and memory of kvplug caches in HF transformers, beside
-DynamicCache and HF's QuantizedCache.
+DynamicCache, HF's offloaded DynamicCache and HF's QuantizedCache.
 
 For each (batch, context) and each cache: prefill ``context`` random tokens (one forward,
 ``logits_to_keep=1``), then time single-token decode steps; report the median ms per step,
-generated tokens/s, the K/V bytes the cache holds, and on CUDA the peak memory over the weights.
+generated tokens/s, the K/V bytes the cache holds (and of them, those on the accelerator), and on
+CUDA the peak memory over the weights, over the whole run and over the decode steps alone.
 Random weights (``--preset``) or any checkpoint (``--model``): speed and memory do not depend on
 the weights.
 """
@@ -18,7 +19,7 @@ from rich.table import Table
 
 import kvplug.hf
 from kvplug.config import split_paged
-from kvplug.memory import held_bytes
+from kvplug.memory import device_bytes, held_bytes
 from transformers import DynamicCache
 
 
@@ -38,10 +39,14 @@ def sync(device: str) -> None:
 
 
 def make_cache(name: str, model):
-    """``DynamicCache``, ``QuantizedCache-4``/``-2`` (HF's, quanto backend), a kvplug spec, or
-    ``paged:SPEC`` / ``ref:SPEC`` (that spec in the paged layout / on the reference path)."""
+    """``DynamicCache``, ``OffloadedCache`` (HF's DynamicCache with ``offloading=True``: whole
+    layers moved to and from host memory), ``QuantizedCache-4``/``-2`` (HF's, quanto backend), a
+    kvplug spec, or ``paged:SPEC`` / ``ref:SPEC`` (that spec in the paged layout / on the
+    reference path)."""
     if name == "DynamicCache":
         return DynamicCache(config=model.config)
+    if name == "OffloadedCache":
+        return DynamicCache(config=model.config, offloading=True)
     if name.startswith("QuantizedCache"):
         from transformers import QuantizedCache
 
@@ -63,6 +68,10 @@ def bench(model, name, batch, context, steps, device, gen) -> dict:
     with torch.no_grad():
         out = model(input_ids=ids, past_key_values=cache, logits_to_keep=1)
         token = out.logits[:, -1:].argmax(-1)
+        if device == "cuda":
+            sync(device)
+            whole_peak = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
         times = []
         for _ in range(steps):
             sync(device)
@@ -73,9 +82,11 @@ def bench(model, name, batch, context, steps, device, gen) -> dict:
             times.append(time.perf_counter() - start)
     ms = statistics.median(times[2:] if steps > 4 else times) * 1e3
     row = dict(cache=name, batch=batch, context=context, ms_per_step=ms, tokens_per_s=batch / ms * 1e3,
-               kv_bytes=held_bytes(cache))
+               kv_bytes=held_bytes(cache), device_kv_bytes=device_bytes(cache, device))
     if device == "cuda":
-        row["peak_gib_over_weights"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+        decode_peak = torch.cuda.max_memory_allocated()
+        row["peak_gib_over_weights"] = (max(whole_peak, decode_peak) - base) / 2**30
+        row["decode_peak_gib_over_weights"] = (decode_peak - base) / 2**30
     del cache, out
     return row
 
@@ -113,13 +124,15 @@ def run(model, caches, batches, contexts, steps, device, console=None) -> list[d
 
 def table(rows: list[dict], title: str) -> Table:
     t = Table(title=title)
-    for col in ("B", "context", "cache", "ms/step", "tokens/s", "KV MiB held", "peak GiB over weights"):
+    for col in ("B", "context", "cache", "ms/step", "tokens/s", "KV MiB held", "of it on the device",
+                "peak GiB over weights", "decode peak"):
         t.add_column(col)
     for r in rows:
         if "error" in r:
-            t.add_row(str(r["batch"]), str(r["context"]), r["cache"], "error", r["error"][:60], "", "")
+            t.add_row(str(r["batch"]), str(r["context"]), r["cache"], "error", r["error"][:60], "", "", "", "")
             continue
-        peak = r.get("peak_gib_over_weights")
+        peak, decode_peak = r.get("peak_gib_over_weights"), r.get("decode_peak_gib_over_weights")
         t.add_row(str(r["batch"]), str(r["context"]), r["cache"], f"{r['ms_per_step']:.2f}",
-                  f"{r['tokens_per_s']:.0f}", f"{r['kv_bytes'] / 2**20:.1f}", "-" if peak is None else f"{peak:.2f}")
+                  f"{r['tokens_per_s']:.0f}", f"{r['kv_bytes'] / 2**20:.1f}", f"{r['device_kv_bytes'] / 2**20:.1f}",
+                  "-" if peak is None else f"{peak:.2f}", "-" if decode_peak is None else f"{decode_peak:.2f}")
     return t

@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--model", help="checkpoint (default: a random Llama of --preset)")
     p_bench.add_argument("--preset", default="tiny", choices=("tiny", "llama-8l"))
     p_bench.add_argument("--caches", default=";".join(BENCH_CACHES),
-                         help="';'-separated: DynamicCache, QuantizedCache-4/-2 (optimum-quanto), kvplug specs "
+                         help="';'-separated: DynamicCache, OffloadedCache, QuantizedCache-4/-2 (optimum-quanto), kvplug specs "
                               "(paged:SPEC / ref:SPEC: the paged layout / the reference path; default paged on cuda)")
     p_bench.add_argument("--batch", default="1")
     p_bench.add_argument("--contexts", default="1024,4096")

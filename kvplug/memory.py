@@ -35,6 +35,22 @@ def held_bytes(cache) -> int:
     return total
 
 
+def device_bytes(cache, device: str = "cuda") -> int:
+    """Of :func:`held_bytes`, those on the model's ``device`` (type): kvplug's caches report their
+    own; for any other cache, the bytes of its tensors there (an offloaded cache's resident layers)."""
+    if hasattr(cache, "device_bytes"):
+        return cache.device_bytes()
+    total = 0
+    for layer in cache.layers:
+        for attr in ("keys", "values", "_quantized_keys", "_quantized_values"):
+            t = getattr(layer, attr, None)
+            if isinstance(t, tuple):
+                t = t[0]
+            if isinstance(t, torch.Tensor) and t.device.type == torch.device(device).type:
+                total += tensor_bytes(t)
+    return total
+
+
 def dynamic_cache_bytes(model, tokens: int) -> int:
     """Bytes a ``DynamicCache`` holds for ``tokens`` tokens of one sequence (all layers, K and V)."""
     text = model.config.get_text_config()

@@ -6,8 +6,9 @@ Layout: :class:`PagedLayout` (one tensor per layer). Kernels: :func:`store_kv`,
 :func:`decode_attention`, its one-token specialisation), :func:`dequantize_kv` (the decoded K/V
 of sequences, packed, for a dense varlen attention kernel); their plain-PyTorch references:
 :func:`store_kv_reference`, :func:`paged_attention_reference`, :func:`decode_attention_reference`,
-:func:`dequantize_kv_reference`. :func:`gather_rows` copies indexed token rows out of a
-(possibly host-resident) tensor, for offloaded caches.
+:func:`dequantize_kv_reference`. :func:`gather_rows` copies indexed rows out of a (possibly
+host-resident) tensor and :func:`copy_token_rows` moves tokens between host-resident *token rows*
+and a paged cache, for offloaded caches.
 Triton is imported only when a kernel is called, so this module imports without it (and
 ``import kvplug`` never imports it). Keys and values may differ in width (``PagedLayout.value_bits``).
 Rotated codecs (``rotate=true``, ``PagedLayout.rotated``) are handled by the caller: rotate q
@@ -19,13 +20,13 @@ from __future__ import annotations
 import torch
 
 from .layout import PagedLayout
-from .reference import (decode_attention_reference, dequantize_kv_reference, gather_kv, gather_rows_reference,
-                        paged_attention_reference, store_kv_reference)
+from .reference import (copy_token_rows_reference, decode_attention_reference, dequantize_kv_reference, gather_kv,
+                        gather_rows_reference, paged_attention_reference, store_kv_reference)
 
 __all__ = ["PagedLayout", "store_kv", "decode_attention", "paged_attention", "dequantize_kv", "store_kv_reference",
            "decode_attention_reference", "paged_attention_reference", "dequantize_kv_reference", "gather_kv",
            "default_num_splits", "DECODE_TUNING", "gather_rows",
-           "gather_rows_reference"]
+           "gather_rows_reference", "copy_token_rows", "copy_token_rows_reference"]
 
 
 def _kernels():
@@ -257,6 +258,48 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None
         src, index, out, k, w, src.stride(0), src.stride(1), index.stride(0), out.stride(0), out.stride(1),
         BLOCK_K=block_k, BLOCK_W=block_w, num_warps=4)
     return out
+
+
+def copy_token_rows(rows: torch.Tensor, cache: torch.Tensor, layout: PagedLayout, block_tables: torch.Tensor,
+                    host_index: torch.Tensor, page_slots: torch.Tensor, *, to_pages: bool) -> None:
+    """Copy tokens between *token rows* and a paged cache, in place, for every (sequence, KV head).
+
+    rows: uint8 ``[S, B, H, layout.token_row_bytes()]`` (:meth:`PagedLayout.token_row_bytes`),
+    may be pinned host memory (the kernel reads or writes it over the bus, no staging copy);
+    host_index: int ``[B, H, n]``, the row of each token; page_slots: int ``[B, H, n]``, its slot
+    (``block_tables`` ``[B, nb]`` index ``slot // block_size``, offset ``slot % block_size``) in its
+    sequence's blocks, for its head. ``to_pages``: rows -> cache (a fetch), else cache -> rows (a
+    write-back).
+    Reference: :func:`copy_token_rows_reference`.
+    """
+    layout.check(cache)
+    s, b, h, width = rows.shape
+    if rows.dtype != torch.uint8 or width != layout.token_row_bytes() or h != layout.num_kv_heads \
+            or not rows.is_contiguous():
+        raise ValueError(f"copy_token_rows: rows must be contiguous uint8 [S, {b}, {layout.num_kv_heads}, "
+                         f"{layout.token_row_bytes()}], got {tuple(rows.shape)} {rows.dtype}")
+    if host_index.dim() != 3 or tuple(host_index.shape[:2]) != (b, h) or host_index.stride(-1) != 1:
+        raise ValueError(f"copy_token_rows: host_index must be [{b}, {h}, n] with contiguous rows, "
+                         f"got {tuple(host_index.shape)}")
+    if tuple(page_slots.shape) != tuple(host_index.shape) or page_slots.stride(-1) != 1:
+        raise ValueError(f"copy_token_rows: page_slots must be shaped like host_index {tuple(host_index.shape)}, "
+                         f"got {tuple(page_slots.shape)}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != b or block_tables.stride(-1) != 1:
+        raise ValueError(f"copy_token_rows: block_tables must be [{b}, max_blocks] with contiguous rows")
+    n = host_index.shape[2]
+    if n == 0:
+        return
+    segments = layout.token_row_segments()
+    seg = torch.tensor(segments, dtype=torch.int64, device=host_index.device)
+    item = 1 if layout.quantized else layout.dtype.itemsize
+    s0, _, s2 = layout.strides()
+    block_k = 32
+    flat, slots = host_index.reshape(b * h, n), page_slots.reshape(b * h, n)
+    _kernels()._token_rows_kernel[(b * h, _cdiv(n, block_k))](
+        rows, cache.view(torch.uint8), flat, slots, block_tables, seg, n, h, b * h * width, width,
+        flat.stride(0), slots.stride(0), block_tables.stride(0), s0 * item, s2 * item, BS=layout.block_size, NSEG=len(segments),
+        BLOCK_K=block_k, BLOCK_L=_pow2(max(length for _, length, _, _ in segments)), TO_PAGES=to_pages,
+        num_warps=4)
 
 
 def _check_varlen(name: str, block_tables: torch.Tensor, seq_lens: torch.Tensor, starts: torch.Tensor,

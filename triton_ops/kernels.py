@@ -529,3 +529,36 @@ def _gather_rows_kernel(src_ptr, idx_ptr, out_ptr, k, w, stride_sr, stride_ss, s
         m = kmask[:, None] & (offs_w[None, :] < w)
         x = tl.load(src_ptr + r.to(tl.int64) * stride_sr + rows[:, None] * stride_ss + offs_w[None, :], mask=m)
         tl.store(out_ptr + r.to(tl.int64) * stride_or + offs_k[:, None] * stride_ok + offs_w[None, :], x, mask=m)
+
+
+@triton.jit
+def _token_rows_kernel(rows_ptr, cache_ptr, host_idx_ptr, slot_ptr, bt_ptr, seg_ptr, n, num_heads,
+                       stride_rs, stride_rr, stride_ir, stride_pr, stride_bb, stride_c0, stride_c2, BS: tl.constexpr,
+                       NSEG: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr, TO_PAGES: tl.constexpr):
+    """One program per ((sequence, head) row r, block of BLOCK_K tokens j < n): token row
+    ``rows[host_idx[r, j], r]`` <-> the token at slot ``slots[r, j]`` of sequence ``r // H``'s
+    block table, head ``r % H``, segment by segment (bytes; ``seg`` int64 [NSEG, 4] as
+    ``PagedLayout.token_row_segments``). ``rows`` may be pinned host memory."""
+    r = tl.program_id(0)
+    b = r // num_heads
+    h = r % num_heads
+    offs_j = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    jmask = offs_j < n
+    t = tl.load(host_idx_ptr + r * stride_ir + offs_j, mask=jmask, other=0).to(tl.int64)
+    slot = tl.load(slot_ptr + r * stride_pr + offs_j, mask=jmask, other=0)
+    block = tl.load(bt_ptr + b * stride_bb + slot // BS, mask=jmask, other=0).to(tl.int64)
+    row = rows_ptr + t * stride_rs + r.to(tl.int64) * stride_rr
+    page = cache_ptr + block * stride_c0 + h.to(tl.int64) * stride_c2
+    offs_l = tl.arange(0, BLOCK_L)
+    for s in tl.static_range(NSEG):
+        src_off = tl.load(seg_ptr + s * 4)
+        length = tl.load(seg_ptr + s * 4 + 1)
+        base = tl.load(seg_ptr + s * 4 + 2)
+        step = tl.load(seg_ptr + s * 4 + 3)
+        m = jmask[:, None] & (offs_l[None, :] < length)
+        at_row = row[:, None] + src_off + offs_l[None, :]
+        at_page = page[:, None] + base + (slot % BS).to(tl.int64)[:, None] * step + offs_l[None, :]
+        if TO_PAGES:
+            tl.store(at_page, tl.load(at_row, mask=m), mask=m)
+        else:
+            tl.store(at_row, tl.load(at_page, mask=m), mask=m)

@@ -152,6 +152,29 @@ class PagedLayout:
         """Bytes of one block of one layer: exactly the cache tensor's size per block."""
         return self.block_size * self.bytes_per_token()
 
+    def token_row_bytes(self) -> int:
+        """Bytes of one token of one head, K and V, packed as a *token row*: per role its codes
+        then its (scale, zero) (16 bits: the K then the V head in the model dtype). The form an
+        offloaded cache keeps in host memory (:func:`kvplug.triton_ops.copy_token_rows`)."""
+        return sum(length for _, length, _, _ in self.token_row_segments())
+
+    def token_row_segments(self) -> list[tuple[int, int, int, int]]:
+        """Where a token row's bytes live in the cache: ``(row offset, length, offset in the
+        (block, head) bytes, bytes per slot offset)`` per segment. A segment of the token at slot
+        offset ``o`` of block ``b``, head ``h`` is at byte ``b * s0 + h * s2 + base + o * step``
+        (``s0, s2``: :meth:`strides` in bytes)."""
+        item = 1 if self.quantized else self.dtype.itemsize
+        role_stride = self.strides()[1] * item
+        out, at = [], 0
+        for role in (0, 1):
+            cb = self.role_code_bytes(role)
+            out.append((at, cb, role * role_stride, cb))
+            at += cb
+            if self.quantized:
+                out.append((at, 4, role * role_stride + self.block_size * cb, 4))
+                at += 4
+        return out
+
     # tensors -----------------------------------------------------------------------------
     def allocate(self, num_blocks: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """An uninitialised cache tensor of ``num_blocks`` blocks."""

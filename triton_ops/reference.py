@@ -157,3 +157,32 @@ def dequantize_kv_reference(cache: torch.Tensor, layout: PagedLayout, block_tabl
 def gather_rows_reference(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``gather_rows`` in PyTorch, on ``src``'s device: ``out[r, j] = src[r, index[r, j]]``."""
     return src.gather(1, index.to(src.device).long()[..., None].expand(-1, -1, src.shape[-1]))
+
+
+def copy_token_rows_reference(rows: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
+                              block_tables: torch.Tensor, host_index: torch.Tensor, page_slots: torch.Tensor, *,
+                              to_pages: bool) -> None:
+    """``copy_token_rows`` in PyTorch (rows on any device; moved through ``cache``'s)."""
+    layout.check(cache)
+    b, h, n = host_index.shape
+    if n == 0:
+        return
+    bs = layout.block_size
+    item = 1 if layout.quantized else layout.dtype.itemsize
+    s0, _, s2 = (x * item for x in layout.strides())
+    pages = cache.view(torch.uint8).reshape(-1)
+    slot = page_slots.long().to(cache.device)  # [B, H, n]
+    tables = block_tables.long().to(cache.device)
+    block = tables.gather(1, (slot // bs).reshape(b, h * n)).view(b, h, n)
+    head = torch.arange(h, device=cache.device)
+    at = block * s0 + head[None, :, None] * s2  # [B, H, n]
+    t = host_index.long().to(rows.device)
+    flat_rows = rows.reshape(rows.shape[0], b * h, -1)
+    r = torch.arange(b * h, device=rows.device).view(b, h, 1).expand(b, h, n)
+    for src_off, length, base, step in layout.token_row_segments():
+        span = torch.arange(length, device=cache.device)
+        where = (at + base + (slot % bs) * step)[..., None] + span  # [B, H, n, length]
+        if to_pages:
+            pages[where] = flat_rows[t, r, src_off:src_off + length].to(cache.device)
+        else:
+            flat_rows[t, r, src_off:src_off + length] = pages[where].to(rows.device)

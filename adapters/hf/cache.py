@@ -21,7 +21,7 @@ class KVPlugCache(Cache):
         # prompts, an offloading cache's fetch buffers and side stream
         shared: dict = {"rope": rope, "model": view}
         if strategy.placement is not None:
-            layers = [OffloadLayer(strategy, i, num_layers, keep_prompt, shared) for i in range(num_layers)]
+            layers = [OffloadLayer(strategy, i, num_layers, paged, keep_prompt, shared) for i in range(num_layers)]
         else:
             layers = [KVPlugLayer(strategy, i, num_layers, paged, keep_prompt, shared) for i in range(num_layers)]
         super().__init__(layers=layers)

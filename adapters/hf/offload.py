@@ -11,7 +11,7 @@ choice is made from layer ``i``'s attention input, before layer ``i`` runs
 (:meth:`ModelView.install` hooks every attention module; the cache's :meth:`before_attention`),
 so the copy overlaps layer ``i``'s compute; the first layer, and any layer whose hook did not
 run, chooses from its own query when it attends. The prompt's own attention is exact (the model's
-SDPA over the raw prompt); each step's new tokens are attended raw and stored like the rest.
+SDPA over the raw prompt); each step's new tokens are stored like the rest and attended as stored.
 Two fetch buffers are shared by all layers (layer ``i`` fills one while layer ``i - 1`` reads the
 other), so the accelerator holds two layers' fetched tokens at most.
 """
@@ -19,6 +19,7 @@ other), so the accelerator holds two layers' fetched tokens at most.
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,21 +28,20 @@ from transformers.cache_utils import CacheLayerMixin
 from kvplug.codecs.base import Codec, Encoded
 from kvplug.codecs.none import NoCodec
 from kvplug.rope import rotate_half
+from kvplug.rotation import rotate
 from kvplug.strategy import Strategy
 
-from .store import encoded_bytes
+from .store import PagedStore, encoded_bytes
 
 HOST_GROWTH = 1024  # token slots added at once to a host store (pinned allocations are slow)
 DEVICE_GROWTH = 256  # token slots added at once to the partial keys
 FETCH_GROWTH = 64  # the fetch buffers hold a multiple of this many tokens
 
 
-def _grown(t: torch.Tensor, slots: int, pin: bool) -> torch.Tensor:
-    """``t`` ``[B, H, S, w]`` copied into a zeroed tensor of ``slots`` token slots."""
-    shape = (*t.shape[:2], slots, t.shape[-1])
-    out = torch.zeros(shape, dtype=t.dtype, device=t.device, pin_memory=pin) if t.device.type == "cpu" else \
-        t.new_zeros(shape)
-    out[:, :, :t.shape[2]].copy_(t)
+def _grown(t: torch.Tensor, slots: int) -> torch.Tensor:
+    """``t`` ``[B, H, S, ...]`` copied into a zeroed tensor of ``slots`` token slots."""
+    out = t.new_zeros((*t.shape[:2], slots, *t.shape[3:]))
+    out[:, :, :t.shape[2]] = t
     return out
 
 
@@ -100,8 +100,9 @@ def _before_attention(module, args, kwargs):
 
 
 class HostStore:
-    """One layer's tokens encoded by ``codec`` in host memory: per field ``[B, H, S, w]``, pinned
-    when the accelerator is CUDA; :meth:`fetch` brings chosen rows to the accelerator."""
+    """One layer's tokens encoded by ``codec`` in host memory, pinned when the accelerator is CUDA:
+    per field ``[S, B, H, w]``, token-major so that appending a step's tokens is one contiguous
+    (asynchronous) copy; :meth:`fetch` brings chosen rows to the accelerator."""
 
     def __init__(self, codec: Codec, device: torch.device):
         self.codec, self.device = codec, device
@@ -111,25 +112,29 @@ class HostStore:
 
     @property
     def capacity(self) -> int:
-        return next(iter(self.fields["key"].values())).shape[2] if self.fields else 0
+        return next(iter(self.fields["key"].values())).shape[0] if self.fields else 0
 
     def write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Encode ``[B, H, N, D]`` tokens on the accelerator and append them in host memory."""
         n = keys.shape[2]
-        encoded = {"key": self.codec.encode(keys, "key"), "value": self.codec.encode(values, "value")}
+        encoded = {role: {name: t.permute(2, 0, 1, 3).contiguous() for name, t in self.codec.encode(x, role).items()}
+                   for role, x in (("key", keys), ("value", values))}
         if self.count + n > self.capacity:
             slots = self.count + n + HOST_GROWTH
-            if not self.fields:
-                self.fields = {role: {name: torch.zeros((*t.shape[:2], slots, t.shape[-1]), dtype=t.dtype,
-                                                        pin_memory=self.pin) for name, t in enc.items()}
-                               for role, enc in encoded.items()}
-            else:
-                self.fields = {role: {name: _grown(t, slots, self.pin) for name, t in enc.items()}
-                               for role, enc in self.fields.items()}
+            old, self.fields = self.fields, {
+                role: {name: torch.empty((slots, *t.shape[1:]), dtype=t.dtype, pin_memory=self.pin)
+                       for name, t in enc.items()} for role, enc in encoded.items()}
+            for role, enc in old.items():
+                for name, t in enc.items():
+                    self.fields[role][name][:self.count].copy_(t[:self.count])
         for role, enc in encoded.items():
             for name, t in enc.items():
-                self.fields[role][name][:, :, self.count:self.count + n].copy_(t, non_blocking=self.pin)
+                self.fields[role][name][self.count:self.count + n].copy_(t, non_blocking=self.pin)
         self.count += n
+
+    def tokens(self, role: str) -> Encoded:
+        """The written slots of ``role``'s fields as ``[B, H, count, w]`` views."""
+        return {name: t[:self.count].permute(1, 2, 0, 3) for name, t in self.fields[role].items()}
 
     def fetch(self, index: torch.Tensor, out: dict[str, Encoded]) -> dict[str, Encoded]:
         """The rows ``index`` ``[B, H, K]`` of every field, written into the accelerator buffers
@@ -144,7 +149,8 @@ class HostStore:
             for name, src in enc.items():
                 buf = out[role][name]  # [B, H, slots, w], contiguous
                 w = src.shape[3]
-                rows, dst = src.view(b * h, src.shape[2], w), buf.view(b * h, buf.shape[2], w)[:, :k]
+                rows = src.view(src.shape[0], b * h, w).transpose(0, 1)  # [B * H, S, w], strided
+                dst = buf.view(b * h, buf.shape[2], w)[:, :k]
                 if self.device.type == "cuda":  # rows read from pinned host memory by the GPU
                     triton_ops.gather_rows(rows, flat, dst)
                 else:
@@ -153,7 +159,8 @@ class HostStore:
         return got
 
     def field_shapes(self) -> dict[str, dict[str, tuple]]:
-        return {role: {name: (t.shape[0], t.shape[1], t.shape[3], t.dtype) for name, t in enc.items()}
+        """``(B, H, w, dtype)`` of every field, by role and name."""
+        return {role: {name: (t.shape[1], t.shape[2], t.shape[3], t.dtype) for name, t in enc.items()}
                 for role, enc in self.fields.items()}
 
     def stored_bytes(self) -> int:
@@ -187,6 +194,137 @@ class FetchBuffers:
         return sum(encoded_bytes(enc) for s in self.sets if s is not None for enc in s.values())
 
 
+class PagedOffload:
+    """One layer's tokens in host memory as the paged layout's *token rows* (``[S, B, H, R]`` uint8,
+    pinned on CUDA; :meth:`kvplug.triton_ops.PagedLayout.token_row_bytes`), for codecs the paged
+    kernels read. A fetch copies the chosen rows straight into a small paged cache
+    (:func:`kvplug.triton_ops.copy_token_rows`) that the decode kernel then reads in place; new
+    tokens are quantized by the store kernel into a scratch page and written back to host memory by
+    the same copy. Off CUDA the kernels' PyTorch references do the same work."""
+
+    def __init__(self, codec: Codec, layout, device: torch.device):
+        from kvplug import triton_ops
+
+        self.ops, self.codec, self.layout, self.device = triton_ops, codec, layout, device
+        self.kernels = device.type == "cuda"
+        self.pin = self.kernels
+        self.rows: torch.Tensor | None = None
+        self.count = 0
+
+    def _store(self, keys: torch.Tensor, values: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor) -> None:
+        """Quantize ``[B, H, N, D]`` tokens into ``cache`` at per-head slots ``[B, H, N]``."""
+        b, h, n, d = keys.shape
+        if self.layout.rotated:  # rotated in float32 and quantized from there, as the codec does
+            keys, values = rotate(keys), rotate(values)
+        else:
+            keys, values = keys.to(self.layout.dtype), values.to(self.layout.dtype)
+        k = keys.permute(0, 2, 1, 3).reshape(b * n, h, d)
+        v = values.permute(0, 2, 1, 3).reshape(b * n, h, d)
+        store = self.ops.store_kv if self.kernels else self.ops.store_kv_reference
+        store(k, v, cache, slots.permute(0, 2, 1).reshape(b * n, h), self.layout)
+
+    def _copy(self, *args, **kwargs) -> None:
+        copy = self.ops.copy_token_rows if self.kernels else self.ops.copy_token_rows_reference
+        copy(*args, **kwargs)
+
+    def write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Quantize ``[B, H, N, D]`` tokens on the accelerator and append their rows in host memory."""
+        b, h, n, _ = keys.shape
+        bs = self.layout.block_size
+        blocks = -(-n // bs)
+        scratch = self.layout.allocate(b * blocks, self.device)
+        tables = torch.arange(b * blocks, dtype=torch.int32, device=self.device).view(b, blocks)
+        within = torch.arange(n, device=self.device)
+        self._store(keys, values, scratch, (torch.arange(b, device=self.device)[:, None, None] * (blocks * bs)
+                                            + within).expand(b, h, n))
+        if self.rows is None or self.count + n > self.rows.shape[0]:
+            grown = torch.empty((self.count + n + HOST_GROWTH, b, h, self.layout.token_row_bytes()),
+                                dtype=torch.uint8, pin_memory=self.pin)
+            if self.rows is not None:
+                grown[:self.count].copy_(self.rows[:self.count])
+            self.rows = grown
+        slots = within.to(torch.int32).expand(b, h, n).contiguous()
+        self._copy(self.rows, scratch, self.layout, tables, slots + self.count, slots, to_pages=False)
+        self.count += n
+
+    def fetch(self, index: torch.Tensor, pages) -> None:
+        """Copy the rows ``index`` ``[B, H, K]`` into slots ``0 .. K-1`` of ``pages`` (a
+        :class:`FetchPages` set), per head."""
+        b, h, k = index.shape
+        slots = torch.arange(k, dtype=torch.int32, device=self.device).expand(b, h, k).contiguous()
+        self._copy(self.rows, pages.cache, self.layout, pages.tables, index.to(torch.int32).contiguous(), slots,
+                   to_pages=True)
+
+    def attend(self, queries: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor, pages, lens: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        """Attention of ``queries`` ``[B, Hq, Tq, D]`` over the first ``lens`` ``[B, H]`` slots of
+        ``pages`` and the step's own tokens (causal). Returns ``[B, Tq, Hq, D]``."""
+        b, hq, tq, d = queries.shape
+        rotated = self.layout.rotated
+        if tq == 1:  # the new token goes into the fetched pages and the kernel reads them in place
+            base = torch.arange(b, device=self.device)[:, None, None] * (pages.tables.shape[1] * self.layout.block_size)
+            self._store(new_k, new_v, pages.cache, base + lens[..., None])
+            attend = self.ops.decode_attention if self.kernels else self.ops.decode_attention_reference
+            q = queries[:, :, 0]
+            q = rotate(q).to(q.dtype) if rotated else q
+            out = attend(q.contiguous(), pages.cache, self.layout, pages.tables, (lens + 1).to(torch.int32), scale)
+            return (rotate(out) if rotated else out).to(queries.dtype)[:, None]
+        keys, values = self.ops.gather_kv(pages.cache, self.layout, pages.tables, pages.slots, torch.float32)
+        if rotated:
+            keys, values = rotate(keys), rotate(values)
+        h = keys.shape[1]
+        fetched = torch.arange(pages.slots, device=self.device) < lens[..., None]  # [B, H, slots]
+        # slots past a head's fetched tokens hold stale bytes: zero them (a masked NaN still poisons);
+        # the step's own tokens as stored (quantized)
+        new_k, new_v = (self.codec.decode(self.codec.encode(x, role), role, torch.float32)
+                        for x, role in ((new_k, "key"), (new_v, "value")))
+        keys = torch.cat([keys.masked_fill(~fetched[..., None], 0), new_k], -2)
+        values = torch.cat([values.masked_fill(~fetched[..., None], 0), new_v], -2)
+        causal = torch.ones(tq, tq, dtype=torch.bool, device=self.device).tril()
+        visible = torch.cat([fetched[:, :, None, :].expand(-1, -1, tq, -1), causal.expand(b, h, tq, tq)], -1)
+        out = F.scaled_dot_product_attention(queries.float(), keys, values, attn_mask=visible.repeat_interleave(
+            hq // h, dim=1), scale=scale, enable_gqa=hq != h).to(queries.dtype)
+        return out.transpose(1, 2)
+
+    def stored_bytes(self) -> int:
+        """Host bytes of the written rows."""
+        return 0 if self.rows is None else self.count * self.rows[0].numel()
+
+
+@dataclass(eq=False)
+class Pages:
+    """One set of fetch pages: ``cache`` of ``layout``, its ``tables`` ``[B, blocks]``, ``slots`` per row."""
+
+    layout: object
+    cache: torch.Tensor
+    tables: torch.Tensor
+    slots: int
+
+
+class FetchPages:
+    """Small paged caches for fetched tokens, two shared by a cache's layers (set ``i % 2`` for
+    layer ``i``, as :class:`FetchBuffers`)."""
+
+    def __init__(self):
+        self.sets: list[Pages | None] = [None, None]
+
+    def get(self, layer_idx: int, count: int, layout, batch: int, device: torch.device) -> Pages:
+        """Set ``layer_idx % 2``, with room for ``count`` fetched tokens and the step's own."""
+        i = layer_idx % 2
+        have = self.sets[i]
+        need = count + 1
+        if have is None or have.slots < need or have.layout != layout or have.tables.shape[0] != batch:
+            slots = -(-need // FETCH_GROWTH) * FETCH_GROWTH
+            blocks = -(-slots // layout.block_size)
+            tables = torch.arange(batch * blocks, dtype=torch.int32, device=device).view(batch, blocks)
+            have = self.sets[i] = Pages(layout, layout.allocate(batch * blocks, device), tables,
+                                        blocks * layout.block_size)
+        return have
+
+    def nbytes(self) -> int:
+        return sum(p.cache.numel() * p.cache.element_size() for p in self.sets if p is not None)
+
+
 class OffloadLayer(CacheLayerMixin):
     """One decoder layer's K/V under a placement part: all of it in host memory, partial keys and
     the step's fetched tokens on the accelerator (see the module docstring)."""
@@ -195,17 +333,18 @@ class OffloadLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, strategy: Strategy, layer_idx: int, num_layers: int, keep_prompt: bool = False,
-                 shared: dict | None = None):
+    def __init__(self, strategy: Strategy, layer_idx: int, num_layers: int, paged: bool | None = None,
+                 keep_prompt: bool = False, shared: dict | None = None):
         super().__init__()
         self.strategy, self.layer_idx, self.num_layers = strategy, layer_idx, num_layers
+        self.paged = paged  # token rows in the paged layout, read by the kernels (None: on CUDA)
         self.placement = strategy.placement
         self.keep_prompt = keep_prompt
         self.shared = {} if shared is None else shared
         self.prompt: tuple | None = None
         self.seen = 0
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.host: HostStore | None = None
+        self.host: HostStore | PagedOffload | None = None
         self.partial: torch.Tensor | None = None  # [B, H, slots, r] on the accelerator
         self.filled: torch.Tensor | None = None  # [B, H, slots] bool: a real token (not padding)
         self.skew: torch.Tensor | None = None
@@ -245,7 +384,7 @@ class OffloadLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.__init__(self.strategy, self.layer_idx, self.num_layers, self.keep_prompt, self.shared)
+        self.__init__(self.strategy, self.layer_idx, self.num_layers, self.paged, self.keep_prompt, self.shared)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("kvplug caches do not support beam search yet")
@@ -260,7 +399,14 @@ class OffloadLayer(CacheLayerMixin):
             self.prompt = (keys, values, queries, valid, scale)
         b, h, t, d = keys.shape
         self.skew = self._skew(queries, valid, h, d)
-        self.host = HostStore(self.strategy.codec, self.device)
+        codec = self.strategy.codec
+        paged = self.paged if self.paged is not None else self.device.type == "cuda"
+        if paged and PagedStore.supports(codec, self.dtype, d):
+            from kvplug.triton_ops import PagedLayout
+
+            self.host = PagedOffload(codec, PagedLayout.for_codec(codec, PagedStore.BLOCK, h, d, self.dtype), self.device)
+        else:
+            self.host = HostStore(codec, self.device)
         self.host.write(keys, values)
         slots = t + DEVICE_GROWTH
         self.partial = keys.new_zeros(b, h, slots, self.skew.shape[-1])
@@ -284,8 +430,8 @@ class OffloadLayer(CacheLayerMixin):
     def _append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         n, held = keys.shape[2], self.host.count
         if held + n > self.partial.shape[2]:
-            self.partial = _grown(self.partial, held + n + DEVICE_GROWTH, False)
-            self.filled = _grown(self.filled[..., None], held + n + DEVICE_GROWTH, False)[..., 0]
+            self.partial = _grown(self.partial, held + n + DEVICE_GROWTH)
+            self.filled = _grown(self.filled, held + n + DEVICE_GROWTH)
         self.partial[:, :, held:held + n] = self.placement.partial_keys(keys, self.skew)
         self.filled[:, :, held:held + n] = True
         self.host.write(keys, values)
@@ -304,8 +450,16 @@ class OffloadLayer(CacheLayerMixin):
         count = placement.fetch_count(held)
         partial_q = placement.partial_queries(queries, self.skew)
         index = placement.speculate(partial_q, self.partial[:, :, :held], self.filled[:, :, :held], scale, count)
-        buffers = self.shared.setdefault("fetch", FetchBuffers()).get(self.layer_idx, count,
-                                                                      self.host.field_shapes(), self.device)
+        valid = self.filled[:, :, :held].gather(-1, index)
+        if isinstance(self.host, PagedOffload):
+            # real tokens first (the kernel reads a prefix of the pages per head), padding after
+            order = (~valid).to(torch.int8).argsort(dim=-1, stable=True)
+            index, valid = index.gather(-1, order), valid.sum(-1)
+            buffers = self.shared.setdefault("fetch", FetchPages()).get(self.layer_idx, count, self.host.layout,
+                                                                        index.shape[0], self.device)
+        else:
+            buffers = self.shared.setdefault("fetch", FetchBuffers()).get(self.layer_idx, count,
+                                                                          self.host.field_shapes(), self.device)
         done = None
         if self.device.type == "cuda":
             side = self.shared.get("stream")
@@ -314,12 +468,13 @@ class OffloadLayer(CacheLayerMixin):
             chosen = torch.cuda.current_stream(self.device).record_event()
             with torch.cuda.stream(side):
                 side.wait_event(chosen)
-                fields = self.host.fetch(index, buffers)
+                fetched = self.host.fetch(index, buffers)
                 done = side.record_event()
             index.record_stream(side)
         else:
-            fields = self.host.fetch(index, buffers)
-        self.ready = (fields, self.filled[:, :, :held].gather(-1, index), done)
+            fetched = self.host.fetch(index, buffers)
+        # fetched: the fields (HostStore) or None (the pages in buffers); valid: per slot, or per head a count
+        self.ready = (buffers if fetched is None else fetched, valid, done)
         self.chosen = index
 
     def attend(self, queries: torch.Tensor, scale: float) -> torch.Tensor:
@@ -332,11 +487,14 @@ class OffloadLayer(CacheLayerMixin):
         self.ready = None
         if done is not None:
             torch.cuda.current_stream(self.device).wait_event(done)
+        if isinstance(self.host, PagedOffload):
+            return self.host.attend(queries, *self.new, fields, valid, scale)
         codec = self.strategy.codec
         read = self.dtype if isinstance(codec, NoCodec) else torch.float32  # as KVPlugLayer reads
-        new_k, new_v = self.new
-        keys = torch.cat([codec.decode(fields["key"], "key", read), new_k.to(read)], -2)
-        values = torch.cat([codec.decode(fields["value"], "value", read), new_v.to(read)], -2)
+        # the step's own tokens as they are stored (quantized), like every other token
+        new_k, new_v = (codec.decode(codec.encode(x, role), role, read) for x, role in zip(self.new, ("key", "value")))
+        keys = torch.cat([codec.decode(fields["key"], "key", read), new_k], -2)
+        values = torch.cat([codec.decode(fields["value"], "value", read), new_v], -2)
         h = keys.shape[1]
         causal = torch.ones(tq, tq, dtype=torch.bool, device=queries.device).tril()
         visible = torch.cat([valid[:, :, None, :].expand(-1, -1, tq, -1), causal.expand(b, h, tq, tq)], -1)

@@ -134,16 +134,18 @@ def _context(board: _Board, settings: EvalSettings, context: int, model, tokeniz
     if "memory" in settings.tasks:
         prompt = measure.Prompt(model, inputs.memory_prompt(source, seed, context, device))
         steps = 16
-        def held(spec):  # (K/V bytes, bookkeeping bytes); the cache itself is dropped at once
+        def held(spec):  # (K/V bytes, bookkeeping bytes, accelerator K/V bytes); the cache is dropped at once
             cache = measure.greedy(prompt, spec, steps + 1)[1]
-            return cache.stored_bytes(), getattr(cache, "bookkeeping_bytes", lambda: 0)()
+            stored = cache.stored_bytes()
+            return stored, getattr(cache, "bookkeeping_bytes", lambda: 0)(), getattr(cache, "device_bytes", lambda: stored)()
 
         sizes = board.each(held)
         logical = context + steps
         dynamic = dynamic_cache_bytes(model, logical)
         board.put("memory", context, {
             spec: {"kv_bytes": b, "tokens": logical, "kv_bytes_per_token": b / logical, "dynamic_cache_bytes": dynamic,
-                   "ratio_vs_dynamic": dynamic / b, "bookkeeping_bytes": extra} for spec, (b, extra) in sizes.items()})
+                   "ratio_vs_dynamic": dynamic / b, "bookkeeping_bytes": extra, "device_kv_bytes": device}
+            for spec, (b, extra, device) in sizes.items()})
         progress.advance(bar)
 
 
