@@ -290,16 +290,18 @@ def copy_token_rows(rows: torch.Tensor, cache: torch.Tensor, layout: PagedLayout
     if n == 0:
         return
     segments = layout.token_row_segments()
-    seg = torch.tensor(segments, dtype=torch.int64, device=host_index.device)
+    key = (layout, host_index.device)
+    if key not in _SEGMENTS:  # kept per layout: a host-to-device copy per call would cost more than the kernel
+        _SEGMENTS[key] = torch.tensor(segments, dtype=torch.int64, device=host_index.device)
+    seg = _SEGMENTS[key]
     item = 1 if layout.quantized else layout.dtype.itemsize
     s0, _, s2 = layout.strides()
     block_k = 32
     flat, slots = host_index.reshape(b * h, n), page_slots.reshape(b * h, n)
     _kernels()._token_rows_kernel[(b * h, _cdiv(n, block_k))](
-        rows, cache.view(torch.uint8), flat, slots, block_tables, seg, n, h, b * h * width, width,
-        flat.stride(0), slots.stride(0), block_tables.stride(0), s0 * item, s2 * item, BS=layout.block_size, NSEG=len(segments),
-        BLOCK_K=block_k, BLOCK_L=_pow2(max(length for _, length, _, _ in segments)), TO_PAGES=to_pages,
-        num_warps=4)
+        rows, cache.view(torch.uint8), flat, slots, block_tables, seg, n, h, width, b * h * width, width,
+        flat.stride(0), slots.stride(0), block_tables.stride(0), s0 * item, s2 * item, BS=layout.block_size,
+        NSEG=len(segments), BLOCK_K=block_k, BLOCK_R=_pow2(width), TO_PAGES=to_pages, num_warps=4)
 
 
 def _check_varlen(name: str, block_tables: torch.Tensor, seq_lens: torch.Tensor, starts: torch.Tensor,
@@ -347,6 +349,7 @@ def _per_sequence_strides(x: torch.Tensor, b: int, h: int, name: str, last: int 
 
 
 _SMS: dict = {}
+_SEGMENTS: dict = {}
 
 
 def _num_sms(device: torch.device) -> int:

@@ -532,13 +532,15 @@ def _gather_rows_kernel(src_ptr, idx_ptr, out_ptr, k, w, stride_sr, stride_ss, s
 
 
 @triton.jit
-def _token_rows_kernel(rows_ptr, cache_ptr, host_idx_ptr, slot_ptr, bt_ptr, seg_ptr, n, num_heads,
+def _token_rows_kernel(rows_ptr, cache_ptr, host_idx_ptr, slot_ptr, bt_ptr, seg_ptr, n, num_heads, width,
                        stride_rs, stride_rr, stride_ir, stride_pr, stride_bb, stride_c0, stride_c2, BS: tl.constexpr,
-                       NSEG: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr, TO_PAGES: tl.constexpr):
+                       NSEG: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, TO_PAGES: tl.constexpr):
     """One program per ((sequence, head) row r, block of BLOCK_K tokens j < n): token row
     ``rows[host_idx[r, j], r]`` <-> the token at slot ``slots[r, j]`` of sequence ``r // H``'s
-    block table, head ``r % H``, segment by segment (bytes; ``seg`` int64 [NSEG, 4] as
-    ``PagedLayout.token_row_segments``). ``rows`` may be pinned host memory."""
+    block table, head ``r % H`` (bytes; ``seg`` int64 [NSEG, 4] as
+    ``PagedLayout.token_row_segments``). A token row is read or written whole (``width`` bytes in
+    one contiguous access: ``rows`` may be pinned host memory, where small accesses waste the bus);
+    each byte's place in the page comes from the segment it falls in."""
     r = tl.program_id(0)
     b = r // num_heads
     h = r % num_heads
@@ -547,18 +549,20 @@ def _token_rows_kernel(rows_ptr, cache_ptr, host_idx_ptr, slot_ptr, bt_ptr, seg_
     t = tl.load(host_idx_ptr + r * stride_ir + offs_j, mask=jmask, other=0).to(tl.int64)
     slot = tl.load(slot_ptr + r * stride_pr + offs_j, mask=jmask, other=0)
     block = tl.load(bt_ptr + b * stride_bb + slot // BS, mask=jmask, other=0).to(tl.int64)
-    row = rows_ptr + t * stride_rs + r.to(tl.int64) * stride_rr
-    page = cache_ptr + block * stride_c0 + h.to(tl.int64) * stride_c2
-    offs_l = tl.arange(0, BLOCK_L)
-    for s in tl.static_range(NSEG):
+    offs_l = tl.arange(0, BLOCK_R)
+    base = tl.zeros([BLOCK_R], dtype=tl.int64)
+    step = tl.zeros([BLOCK_R], dtype=tl.int64)
+    for s in tl.static_range(NSEG):  # byte l of the row -> (offset in the block-head, bytes per slot)
         src_off = tl.load(seg_ptr + s * 4)
         length = tl.load(seg_ptr + s * 4 + 1)
-        base = tl.load(seg_ptr + s * 4 + 2)
-        step = tl.load(seg_ptr + s * 4 + 3)
-        m = jmask[:, None] & (offs_l[None, :] < length)
-        at_row = row[:, None] + src_off + offs_l[None, :]
-        at_page = page[:, None] + base + (slot % BS).to(tl.int64)[:, None] * step + offs_l[None, :]
-        if TO_PAGES:
-            tl.store(at_page, tl.load(at_row, mask=m), mask=m)
-        else:
-            tl.store(at_row, tl.load(at_page, mask=m), mask=m)
+        inside = (offs_l >= src_off) & (offs_l < src_off + length)
+        base = tl.where(inside, tl.load(seg_ptr + s * 4 + 2) + offs_l - src_off, base)
+        step = tl.where(inside, tl.load(seg_ptr + s * 4 + 3), step)
+    m = jmask[:, None] & (offs_l[None, :] < width)
+    at_row = rows_ptr + t[:, None] * stride_rs + r.to(tl.int64) * stride_rr + offs_l[None, :]
+    at_page = (cache_ptr + block[:, None] * stride_c0 + h.to(tl.int64) * stride_c2 + base[None, :]
+               + (slot % BS).to(tl.int64)[:, None] * step[None, :])
+    if TO_PAGES:
+        tl.store(at_page, tl.load(at_row, mask=m), mask=m)
+    else:
+        tl.store(at_row, tl.load(at_page, mask=m), mask=m)

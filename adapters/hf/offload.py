@@ -210,6 +210,15 @@ class PagedOffload:
         self.pin = self.kernels
         self.rows: torch.Tensor | None = None
         self.count = 0
+        self._aranges: dict = {}
+        self._scratch: dict = {}  # (B, H, n) -> scratch pages for a step's n new tokens
+
+    def _arange(self, b: int, h: int, n: int) -> torch.Tensor:
+        """``[B, H, n]`` int32 ``0 .. n-1`` (kept: a decode step asks for the same ones every time)."""
+        key = (b, h, n)
+        if key not in self._aranges:
+            self._aranges[key] = torch.arange(n, dtype=torch.int32, device=self.device).expand(b, h, n).contiguous()
+        return self._aranges[key]
 
     def _store(self, keys: torch.Tensor, values: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor) -> None:
         """Quantize ``[B, H, N, D]`` tokens into ``cache`` at per-head slots ``[B, H, N]``."""
@@ -230,45 +239,59 @@ class PagedOffload:
     def write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Quantize ``[B, H, N, D]`` tokens on the accelerator and append their rows in host memory."""
         b, h, n, _ = keys.shape
-        bs = self.layout.block_size
-        blocks = -(-n // bs)
-        scratch = self.layout.allocate(b * blocks, self.device)
-        tables = torch.arange(b * blocks, dtype=torch.int32, device=self.device).view(b, blocks)
-        within = torch.arange(n, device=self.device)
-        self._store(keys, values, scratch, (torch.arange(b, device=self.device)[:, None, None] * (blocks * bs)
-                                            + within).expand(b, h, n))
+        scratch = self._scratch.get((b, h, n)) if n <= self.layout.block_size else None
+        if scratch is None:  # a scratch page per row: [B, blocks] tables, per-head slots
+            bs = self.layout.block_size
+            blocks = -(-n // bs)
+            slots = self._arange(b, h, n)
+            scratch = (self.layout.allocate(b * blocks, self.device),
+                       torch.arange(b * blocks, dtype=torch.int32, device=self.device).view(b, blocks),
+                       torch.arange(b, device=self.device)[:, None, None] * (blocks * bs) + slots, slots)
+            if n <= bs:  # kept for the decode steps
+                self._scratch[(b, h, n)] = scratch
+        pages, tables, flat, slots = scratch
+        self._store(keys, values, pages, flat)
+        self._reserve(b, h, n)
+        self._copy(self.rows, pages, self.layout, tables, slots + self.count, slots, to_pages=False)
+        self.count += n
+
+    def _reserve(self, b: int, h: int, n: int) -> None:
+        """Room for ``n`` more token rows (pinned allocations are slow: grown by ``HOST_GROWTH``)."""
         if self.rows is None or self.count + n > self.rows.shape[0]:
             grown = torch.empty((self.count + n + HOST_GROWTH, b, h, self.layout.token_row_bytes()),
                                 dtype=torch.uint8, pin_memory=self.pin)
             if self.rows is not None:
                 grown[:self.count].copy_(self.rows[:self.count])
             self.rows = grown
-        slots = within.to(torch.int32).expand(b, h, n).contiguous()
-        self._copy(self.rows, scratch, self.layout, tables, slots + self.count, slots, to_pages=False)
-        self.count += n
 
     def fetch(self, index: torch.Tensor, pages) -> None:
         """Copy the rows ``index`` ``[B, H, K]`` into slots ``0 .. K-1`` of ``pages`` (a
         :class:`FetchPages` set), per head."""
         b, h, k = index.shape
-        slots = torch.arange(k, dtype=torch.int32, device=self.device).expand(b, h, k).contiguous()
-        self._copy(self.rows, pages.cache, self.layout, pages.tables, index.to(torch.int32).contiguous(), slots,
+        self._copy(self.rows, pages.cache, self.layout, pages.tables, index.contiguous(), self._arange(b, h, k),
                    to_pages=True)
 
     def attend(self, queries: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor, pages, lens: torch.Tensor,
                scale: float) -> torch.Tensor:
         """Attention of ``queries`` ``[B, Hq, Tq, D]`` over the first ``lens`` ``[B, H]`` slots of
-        ``pages`` and the step's own tokens (causal). Returns ``[B, Tq, Hq, D]``."""
+        ``pages`` and the step's own tokens (causal), which are stored here (appended to the host
+        rows). Returns ``[B, Tq, Hq, D]``."""
         b, hq, tq, d = queries.shape
         rotated = self.layout.rotated
-        if tq == 1:  # the new token goes into the fetched pages and the kernel reads them in place
-            base = torch.arange(b, device=self.device)[:, None, None] * (pages.tables.shape[1] * self.layout.block_size)
-            self._store(new_k, new_v, pages.cache, base + lens[..., None])
+        if tq == 1:  # the new token goes into the fetched pages, is written back from there, and
+            # the kernel reads the pages in place
+            slot = lens[..., None]
+            self._store(new_k, new_v, pages.cache, pages.base + slot)
+            self._reserve(b, lens.shape[1], 1)
+            self._copy(self.rows, pages.cache, self.layout, pages.tables, self._arange(b, lens.shape[1], 1) + self.count,
+                       slot, to_pages=False)
+            self.count += 1
             attend = self.ops.decode_attention if self.kernels else self.ops.decode_attention_reference
             q = queries[:, :, 0]
             q = rotate(q).to(q.dtype) if rotated else q
-            out = attend(q.contiguous(), pages.cache, self.layout, pages.tables, (lens + 1).to(torch.int32), scale)
+            out = attend(q.contiguous(), pages.cache, self.layout, pages.tables, lens + 1, scale)
             return (rotate(out) if rotated else out).to(queries.dtype)[:, None]
+        self.write(new_k, new_v)
         keys, values = self.ops.gather_kv(pages.cache, self.layout, pages.tables, pages.slots, torch.float32)
         if rotated:
             keys, values = rotate(keys), rotate(values)
@@ -293,12 +316,14 @@ class PagedOffload:
 
 @dataclass(eq=False)
 class Pages:
-    """One set of fetch pages: ``cache`` of ``layout``, its ``tables`` ``[B, blocks]``, ``slots`` per row."""
+    """One set of fetch pages: ``cache`` of ``layout``, its ``tables`` ``[B, blocks]``, ``slots`` per
+    row and ``base`` ``[B, 1, 1]``, each row's first slot."""
 
     layout: object
     cache: torch.Tensor
     tables: torch.Tensor
     slots: int
+    base: torch.Tensor
 
 
 class FetchPages:
@@ -318,7 +343,7 @@ class FetchPages:
             blocks = -(-slots // layout.block_size)
             tables = torch.arange(batch * blocks, dtype=torch.int32, device=device).view(batch, blocks)
             have = self.sets[i] = Pages(layout, layout.allocate(batch * blocks, device), tables,
-                                        blocks * layout.block_size)
+                                        blocks * layout.block_size, tables[:, :1, None].long() * layout.block_size)
         return have
 
     def nbytes(self) -> int:
@@ -348,6 +373,9 @@ class OffloadLayer(CacheLayerMixin):
         self.partial: torch.Tensor | None = None  # [B, H, slots, r] on the accelerator
         self.filled: torch.Tensor | None = None  # [B, H, slots] bool: a real token (not padding)
         self.skew: torch.Tensor | None = None
+        self.padded = False  # whether the prompt had padding
+        self.held = 0  # tokens stored before the current step
+        self.query_skew: torch.Tensor | None = None  # the skew repeated per query head
         self.new: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's tokens, raw
         self.ready: tuple | None = None  # (fetched fields, their filled flags, the copy's CUDA event)
         self.chosen: torch.Tensor | None = None  # [B, H, K] the slots of the last fetch (for inspection)
@@ -413,6 +441,7 @@ class OffloadLayer(CacheLayerMixin):
         self.partial[:, :, :t] = self.placement.partial_keys(keys, self.skew)
         self.filled = torch.zeros(b, h, slots, dtype=torch.bool, device=self.device)
         self.filled[:, :, :t] = valid[:, None, :]
+        self.padded = not bool(valid.all())  # once per prompt (a host sync)
 
     def _skew(self, queries: torch.Tensor, valid: torch.Tensor, h: int, d: int) -> torch.Tensor:
         """This layer's skew: the model's, computed from the first prompt any cache of it saw."""
@@ -434,7 +463,9 @@ class OffloadLayer(CacheLayerMixin):
             self.filled = _grown(self.filled, held + n + DEVICE_GROWTH)
         self.partial[:, :, held:held + n] = self.placement.partial_keys(keys, self.skew)
         self.filled[:, :, held:held + n] = True
-        self.host.write(keys, values)
+        self.held = held  # tokens stored before this step: what its attention chooses from
+        if not isinstance(self.host, PagedOffload):  # token rows are written when the step attends
+            self.host.write(keys, values)
         self.new = (keys, values)
 
     def decoding(self) -> bool:
@@ -448,16 +479,21 @@ class OffloadLayer(CacheLayerMixin):
         fetching them (on a side stream on CUDA)."""
         placement = self.placement
         count = placement.fetch_count(held)
-        partial_q = placement.partial_queries(queries, self.skew)
+        if self.query_skew is None or self.query_skew.shape[0] != queries.shape[1]:
+            self.query_skew = self.skew.repeat_interleave(queries.shape[1] // self.skew.shape[0], dim=0)
+        partial_q = placement.partial_queries(queries, self.query_skew)
         index = placement.speculate(partial_q, self.partial[:, :, :held], self.filled[:, :, :held], scale, count)
-        valid = self.filled[:, :, :held].gather(-1, index)
         if isinstance(self.host, PagedOffload):
-            # real tokens first (the kernel reads a prefix of the pages per head), padding after
-            order = (~valid).to(torch.int8).argsort(dim=-1, stable=True)
-            index, valid = index.gather(-1, order), valid.sum(-1)
+            if self.padded:  # real tokens first (the kernel reads a prefix of the pages per head), padding after
+                valid = self.filled[:, :, :held].gather(-1, index)
+                order = (~valid).to(torch.int8).argsort(dim=-1, stable=True)
+                index, valid = index.gather(-1, order), valid.sum(-1, dtype=torch.int32)
+            else:
+                valid = torch.full(index.shape[:2], count, dtype=torch.int32, device=self.device)
             buffers = self.shared.setdefault("fetch", FetchPages()).get(self.layer_idx, count, self.host.layout,
                                                                         index.shape[0], self.device)
         else:
+            valid = self.filled[:, :, :held].gather(-1, index)
             buffers = self.shared.setdefault("fetch", FetchBuffers()).get(self.layer_idx, count,
                                                                           self.host.field_shapes(), self.device)
         done = None
@@ -482,7 +518,7 @@ class OffloadLayer(CacheLayerMixin):
         step's own (causal among them). Returns ``[B, Tq, Hq, D]``."""
         b, hq, tq, d = queries.shape
         if self.ready is None:  # no prediction was made ahead: choose from the layer's own queries
-            self.prefetch(queries, scale, self.host.count - tq)
+            self.prefetch(queries, scale, self.held)
         fields, valid, done = self.ready
         self.ready = None
         if done is not None:

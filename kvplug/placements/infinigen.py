@@ -83,25 +83,27 @@ class InfiniGen(Placement):
     @staticmethod
     def partial_keys(keys: torch.Tensor, skew: torch.Tensor) -> torch.Tensor:
         """``[B, H, T, r]`` in the keys' dtype: keys ``[B, H, T, D]`` times their head's skew."""
-        return torch.einsum("bhtd,hdr->bhtr", keys.float(), skew.to(keys.device)).to(keys.dtype)
+        return (keys.float() @ skew.to(keys.device)).to(keys.dtype)
 
     @staticmethod
     def partial_queries(queries: torch.Tensor, skew: torch.Tensor) -> torch.Tensor:
         """``[B, Hq, Tq, r]`` float32: queries ``[B, Hq, Tq, D]`` (RoPE applied) times the skew of
-        their KV head."""
-        per_query_head = skew.repeat_interleave(queries.shape[1] // skew.shape[0], dim=0).to(queries.device)
-        return torch.einsum("bhtd,hdr->bhtr", queries.float(), per_query_head)
+        their KV head (``skew`` per KV head ``[Hkv, D, r]``, or already repeated per query head)."""
+        if skew.shape[0] != queries.shape[1]:
+            skew = skew.repeat_interleave(queries.shape[1] // skew.shape[0], dim=0)
+        return queries.float() @ skew.to(queries.device)
 
     @staticmethod
     def speculate(partial_queries: torch.Tensor, partial_keys: torch.Tensor, filled: torch.Tensor, scale: float,
                   count: int) -> torch.Tensor:
         """``[B, H, count]`` indices, ascending, of the held tokens each KV head fetches: the top
         ``count`` by partial attention (softmax of the partial scores over the filled slots
-        ``[B, H, S]``, summed over the KV head's query heads and the step's queries)."""
+        ``[B, H, S]``, summed over the KV head's query heads and the step's queries). The partial
+        scores are computed in the partial keys' dtype (float32 accumulation), the softmax in float32."""
         b, hq, tq, r = partial_queries.shape
         h = partial_keys.shape[1]
-        q = partial_queries.reshape(b, h, (hq // h) * tq, r)
-        logits = (q @ partial_keys.float().transpose(-1, -2)) * scale
+        q = (partial_queries * scale).to(partial_keys.dtype).reshape(b, h, (hq // h) * tq, r)
+        logits = (q @ partial_keys.transpose(-1, -2)).float()
         logits = logits.masked_fill(~filled[:, :, None, :], float("-inf"))
         mass = torch.softmax(logits, -1).nan_to_num(0.0).sum(2)  # [B, H, S]
         return mass.topk(count, dim=-1).indices.sort(-1).values
