@@ -236,9 +236,16 @@ def test_clear_errors():
 @pytest.mark.parametrize("spec", ["none", "int8", "int4", "streaming(sinks=2, window=20)+int4",
                                   "snapkv(budget=20, window=4)+int8", "int4(rotate=true)", "mixed",
                                   "snapkv(budget=20, window=4)+mixed(rotate=true)"])
-def test_paged_layout_matches_slot_store(spec, gen):
+def test_paged_layout_matches_slot_store(spec, gen, monkeypatch):
     """The paged layout the Triton kernels read (here through their PyTorch references) gives the
-    logits of the plain slot store, within bfloat16 rounding, and holds the same bytes."""
+    logits of the plain slot store, within bfloat16 rounding, and holds the same bytes; its blocks
+    start poisoned (all bits set: NaN scales and values), and a last step of 4 tokens at once
+    reads the cache decoded, empty slots included."""
+    from kvplug.triton_ops import PagedLayout
+
+    allocate = PagedLayout.allocate
+    monkeypatch.setattr(PagedLayout, "allocate", lambda self, n, device="cpu": allocate(self, n, device).view(
+        torch.uint8).fill_(255).view(self.storage_dtype))
     model = tiny().to(torch.bfloat16)
     ids, _ = prompts(gen, length=64)
     mask = torch.ones_like(ids)
@@ -248,7 +255,8 @@ def test_paged_layout_matches_slot_store(spec, gen):
         cache = kvplug.hf.cache(model, spec, paged=paged)
         model(input_ids=ids[:, :48], attention_mask=mask[:, :48], past_key_values=cache)
         steps = [model(input_ids=ids[:, i:i + 1], attention_mask=mask[:, :i + 1], past_key_values=cache).logits
-                 for i in range(48, 64)]
+                 for i in range(48, 60)]
+        steps.append(model(input_ids=ids[:, 60:64], attention_mask=mask, past_key_values=cache).logits)
         logits.append(torch.cat(steps, 1).float())
         caches.append(cache)
     assert type(caches[1].layers[0].slots).__name__ == "PagedStore"

@@ -241,7 +241,11 @@ class PagedStore:
             k, v = rotate(k).to(self.read_dtype), rotate(v).to(self.read_dtype)
         else:
             k, v = self.ops.gather_kv(self.cache, self.layout, self.block_tables, self.capacity, self.read_dtype)
-        return k, v, self.positions >= 0
+        filled = self.positions >= 0
+        # slots never written hold whatever the allocation held: zero them, since a masked-out NaN
+        # value still poisons the attention output (0 * NaN)
+        empty = ~filled[..., None]
+        return k.masked_fill(empty, 0), v.masked_fill(empty, 0), filled
 
     def attend_one(self, queries: torch.Tensor, scale: float) -> torch.Tensor:
         """Decode attention of one query per sequence ``[B, Hq, D]`` straight from the codes (a
