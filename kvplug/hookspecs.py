@@ -24,8 +24,9 @@ def kvplug_parts() -> list[type]:
 
     Each is a frozen dataclass subclassing one of :class:`kvplug.codecs.base.Codec` (how a token
     is stored), :class:`kvplug.scorers.base.Scorer` (which tokens are kept),
-    :class:`kvplug.budgets.base.Budget` (how many per layer/head) or
-    :class:`kvplug.mergers.base.Merger` (which layers share storage), with a unique ``name`` (used in
+    :class:`kvplug.budgets.base.Budget` (how many per layer/head),
+    :class:`kvplug.mergers.base.Merger` (which layers share storage) or
+    :class:`kvplug.placements.base.Placement` (where K/V live and which are fetched), with a unique ``name`` (used in
     spec strings), a ``paper`` and parameters declared with :func:`kvplug.parts.param`. A name
     already taken by an earlier plugin is refused with a warning.
 
@@ -39,4 +40,9 @@ def kvplug_parts() -> list[type]:
     share storage (``pairs(num_layers)``) and merges a pair's K or V (``merge``, tensors only);
     adapters hold the cross-layer state (the first layer's prompt until the second's arrives, one
     stored copy read by both). MiniCache (``kvplug.mergers.minicache``) is built this way.
+
+    Where K/V live: a :class:`kvplug.placements.base.Placement` part declares what adapters must
+    hand it (``needs_hidden_states``: each layer's attention input before it runs) and chooses, in
+    tensors, which held tokens a step fetches; adapters keep the host copy and do the copies.
+    InfiniGen (``kvplug.placements.infinigen``) is built this way.
     """

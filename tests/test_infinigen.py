@@ -119,9 +119,9 @@ def _prompt_queries(model, captured, layer, row):
     return _rope(q, cos[row % len(cos)], sin[row % len(sin)])
 
 
-@pytest.mark.parametrize("ahead", [True, False])
+@pytest.mark.parametrize("ahead, dense", [(True, 0), (False, 0), (True, 1)])
 @torch.no_grad()
-def test_speculation_picks_the_tokens_of_a_naive_float64_computation(ahead, gen):
+def test_speculation_picks_the_tokens_of_a_naive_float64_computation(ahead, dense, gen):
     model = tiny_llama(seed_of(gen))
     t, budget, partial = 48, 12, 0.25
     columns = round(partial * D)
@@ -139,13 +139,17 @@ def test_speculation_picks_the_tokens_of_a_naive_float64_computation(ahead, gen)
                for i in range(LAYERS)]
     try:
         ModelView.of(model).skews.clear()  # this prompt's skew, not an earlier test's
-        cache = kvplug.hf.cache(model, f"infinigen(budget={budget}, partial={partial}, ahead={str(ahead).lower()})")
+        cache = kvplug.hf.cache(model, f"infinigen(budget={budget}, partial={partial}, ahead={str(ahead).lower()}, "
+                                       f"dense_layers={dense})")
         out = model(input_ids=ids, past_key_values=cache)
         model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache)
     finally:
         for handle in handles:
             handle.remove()
     for layer in range(LAYERS):
+        if layer < dense:  # kept whole on the accelerator: nothing chosen
+            assert not hasattr(cache.layers[layer], "chosen")
+            continue
         source = layer - 1 if ahead and layer > 0 else layer
         want = _naive_choice(model, captured, layer, source, budget, columns, t)
         got = cache.layers[layer].chosen
@@ -161,7 +165,7 @@ def test_accelerator_bytes_are_bounded_by_the_budget_and_the_host_holds_every_to
     model = tiny_llama(seed_of(gen))
     b, t, steps, budget, partial = 2, 120, 5, 20, 0.25
     ids = torch.randint(0, 300, (b, t), generator=gen)
-    _, cache = decode(model, f"infinigen(budget={budget}, partial={partial})+int8", ids, steps)
+    _, cache = decode(model, f"infinigen(budget={budget}, partial={partial}, dense_layers=0)+int8", ids, steps)
     held = t + steps  # the prompt and one token per step
     # by hand: int8 codes (D bytes) + fp16 scale and zero (4 bytes), K and V, per token and head
     per_token = 2 * (D + 4)
@@ -176,6 +180,11 @@ def test_accelerator_bytes_are_bounded_by_the_budget_and_the_host_holds_every_to
     for layer in cache.layers:
         assert all(x.device.type == "cpu" and x.shape[0] >= held for enc in layer.host.fields.values()
                    for x in enc.values())
+    # dense_layers=1: layer 0 holds all of its K/V on the accelerator, in the codec's form
+    _, dense = decode(model, f"infinigen(budget={budget}, partial={partial}, dense_layers=1)+int8", ids, steps)
+    layer_bytes = b * HKV * held * per_token
+    assert dense.host_bytes() == (LAYERS - 1) * layer_bytes
+    assert dense.device_bytes() == layer_bytes + partial_bytes // LAYERS * (LAYERS - 1) + 2 * b * HKV * fetch_slots * per_token
 
 
 def test_host_copy_holds_the_codecs_codes(gen):
@@ -312,9 +321,10 @@ def test_paged_token_rows_path_equals_the_reference_path(spec, gen):
     got, paged_cache = run(True)
     from kvplug.adapters.hf.offload import PagedOffload
 
-    assert all(isinstance(layer.host, PagedOffload) for layer in paged_cache.layers)
+    offloaded = [layer for layer in paged_cache.layers[1:]]  # layer 0 is dense (dense_layers=1)
+    assert all(isinstance(layer.host, PagedOffload) for layer in offloaded)
     if "rotate" not in spec:  # rotated: q is rounded to bf16 in the rotated basis, so near-ties may differ
-        for a, c in zip(ref_cache.layers, paged_cache.layers):
+        for a, c in zip(ref_cache.layers[1:], offloaded):
             assert torch.equal(a.chosen.sort(-1).values, c.chosen.sort(-1).values)
     assert torch.allclose(got, ref, atol=0.1, rtol=0), (got - ref).abs().max()
     assert paged_cache.host_bytes() == ref_cache.host_bytes()  # the same bytes per token, laid out as rows

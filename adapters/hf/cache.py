@@ -20,10 +20,10 @@ class KVPlugCache(Cache):
         # cross-layer state: the model's RoPE and attention modules (view), a merger's parked
         # prompts, an offloading cache's fetch buffers and side stream
         shared: dict = {"rope": rope, "model": view}
-        if strategy.placement is not None:
-            layers = [OffloadLayer(strategy, i, num_layers, paged, keep_prompt, shared) for i in range(num_layers)]
-        else:
-            layers = [KVPlugLayer(strategy, i, num_layers, paged, keep_prompt, shared) for i in range(num_layers)]
+        placement = strategy.placement
+        layers = [OffloadLayer(strategy, i, num_layers, paged, keep_prompt, shared)
+                  if placement is not None and placement.places(i, num_layers)
+                  else KVPlugLayer(strategy, i, num_layers, paged, keep_prompt, shared) for i in range(num_layers)]
         super().__init__(layers=layers)
         self.strategy, self.paged, self.rope, self.view, self.shared = strategy, paged, rope, view, shared
 
@@ -36,7 +36,8 @@ class KVPlugCache(Cache):
         if placement is None or not placement.needs_hidden_states or target >= len(self.layers):
             return
         layer = self.layers[target]
-        if layer.decoding() and hidden is not None and position_embeddings is not None:
+        if isinstance(layer, OffloadLayer) and layer.decoding() and hidden is not None \
+                and position_embeddings is not None:
             queries = self.view.query(target, hidden, position_embeddings)
             layer.prefetch(queries, self.view.attention[target].scaling, layer.host.count)
 
@@ -74,15 +75,16 @@ class KVPlugCache(Cache):
 
     def device_bytes(self) -> int:
         """Bytes of K/V on the accelerator: everything a cache without a placement holds; with one
-        (InfiniGen), the partial keys plus the fetch buffers."""
+        (InfiniGen), the layers it keeps whole, the partial keys and the fetch buffers."""
         if self.strategy.placement is None:
             return self.stored_bytes()
         fetch = self.shared.get("fetch")
-        return sum(layer.device_bytes() for layer in self.layers) + (0 if fetch is None else fetch.nbytes())
+        return sum(layer.device_bytes() if isinstance(layer, OffloadLayer) else layer.stored_bytes()
+                   for layer in self.layers) + (0 if fetch is None else fetch.nbytes())
 
     def host_bytes(self) -> int:
         """Bytes of K/V in host memory (only a placement puts any there)."""
-        return sum(layer.host_bytes() for layer in self.layers) if self.strategy.placement is not None else 0
+        return sum(layer.host_bytes() for layer in self.layers if isinstance(layer, OffloadLayer))
 
     def merged_pairs(self) -> tuple[int, int]:
         """``(merged, pairs)``: of the merger's layer pairs that hold a prompt, how many share

@@ -28,6 +28,11 @@ class Placement(Part):
         to the placement before that layer's attention runs (to choose the next layer's tokens)."""
         return False
 
+    def places(self, layer_idx: int, num_layers: int) -> bool:
+        """Whether this part places layer ``layer_idx`` (False: the layer keeps its K/V on the
+        accelerator like any other cache)."""
+        return True
+
     def fetch_count(self, stored: int) -> int:
         """Tokens per KV head fetched for one step's attention when ``stored`` tokens are held."""
         raise NotImplementedError

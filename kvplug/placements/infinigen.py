@@ -25,7 +25,10 @@ holds the host copy, the copies and the streams. Differences from the paper, and
   count keeps the accelerator's memory bounded and every shape fixed.
 - With grouped-query attention a KV head's tokens are ranked by the partial attention summed
   over its query heads (the paper's models are multi-head).
-- The first layer has no layer before it: its tokens are chosen from its own partial query.
+- The first ``dense_layers`` layers (default 1, as the paper keeps layer 0: its attention is
+  spread widely, and no layer before it could predict it) keep their whole K/V on the accelerator
+  in the codec's form; the first offloaded layer after them is predicted from the last dense
+  layer's input (or, with ``dense_layers=0``, layer 0 chooses from its own partial query).
 """
 
 from __future__ import annotations
@@ -51,10 +54,15 @@ class InfiniGen(Placement):
                            doc="share of the head dimension kept on the accelerator as the partial key cache")
     ahead: bool = param(True, doc="choose a layer's tokens from the previous layer's input and prefetch them "
                                   "(InfiniGen); false: from the layer's own query, fetched when it runs")
+    dense_layers: int = param(1, low=0, high=1024, doc="first layers kept whole on the accelerator, as the paper "
+                                                       "keeps layer 0 (its attention is the least concentrated)")
 
     @property
     def needs_hidden_states(self) -> bool:
         return self.ahead
+
+    def places(self, layer_idx: int, num_layers: int) -> bool:
+        return layer_idx >= self.dense_layers
 
     def columns(self, head_dim: int) -> int:
         """Columns of the skewed keys held on the accelerator."""
