@@ -42,7 +42,7 @@ def kvplug_parts() -> list[type]:
     stored copy read by both). MiniCache (``kvplug.mergers.minicache``) is built this way.
 
     Where K/V live: a :class:`kvplug.placements.base.Placement` part declares what adapters must
-    hand it (``needs_hidden_states``: each layer's attention input before it runs) and chooses, in
+    hand it (``needs_hidden_states``: each decoder layer's input before it runs) and chooses, in
     tensors, which held tokens a step fetches; adapters keep the host copy and do the copies.
     InfiniGen (``kvplug.placements.infinigen``) is built this way.
     """

@@ -26,7 +26,11 @@ def tiny_llama(seed: int, head_dim: int = D) -> LlamaForCausalLM:
     config = LlamaConfig(hidden_size=HQ * head_dim, intermediate_size=256, num_hidden_layers=LAYERS,
                          num_attention_heads=HQ, num_key_value_heads=HKV, head_dim=head_dim, vocab_size=300,
                          max_position_embeddings=512)
-    return LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # norms of their own per layer (a fresh model has all ones): which norm is used shows
+        for layer in model.model.layers:
+            layer.input_layernorm.weight.uniform_(0.5, 1.5)
+    return model
 
 
 def seed_of(gen: torch.Generator) -> int:
@@ -75,30 +79,46 @@ def _rope(x, cos, sin):
     return x * cos + rotated * sin
 
 
-def _naive_choice(model, captured, layer, source, budget_tokens, columns, prompt_len):
+def _rms_norm(x, norm):
+    """The model's RMSNorm in float64, from its weight and epsilon."""
+    w = norm.weight.double().numpy()
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + norm.variance_epsilon) * w
+
+
+def _queries(model, layer, residual, cos, sin, row):
+    """Layer ``layer``'s RoPE'd queries ``[HQ, T, D]`` for ``residual`` ``[T, hidden]``: its own
+    input norm, query projection and RoPE, in float64."""
+    block = model.model.layers[layer]
+    x = _rms_norm(residual, block.input_layernorm)
+    t = x.shape[0]
+    q = (x @ block.self_attn.q_proj.weight.double().numpy().T).reshape(t, HQ, D).transpose(1, 0, 2)
+    return _rope(q, cos[row % len(cos)], sin[row % len(sin)])
+
+
+def _naive_choice(model, captured, layer, source, budget_tokens, columns):
     """Per (row, KV head), the set of prompt tokens layer ``layer`` fetches at the first decode
-    step, in float64: skew from an SVD of the prompt queries, partial keys of the prompt, the
-    partial query of the new token from layer ``source``'s input, softmax per query head summed
-    over the KV head's group, top ``budget_tokens``."""
-    attn = model.model.layers[layer].self_attn
-    wq = attn.q_proj.weight.double().numpy()
+    step, in float64: the skew from an SVD of the prompt's queries, the prompt's partial keys, the
+    new token's partial query from layer ``source``'s input (the residual stream, through layer
+    ``layer``'s own norm and projection), softmax per query head summed over the KV head's
+    group, top ``budget_tokens``."""
+    block = model.model.layers[layer]
+    attn = block.self_attn
     wk = attn.k_proj.weight.double().numpy()
-    prompt_hidden, prompt_cos, prompt_sin = captured[layer][0]
-    step_hidden, step_cos, step_sin = captured[source][1]
-    b, t, _ = prompt_hidden.shape
+    prompt_x, prompt_cos, prompt_sin = captured[layer][0]
+    step_x, step_cos, step_sin = captured[source][1]
+    b, t, _ = prompt_x.shape
     group = HQ // HKV
+    prompt_q = [_queries(model, layer, prompt_x[row], prompt_cos, prompt_sin, row) for row in range(b)]
     choice = {}
     for row in range(b):
-        q = (prompt_hidden[row] @ wq.T).reshape(t, HQ, D).transpose(1, 0, 2)
-        k = (prompt_hidden[row] @ wk.T).reshape(t, HKV, D).transpose(1, 0, 2)
         pc, ps = prompt_cos[row % len(prompt_cos)], prompt_sin[row % len(prompt_sin)]  # RoPE may be shared by rows
-        q, k = _rope(q, pc, ps), _rope(k, pc, ps)
-        q_new = (step_hidden[row] @ wq.T).reshape(1, HQ, D).transpose(1, 0, 2)
-        q_new = _rope(q_new, step_cos[row % len(step_cos)], step_sin[row % len(step_sin)])
+        k = (_rms_norm(prompt_x[row], block.input_layernorm) @ wk.T).reshape(t, HKV, D).transpose(1, 0, 2)
+        k = _rope(k, pc, ps)
+        q_new = _queries(model, layer, step_x[row], step_cos, step_sin, row)
         for h in range(HKV):
             heads = range(h * group, (h + 1) * group)
             # the skew is computed over all rows of the prompt batch
-            stacked = np.concatenate([_prompt_queries(model, captured, layer, r)[g] for r in range(b) for g in heads])
+            stacked = np.concatenate([prompt_q[r][g] for r in range(b) for g in heads])
             _, _, vt = np.linalg.svd(stacked, full_matrices=False)
             a = vt[:columns].T
             mass = np.zeros(t)
@@ -111,14 +131,6 @@ def _naive_choice(model, captured, layer, source, budget_tokens, columns, prompt
     return choice
 
 
-def _prompt_queries(model, captured, layer, row):
-    attn = model.model.layers[layer].self_attn
-    hidden, cos, sin = captured[layer][0]
-    t = hidden.shape[1]
-    q = (hidden[row] @ attn.q_proj.weight.double().numpy().T).reshape(t, HQ, D).transpose(1, 0, 2)
-    return _rope(q, cos[row % len(cos)], sin[row % len(sin)])
-
-
 @pytest.mark.parametrize("ahead, dense", [(True, 0), (False, 0), (True, 1)])
 @torch.no_grad()
 def test_speculation_picks_the_tokens_of_a_naive_float64_computation(ahead, dense, gen):
@@ -128,15 +140,14 @@ def test_speculation_picks_the_tokens_of_a_naive_float64_computation(ahead, dens
     ids = torch.randint(0, 300, (2, t), generator=gen)
     captured = {i: [] for i in range(LAYERS)}
 
-    def record(i):
+    def record(i):  # each decoder layer's input, the residual stream before its norm
         def hook(module, args, kwargs):
             cos, sin = kwargs["position_embeddings"]
-            captured[i].append((kwargs["hidden_states"].double().numpy(), cos.double().numpy()[:, None],
+            captured[i].append((args[0].double().numpy(), cos.double().numpy()[:, None],
                                 sin.double().numpy()[:, None]))
         return hook
 
-    handles = [model.model.layers[i].self_attn.register_forward_pre_hook(record(i), with_kwargs=True)
-               for i in range(LAYERS)]
+    handles = [model.model.layers[i].register_forward_pre_hook(record(i), with_kwargs=True) for i in range(LAYERS)]
     try:
         ModelView.of(model).skews.clear()  # this prompt's skew, not an earlier test's
         cache = kvplug.hf.cache(model, f"infinigen(budget={budget}, partial={partial}, ahead={str(ahead).lower()}, "
@@ -151,7 +162,7 @@ def test_speculation_picks_the_tokens_of_a_naive_float64_computation(ahead, dens
             assert not hasattr(cache.layers[layer], "chosen")
             continue
         source = layer - 1 if ahead and layer > 0 else layer
-        want = _naive_choice(model, captured, layer, source, budget, columns, t)
+        want = _naive_choice(model, captured, layer, source, budget, columns)
         got = cache.layers[layer].chosen
         for (row, h), (tokens, mass) in want.items():
             chosen = set(got[row, h].tolist())
@@ -326,5 +337,5 @@ def test_paged_token_rows_path_equals_the_reference_path(spec, gen):
     if "rotate" not in spec:  # rotated: q is rounded to bf16 in the rotated basis, so near-ties may differ
         for a, c in zip(ref_cache.layers[1:], offloaded):
             assert torch.equal(a.chosen.sort(-1).values, c.chosen.sort(-1).values)
-    assert torch.allclose(got, ref, atol=0.1, rtol=0), (got - ref).abs().max()
+    assert (got - ref).norm() / ref.norm() < 2e-2, (got - ref).abs().max()  # bf16 rounding, as the paged HF test
     assert paged_cache.host_bytes() == ref_cache.host_bytes()  # the same bytes per token, laid out as rows

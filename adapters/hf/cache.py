@@ -27,18 +27,20 @@ class KVPlugCache(Cache):
         super().__init__(layers=layers)
         self.strategy, self.paged, self.rope, self.view, self.shared = strategy, paged, rope, view, shared
 
-    def before_attention(self, layer_idx: int, hidden, position_embeddings, scaling: float) -> None:
-        """Called by the model's attention modules (:meth:`~.offload.ModelView.install`) with layer
-        ``layer_idx``'s input: a placement that speculates ahead chooses the next layer's tokens
-        from it and starts fetching them. A no-op for every other strategy."""
+    def before_layer(self, layer_idx: int, residual, position_embeddings) -> None:
+        """Called by the model's decoder layers (:meth:`~.offload.ModelView.install`) with layer
+        ``layer_idx``'s input (the residual stream): a placement that speculates ahead predicts
+        the next layer's queries from it (the next layer's own norm and query projection: the
+        residual changes little from one layer to the next) and starts fetching its tokens. A
+        no-op for every other strategy."""
         placement = self.strategy.placement
         target = layer_idx + 1
         if placement is None or not placement.needs_hidden_states or target >= len(self.layers):
             return
         layer = self.layers[target]
-        if isinstance(layer, OffloadLayer) and layer.decoding() and hidden is not None \
+        if isinstance(layer, OffloadLayer) and layer.decoding() and residual is not None \
                 and position_embeddings is not None:
-            queries = self.view.query(target, hidden, position_embeddings)
+            queries = self.view.query(target, residual, position_embeddings)
             layer.prefetch(queries, self.view.attention[target].scaling, layer.host.count)
 
     def fork(self, strategy: Strategy, paged: bool | None = None) -> KVPlugCache:

@@ -7,9 +7,9 @@ for one step. While generating, the tokens a layer's attention will read are cho
 partial keys (:meth:`kvplug.placements.infinigen.InfiniGen.speculate`) and gathered from host
 memory by :func:`kvplug.triton_ops.gather_rows`, which reads just those rows over the bus; on
 CUDA the gather runs on a side stream. With ``ahead`` (InfiniGen's scheme) layer ``i + 1``'s
-choice is made from layer ``i``'s attention input, before layer ``i`` runs
-(:meth:`ModelView.install` hooks every attention module; the cache's :meth:`before_attention`),
-so the copy overlaps layer ``i``'s compute; the first layer, and any layer whose hook did not
+choice is made from layer ``i``'s input (the residual stream, through layer ``i + 1``'s own norm
+and query projection), before layer ``i`` runs (:meth:`ModelView.install` hooks every decoder
+layer; the cache's ``before_layer``), so the copy overlaps layer ``i``'s compute; the first layer, and any layer whose hook did not
 run, chooses from its own query when it attends. The prompt's own attention is exact (the model's
 SDPA over the raw prompt); each step's new tokens are stored like the rest and attended as stored.
 Two fetch buffers are shared by all layers (layer ``i`` fills one while layer ``i - 1`` reads the
@@ -18,6 +18,7 @@ other), so the accelerator holds two layers' fetched tokens at most.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 
@@ -46,17 +47,23 @@ def _grown(t: torch.Tensor, slots: int) -> torch.Tensor:
 
 
 class ModelView:
-    """What offloading layers read from the model: each layer's attention module (its query
-    projection, optional per-head query norm, softmax scale) and the skews already computed for
-    it. One per model (:meth:`of`), so a skew is computed once per model and reused by every cache."""
+    """What offloading layers read from the model: each decoder layer's attention module (query
+    projection, optional per-head query norm, softmax scale) and input norm, and the skews already
+    computed for it. One per model (:meth:`of`), so a skew is computed once per model and reused
+    by every cache."""
 
     _views: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __init__(self, model):
         self.attention: dict[int, torch.nn.Module] = {}
+        self.norm: dict[int, torch.nn.Module] = {}  # the layer's input norm (before its attention)
+        self.decoder: dict[int, torch.nn.Module] = {}
         for module in model.modules():
-            if hasattr(module, "q_proj") and isinstance(getattr(module, "layer_idx", None), int):
-                self.attention[module.layer_idx] = module
+            attn = getattr(module, "self_attn", None)
+            if attn is not None and hasattr(attn, "q_proj") and isinstance(getattr(attn, "layer_idx", None), int) \
+                    and hasattr(module, "input_layernorm"):
+                i = attn.layer_idx
+                self.attention[i], self.norm[i], self.decoder[i] = attn, module.input_layernorm, module
         self.skews: dict[tuple[int, int], torch.Tensor] = {}  # (layer, columns) -> [Hkv, D, r]
         self.hooked = False
 
@@ -68,21 +75,23 @@ class ModelView:
         return view
 
     def install(self) -> None:
-        """Hook every attention module so a kvplug cache sees the layer's input before it runs
-        (a no-op for any other cache, and for kvplug caches without a placement)."""
+        """Hook every decoder layer so a kvplug cache sees the layer's input (the residual stream,
+        before the layer's norm) before it runs; a no-op for any other cache, and for kvplug
+        caches without a placement."""
         if self.hooked:
             return
-        for module in self.attention.values():
-            module.register_forward_pre_hook(_before_attention, with_kwargs=True)
+        for i, module in self.decoder.items():
+            module.register_forward_pre_hook(functools.partial(_before_layer, i), with_kwargs=True)
         self.hooked = True
 
-    def query(self, layer: int, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
-        """Layer ``layer``'s queries ``[B, Hq, T, D]`` (RoPE applied) for the attention input
-        ``hidden`` ``[B, T, hidden]``, as the layer itself computes them."""
+    def query(self, layer: int, residual: torch.Tensor, position_embeddings) -> torch.Tensor:
+        """Layer ``layer``'s queries ``[B, Hq, T, D]`` (RoPE applied) for the residual stream
+        ``residual`` ``[B, T, hidden]``, as the layer computes them from its own input: its norm,
+        query projection, query norm (Qwen3) and RoPE."""
         module = self.attention[layer]
-        b, t, _ = hidden.shape
+        b, t, _ = residual.shape
         d = module.head_dim
-        q = module.q_proj(hidden).view(b, t, -1, d)
+        q = module.q_proj(self.norm[layer](residual)).view(b, t, -1, d)
         if getattr(module, "q_norm", None) is not None:
             q = module.q_norm(q)
         q = q.transpose(1, 2)
@@ -91,12 +100,12 @@ class ModelView:
         return q * cos + rotate_half(q) * sin
 
 
-def _before_attention(module, args, kwargs):
+def _before_layer(layer_idx, module, args, kwargs):
     cache = kwargs.get("past_key_values")
-    before = getattr(cache, "before_attention", None)
+    before = getattr(cache, "before_layer", None)
     if before is not None:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
-        before(module.layer_idx, hidden, kwargs.get("position_embeddings"), module.scaling)
+        before(layer_idx, hidden, kwargs.get("position_embeddings"))
 
 
 class HostStore:

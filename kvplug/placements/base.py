@@ -3,7 +3,7 @@
 A placement part decides at the grain "where it lives": the whole K/V of a layer stays in host
 memory and only the tokens a step's attention will need are brought to the accelerator
 (InfiniGen). It declares what an adapter must supply (:attr:`Placement.needs_hidden_states`: each
-layer's attention input, so the next layer's tokens can be chosen ahead of it) and keeps the
+layer's input, so the next layer's tokens can be chosen ahead of it) and keeps the
 choice itself in tensors in, tensors out; the adapter owns the host copy, the copies and the
 streams. A codec composes with it: the host copy holds the codec's codes, so fewer bytes move.
 """
@@ -24,8 +24,8 @@ class Placement(Part):
 
     @property
     def needs_hidden_states(self) -> bool:
-        """Whether the adapter must hand each layer's attention input (the normed hidden states)
-        to the placement before that layer's attention runs (to choose the next layer's tokens)."""
+        """Whether the adapter must hand each decoder layer's input (the residual stream) to the
+        placement before that layer runs (to choose the next layer's tokens ahead of it)."""
         return False
 
     def places(self, layer_idx: int, num_layers: int) -> bool:

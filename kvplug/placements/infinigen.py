@@ -1,9 +1,9 @@
 """``infinigen``: the K/V cache in host memory; each step fetches only the tokens attention will need.
 
 InfiniGen (Lee et al., "InfiniGen: Efficient Generative Inference of Large Language Models with
-Dynamic KV Cache Management", OSDI 2024, arXiv 2406.19707). Attention inputs of adjacent layers
-are alike (the residual stream), so while layer ``i`` runs, layer ``i``'s input times layer
-``i + 1``'s query projection approximates layer ``i + 1``'s query. Scoring it against a *partial*
+Dynamic KV Cache Management", OSDI 2024, arXiv 2406.19707). The inputs of adjacent layers are
+alike (the residual stream changes little per layer), so while layer ``i`` runs, layer ``i``'s
+input through layer ``i + 1``'s norm and query projection approximates layer ``i + 1``'s query. Scoring it against a *partial*
 key cache (a few columns of every key, kept on the accelerator) predicts which tokens layer
 ``i + 1`` will attend to; only those are fetched from host memory, on a side stream, while layer
 ``i`` still computes. The columns are chosen after *skewing*: an orthogonal matrix ``A`` per KV
@@ -14,6 +14,10 @@ the scores well.
 This module holds the choice, tensors in and tensors out; the adapter (``kvplug.adapters.hf``)
 holds the host copy, the copies and the streams. Differences from the paper, and why:
 
+- The prediction passes layer ``i``'s residual input through layer ``i + 1``'s own input norm, where
+  the paper's scheme takes layer ``i``'s attention input (after layer ``i``'s norm). With per-layer
+  norm weights this is the closer prediction; on the reference model both gave the same
+  perplexity (docs/OFFLOAD.md).
 - The skew is applied to the queries and keys *after* RoPE (Llama-style models; the paper's
   code skews OPT's projection weights, which have no RoPE). RoPE mixes pairs of columns, so the
   partial query is the next layer's full query projection, rotated, then skewed (``[D, r]`` per
