@@ -303,7 +303,7 @@ def test_token_rows_move_between_host_rows_and_pages(codec, gen):
 
 
 @pytest.mark.parametrize("spec", ["infinigen(budget=100%)", "infinigen(budget=25%)+int4",
-                                  "infinigen(budget=10, partial=0.2)+mixed(rotate=true)",
+                                  "infinigen(budget=100%, partial=0.2)+mixed(rotate=true)",
                                   "infinigen(budget=30%, ahead=false)+int8"])
 @torch.no_grad()
 def test_paged_token_rows_path_equals_the_reference_path(spec, gen):
@@ -337,5 +337,6 @@ def test_paged_token_rows_path_equals_the_reference_path(spec, gen):
     if "rotate" not in spec:  # rotated: q is rounded to bf16 in the rotated basis, so near-ties may differ
         for a, c in zip(ref_cache.layers[1:], offloaded):
             assert torch.equal(a.chosen.sort(-1).values, c.chosen.sort(-1).values)
-    assert (got - ref).norm() / ref.norm() < 2e-2, (got - ref).abs().max()  # bf16 rounding, as the paged HF test
+    # bf16 rounding, as the paged HF test (rotated: every token fetched, since near-tie choices may differ)
+    assert (got - ref).norm() / ref.norm() < 2e-2, (spec, (got - ref).abs().max())
     assert paged_cache.host_bytes() == ref_cache.host_bytes()  # the same bytes per token, laid out as rows
