@@ -18,21 +18,26 @@ def tensor_bytes(t) -> int:
     return t.numel() * t.element_size()
 
 
-def held_bytes(cache) -> int:
-    """K/V bytes ``cache`` holds, every layer: full-precision keys/values (QuantizedCache's
-    residual) plus quantized states (quanto tensors, or HQQ's (packed, meta) pairs)."""
-    if hasattr(cache, "stored_bytes"):
-        return cache.stored_bytes()
-    total = 0
+def _kv_tensors(cache):
+    """Every tensor of K/V a transformers cache's layers hold: full-precision keys/values
+    (QuantizedCache's residual), quanto's packed states, HQQ's (packed, meta) pairs unpacked."""
     for layer in cache.layers:
         for attr in ("keys", "values", "_quantized_keys", "_quantized_values"):
             t = getattr(layer, attr, None)
             if isinstance(t, tuple):  # HQQ: (packed tensor, meta dict)
                 packed, meta = t
-                total += tensor_bytes(packed) + sum(tensor_bytes(v) for v in meta.values() if isinstance(v, torch.Tensor))
+                yield packed
+                yield from (v for v in meta.values() if isinstance(v, torch.Tensor))
             elif isinstance(t, torch.Tensor):
-                total += tensor_bytes(t)
-    return total
+                yield t
+
+
+def held_bytes(cache) -> int:
+    """K/V bytes ``cache`` holds, every layer: full-precision keys/values (QuantizedCache's
+    residual) plus quantized states (quanto tensors, or HQQ's (packed, meta) pairs)."""
+    if hasattr(cache, "stored_bytes"):
+        return cache.stored_bytes()
+    return sum(tensor_bytes(t) for t in _kv_tensors(cache))
 
 
 def device_bytes(cache, device: str = "cuda") -> int:
@@ -40,15 +45,8 @@ def device_bytes(cache, device: str = "cuda") -> int:
     own; for any other cache, the bytes of its tensors there (an offloaded cache's resident layers)."""
     if hasattr(cache, "device_bytes"):
         return cache.device_bytes()
-    total = 0
-    for layer in cache.layers:
-        for attr in ("keys", "values", "_quantized_keys", "_quantized_values"):
-            t = getattr(layer, attr, None)
-            if isinstance(t, tuple):
-                t = t[0]
-            if isinstance(t, torch.Tensor) and t.device.type == torch.device(device).type:
-                total += tensor_bytes(t)
-    return total
+    kind = torch.device(device).type
+    return sum(tensor_bytes(t) for t in _kv_tensors(cache) if t.device.type == kind)
 
 
 def dynamic_cache_bytes(model, tokens: int) -> int:

@@ -1,4 +1,4 @@
-"""One decoder layer's compressed KV cache, following transformers 5.x's cache-layer contract.
+"""One decoder layer's compressed KV cache (transformers' cache-layer contract: :mod:`.contract`).
 
 The first ``update`` (the prompt) is held raw until the attention function has seen the queries:
 then the strategy's scorer picks the tokens to keep and the codec stores them. Later tokens are
@@ -11,11 +11,8 @@ its own; the second builds one :class:`~.merged.MergedStore` that both read. Pos
 
 from __future__ import annotations
 
-import contextvars
-
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import CacheLayerMixin
 
 from kvplug.attention import group_mean
 from kvplug.codecs.none import NoCodec
@@ -23,19 +20,12 @@ from kvplug.errors import SpecError
 from kvplug.scorers.base import ScoreInputs
 from kvplug.strategy import Strategy
 
+from .contract import PromptFirstLayer
 from .merged import MergedStore
 from .store import GroupStore, PagedStore, SlotStore
 
-just_updated: contextvars.ContextVar = contextvars.ContextVar("kvplug_just_updated", default=None)
-"""(layer, key tensor) of the last ``update``: the attention call that follows reads it."""
-
-
-class KVPlugLayer(CacheLayerMixin):
+class KVPlugLayer(PromptFirstLayer):
     """Compressed K/V of one attention layer."""
-
-    is_compileable = False
-    is_sliding = False
-    is_croppable = False
 
     def __init__(self, strategy: Strategy, layer_idx: int, num_layers: int, paged: bool | None = None,
                  keep_prompt: bool = False, shared: dict | None = None):
@@ -64,50 +54,18 @@ class KVPlugLayer(CacheLayerMixin):
         self.cap_max = 0  # host-side max of capacity (evicting scorers)
         self.low = 0  # host-side min of the residual slots' counts (grouped codecs)
 
-    # transformers' contract -------------------------------------------------------------------
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.strategy.check_head_dim(key_states.shape[-1])
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if self.slots is None:
-            if self.pending is not None:
-                raise RuntimeError("kvplug: the prompt of this layer was never attended; run the model with "
-                                   "attn_implementation='kvplug' (kvplug.hf.cache sets it)")
-            self.pending = (key_states, value_states)
-        else:
-            self._append(key_states, value_states)
-        self.seen += key_states.shape[-2]
-        just_updated.set((self, key_states))
-        return key_states, value_states
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
+    def prompt_stored(self) -> bool:
+        return self.slots is not None
 
     def reset(self) -> None:
         self.shared.clear()
         self.__init__(self.strategy, self.layer_idx, self.num_layers, self.paged, self.keep_prompt, self.shared)
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("kvplug caches do not support beam search yet")
-
     # prefill ----------------------------------------------------------------------------------
     @torch.no_grad()
     def compress_prompt(self, queries: torch.Tensor, valid: torch.Tensor, scale: float) -> None:
         """Pick and store the prompt tokens to keep, now that the prompt's ``queries`` are known."""
-        keys, values = self.pending
-        self.pending = None
-        if self.keep_prompt:
-            self.prompt = (keys, values, queries, valid, scale)
+        keys, values = self.take_prompt(queries, valid, scale)
         b, h, t, d = keys.shape
         strategy, scorer = self.strategy, self.strategy.scorer
         window = 0 if scorer is None else (t if scorer.needs_all_queries else min(scorer.observation_window, t))

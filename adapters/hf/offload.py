@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import CacheLayerMixin
 
 from kvplug.codecs.base import Codec, Encoded
 from kvplug.codecs.none import NoCodec
@@ -32,6 +31,7 @@ from kvplug.rope import rotate_half
 from kvplug.rotation import rotate
 from kvplug.strategy import Strategy
 
+from .contract import PromptFirstLayer
 from .store import PagedStore, encoded_bytes
 
 HOST_GROWTH = 1024  # token slots added at once to a host store (pinned allocations are slow)
@@ -359,13 +359,9 @@ class FetchPages:
         return sum(p.cache.numel() * p.cache.element_size() for p in self.sets if p is not None)
 
 
-class OffloadLayer(CacheLayerMixin):
+class OffloadLayer(PromptFirstLayer):
     """One decoder layer's K/V under a placement part: all of it in host memory, partial keys and
     the step's fetched tokens on the accelerator (see the module docstring)."""
-
-    is_compileable = False
-    is_sliding = False
-    is_croppable = False
 
     def __init__(self, strategy: Strategy, layer_idx: int, num_layers: int, paged: bool | None = None,
                  keep_prompt: bool = False, shared: dict | None = None):
@@ -389,51 +385,17 @@ class OffloadLayer(CacheLayerMixin):
         self.ready: tuple | None = None  # (fetched fields, their filled flags, the copy's CUDA event)
         self.chosen: torch.Tensor | None = None  # [B, H, K] the slots of the last fetch (for inspection)
 
-    # transformers' contract -------------------------------------------------------------------
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.strategy.check_head_dim(key_states.shape[-1])
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        from .layer import just_updated
-
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if self.host is None:
-            if self.pending is not None:
-                raise RuntimeError("kvplug: the prompt of this layer was never attended; run the model with "
-                                   "attn_implementation='kvplug' (kvplug.hf.cache sets it)")
-            self.pending = (key_states, value_states)
-        else:
-            self._append(key_states, value_states)
-        self.seen += key_states.shape[-2]
-        just_updated.set((self, key_states))
-        return key_states, value_states
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
+    def prompt_stored(self) -> bool:
+        return self.host is not None
 
     def reset(self) -> None:
         self.__init__(self.strategy, self.layer_idx, self.num_layers, self.paged, self.keep_prompt, self.shared)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("kvplug caches do not support beam search yet")
 
     # prompt -----------------------------------------------------------------------------------
     @torch.no_grad()
     def compress_prompt(self, queries: torch.Tensor, valid: torch.Tensor, scale: float) -> None:
         """Move the prompt to host memory and keep its partial keys (the prompt attended exactly)."""
-        keys, values = self.pending
-        self.pending = None
-        if self.keep_prompt:
-            self.prompt = (keys, values, queries, valid, scale)
+        keys, values = self.take_prompt(queries, valid, scale)
         b, h, t, d = keys.shape
         self.skew = self._skew(queries, valid, h, d)
         codec = self.strategy.codec
@@ -479,7 +441,7 @@ class OffloadLayer(CacheLayerMixin):
 
     def decoding(self) -> bool:
         """Whether the prompt is stored (later steps fetch from host memory)."""
-        return self.host is not None and self.pending is None
+        return self.prompt_stored() and self.pending is None
 
     @torch.no_grad()
     def prefetch(self, queries: torch.Tensor, scale: float, held: int) -> None:
