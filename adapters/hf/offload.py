@@ -1,19 +1,27 @@
 """The HF cache layer of a placement part: K/V in host memory, a few tokens fetched per step (InfiniGen).
 
-:class:`OffloadLayer` keeps every token of its layer, encoded by the strategy's codec, in host
-memory (:class:`HostStore`, pinned when the model runs on CUDA). On the accelerator it keeps only
-the placement's partial keys (a few skewed columns per token) and, transiently, the tokens fetched
-for one step. While generating, the tokens a layer's attention will read are chosen from the
-partial keys (:meth:`kvplug.placements.infinigen.InfiniGen.speculate`) and gathered from host
-memory by :func:`kvplug.triton_ops.gather_rows`, which reads just those rows over the bus; on
-CUDA the gather runs on a side stream. With ``ahead`` (InfiniGen's scheme) layer ``i + 1``'s
-choice is made from layer ``i``'s input (the residual stream, through layer ``i + 1``'s own norm
-and query projection), before layer ``i`` runs (:meth:`ModelView.install` hooks every decoder
-layer; the cache's ``before_layer``), so the copy overlaps layer ``i``'s compute; the first layer, and any layer whose hook did not
-run, chooses from its own query when it attends. The prompt's own attention is exact (the model's
-SDPA over the raw prompt); each step's new tokens are stored like the rest and attended as stored.
-Two fetch buffers are shared by all layers (layer ``i`` fills one while layer ``i - 1`` reads the
-other), so the accelerator holds two layers' fetched tokens at most.
+:class:`OffloadLayer` keeps every token of its layer in host memory, pinned when the model runs on
+CUDA, and on the accelerator only the placement's partial keys (a few skewed columns per token)
+and, transiently, the tokens fetched for one step. Two forms of the host copy:
+
+- :class:`PagedOffload` (fp16/bf16 models, codecs the paged kernels read; the default on CUDA):
+  the paged layout's token rows. :func:`kvplug.triton_ops.copy_token_rows` copies the chosen
+  rows straight into small paged caches (read over the bus, no host-side gather), and the decode
+  kernel reads them in place; a step's new token is quantized into those pages and written back
+  from there.
+- :class:`HostStore` (any per-token codec and dtype, e.g. float32 models on the CPU): the codec's
+  fields, gathered by :func:`kvplug.triton_ops.gather_rows` and attended with SDPA.
+
+Which tokens: :meth:`kvplug.placements.infinigen.InfiniGen.speculate` over the partial keys. With
+``ahead`` (InfiniGen's scheme) layer ``i + 1``'s choice is made from layer ``i``'s input (the
+residual stream, through layer ``i + 1``'s own norm and query projection) before layer ``i`` runs
+(:meth:`ModelView.install` hooks every decoder layer; the cache's ``before_layer``), and on CUDA
+the copy runs on a side stream, overlapping layer ``i``'s compute. A layer with no prediction
+(``ahead=false``, or its hook did not run) chooses from its own query when it attends. Layers the
+placement does not place (``dense_layers``) are ordinary kvplug layers. The prompt's own attention
+is exact (the model's SDPA over the raw prompt); each step's new tokens are stored like the rest
+and attended as stored. Two sets of fetch buffers are shared by all layers (layer ``i`` fills one
+while layer ``i - 1`` reads the other), so the accelerator holds two layers' fetched tokens at most.
 """
 
 from __future__ import annotations
