@@ -5,10 +5,14 @@
 
     with kvplug.hf.compress(model, "int4"):
         model.generate(**inputs)
+
+    blob = cache.to_bytes(model)              # after a prompt: the compressed cache as bytes
+    again = kvplug.hf.load(model, blob)       # continues generating as the saved cache would
 """
 
 from .api import SUPPORTED, cache, check_model, compress
 from .cache import KVPlugCache
 from .layer import KVPlugLayer
+from .persist import load
 
-__all__ = ["cache", "compress", "check_model", "KVPlugCache", "KVPlugLayer", "SUPPORTED"]
+__all__ = ["cache", "compress", "check_model", "load", "KVPlugCache", "KVPlugLayer", "SUPPORTED"]

@@ -62,6 +62,18 @@ class KVPlugCache(Cache):
             theirs.compress_prompt(queries, valid, scale)
         return other
 
+    def to_bytes(self, model) -> bytes:
+        """This cache as bytes (:mod:`.persist`: safetensors, no code), for ``kvplug.hf.load``."""
+        from .persist import to_bytes
+
+        return to_bytes(self, model)
+
+    def save(self, path, model) -> None:
+        """:meth:`to_bytes` written to ``path``."""
+        from pathlib import Path
+
+        Path(path).write_bytes(self.to_bytes(model))
+
     def kept_tokens(self) -> int:
         """Tokens held, summed over layers, KV heads and sequences."""
         return sum(layer.kept_tokens() for layer in self.layers)

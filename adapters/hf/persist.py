@@ -1,0 +1,131 @@
+"""A :class:`~.cache.KVPlugCache` to bytes and back (:mod:`kvplug.serialize`: safetensors, no code).
+
+``cache.to_bytes()`` / ``cache.save(path)`` after a prompt (or later), ``kvplug.hf.load(model,
+blob_or_path)`` for a cache that continues generating exactly as the saved one would have: every
+layer's codes, scales, positions and eviction scores, and the few counters beside them. What is
+saved is what the cache holds (the codec's codes, only the slots in use), not the raw prompt.
+Strategies with a merger or a placement are refused in one line, and so is a cache that has not
+stored a prompt yet.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kvplug import serialize
+from kvplug.codecs.none import NoCodec
+from kvplug.config import parse
+from kvplug.errors import SpecError
+
+from .store import GROWTH, GroupStore, PagedStore, SlotStore, _pad
+
+
+def facts_of(model) -> dict:
+    """What a blob must fit: the model's attention shape and dtype."""
+    text = model.config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return {"num_layers": text.num_hidden_layers, "num_kv_heads": text.num_key_value_heads, "head_dim": head_dim,
+            "dtype": str(next(model.parameters()).dtype)}
+
+
+def _check(cache) -> None:
+    strategy = cache.strategy
+    for part in (strategy.merger, strategy.placement):
+        if part is not None:
+            raise SpecError(f"kvplug.hf: saving a cache with {part.name} is not supported yet; got {strategy}")
+    if any(layer.slots is None for layer in cache.layers):
+        raise SpecError("kvplug.hf: this cache has not stored a prompt yet; run the prompt through the model first")
+
+
+def _put(tensors: dict, prefix: str, enc: dict) -> None:
+    for name, t in enc.items():
+        tensors[f"{prefix}.{name}"] = t
+
+
+def _take(tensors: dict, prefix: str) -> dict:
+    return {name[len(prefix) + 1:]: t for name, t in tensors.items() if name.startswith(prefix + ".")}
+
+
+def to_bytes(cache, model) -> bytes:
+    """The blob of ``cache`` (a prompt stored, no merger or placement) for ``model``."""
+    _check(cache)
+    tensors, layers = {}, []
+    for i, layer in enumerate(cache.layers):
+        slots = layer.slots
+        used = slots.used_slots()
+        state = {"seen": layer.seen, "high": layer.high, "cap_max": layer.cap_max, "low": layer.low,
+                 "scorer": None if layer.scorer is None else str(layer.scorer), "used": used,
+                 "store": "paged" if isinstance(slots, PagedStore) else "slots",
+                 "groups": 0 if layer.groups is None else len(layer.groups.keys),
+                 "group_tokens": 0 if layer.groups is None else layer.groups.tokens}
+        p = f"layer{i}"
+        tensors[f"{p}.next_pos"] = layer.next_pos
+        if layer.capacity is not None:
+            tensors[f"{p}.capacity"] = layer.capacity
+        tensors[f"{p}.counts"] = slots.counts
+        tensors[f"{p}.positions"] = slots.positions[..., :used]
+        tensors[f"{p}.scores"] = slots.scores[..., :used]
+        if isinstance(slots, PagedStore):
+            b = slots.counts.shape[0]
+            blocks = slots.cache.shape[0] // b
+            tensors[f"{p}.pages"] = slots.cache.view(b, blocks, *slots.cache.shape[1:])[:, :used // slots.BLOCK]
+        else:
+            _put(tensors, f"{p}.key", {n: t[..., :used, :] for n, t in slots.keys.items()})
+            _put(tensors, f"{p}.value", {n: t[..., :used, :] for n, t in slots.values.items()})
+        for j in range(state["groups"]):
+            _put(tensors, f"{p}.group{j}.key", layer.groups.keys[j])
+            _put(tensors, f"{p}.group{j}.value", layer.groups.values[j])
+        layers.append(state)
+    facts = {**facts_of(model), "strategy": str(cache.strategy)}
+    return serialize.dumps(tensors, facts, {"layers": layers, "paged": cache.paged})
+
+
+def load(model, blob, paged: bool | None = None):
+    """A cache for ``model`` holding what ``blob`` (bytes, or a path to a file of them) holds,
+    ready to continue generating; ``paged`` as the saved cache's unless given."""
+    from .api import cache as make_cache
+
+    if isinstance(blob, (str, Path)):
+        blob = Path(blob).read_bytes()
+    tensors, facts, state = serialize.loads(blob, expect=facts_of(model))
+    strategy = parse(facts["strategy"])
+    cache = make_cache(model, strategy, paged=state["paged"] if paged is None else paged)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    tensors = {name: t.to(device) for name, t in tensors.items()}
+    codec = strategy.codec
+    read = dtype if isinstance(codec, NoCodec) else torch.float32
+    for i, (layer, s) in enumerate(zip(cache.layers, state["layers"])):
+        p = f"layer{i}"
+        layer.dtype, layer.device, layer.is_initialized = dtype, device, True
+        layer.seen, layer.high, layer.cap_max, layer.low = s["seen"], s["high"], s["cap_max"], s["low"]
+        layer.scorer = None if s["scorer"] is None else parse(s["scorer"]).scorer
+        layer.next_pos = tensors[f"{p}.next_pos"]
+        layer.capacity = tensors.get(f"{p}.capacity")
+        counts, positions, scores = tensors[f"{p}.counts"], tensors[f"{p}.positions"], tensors[f"{p}.scores"]
+        b = counts.shape[0]
+        if s["store"] == "paged":
+            pages = tensors[f"{p}.pages"]
+            store = PagedStore(codec, dtype, facts["num_kv_heads"], facts["head_dim"], device, read)
+            store._allocate(b, s["used"] + GROWTH)
+            blocks = store.cache.shape[0] // b
+            store.cache.view(b, blocks, *store.cache.shape[1:])[:, :pages.shape[1]] = pages
+            cap = blocks * store.BLOCK
+        else:
+            store = SlotStore(codec if s["groups"] == 0 and codec.token_group == 1 else NoCodec(), read)
+            store.keys, store.values = _take(tensors, f"{p}.key"), _take(tensors, f"{p}.value")
+            cap = s["used"]
+        store.counts = counts
+        store.positions = _pad(positions, cap - positions.shape[-1], -1, -1)
+        store.scores = _pad(scores, cap - scores.shape[-1], -1)
+        layer.slots = store
+        if s["groups"] or codec.token_group > 1:
+            groups = GroupStore(codec, read)
+            for j in range(s["groups"]):
+                groups.keys.append(_take(tensors, f"{p}.group{j}.key"))
+                groups.values.append(_take(tensors, f"{p}.group{j}.value"))
+            groups.tokens = s["group_tokens"]
+            layer.groups = groups
+    return cache
