@@ -122,3 +122,59 @@ def test_what_cannot_be_saved_is_refused(gen):
     cache, _, _ = prompt_cache(model, "infinigen(budget=50%)", False, gen)
     with pytest.raises(SpecError, match="infinigen is not supported yet"):
         cache.to_bytes(model)
+
+
+def test_cachegen_decodes_within_its_bound(gen):
+    """CacheGen's round trip on K/V with token-wise locality (a random walk) and on plain noise:
+    every decoded value within the stated bound of the original (checked in float64), in every
+    layer band, with and without anchors groups; the stream is bytes of uint32 words."""
+    pytest.importorskip("constriction")
+    from kvplug.cachegen import CacheGen
+
+    walk = torch.randn(2, 3, 97, 64, generator=gen).cumsum(2) * 0.1 + torch.randn(1, 1, 1, 64, generator=gen) * 3
+    noise = torch.randn(1, 2, 41, 32, generator=gen) * torch.logspace(-2, 1, 32)
+    for x in (walk, noise):
+        for coder in (CacheGen(), CacheGen(bits=6, deep_bits=3, group=4), CacheGen(group=1)):
+            for layer in (0, 5):
+                enc = coder.encode(x, layer, 6)
+                back = coder.decode(enc, layer, 6)
+                assert back.shape == x.shape and back.dtype == torch.float32
+                err = (back.double() - x.double()).abs().amax(dim=(0, 1, 2))
+                assert bool((err <= coder.bound(enc)).all()), (coder, layer, float((err - coder.bound(enc)).max()))
+    with pytest.raises(SpecError, match="deep_bits=1 is out of range"):
+        CacheGen(deep_bits=1)
+
+
+@torch.no_grad()
+def test_cachegen_blob_is_smaller_than_int8_and_continues_close():
+    """On the reference model's real K/V (a 512-token prompt of its held-out text): the CacheGen
+    blob of a full-precision cache is smaller than the int8 cache's blob, and the cache loaded
+    from it continues with nearly the live cache's next-token distributions."""
+    pytest.importorskip("constriction")
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvplug.cachegen import CacheGen
+    from kvplug.retrieval import load_heldout_ids
+
+    path = Path(__file__).resolve().parents[1] / "models" / "kvplug-ref"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.tensor([load_heldout_ids(str(path), AutoTokenizer.from_pretrained(path))[3000:3000 + 520]])
+    sizes, logits = {}, {}
+    for spec in ("none", "int8"):
+        cache = kvplug.hf.cache(model, spec, paged=False)
+        model(input_ids=ids[:, :512], past_key_values=cache)
+        sizes[spec] = len(cache.to_bytes(model))
+        if spec == "none":
+            blob = cache.to_bytes(model, CacheGen())
+            loaded = kvplug.hf.load(model, blob)
+            for name, c in (("live", cache), ("cachegen", loaded)):
+                logits[name] = torch.cat([model(input_ids=ids[:, 512 + t:513 + t], past_key_values=c).logits[:, -1]
+                                          for t in range(8)])
+    assert len(blob) < sizes["int8"] < sizes["none"], (len(blob), sizes)
+    p, q = logits["live"].log_softmax(-1), logits["cachegen"].log_softmax(-1)
+    kl = (p.exp() * (p - q)).sum(-1)
+    assert float(kl.max()) < 0.05, kl
+    with pytest.raises(SpecError, match="cachegen encodes full-precision K/V"):
+        cache.to_bytes(model, CacheGen())  # the int8 cache

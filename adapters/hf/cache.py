@@ -62,17 +62,18 @@ class KVPlugCache(Cache):
             theirs.compress_prompt(queries, valid, scale)
         return other
 
-    def to_bytes(self, model) -> bytes:
-        """This cache as bytes (:mod:`.persist`: safetensors, no code), for ``kvplug.hf.load``."""
+    def to_bytes(self, model, encoder=None) -> bytes:
+        """This cache as bytes (:mod:`.persist`: safetensors, no code), for ``kvplug.hf.load``;
+        ``encoder``: a :class:`kvplug.cachegen.CacheGen` to code full-precision K/V compactly."""
         from .persist import to_bytes
 
-        return to_bytes(self, model)
+        return to_bytes(self, model, encoder)
 
-    def save(self, path, model) -> None:
+    def save(self, path, model, encoder=None) -> None:
         """:meth:`to_bytes` written to ``path``."""
         from pathlib import Path
 
-        Path(path).write_bytes(self.to_bytes(model))
+        Path(path).write_bytes(self.to_bytes(model, encoder))
 
     def kept_tokens(self) -> int:
         """Tokens held, summed over layers, KV heads and sequences."""

@@ -10,11 +10,13 @@ stored a prompt yet.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 
 from kvplug import serialize
+from kvplug.cachegen import CacheGen
 from kvplug.codecs.none import NoCodec
 from kvplug.config import parse
 from kvplug.errors import SpecError
@@ -48,9 +50,15 @@ def _take(tensors: dict, prefix: str) -> dict:
     return {name[len(prefix) + 1:]: t for name, t in tensors.items() if name.startswith(prefix + ".")}
 
 
-def to_bytes(cache, model) -> bytes:
-    """The blob of ``cache`` (a prompt stored, no merger or placement) for ``model``."""
+def to_bytes(cache, model, encoder: CacheGen | None = None) -> bytes:
+    """The blob of ``cache`` (a prompt stored, no merger or placement) for ``model``: the bytes
+    its stores hold, or with ``encoder`` (:class:`kvplug.cachegen.CacheGen`, for a cache of codec
+    ``none``) its K/V as CacheGen streams, decoded again on load (lossy, within the encoder's
+    stated bound)."""
     _check(cache)
+    if encoder is not None and not isinstance(cache.strategy.codec, NoCodec):
+        raise SpecError(f"kvplug.hf: cachegen encodes full-precision K/V; this cache stores {cache.strategy.codec.name} "
+                        f"codes (save a cache of codec none)")
     tensors, layers = {}, []
     for i, layer in enumerate(cache.layers):
         slots = layer.slots
@@ -67,7 +75,11 @@ def to_bytes(cache, model) -> bytes:
         tensors[f"{p}.counts"] = slots.counts
         tensors[f"{p}.positions"] = slots.positions[..., :used]
         tensors[f"{p}.scores"] = slots.scores[..., :used]
-        if isinstance(slots, PagedStore):
+        if encoder is not None:
+            k, v, _ = slots.decode()
+            for role, x in (("key", k), ("value", v)):
+                _put(tensors, f"{p}.cachegen.{role}", encoder.encode(x[..., :used, :], i, len(cache.layers)))
+        elif isinstance(slots, PagedStore):
             b = slots.counts.shape[0]
             blocks = slots.cache.shape[0] // b
             tensors[f"{p}.pages"] = slots.cache.view(b, blocks, *slots.cache.shape[1:])[:, :used // slots.BLOCK]
@@ -79,7 +91,8 @@ def to_bytes(cache, model) -> bytes:
             _put(tensors, f"{p}.group{j}.value", layer.groups.values[j])
         layers.append(state)
     facts = {**facts_of(model), "strategy": str(cache.strategy)}
-    return serialize.dumps(tensors, facts, {"layers": layers, "paged": cache.paged})
+    coding = None if encoder is None else dataclasses.asdict(encoder)
+    return serialize.dumps(tensors, facts, {"layers": layers, "paged": cache.paged, "cachegen": coding})
 
 
 def load(model, blob, paged: bool | None = None):
@@ -106,6 +119,17 @@ def load(model, blob, paged: bool | None = None):
         layer.capacity = tensors.get(f"{p}.capacity")
         counts, positions, scores = tensors[f"{p}.counts"], tensors[f"{p}.positions"], tensors[f"{p}.scores"]
         b = counts.shape[0]
+        if state.get("cachegen") is not None:  # decode the streams and store them as the cache would
+            coder = CacheGen(**state["cachegen"])
+            k, v = (coder.decode({n: t.cpu() for n, t in _take(tensors, f"{p}.cachegen.{role}").items()}, i,
+                                 len(cache.layers)).to(device=device, dtype=dtype) for role in ("key", "value"))
+            if s["store"] == "paged":
+                store = PagedStore(codec, dtype, facts["num_kv_heads"], facts["head_dim"], device, read)
+            else:
+                store = SlotStore(codec, read)
+            store.init(k, v, positions >= 0, positions, scores)
+            layer.slots = store
+            continue
         if s["store"] == "paged":
             pages = tensors[f"{p}.pages"]
             store = PagedStore(codec, dtype, facts["num_kv_heads"], facts["head_dim"], device, read)
