@@ -73,8 +73,12 @@ def to_bytes(cache, model, encoder: CacheGen | None = None) -> bytes:
         if layer.capacity is not None:
             tensors[f"{p}.capacity"] = layer.capacity
         tensors[f"{p}.counts"] = slots.counts
-        tensors[f"{p}.positions"] = slots.positions[..., :used]
-        tensors[f"{p}.scores"] = slots.scores[..., :used]
+        positions, scores = slots.positions[..., :used], slots.scores[..., :used]
+        # positions fit int32 (kept as int64 by the stores); scores only where a scorer wrote any
+        state["positions_dtype"] = str(positions.dtype).removeprefix("torch.")
+        tensors[f"{p}.positions"] = positions.to(torch.int32)
+        if bool(scores.any()):
+            tensors[f"{p}.scores"] = scores
         if encoder is not None:
             k, v, _ = slots.decode()
             for role, x in (("key", k), ("value", v)):
@@ -117,7 +121,11 @@ def load(model, blob, paged: bool | None = None):
         layer.scorer = None if s["scorer"] is None else parse(s["scorer"]).scorer
         layer.next_pos = tensors[f"{p}.next_pos"]
         layer.capacity = tensors.get(f"{p}.capacity")
-        counts, positions, scores = tensors[f"{p}.counts"], tensors[f"{p}.positions"], tensors[f"{p}.scores"]
+        counts = tensors[f"{p}.counts"]
+        positions = tensors[f"{p}.positions"].to(getattr(torch, s["positions_dtype"]))
+        scores = tensors.get(f"{p}.scores")
+        if scores is None:
+            scores = torch.zeros(positions.shape, dtype=torch.float32, device=device)
         b = counts.shape[0]
         if state.get("cachegen") is not None:  # decode the streams and store them as the cache would
             coder = CacheGen(**state["cachegen"])
