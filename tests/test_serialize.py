@@ -178,3 +178,49 @@ def test_cachegen_blob_is_smaller_than_int8_and_continues_close():
     assert float(kl.max()) < 0.05, kl
     with pytest.raises(SpecError, match="cachegen encodes full-precision K/V"):
         cache.to_bytes(model, CacheGen())  # the int8 cache
+
+
+@pytest.mark.parametrize("spec", ["none", "int8"])
+@torch.no_grad()
+def test_a_document_store_hit_computes_what_a_cold_run_computes(spec, gen, tmp_path):
+    """RAGCache-style reuse: after [A, B] + q1, the prompt [A, B] + q2 loads the [A, B] node and
+    computes only q2, with exactly the logits of a cold store; [A, C] reuses [A]. With codec
+    none the reused path also matches one plain forward of the whole prompt (float rounding)."""
+    model = tiny(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    doc = {n: torch.randint(0, 300, (30,), generator=gen).tolist() for n in "ABC"}
+    q1, q2 = torch.randint(0, 300, (5,), generator=gen).tolist(), torch.randint(0, 300, (6,), generator=gen).tolist()
+    store = kvplug.hf.DocumentStore(model, spec, disk=tmp_path)
+    store.prefill([doc["A"], doc["B"]], q1)
+    assert store.stats["misses"] == 1 and store.stats["computed_tokens"] == 65
+    _, hit = store.prefill([doc["A"], doc["B"]], q2)
+    assert store.stats["hits"] == 1 and store.stats["reused_tokens"] == 60 and store.stats["computed_tokens"] == 71
+    _, cold = kvplug.hf.DocumentStore(model, spec).prefill([doc["A"], doc["B"]], q2)
+    assert torch.equal(hit, cold)
+    store.prefill([doc["A"], doc["C"]], q1)
+    assert store.stats["hits"] == 2 and store.stats["reused_tokens"] == 90  # [A] reused
+    if spec == "none":
+        whole = torch.tensor([doc["A"] + doc["B"] + q2])
+        plain = model(input_ids=whole).logits[:, -1]
+        assert torch.allclose(hit, plain, atol=1e-4), (hit - plain).abs().max()
+
+
+@torch.no_grad()
+def test_a_document_store_keeps_its_memory_budget_and_spills_to_disk(gen, tmp_path):
+    model = tiny(0)
+    docs = [torch.randint(0, 300, (20,), generator=gen).tolist() for _ in range(4)]
+    q = [1, 2, 3]
+    probe = kvplug.hf.DocumentStore(model, "int4")
+    probe.prefill([docs[0]], q)
+    one = probe.memory_used()
+    for policy in ("pgdsf", "lru"):
+        store = kvplug.hf.DocumentStore(model, "int4", memory_bytes=int(2.5 * one), disk=tmp_path / policy,
+                                        policy=policy)
+        for d in docs:
+            store.prefill([d], q)
+        assert store.memory_used() <= 2.5 * one and store.stats["to_disk"] == 2
+        _, again = store.prefill([docs[0]], q)  # from disk
+        assert store.stats["hits"] == 1
+        _, cold = kvplug.hf.DocumentStore(model, "int4").prefill([docs[0]], q)
+        assert torch.equal(again, cold)
+    with pytest.raises(SpecError, match="keeps codecs only"):
+        kvplug.hf.DocumentStore(model, "snapkv(budget=50%)+int4")

@@ -12,7 +12,8 @@
 
 from .api import SUPPORTED, cache, check_model, compress
 from .cache import KVPlugCache
+from .documents import DocumentStore
 from .layer import KVPlugLayer
 from .persist import load
 
-__all__ = ["cache", "compress", "check_model", "load", "KVPlugCache", "KVPlugLayer", "SUPPORTED"]
+__all__ = ["cache", "compress", "check_model", "load", "DocumentStore", "KVPlugCache", "KVPlugLayer", "SUPPORTED"]
