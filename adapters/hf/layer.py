@@ -142,22 +142,27 @@ class KVPlugLayer(PromptFirstLayer):
     def _append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         scorer = self.scorer
         evicting = scorer is not None and scorer.evicts_on_decode
-        for i in range(keys.shape[-2]):
+        if not evicting:  # every head appends the step's tokens at its count, all in one write
+            n = keys.shape[-2]
+            ahead = torch.arange(n, device=keys.device)
+            slot = self.slots.counts[..., None] + ahead
+            pos = (self.next_pos.view(-1, 1, 1) + ahead).expand_as(slot)
+            self.high += n
+            self.slots.write(keys, values, slot, pos, None, top=self.high, added=n)
+            self.next_pos = self.next_pos + n
+        for i in range(keys.shape[-2] if evicting else 0):  # token by token: each may replace a slot
             step = self.next_pos.view(-1, 1, 1)
             counts = self.slots.counts
-            slot, added = counts, 1  # without eviction every head appends at its count
-            if evicting:
-                self.high = min(self.high + 1, self.cap_max)  # a head at its budget overwrites
-                if self.slots.capacity:
-                    ranked = self.slots.scores.masked_fill(self.slots.positions < 0, float("inf"))
-                    ranked = ranked.masked_fill(scorer.protected(self.slots.positions, step, self.capacity),
-                                                float("inf"))
-                    room = counts < self.capacity
-                    slot, added = torch.where(room, counts, ranked.argmin(-1)), room
-            else:
-                self.high += 1
+            slot, added = counts, 1  # a head below its budget appends at its count
+            self.high = min(self.high + 1, self.cap_max)  # a head at its budget overwrites
+            if self.slots.capacity:
+                ranked = self.slots.scores.masked_fill(self.slots.positions < 0, float("inf"))
+                ranked = ranked.masked_fill(scorer.protected(self.slots.positions, step, self.capacity),
+                                            float("inf"))
+                room = counts < self.capacity
+                slot, added = torch.where(room, counts, ranked.argmin(-1)), room
             pos = step.squeeze(-1).expand_as(slot)
-            new_score = scorer.new_token_score(pos)[..., None] if evicting else None
+            new_score = scorer.new_token_score(pos)[..., None]
             self.slots.write(keys[..., i:i + 1, :], values[..., i:i + 1, :], slot[..., None], pos[..., None],
                              new_score, top=self.high, added=added)
             self.next_pos = self.next_pos + 1
