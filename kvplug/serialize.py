@@ -51,10 +51,11 @@ def dumps(tensors: dict[str, torch.Tensor], facts: dict, state: dict) -> bytes:
     return save(host, metadata=meta)
 
 
-def loads(blob: bytes, expect: dict | None = None) -> tuple[dict[str, torch.Tensor], dict, dict]:
+def loads(blob: bytes, expect: dict | None = None, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """``(tensors, facts, state)`` of a blob from :func:`dumps`; a one-line :class:`SpecError`
     for anything else (not a kvplug blob, another version, damaged, or ``facts`` that differ
-    from ``expect`` in a key ``expect`` names)."""
+    from ``expect`` in a key ``expect`` names). ``verify=False`` skips the checksum, for a blob
+    this process made and kept in memory (the header is still checked; nothing can run either way)."""
     from safetensors.torch import load
 
     if not isinstance(blob, (bytes, bytearray, memoryview)):
@@ -71,7 +72,7 @@ def loads(blob: bytes, expect: dict | None = None) -> tuple[dict[str, torch.Tens
     if meta.get("version") != str(VERSION):
         raise SpecError(f"kvplug KV blob version {meta.get('version')} cannot be read by this kvplug (reads "
                         f"version {VERSION})")
-    if _digest(tensors, meta.get("facts", ""), meta.get("state", "")) != meta.get("sha256"):
+    if verify and _digest(tensors, meta.get("facts", ""), meta.get("state", "")) != meta.get("sha256"):
         raise SpecError("kvplug KV blob is damaged: its checksum does not match its contents")
     facts, state = json.loads(meta["facts"]), json.loads(meta["state"])
     for key, want in (expect or {}).items():

@@ -224,3 +224,21 @@ def test_a_document_store_keeps_its_memory_budget_and_spills_to_disk(gen, tmp_pa
         assert torch.equal(again, cold)
     with pytest.raises(SpecError, match="keeps codecs only"):
         kvplug.hf.DocumentStore(model, "snapkv(budget=50%)+int4")
+
+
+@torch.no_grad()
+def test_a_document_blob_damaged_on_disk_is_refused(gen, tmp_path):
+    """Blobs kept in memory are loaded without their checksum; one read back from disk is checked."""
+    model = tiny(0)
+    docs = [torch.randint(0, 300, (20,), generator=gen).tolist() for _ in range(2)]
+    probe = kvplug.hf.DocumentStore(model, "int8")
+    probe.prefill([docs[0]], [1, 2])
+    store = kvplug.hf.DocumentStore(model, "int8", memory_bytes=int(1.5 * probe.memory_used()), disk=tmp_path)
+    store.prefill([docs[0]], [1, 2])
+    store.prefill([docs[1]], [1, 2])  # one of the two nodes goes to disk
+    (node,) = [n for n in store._nodes() if n.blob is None]
+    data = bytearray(node.path.read_bytes())
+    data[-5] ^= 0x01
+    node.path.write_bytes(bytes(data))
+    with pytest.raises(SpecError, match="damaged"):
+        store.prefill([list(node.key)], [1, 2])

@@ -79,8 +79,9 @@ class DocumentStore:
         device = next(self.model.parameters()).device
         logits, cache = None, None
         done = 0
-        if hit is not None:
-            cache = kvplug.hf.load(self.model, self._read(hit))
+        if hit is not None:  # a blob made here and kept in memory needs no checksum; one from disk does
+            from_disk = hit.blob is None
+            cache = kvplug.hf.load(self.model, self._read(hit), verify=from_disk)
             self._touch(hit)
             done = self._depth(hit)
             self.stats["hits"] += 1

@@ -99,14 +99,15 @@ def to_bytes(cache, model, encoder: CacheGen | None = None) -> bytes:
     return serialize.dumps(tensors, facts, {"layers": layers, "paged": cache.paged, "cachegen": coding})
 
 
-def load(model, blob, paged: bool | None = None):
+def load(model, blob, paged: bool | None = None, verify: bool = True):
     """A cache for ``model`` holding what ``blob`` (bytes, or a path to a file of them) holds,
-    ready to continue generating; ``paged`` as the saved cache's unless given."""
+    ready to continue generating; ``paged`` as the saved cache's unless given. ``verify=False``
+    skips the checksum (:func:`kvplug.serialize.loads`), for blobs this process made."""
     from .api import cache as make_cache
 
     if isinstance(blob, (str, Path)):
         blob = Path(blob).read_bytes()
-    tensors, facts, state = serialize.loads(blob, expect=facts_of(model))
+    tensors, facts, state = serialize.loads(blob, expect=facts_of(model), verify=verify)
     strategy = parse(facts["strategy"])
     cache = make_cache(model, strategy, paged=state["paged"] if paged is None else paged)
     device = next(model.parameters()).device
