@@ -36,11 +36,10 @@ import torch.nn.functional as F
 from kvplug.codecs.base import Codec, Encoded
 from kvplug.codecs.none import NoCodec
 from kvplug.rope import rotate_half
-from kvplug.rotation import rotate
 from kvplug.strategy import Strategy
 
 from .contract import PromptFirstLayer
-from .store import PagedStore, encoded_bytes
+from .store import PagedStore, attend_paged_one, encoded_bytes, read_paged, store_paged
 
 HOST_GROWTH = 1024  # token slots added at once to a host store (pinned allocations are slow)
 DEVICE_GROWTH = 256  # token slots added at once to the partial keys
@@ -114,6 +113,25 @@ def _before_layer(layer_idx, module, args, kwargs):
     if before is not None:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         before(layer_idx, hidden, kwargs.get("position_embeddings"))
+
+
+def attend_fetched(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, fetched: torch.Tensor, codec: Codec,
+                   new_k: torch.Tensor, new_v: torch.Tensor, scale: float, read: torch.dtype) -> torch.Tensor:
+    """Attention of a step's queries ``[B, Hq, Tq, D]`` over fetched ``keys``/``values``
+    ``[B, H, S, D]`` (slots where ``fetched`` ``[B, H, S]`` is False are padding or stale: masked,
+    and zeroed since a masked NaN still poisons the output) and the step's own tokens, as stored
+    (through ``codec``), causal among them; all in ``read``. Returns ``[B, Tq, Hq, D]``."""
+    b, hq, tq, _ = queries.shape
+    h = keys.shape[1]
+    new_k, new_v = (codec.decode(codec.encode(x, role), role, read) for x, role in ((new_k, "key"), (new_v, "value")))
+    empty = ~fetched[..., None]
+    keys = torch.cat([keys.masked_fill(empty, 0), new_k], -2)
+    values = torch.cat([values.masked_fill(empty, 0), new_v], -2)
+    causal = torch.ones(tq, tq, dtype=torch.bool, device=queries.device).tril()
+    visible = torch.cat([fetched[:, :, None, :].expand(-1, -1, tq, -1), causal.expand(b, h, tq, tq)], -1)
+    out = F.scaled_dot_product_attention(queries.to(read), keys, values, attn_mask=visible.repeat_interleave(
+        hq // h, dim=1), scale=scale, enable_gqa=hq != h).to(queries.dtype)
+    return out.transpose(1, 2)
 
 
 class HostStore:
@@ -237,18 +255,6 @@ class PagedOffload:
             self._aranges[key] = torch.arange(n, dtype=torch.int32, device=self.device).expand(b, h, n).contiguous()
         return self._aranges[key]
 
-    def _store(self, keys: torch.Tensor, values: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor) -> None:
-        """Quantize ``[B, H, N, D]`` tokens into ``cache`` at per-head slots ``[B, H, N]``."""
-        b, h, n, d = keys.shape
-        if self.layout.rotated:  # rotated in float32 and quantized from there, as the codec does
-            keys, values = rotate(keys), rotate(values)
-        else:
-            keys, values = keys.to(self.layout.dtype), values.to(self.layout.dtype)
-        k = keys.permute(0, 2, 1, 3).reshape(b * n, h, d)
-        v = values.permute(0, 2, 1, 3).reshape(b * n, h, d)
-        store = self.ops.store_kv if self.kernels else self.ops.store_kv_reference
-        store(k, v, cache, slots.permute(0, 2, 1).reshape(b * n, h), self.layout)
-
     def _copy(self, *args, **kwargs) -> None:
         copy = self.ops.copy_token_rows if self.kernels else self.ops.copy_token_rows_reference
         copy(*args, **kwargs)
@@ -267,7 +273,7 @@ class PagedOffload:
             if n <= bs:  # kept for the decode steps
                 self._scratch[(b, h, n)] = scratch
         pages, tables, flat, slots = scratch
-        self._store(keys, values, pages, flat)
+        store_paged(self.layout, keys, values, pages, flat)
         self._reserve(b, h, n)
         self._copy(self.rows, pages, self.layout, tables, slots + self.count, slots, to_pages=False)
         self.count += n
@@ -293,38 +299,21 @@ class PagedOffload:
         """Attention of ``queries`` ``[B, Hq, Tq, D]`` over the first ``lens`` ``[B, H]`` slots of
         ``pages`` and the step's own tokens (causal), which are stored here (appended to the host
         rows). Returns ``[B, Tq, Hq, D]``."""
-        b, hq, tq, d = queries.shape
-        rotated = self.layout.rotated
+        b, tq = queries.shape[0], queries.shape[2]
         if tq == 1:  # the new token goes into the fetched pages, is written back from there, and
             # the kernel reads the pages in place
+            h = lens.shape[1]
             slot = lens[..., None]
-            self._store(new_k, new_v, pages.cache, pages.base + slot)
-            self._reserve(b, lens.shape[1], 1)
-            self._copy(self.rows, pages.cache, self.layout, pages.tables, self._arange(b, lens.shape[1], 1) + self.count,
-                       slot, to_pages=False)
+            store_paged(self.layout, new_k, new_v, pages.cache, pages.base + slot)
+            self._reserve(b, h, 1)
+            self._copy(self.rows, pages.cache, self.layout, pages.tables, self._arange(b, h, 1) + self.count, slot,
+                       to_pages=False)
             self.count += 1
-            attend = self.ops.decode_attention if self.kernels else self.ops.decode_attention_reference
-            q = queries[:, :, 0]
-            q = rotate(q).to(q.dtype) if rotated else q
-            out = attend(q.contiguous(), pages.cache, self.layout, pages.tables, lens + 1, scale)
-            return (rotate(out) if rotated else out).to(queries.dtype)[:, None]
+            return attend_paged_one(self.layout, queries[:, :, 0], pages.cache, pages.tables, lens + 1, scale)[:, None]
         self.write(new_k, new_v)
-        keys, values = self.ops.gather_kv(pages.cache, self.layout, pages.tables, pages.slots, torch.float32)
-        if rotated:
-            keys, values = rotate(keys), rotate(values)
-        h = keys.shape[1]
+        keys, values = read_paged(self.layout, pages.cache, pages.tables, pages.slots, torch.float32)
         fetched = torch.arange(pages.slots, device=self.device) < lens[..., None]  # [B, H, slots]
-        # slots past a head's fetched tokens hold stale bytes: zero them (a masked NaN still poisons);
-        # the step's own tokens as stored (quantized)
-        new_k, new_v = (self.codec.decode(self.codec.encode(x, role), role, torch.float32)
-                        for x, role in ((new_k, "key"), (new_v, "value")))
-        keys = torch.cat([keys.masked_fill(~fetched[..., None], 0), new_k], -2)
-        values = torch.cat([values.masked_fill(~fetched[..., None], 0), new_v], -2)
-        causal = torch.ones(tq, tq, dtype=torch.bool, device=self.device).tril()
-        visible = torch.cat([fetched[:, :, None, :].expand(-1, -1, tq, -1), causal.expand(b, h, tq, tq)], -1)
-        out = F.scaled_dot_product_attention(queries.float(), keys, values, attn_mask=visible.repeat_interleave(
-            hq // h, dim=1), scale=scale, enable_gqa=hq != h).to(queries.dtype)
-        return out.transpose(1, 2)
+        return attend_fetched(queries, keys, values, fetched, self.codec, new_k, new_v, scale, torch.float32)
 
     def stored_bytes(self) -> int:
         """Host bytes of the written rows."""
@@ -506,17 +495,8 @@ class OffloadLayer(PromptFirstLayer):
             return self.host.attend(queries, *self.new, fields, valid, scale)
         codec = self.strategy.codec
         read = self.dtype if isinstance(codec, NoCodec) else torch.float32  # as KVPlugLayer reads
-        # the step's own tokens as they are stored (quantized), like every other token
-        new_k, new_v = (codec.decode(codec.encode(x, role), role, read) for x, role in zip(self.new, ("key", "value")))
-        keys = torch.cat([codec.decode(fields["key"], "key", read), new_k], -2)
-        values = torch.cat([codec.decode(fields["value"], "value", read), new_v], -2)
-        h = keys.shape[1]
-        causal = torch.ones(tq, tq, dtype=torch.bool, device=queries.device).tril()
-        visible = torch.cat([valid[:, :, None, :].expand(-1, -1, tq, -1), causal.expand(b, h, tq, tq)], -1)
-        mask = visible.repeat_interleave(hq // h, dim=1)
-        out = F.scaled_dot_product_attention(queries.to(read), keys, values, attn_mask=mask, scale=scale,
-                                             enable_gqa=hq != h).to(queries.dtype)
-        return out.transpose(1, 2)
+        keys, values = codec.decode(fields["key"], "key", read), codec.decode(fields["value"], "value", read)
+        return attend_fetched(queries, keys, values, valid, codec, *self.new, scale, read)
 
     # memory -----------------------------------------------------------------------------------
     def kept_tokens(self) -> int:

@@ -144,6 +144,49 @@ class GroupStore:
         return sum(encoded_bytes(e) for e in self.keys + self.values)
 
 
+def store_paged(layout, keys: torch.Tensor, values: torch.Tensor, cache: torch.Tensor, flat: torch.Tensor) -> None:
+    """Quantize ``[B, H, N, D]`` tokens into the paged ``cache`` at slots ``flat`` ``[B, H, N]``
+    (-1 skips): the Triton store kernel on CUDA, its reference elsewhere. A rotated layout gets
+    K/V rotated in float32 and quantized from there, as the codec does."""
+    from kvplug import triton_ops
+
+    b, h, n, d = keys.shape
+    if layout.rotated:
+        keys, values = rotate(keys), rotate(values)
+    else:
+        keys, values = keys.to(layout.dtype), values.to(layout.dtype)
+    k = keys.permute(0, 2, 1, 3).reshape(b * n, h, d)
+    v = values.permute(0, 2, 1, 3).reshape(b * n, h, d)
+    store = triton_ops.store_kv if cache.device.type == "cuda" else triton_ops.store_kv_reference
+    store(k, v, cache, flat.permute(0, 2, 1).reshape(b * n, h), layout)
+
+
+def read_paged(layout, cache: torch.Tensor, tables: torch.Tensor, slots: int,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``slots`` of every row's blocks as ``[B, H, slots, D]`` K and V in ``dtype``
+    (a rotated layout rotated back: H is its own inverse)."""
+    from kvplug import triton_ops
+
+    if layout.rotated:
+        k, v = triton_ops.gather_kv(cache, layout, tables, slots)
+        return rotate(k).to(dtype), rotate(v).to(dtype)
+    return triton_ops.gather_kv(cache, layout, tables, slots, dtype)
+
+
+def attend_paged_one(layout, queries: torch.Tensor, cache: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Decode attention of one query per sequence ``[B, Hq, D]`` straight from the codes of the
+    first ``lens`` slots (the Triton kernel on CUDA, its reference elsewhere; a rotated layout:
+    q rotated in, the output rotated back, scores unchanged)."""
+    from kvplug import triton_ops
+
+    cuda = cache.device.type == "cuda"
+    attend = triton_ops.decode_attention if cuda else triton_ops.decode_attention_reference
+    q = rotate(queries).to(queries.dtype) if layout.rotated else queries
+    out = attend(q.contiguous(), cache, layout, tables, lens, scale)
+    return (rotate(out) if layout.rotated else out).to(queries.dtype)
+
+
 class PagedStore:
     """Per-head compact slots in the paged layout of :mod:`kvplug.triton_ops`.
 
@@ -158,10 +201,8 @@ class PagedStore:
                  read_dtype: torch.dtype | None = None):
         from kvplug import triton_ops
 
-        self.ops = triton_ops
         self.codec, self.dtype, self.read_dtype = codec, dtype, read_dtype or dtype
         self.layout = triton_ops.PagedLayout.for_codec(codec, self.BLOCK, num_kv_heads, head_dim, dtype)
-        self.kernels = device.type == "cuda"
         self.device = device
         self.cache: torch.Tensor | None = None
         self.counts = self.positions = self.scores = None
@@ -195,19 +236,10 @@ class PagedStore:
     def _store(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, skips: bool = True) -> None:
         """Write ``[B, H, N, D]`` tokens at per-head ``slots`` ``[B, H, N]`` (-1: skip; ``skips``
         False: none is -1, as while generating). The kernel takes int64 slots as well as int32."""
-        b, h, n, d = keys.shape
         flat = slots + self.row_base
         if skips:
             flat = torch.where(slots >= 0, flat, -1)
-        flat = flat.permute(0, 2, 1).reshape(b * n, h)
-        if self.layout.rotated:  # rotated in float32 and quantized from there, as the codec does
-            keys, values = rotate(keys), rotate(values)
-        else:
-            keys, values = keys.to(self.dtype), values.to(self.dtype)
-        k = keys.permute(0, 2, 1, 3).reshape(b * n, h, d)
-        v = values.permute(0, 2, 1, 3).reshape(b * n, h, d)
-        store = self.ops.store_kv if self.kernels else self.ops.store_kv_reference
-        store(k, v, self.cache, flat, self.layout)
+        store_paged(self.layout, keys, values, self.cache, flat)
 
     def init(self, keys, values, valid, positions, scores=None) -> None:
         b, h, s, _ = keys.shape
@@ -236,11 +268,7 @@ class PagedStore:
         self.counts = (self.positions >= 0).sum(-1) if added is None else self.counts + added
 
     def decode(self):
-        if self.layout.rotated:  # the cache holds the rotated basis: rotate back (H is its own inverse)
-            k, v = self.ops.gather_kv(self.cache, self.layout, self.block_tables, self.capacity)
-            k, v = rotate(k).to(self.read_dtype), rotate(v).to(self.read_dtype)
-        else:
-            k, v = self.ops.gather_kv(self.cache, self.layout, self.block_tables, self.capacity, self.read_dtype)
+        k, v = read_paged(self.layout, self.cache, self.block_tables, self.capacity, self.read_dtype)
         filled = self.positions >= 0
         # slots never written hold whatever the allocation held: zero them, since a masked-out NaN
         # value still poisons the attention output (0 * NaN)
@@ -248,12 +276,8 @@ class PagedStore:
         return k.masked_fill(empty, 0), v.masked_fill(empty, 0), filled
 
     def attend_one(self, queries: torch.Tensor, scale: float) -> torch.Tensor:
-        """Decode attention of one query per sequence ``[B, Hq, D]`` straight from the codes (a
-        rotated layout: q rotated in, the output rotated back; scores do not change)."""
-        attend = self.ops.decode_attention if self.kernels else self.ops.decode_attention_reference
-        q = rotate(queries).to(queries.dtype) if self.layout.rotated else queries
-        out = attend(q.contiguous(), self.cache, self.layout, self.block_tables, self.counts, scale)
-        return (rotate(out) if self.layout.rotated else out).to(queries.dtype)
+        """Decode attention of one query per sequence ``[B, Hq, D]`` straight from the codes."""
+        return attend_paged_one(self.layout, queries, self.cache, self.block_tables, self.counts, scale)
 
     def used_slots(self) -> int:
         """Token slots per row the blocks hold: the longest head's count in whole blocks (a block
