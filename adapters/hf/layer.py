@@ -22,7 +22,7 @@ from kvplug.strategy import Strategy
 
 from .contract import PromptFirstLayer
 from .merged import MergedStore
-from .store import GroupStore, PagedStore, SlotStore
+from .store import GroupStore, PagedStore, SlotStore, read_dtype
 
 class KVPlugLayer(PromptFirstLayer):
     """Compressed K/V of one attention layer."""
@@ -92,9 +92,7 @@ class KVPlugLayer(PromptFirstLayer):
             self.cap_max = int(self.capacity.max())  # once per prompt
         self.next_pos = valid.sum(-1)
         codec = strategy.codec
-        # quantized K/V are read back in float32: rounding them to a 16-bit dtype before the
-        # attention would add error on top of the codec's (large logits amplify it)
-        read = self.dtype if isinstance(codec, NoCodec) else torch.float32
+        read = read_dtype(codec, self.dtype)
         if self.pair is not None:
             m = self._prefix_length(sel.counts)
             self._merge(kept_k[..., :m, :], kept_v[..., :m, :], kept_valid[..., :m], read)

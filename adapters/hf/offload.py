@@ -34,12 +34,11 @@ import torch
 import torch.nn.functional as F
 
 from kvplug.codecs.base import Codec, Encoded
-from kvplug.codecs.none import NoCodec
 from kvplug.rope import rotate_half
 from kvplug.strategy import Strategy
 
 from .contract import PromptFirstLayer
-from .store import PagedStore, attend_paged_one, encoded_bytes, read_paged, store_paged
+from .store import PagedStore, attend_paged_one, encoded_bytes, read_dtype, read_paged, store_paged
 
 HOST_GROWTH = 1024  # token slots added at once to a host store (pinned allocations are slow)
 DEVICE_GROWTH = 256  # token slots added at once to the partial keys
@@ -494,7 +493,7 @@ class OffloadLayer(PromptFirstLayer):
         if isinstance(self.host, PagedOffload):
             return self.host.attend(queries, *self.new, fields, valid, scale)
         codec = self.strategy.codec
-        read = self.dtype if isinstance(codec, NoCodec) else torch.float32  # as KVPlugLayer reads
+        read = read_dtype(codec, self.dtype)
         keys, values = codec.decode(fields["key"], "key", read), codec.decode(fields["value"], "value", read)
         return attend_fetched(queries, keys, values, valid, codec, *self.new, scale, read)
 

@@ -21,7 +21,7 @@ from kvplug.codecs.none import NoCodec
 from kvplug.config import parse
 from kvplug.errors import SpecError
 
-from .store import GROWTH, GroupStore, PagedStore, SlotStore, _pad
+from .store import GROWTH, GroupStore, PagedStore, SlotStore, _pad, read_dtype
 
 
 def facts_of(model) -> dict:
@@ -114,7 +114,7 @@ def load(model, blob, paged: bool | None = None, verify: bool = True):
     dtype = next(model.parameters()).dtype
     tensors = {name: t.to(device) for name, t in tensors.items()}
     codec = strategy.codec
-    read = dtype if isinstance(codec, NoCodec) else torch.float32
+    read = read_dtype(codec, dtype)
     for i, (layer, s) in enumerate(zip(cache.layers, state["layers"])):
         p = f"layer{i}"
         layer.dtype, layer.device, layer.is_initialized = dtype, device, True
@@ -128,32 +128,29 @@ def load(model, blob, paged: bool | None = None, verify: bool = True):
         if scores is None:
             scores = torch.zeros(positions.shape, dtype=torch.float32, device=device)
         b = counts.shape[0]
+        if s["store"] == "paged":
+            store = PagedStore(codec, dtype, facts["num_kv_heads"], facts["head_dim"], device, read)
+        else:  # a grouped codec (kivi) keeps its newest tokens uncompressed in the slots
+            store = SlotStore(codec if codec.token_group == 1 else NoCodec(), read)
+        layer.slots = store
         if state.get("cachegen") is not None:  # decode the streams and store them as the cache would
             coder = CacheGen(**state["cachegen"])
             k, v = (coder.decode({n: t.cpu() for n, t in _take(tensors, f"{p}.cachegen.{role}").items()}, i,
                                  len(cache.layers)).to(device=device, dtype=dtype) for role in ("key", "value"))
-            if s["store"] == "paged":
-                store = PagedStore(codec, dtype, facts["num_kv_heads"], facts["head_dim"], device, read)
-            else:
-                store = SlotStore(codec, read)
             store.init(k, v, positions >= 0, positions, scores)
-            layer.slots = store
             continue
         if s["store"] == "paged":
             pages = tensors[f"{p}.pages"]
-            store = PagedStore(codec, dtype, facts["num_kv_heads"], facts["head_dim"], device, read)
             store._allocate(b, s["used"] + GROWTH)
             blocks = store.cache.shape[0] // b
             store.cache.view(b, blocks, *store.cache.shape[1:])[:, :pages.shape[1]] = pages
             cap = blocks * store.BLOCK
         else:
-            store = SlotStore(codec if s["groups"] == 0 and codec.token_group == 1 else NoCodec(), read)
             store.keys, store.values = _take(tensors, f"{p}.key"), _take(tensors, f"{p}.value")
             cap = s["used"]
         store.counts = counts
         store.positions = _pad(positions, cap - positions.shape[-1], -1, -1)
         store.scores = _pad(scores, cap - scores.shape[-1], -1)
-        layer.slots = store
         if s["groups"] or codec.token_group > 1:
             groups = GroupStore(codec, read)
             for j in range(s["groups"]):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from kvplug.codecs.base import Codec, Encoded
+from kvplug.codecs.none import NoCodec
 from kvplug.rotation import rotate
 
 GROWTH = 256  # slots added at once when a SlotStore is full (amortizes reallocation)
@@ -20,6 +21,13 @@ def _pad(t: torch.Tensor, extra: int, dim: int, value: float = 0) -> torch.Tenso
     shape = list(t.shape)
     shape[dim] = extra
     return torch.cat([t, t.new_full(shape, value)], dim=dim)
+
+
+def read_dtype(codec: Codec, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a layer reads its stored K/V in: the model's for codec none; float32 for a
+    quantized codec, since rounding dequantized K/V to a 16-bit dtype before attention would add
+    error on top of the codec's (large logits amplify it)."""
+    return dtype if isinstance(codec, NoCodec) else torch.float32
 
 
 def encoded_bytes(tensors: Encoded) -> int:
