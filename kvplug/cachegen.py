@@ -24,6 +24,7 @@ stream is a ``uint32`` tensor.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -71,15 +72,12 @@ class CacheGen:
         constriction = _coder()
         x = x.detach().double().cpu()
         b, h, t, d = x.shape
-        anchors = x[:, :, ::self.group]  # [B, H, A, D]
-        qa, step_a = _quantize(anchors, self.bits)  # steps as stored (float32), so decoding matches
-        decoded_a = (qa * step_a).repeat_interleave(self.group, dim=2)[:, :, :t]
-        keep = torch.arange(t) % self.group != 0  # the non-anchor tokens
-        qd, step_d = _quantize((x - decoded_a)[:, :, keep], self.delta_bits(layer, num_layers))
+        delta_bits = self.delta_bits(layer, num_layers)
+        qa, step_a = _quantize(x[:, :, ::self.group], self.bits)  # anchors; steps as stored (float32)
+        qd, step_d = _quantize((x - self._spread_anchors(qa * step_a, t))[:, :, self._deltas(t)], delta_bits)
         spread_a, spread_d = _spread(qa), _spread(qd)
         coder = constriction.stream.stack.AnsCoder()
-        model_d = _model(constriction, self.delta_bits(layer, num_layers))
-        model_a = _model(constriction, self.bits)
+        model_d, model_a = _model(constriction, delta_bits), _model(constriction, self.bits)
         if qd.numel():  # a stack: deltas first, so that anchors come out first
             coder.encode_reverse(*_symbols(qd, spread_d, model_d))
         coder.encode_reverse(*_symbols(qa, spread_a, model_a))
@@ -92,18 +90,24 @@ class CacheGen:
         """``[B, H, T, D]`` float32 from :meth:`encode`'s stream."""
         constriction = _coder()
         b, h, t, d = (int(v) for v in enc["shape"])
-        n_anchor = -(-t // self.group)
-        keep = torch.arange(t) % self.group != 0
+        keep = self._deltas(t)
         coder = constriction.stream.stack.AnsCoder(enc["words"].numpy().view("uint32").copy())
-        qa = _decode(coder, _model(constriction, self.bits), enc["anchor_spread"], (b, h, n_anchor, d))
-        decoded_a = (qa * enc["anchor_step"].double()).repeat_interleave(self.group, dim=2)[:, :, :t]
-        out = decoded_a.clone()
+        qa = _decode(coder, _model(constriction, self.bits), enc["anchor_spread"], (b, h, -(-t // self.group), d))
+        out = self._spread_anchors(qa * enc["anchor_step"].double(), t)
         n_delta = int(keep.sum())
         if n_delta:
             qd = _decode(coder, _model(constriction, self.delta_bits(layer, num_layers)), enc["delta_spread"],
                          (b, h, n_delta, d))
             out[:, :, keep] += qd * enc["delta_step"].double()
         return out.float()
+
+    def _deltas(self, t: int) -> torch.Tensor:
+        """``[T]`` True for the tokens coded as deltas (all but each group's first)."""
+        return torch.arange(t) % self.group != 0
+
+    def _spread_anchors(self, anchors: torch.Tensor, t: int) -> torch.Tensor:
+        """Each group's decoded anchor ``[B, H, A, D]`` repeated over its ``group`` tokens: ``[B, H, T, D]``."""
+        return anchors.repeat_interleave(self.group, dim=2)[:, :, :t]
 
     @staticmethod
     def bound(enc: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -139,22 +143,24 @@ def _model(constriction, bits: int):
     return constriction.stream.model.QuantizedLaplace(-top, top + 1)
 
 
+def _scales(spread: torch.Tensor, rows: int):
+    """Each element's Laplace scale, in memory order over ``rows`` rows of ``[D]`` channels,
+    rounded to float32 as stored (so the encoder and the decoder use the same model)."""
+    return spread.float().double().expand(rows, -1).reshape(-1).numpy()
+
+
 def _symbols(q: torch.Tensor, spread: torch.Tensor, model):
     """``(symbols, model, means, scales)`` for ``encode_reverse``: every element of ``q`` in
     memory order, with its channel's spread."""
     import numpy as np
 
-    flat = q.reshape(-1, q.shape[-1])
-    scales = spread.float().expand_as(flat).reshape(-1).double().numpy()
-    return flat.reshape(-1).to(torch.int32).numpy(), model, np.zeros_like(scales), scales
+    scales = _scales(spread, q.numel() // q.shape[-1])
+    return q.reshape(-1).to(torch.int32).numpy(), model, np.zeros_like(scales), scales
 
 
 def _decode(coder, model, spread: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     import numpy as np
 
-    n = 1
-    for s in shape:
-        n *= s
-    scales = spread.float().double().expand(n // shape[-1], shape[-1]).reshape(-1).numpy()
+    scales = _scales(spread, math.prod(shape[:-1]))
     values = coder.decode(model, np.zeros_like(scales), scales)
     return torch.from_numpy(np.asarray(values, dtype=np.int64)).double().view(shape)

@@ -294,7 +294,7 @@ def copy_token_rows(rows: torch.Tensor, cache: torch.Tensor, layout: PagedLayout
     if key not in _SEGMENTS:  # kept per layout: a host-to-device copy per call would cost more than the kernel
         _SEGMENTS[key] = torch.tensor(segments, dtype=torch.int64, device=host_index.device)
     seg = _SEGMENTS[key]
-    item = 1 if layout.quantized else layout.dtype.itemsize
+    item = layout.storage_dtype.itemsize
     s0, _, s2 = layout.strides()
     block_k = 32
     flat, slots = host_index.reshape(b * h, n), page_slots.reshape(b * h, n)

@@ -163,7 +163,7 @@ class PagedLayout:
         (block, head) bytes, bytes per slot offset)`` per segment. A segment of the token at slot
         offset ``o`` of block ``b``, head ``h`` is at byte ``b * s0 + h * s2 + base + o * step``
         (``s0, s2``: :meth:`strides` in bytes)."""
-        item = 1 if self.quantized else self.dtype.itemsize
+        item = self.storage_dtype.itemsize
         role_stride = self.strides()[1] * item
         out, at = [], 0
         for role in (0, 1):

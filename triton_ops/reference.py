@@ -168,7 +168,7 @@ def copy_token_rows_reference(rows: torch.Tensor, cache: torch.Tensor, layout: P
     if n == 0:
         return
     bs = layout.block_size
-    item = 1 if layout.quantized else layout.dtype.itemsize
+    item = layout.storage_dtype.itemsize
     s0, _, s2 = (x * item for x in layout.strides())
     pages = cache.view(torch.uint8).reshape(-1)
     slot = page_slots.long().to(cache.device)  # [B, H, n]

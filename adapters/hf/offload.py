@@ -286,12 +286,13 @@ class PagedOffload:
                 grown[:self.count].copy_(self.rows[:self.count])
             self.rows = grown
 
-    def fetch(self, index: torch.Tensor, pages) -> None:
+    def fetch(self, index: torch.Tensor, pages) -> Pages:
         """Copy the rows ``index`` ``[B, H, K]`` into slots ``0 .. K-1`` of ``pages`` (a
-        :class:`FetchPages` set), per head."""
+        :class:`Pages` set), per head; returns ``pages``."""
         b, h, k = index.shape
         self._copy(self.rows, pages.cache, self.layout, pages.tables, index.contiguous(), self._arange(b, h, k),
                    to_pages=True)
+        return pages
 
     def attend(self, queries: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor, pages, lens: torch.Tensor,
                scale: float) -> torch.Tensor:
@@ -476,8 +477,8 @@ class OffloadLayer(PromptFirstLayer):
             index.record_stream(side)
         else:
             fetched = self.host.fetch(index, buffers)
-        # fetched: the fields (HostStore) or None (the pages in buffers); valid: per slot, or per head a count
-        self.ready = (buffers if fetched is None else fetched, valid, done)
+        # fetched: the fields (HostStore) or the pages (PagedOffload); valid: per slot, or per head a count
+        self.ready = (fetched, valid, done)
         self.chosen = index
 
     def attend(self, queries: torch.Tensor, scale: float) -> torch.Tensor:
