@@ -70,36 +70,32 @@ class DocumentStore:
 
         if not documents:
             raise SpecError("DocumentStore.prefill needs at least one document")
-        node, hit = self.root, None
-        for doc in documents:  # the longest cached path
+        node, done = self.root, 0  # the longest cached path: its last node and its length
+        for doc in documents:
             child = node.children.get(tuple(doc))
             if child is None or (child.blob is None and child.path is None):
                 break
-            node, hit = child, child
+            node, done = child, done + 1
         device = next(self.model.parameters()).device
-        logits, cache = None, None
-        done = 0
-        if hit is not None:  # a blob made here and kept in memory needs no checksum; one from disk does
-            from_disk = hit.blob is None
-            cache = kvplug.hf.load(self.model, self._read(hit), verify=from_disk)
-            self._touch(hit)
-            done = self._depth(hit)
+        if done:  # a blob made here and kept in memory needs no checksum; one from disk does
+            from_disk = node.blob is None
+            cache = kvplug.hf.load(self.model, self._read(node), verify=from_disk)
+            self._touch(node)
             self.stats["hits"] += 1
-            self.stats["reused_tokens"] += hit.tokens
+            self.stats["reused_tokens"] += node.tokens
         else:
+            cache = kvplug.hf.cache(self.model, self.strategy)
             self.stats["misses"] += 1
-        for i in range(done, len(documents)):
-            ids = torch.tensor([documents[i]], device=device)
-            if cache is None:
-                cache = kvplug.hf.cache(self.model, self.strategy)
-            logits = self.model(input_ids=ids, past_key_values=cache).logits[:, -1]
+        for doc in documents[done:]:  # only the last position's logits are needed, and only the question's
+            ids = torch.tensor([doc], device=device)
+            self.model(input_ids=ids, past_key_values=cache, logits_to_keep=1)
             self.stats["computed_tokens"] += ids.shape[1]
-            node = self._child(node, tuple(documents[i]))
+            node = self._child(node, tuple(doc))
             node.tokens = cache.get_seq_length()
             node.blob, node.path = cache.to_bytes(self.model), None
             self._touch(node)
         ids = torch.tensor([question], device=device)
-        logits = self.model(input_ids=ids, past_key_values=cache).logits[:, -1]
+        logits = self.model(input_ids=ids, past_key_values=cache, logits_to_keep=1).logits[:, -1]
         self.stats["computed_tokens"] += ids.shape[1]
         self._fit()
         return cache, logits
@@ -113,12 +109,6 @@ class DocumentStore:
         if key not in node.children:
             node.children[key] = _Node(key=key, parent=node)
         return node.children[key]
-
-    def _depth(self, node: _Node) -> int:
-        depth = 0
-        while node.parent is not None:
-            node, depth = node.parent, depth + 1
-        return depth
 
     def _nodes(self):
         stack = list(self.root.children.values())
