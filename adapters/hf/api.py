@@ -70,8 +70,6 @@ def cache(model, spec=None, paged: bool | None = None, keep_prompt: bool = False
         raise SpecError(f"{placement.name} computes the next layer's queries from its q_proj, which this "
                         f"{text.model_type} model's attention does not have (supported: llama, mistral, qwen2, qwen3)")
     use_kvplug_attention(model)
-    if placement is not None and placement.needs_hidden_states:
-        view.install()
     return KVPlugCache(strategy, text.num_hidden_layers, paged, keep_prompt, rope=rope, view=view)
 
 

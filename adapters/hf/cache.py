@@ -26,6 +26,8 @@ class KVPlugCache(Cache):
                   else KVPlugLayer(strategy, i, num_layers, paged, keep_prompt, shared) for i in range(num_layers)]
         super().__init__(layers=layers)
         self.strategy, self.paged, self.rope, self.view, self.shared = strategy, paged, rope, view, shared
+        if placement is not None and placement.needs_hidden_states and view is not None:
+            view.install()  # the decoder layers hand their input to before_layer
 
     def before_layer(self, layer_idx: int, residual, position_embeddings) -> None:
         """Called by the model's decoder layers (:meth:`~.offload.ModelView.install`) with layer
@@ -48,9 +50,6 @@ class KVPlugCache(Cache):
         the model again: the prompt's attention does not depend on the strategy, only what is kept
         afterwards does. Needs a cache made with ``keep_prompt=True`` that has seen only a prompt.
         ``paged``: the new cache's layout choice (default: this cache's)."""
-        placement = strategy.placement
-        if placement is not None and placement.needs_hidden_states:
-            self.view.install()
         other = KVPlugCache(strategy, len(self.layers), self.paged if paged is None else paged, rope=self.rope,
                             view=self.view)
         for mine, theirs in zip(self.layers, other.layers):
@@ -85,17 +84,18 @@ class KVPlugCache(Cache):
         ahead for tokens still to come are not counted. Positions and scores are apart
         (:meth:`bookkeeping_bytes`). With a placement: host and accelerator together, the fetch
         buffers included (:meth:`device_bytes`, :meth:`host_bytes` apart)."""
-        fetch = self.shared.get("fetch")
-        return sum(layer.stored_bytes() for layer in self.layers) + (0 if fetch is None else fetch.nbytes())
+        return sum(layer.stored_bytes() for layer in self.layers) + self._fetch_bytes()
 
     def device_bytes(self) -> int:
         """Bytes of K/V on the accelerator: everything a cache without a placement holds; with one
         (InfiniGen), the layers it keeps whole, the partial keys and the fetch buffers."""
-        if self.strategy.placement is None:
-            return self.stored_bytes()
-        fetch = self.shared.get("fetch")
         return sum(layer.device_bytes() if isinstance(layer, OffloadLayer) else layer.stored_bytes()
-                   for layer in self.layers) + (0 if fetch is None else fetch.nbytes())
+                   for layer in self.layers) + self._fetch_bytes()
+
+    def _fetch_bytes(self) -> int:
+        """Bytes of an offloading cache's fetch buffers, shared by its layers (0 for any other)."""
+        fetch = self.shared.get("fetch")
+        return 0 if fetch is None else fetch.nbytes()
 
     def host_bytes(self) -> int:
         """Bytes of K/V in host memory (only a placement puts any there)."""
