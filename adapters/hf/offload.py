@@ -417,7 +417,7 @@ class OffloadLayer(PromptFirstLayer):
         key = (self.layer_idx, self.placement.columns(d))
         if view is not None and key in view.skews:
             return view.skews[key].to(self.device)
-        skew = self.placement.skew(queries, valid, h, d).to(self.device)
+        skew = self.placement.skew(queries, valid, h).to(self.device)
         if view is not None:
             view.skews[key] = skew
         return skew

@@ -81,7 +81,7 @@ class InfiniGen(Placement):
                 f"columns per token ({r / (2 * head_dim):.1%} of fp16 K+V) and the {self.fetch_count(context)} tokens "
                 f"per KV head fetched for one step, for two layers at a time")
 
-    def skew(self, queries: torch.Tensor, valid: torch.Tensor, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    def skew(self, queries: torch.Tensor, valid: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
         """``[Hkv, D, r]`` float32: per KV head, the ``r`` right singular vectors of its query heads'
         stacked queries ``[B, Hq, T, D]`` (real tokens only, ``valid`` ``[B, T]``) with the largest
         singular values (eigenvectors of ``Q^T Q`` in float64)."""
@@ -90,7 +90,7 @@ class InfiniGen(Placement):
         q = q.reshape(b, num_kv_heads, hq // num_kv_heads, t, d)
         gram = torch.einsum("bhgtd,bhgte->hde", q, q)
         _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues
-        return vectors.flip(-1)[..., :self.columns(head_dim)].float()
+        return vectors.flip(-1)[..., :self.columns(d)].float()
 
     @staticmethod
     def partial_keys(keys: torch.Tensor, skew: torch.Tensor) -> torch.Tensor:
