@@ -60,9 +60,10 @@ def loads(blob: bytes, expect: dict | None = None, verify: bool = True) -> tuple
 
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise SpecError(f"a kvplug KV blob is bytes, got {type(blob).__name__}")
+    data = bytes(blob)  # one copy for a bytearray or memoryview (none for bytes)
     try:
-        meta = _metadata(bytes(blob))
-        tensors = load(bytes(blob))
+        meta = _metadata(data)
+        tensors = load(data)
     except SpecError:
         raise
     except Exception as e:  # safetensors' own parse errors: not one of ours, or damaged
