@@ -235,10 +235,10 @@ class KVPlugConnector(KVConnectorBase_V1):
         plan = self._plan()
         if plan is None or not plan.loads:
             return
+        ids, keys = zip(*plan.loads)
         for name, cache in self._caches.items():
-            for block_id, key in plan.loads:
-                dst = cache[block_id]
-                dst.copy_(self._store.get(key, name, dst), non_blocking=True)
+            at = torch.tensor(ids, device=cache.device)
+            cache.index_copy_(0, at, self._store.get(list(keys), name, cache))
         self.loaded_blocks += len(plan.loads)
         _log(f"kvplug connector: {len(plan.loads)} block(s) ({len(plan.loads) * self._block_size} tokens) "
                    f"loaded from host memory; {len(self._store)} blocks, {self._store.bytes:,} bytes kept")
@@ -253,8 +253,10 @@ class KVPlugConnector(KVConnectorBase_V1):
         plan = self._plan()
         if plan is None:
             return
-        for block_id, key in plan.stores:
-            self._store.put(key, {name: cache[block_id] for name, cache in self._caches.items()})
+        if plan.stores:
+            ids, keys = zip(*plan.stores)
+            self._store.put(list(keys), {name: cache.index_select(0, torch.tensor(ids, device=cache.device))
+                                         for name, cache in self._caches.items()})
         for key in plan.drops:
             self._store.drop(key)
 

@@ -132,39 +132,52 @@ class HostBlocks:
     def __contains__(self, key: bytes) -> bool:
         return key in self._blocks
 
-    def put(self, key: bytes, layers: dict[str, torch.Tensor]) -> None:
-        """Keep ``key``'s block: ``layers`` maps a layer name to the block as the cache holds it."""
-        if key in self._blocks:
+    def put(self, keys: list[bytes], layers: dict[str, torch.Tensor]) -> None:
+        """Keep the blocks ``keys`` name: ``layers`` maps a layer name to those blocks as the cache
+        holds them, ``[len(keys), ...]`` (on any device: encoded there, then copied here once)."""
+        fresh = [i for i, key in enumerate(keys) if key not in self._blocks]
+        if not fresh:
             return
-        stored = {name: self._encode(x) for name, x in layers.items()}
-        self._blocks[key] = stored
-        self.bytes += sum(_nbytes(v) for v in stored.values())
+        per_block: list[dict[str, object]] = [{} for _ in fresh]
+        for name, x in layers.items():
+            x = x.detach()[fresh] if len(fresh) < len(keys) else x.detach()
+            for i, stored in enumerate(self._encode(x)):
+                per_block[i][name] = stored
+        for i, stored in zip(fresh, per_block):
+            self._blocks[keys[i]] = stored
+            self.bytes += sum(_nbytes(v) for v in stored.values())
 
-    def get(self, key: bytes, name: str, like: torch.Tensor) -> torch.Tensor:
-        """Layer ``name`` of ``key``'s block, in ``like``'s shape and dtype."""
-        return self._decode(self._blocks[key][name], like)
+    def get(self, keys: list[bytes], name: str, like: torch.Tensor) -> torch.Tensor:
+        """Layer ``name`` of the blocks ``keys`` name, ``[len(keys), ...]`` in ``like``'s block shape,
+        dtype and device (decoded there)."""
+        return self._decode([self._blocks[key][name] for key in keys], like)
 
     def drop(self, key: bytes) -> None:
         stored = self._blocks.pop(key, None)
         if stored is not None:
             self.bytes -= sum(_nbytes(v) for v in stored.values())
 
-    def _encode(self, x: torch.Tensor):
-        x = x.detach().cpu().clone()
+    def _encode(self, x: torch.Tensor) -> list:
+        """Blocks ``x`` ``[n, ...]`` -> n stored forms (host tensors of their own)."""
         if self.codec is None:
-            return x
+            return [t.clone() for t in x.cpu().unbind(0)]
         d = self.head_size
         if x.shape[-1] != 2 * d or not x.dtype.is_floating_point:
             raise SpecError(f"kvplug connector: codec {self.codec} needs vLLM's own floating-point pages with K "
-                            f"and V on the last axis (2 x {d}); this block is {tuple(x.shape)} {x.dtype}")
-        rows = x.reshape(-1, 2 * d).float()
-        return self.codec.encode(rows[:, :d], "key"), self.codec.encode(rows[:, d:], "value")
+                            f"and V on the last axis (2 x {d}); these blocks are {tuple(x.shape[1:])} {x.dtype}")
+        rows = x.reshape(x.shape[0], -1, 2 * d).float()
+        k, v = self.codec.encode(rows[..., :d], "key"), self.codec.encode(rows[..., d:], "value")
+        k, v = ({f: t.cpu() for f, t in enc.items()} for enc in (k, v))
+        return [({f: t[i].clone() for f, t in k.items()}, {f: t[i].clone() for f, t in v.items()})
+                for i in range(x.shape[0])]
 
-    def _decode(self, stored, like: torch.Tensor) -> torch.Tensor:
+    def _decode(self, stored: list, like: torch.Tensor) -> torch.Tensor:
+        shape = (len(stored), *like.shape[1:])
         if self.codec is None:
-            return stored
-        k, v = (self.codec.decode(enc, role, torch.float32) for enc, role in zip(stored, ("key", "value")))
-        return torch.cat([k, v], dim=-1).reshape(like.shape).to(like.dtype)
+            return torch.stack(stored).to(like.device, non_blocking=True).reshape(shape)
+        k, v = ({f: torch.stack([s[j][f] for s in stored]).to(like.device) for f in stored[0][j]} for j in (0, 1))
+        k, v = self.codec.decode(k, "key", torch.float32), self.codec.decode(v, "value", torch.float32)
+        return torch.cat([k, v], dim=-1).reshape(shape).to(like.dtype)
 
 
 def _nbytes(stored) -> int:
