@@ -80,7 +80,7 @@ def _loads(log: str) -> list[int]:
 
 def _kept_bytes(log: str) -> int:
     line = [line for line in log.splitlines() if "loaded from host memory" in line][-1]
-    return int(line.split("blocks, ")[1].split(" bytes")[0].replace(",", ""))
+    return int(line.split("tokens, ")[-1].split(" bytes")[0].replace(",", ""))
 
 
 def _check_served_from_host(result: dict) -> None:

@@ -35,6 +35,7 @@ for kvplug's own pages, a codec that encodes tokens in groups.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,8 @@ if TYPE_CHECKING:
 
 from . import CONNECTOR as NAME
 DEFAULT_HOST_BYTES = 4 << 30
+REPORT_S = 2.0
+"""At most one line of what host memory holds per this many seconds of storing (and one per load)."""
 
 
 @dataclass
@@ -141,6 +144,7 @@ class KVPlugConnector(KVConnectorBase_V1):
             self._store = HostBlocks(self._codec, groups[0].kv_cache_spec.head_size)
             self._caches: dict[str, torch.Tensor] = {}
             self.loaded_blocks = 0
+            self._reported = -float("inf")
 
     def _block_bytes(self, group) -> int:
         """Host bytes of one block over all layers (the index's unit)."""
@@ -241,7 +245,7 @@ class KVPlugConnector(KVConnectorBase_V1):
             cache.index_copy_(0, at, self._store.get(list(keys), name, cache))
         self.loaded_blocks += len(plan.loads)
         _log(f"kvplug connector: {len(plan.loads)} block(s) ({len(plan.loads) * self._block_size} tokens) "
-                   f"loaded from host memory; {len(self._store)} blocks, {self._store.bytes:,} bytes kept")
+             f"loaded from host memory; {self._kept()}")
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return
@@ -259,6 +263,13 @@ class KVPlugConnector(KVConnectorBase_V1):
                                          for name, cache in self._caches.items()})
         for key in plan.drops:
             self._store.drop(key)
+        if plan.stores and time.monotonic() - self._reported > REPORT_S:
+            self._reported = time.monotonic()
+            _log(f"kvplug connector: stored; {self._kept()}")
+
+    def _kept(self) -> str:
+        return (f"{len(self._store)} blocks of {self._block_size} tokens, {self._store.bytes:,} bytes kept "
+                f"({self._store.bytes / max(1, len(self._store) * self._block_size):,.0f} per token)")
 
     def _plan(self) -> Plan | None:
         if not self.has_connector_metadata():
