@@ -3,8 +3,9 @@ vLLM's prefix caching alone and vLLM's own CPU offload connector.
 
 A pool of ``--docs`` documents (``--doc`` random token ids each) is made, and ``--prompts``
 prompts are drawn (seed printed): ``--per-prompt`` documents by a Zipf law of exponent ``--zipf``
-(without repeats, in pool order, so that prompts sharing their first documents share a prefix),
-then a question of ``--question`` tokens. The GPU's KV memory is fixed (``--kv-bytes``) below what
+(without repeats, in pool order, so that prompts sharing their first documents share a prefix;
+with ``--combos N`` from N fixed document sets, Zipf over the sets: questions that retrieve the
+same documents), then a question of ``--question`` tokens. The GPU's KV memory is fixed (``--kv-bytes``) below what
 the documents take, so vLLM's prefix cache alone evicts documents that come back later. Each
 prompt is sent alone with one token to generate: its wall time is its time to first token.
 
@@ -52,13 +53,20 @@ def workload(args, vocab: int) -> list[list[int]]:
     rng = random.Random(args.seed)
     docs = [[rng.randrange(3, vocab) for _ in range(args.doc)] for _ in range(args.docs)]
     weights = [1 / (i + 1) ** args.zipf for i in range(args.docs)]
-    out = []
-    for _ in range(args.warm + args.prompts):
+
+    def draw() -> list[int]:
         chosen: set[int] = set()
         while len(chosen) < args.per_prompt:
             chosen.add(rng.choices(range(args.docs), weights)[0])
+        return sorted(chosen)
+
+    combos = [draw() for _ in range(args.combos)]
+    combo_weights = [1 / (i + 1) ** args.zipf for i in range(args.combos)]
+    out = []
+    for _ in range(args.warm + args.prompts):
+        chosen = rng.choices(combos, combo_weights)[0] if combos else draw()
         question = [rng.randrange(3, vocab) for _ in range(args.question)]
-        out.append([t for i in sorted(chosen) for t in docs[i]] + question)
+        out.append([t for i in chosen for t in docs[i]] + question)
     return out
 
 
@@ -180,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--warm", type=int, default=4, help="first prompts not counted")
     ap.add_argument("--zipf", type=float, default=1.0)
+    ap.add_argument("--combos", type=int, default=0,
+                    help="draw each prompt's documents from this many fixed sets (Zipf over the sets: questions "
+                         "that retrieve the same documents); 0: documents drawn per prompt")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kv-bytes", type=float, default=2e9, help="GPU KV-cache memory in bytes, every engine")
     ap.add_argument("--host-bytes", type=float, default=16e9, help="host memory of the offloading connectors")
@@ -196,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
     prompts = workload(args, vocab)
     print(f"[rag] seed {args.seed}: {args.prompts} prompts (+{args.warm} warm-up) of {args.per_prompt} x {args.doc} "
-          f"+ {args.question} tokens from {args.docs} documents, Zipf {args.zipf}; KV memory {args.kv_bytes:.3g} B",
+          f"+ {args.question} tokens from {args.docs} documents ({args.combos or 'free'} sets), Zipf {args.zipf}; KV memory {args.kv_bytes:.3g} B",
           flush=True)
     results = []
     for config in args.configs.split(","):
