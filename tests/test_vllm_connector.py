@@ -166,29 +166,30 @@ def test_host_blocks_exact_without_codec_and_int8_within_its_bound():
     from kvplug.errors import SpecError
 
     g = torch.Generator().manual_seed(SEED)
-    blocks = torch.randn(4, 3, 8, 2 * 64, generator=g).to(torch.bfloat16)  # vLLM's pages: [n, heads, tokens, K|V]
+    blocks = torch.randn(2, 4, 3, 8, 2 * 64, generator=g).to(torch.bfloat16)  # [layers, n, heads, tokens, K|V]
     keys = [bytes([i]) * 16 for i in range(4)]
     plain = HostBlocks()
-    plain.put(keys[:2], {"l0": blocks[:2]})
-    plain.put(keys, {"l0": blocks})  # the first two are kept already: only the last two are added
+    plain.put(keys[:2], blocks[:, :2])
+    plain.put(keys, blocks)  # the first two are kept already: only the last two are added
     ref = blocks.clone()
     blocks.fill_(float("nan"))  # the store holds its own copy
     assert len(plain) == 4 and plain.bytes == ref.numel() * 2
-    assert torch.equal(plain.get([keys[2], keys[0]], "l0", blocks), ref[[2, 0]])
+    assert torch.equal(plain.get([keys[2], keys[0]], blocks), ref[:, [2, 0]])
     coded = HostBlocks(resolve("int8").codec, head_size=64)
-    coded.put(keys, {"l0": ref})
-    back = coded.get([keys[3], keys[1]], "l0", blocks).double()
-    want = ref[[3, 1]].double()
+    coded.put(keys, ref)
+    back = coded.get([keys[3], keys[1]], blocks).double()
+    want = ref[:, [3, 1]].double()
+    assert back.shape == want.shape
     for half in (slice(0, 64), slice(64, 128)):  # K and V each quantized over its own 64 values
         r, b = want[..., half], back[..., half]
         step = (r.amax(-1, keepdim=True) - r.amin(-1, keepdim=True)) / 255  # range / levels per token-head
         assert ((b - r).abs() <= step * 0.6 + r.abs() / 128).all()  # half a step, float16 scale, bf16 rounding
-    assert coded.bytes == 4 * 2 * 3 * 8 * (64 + 4)  # K and V: int8 codes, float16 scale and zero per token-head
+    assert coded.bytes == 4 * 2 * 2 * 3 * 8 * (64 + 4)  # blocks, layers, K/V, heads, tokens: int8 + fp16 scale, zero
     for key in keys:
         coded.drop(key)
     assert coded.bytes == 0 and len(coded) == 0
     with pytest.raises(SpecError, match="K and V on the last axis"):
-        coded.put(keys[:1], {"l0": torch.zeros(1, 3, 8, 64)})
+        coded.put(keys[:1], torch.zeros(2, 1, 3, 8, 64))
     with pytest.raises(SpecError, match="one token at a time"):
         HostBlocks(resolve("kivi").codec, head_size=64)
 

@@ -234,15 +234,21 @@ class KVPlugConnector(KVConnectorBase_V1):
         for name, cache in kv_caches.items():
             check_blocks_first(tuple(cache.shape), num_blocks)
             self._caches[name] = cache
+        shapes = {(tuple(c.shape), c.dtype) for c in self._caches.values()}
+        if len(shapes) > 1:
+            raise SpecError(f"{NAME}: the layers' KV caches differ in shape or dtype ({sorted(map(str, shapes))}); "
+                            f"the connector stores a block of every layer together")
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         plan = self._plan()
-        if plan is None or not plan.loads:
+        if plan is None or not plan.loads or not self._caches:
             return
         ids, keys = zip(*plan.loads)
-        for name, cache in self._caches.items():
-            at = torch.tensor(ids, device=cache.device)
-            cache.index_copy_(0, at, self._store.get(list(keys), name, cache))
+        caches = list(self._caches.values())
+        at = torch.tensor(ids, device=caches[0].device)
+        blocks = self._store.get(list(keys), _layers_like(caches))
+        for layer, cache in enumerate(caches):
+            cache.index_copy_(0, at, blocks[layer])
         self.loaded_blocks += len(plan.loads)
         _log(f"kvplug connector: {len(plan.loads)} block(s) ({len(plan.loads) * self._block_size} tokens) "
              f"loaded from host memory; {self._kept()}")
@@ -257,10 +263,11 @@ class KVPlugConnector(KVConnectorBase_V1):
         plan = self._plan()
         if plan is None:
             return
-        if plan.stores:
+        if plan.stores and self._caches:
             ids, keys = zip(*plan.stores)
-            self._store.put(list(keys), {name: cache.index_select(0, torch.tensor(ids, device=cache.device))
-                                         for name, cache in self._caches.items()})
+            caches = list(self._caches.values())
+            at = torch.tensor(ids, device=caches[0].device)
+            self._store.put(list(keys), torch.stack([cache.index_select(0, at) for cache in caches]))
         for key in plan.drops:
             self._store.drop(key)
         if plan.stores and time.monotonic() - self._reported > REPORT_S:
@@ -276,6 +283,12 @@ class KVPlugConnector(KVConnectorBase_V1):
             return None
         meta = self._get_connector_metadata()
         return meta.plan if isinstance(meta, KVPlugConnectorMetadata) else None
+
+
+def _layers_like(caches: list[torch.Tensor]) -> torch.Tensor:
+    """A stand-in with the shape ``[layers, 1, *block]``, dtype and device the loaded blocks take."""
+    one = caches[0][:1]
+    return one.unsqueeze(0).expand(len(caches), *one.shape)
 
 
 def _namespace(vllm_config, codec) -> bytes:

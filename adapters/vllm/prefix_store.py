@@ -19,6 +19,7 @@ import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from kvplug.errors import SpecError
@@ -32,11 +33,14 @@ def block_keys(tokens, block_size: int, namespace: bytes, start: list[bytes] | N
     the block's token ids as little-endian int64. ``start``: keys already computed for a prefix
     of ``tokens`` (extended, not recomputed)."""
     keys = list(start or [])
-    for j in range(len(keys), len(tokens) // block_size):
+    first, full = len(keys), len(tokens) // block_size
+    if full <= first:
+        return keys
+    data = np.asarray(tokens[first * block_size:full * block_size], dtype="<i8").tobytes()
+    step = 8 * block_size
+    for j in range(full - first):
         prev = keys[-1] if keys else namespace
-        ids = tokens[j * block_size:(j + 1) * block_size]
-        body = b"".join(int(t).to_bytes(8, "little", signed=True) for t in ids)
-        keys.append(hashlib.sha256(prev + body).digest()[:KEY_BYTES])
+        keys.append(hashlib.sha256(prev + data[j * step:(j + 1) * step]).digest()[:KEY_BYTES])
     return keys
 
 
@@ -109,10 +113,11 @@ class HostIndex:
 
 
 class HostBlocks:
-    """The stored blocks (worker side): for each key, one tensor per layer as :meth:`put` was
-    given it. ``codec`` (a kvplug codec of one token at a time, or None) encodes vLLM's own
-    floating-point pages on save, row by row: the last axis of a page holds a token-head's K then
-    its V (``2 * head_size`` values, vLLM's ``[blocks, heads, block_size, 2 * head_size]``)."""
+    """The stored blocks (worker side): for each key, the block of every layer in one host tensor
+    ``[layers, ...]`` as the cache holds it, or encoded. ``codec`` (a kvplug codec of one token at
+    a time, or None) encodes vLLM's own floating-point pages on save, row by row: the last axis of a
+    page holds a token-head's K then its V (``2 * head_size`` values, vLLM's ``[blocks, heads,
+    block_size, 2 * head_size]``)."""
 
     def __init__(self, codec=None, head_size: int | None = None):
         if codec is not None and (codec.token_group != 1 or codec.residual):
@@ -123,7 +128,7 @@ class HostBlocks:
                 raise SpecError("kvplug connector: a codec needs the layers' head_size")
             codec.check_head_dim(head_size)
         self.codec, self.head_size = codec, head_size
-        self._blocks: dict[bytes, dict[str, object]] = {}
+        self._blocks: dict[bytes, object] = {}
         self.bytes = 0
 
     def __len__(self) -> int:
@@ -132,52 +137,51 @@ class HostBlocks:
     def __contains__(self, key: bytes) -> bool:
         return key in self._blocks
 
-    def put(self, keys: list[bytes], layers: dict[str, torch.Tensor]) -> None:
-        """Keep the blocks ``keys`` name: ``layers`` maps a layer name to those blocks as the cache
-        holds them, ``[len(keys), ...]`` (on any device: encoded there, then copied here once)."""
+    def put(self, keys: list[bytes], blocks: torch.Tensor) -> None:
+        """Keep the blocks ``keys`` name: ``blocks`` ``[layers, len(keys), ...]`` as the caches hold
+        them, on any device (encoded there, then copied here in one transfer)."""
         fresh = [i for i, key in enumerate(keys) if key not in self._blocks]
         if not fresh:
             return
-        per_block: list[dict[str, object]] = [{} for _ in fresh]
-        for name, x in layers.items():
-            x = x.detach()[fresh] if len(fresh) < len(keys) else x.detach()
-            for i, stored in enumerate(self._encode(x)):
-                per_block[i][name] = stored
-        for i, stored in zip(fresh, per_block):
+        x = blocks.detach()
+        if len(fresh) < len(keys):
+            x = x[:, torch.tensor(fresh, device=x.device)]
+        for i, stored in zip(fresh, self._encode(x)):
             self._blocks[keys[i]] = stored
-            self.bytes += sum(_nbytes(v) for v in stored.values())
+            self.bytes += _nbytes(stored)
 
-    def get(self, keys: list[bytes], name: str, like: torch.Tensor) -> torch.Tensor:
-        """Layer ``name`` of the blocks ``keys`` name, ``[len(keys), ...]`` in ``like``'s block shape,
-        dtype and device (decoded there)."""
-        return self._decode([self._blocks[key][name] for key in keys], like)
+    def get(self, keys: list[bytes], like: torch.Tensor) -> torch.Tensor:
+        """The blocks ``keys`` name, ``[layers, len(keys), ...]`` with ``like``'s block shape (its
+        axes after the first two), dtype and device (decoded there)."""
+        return self._decode([self._blocks[key] for key in keys], like)
 
     def drop(self, key: bytes) -> None:
         stored = self._blocks.pop(key, None)
         if stored is not None:
-            self.bytes -= sum(_nbytes(v) for v in stored.values())
+            self.bytes -= _nbytes(stored)
 
     def _encode(self, x: torch.Tensor) -> list:
-        """Blocks ``x`` ``[n, ...]`` -> n stored forms (host tensors of their own)."""
+        """Blocks ``x`` ``[layers, n, ...]`` -> n stored forms (host tensors of their own)."""
         if self.codec is None:
-            return [t.clone() for t in x.cpu().unbind(0)]
+            return [t.clone() for t in x.cpu().unbind(1)]
         d = self.head_size
         if x.shape[-1] != 2 * d or not x.dtype.is_floating_point:
             raise SpecError(f"kvplug connector: codec {self.codec} needs vLLM's own floating-point pages with K "
-                            f"and V on the last axis (2 x {d}); these blocks are {tuple(x.shape[1:])} {x.dtype}")
-        rows = x.reshape(x.shape[0], -1, 2 * d).float()
+                            f"and V on the last axis (2 x {d}); these blocks are {tuple(x.shape[2:])} {x.dtype}")
+        rows = x.transpose(0, 1).reshape(x.shape[1], -1, 2 * d).float()  # [n, layers * heads * tokens, 2d]
         k, v = self.codec.encode(rows[..., :d], "key"), self.codec.encode(rows[..., d:], "value")
         k, v = ({f: t.cpu() for f, t in enc.items()} for enc in (k, v))
         return [({f: t[i].clone() for f, t in k.items()}, {f: t[i].clone() for f, t in v.items()})
-                for i in range(x.shape[0])]
+                for i in range(x.shape[1])]
 
     def _decode(self, stored: list, like: torch.Tensor) -> torch.Tensor:
-        shape = (len(stored), *like.shape[1:])
+        layers, n = like.shape[0], len(stored)
         if self.codec is None:
-            return torch.stack(stored).to(like.device, non_blocking=True).reshape(shape)
+            return torch.stack(stored, dim=1).to(like.device, non_blocking=True)
         k, v = ({f: torch.stack([s[j][f] for s in stored]).to(like.device) for f in stored[0][j]} for j in (0, 1))
         k, v = self.codec.decode(k, "key", torch.float32), self.codec.decode(v, "value", torch.float32)
-        return torch.cat([k, v], dim=-1).reshape(shape).to(like.dtype)
+        out = torch.cat([k, v], dim=-1).reshape(n, layers, *like.shape[2:])
+        return out.transpose(0, 1).to(like.dtype)
 
 
 def _nbytes(stored) -> int:
