@@ -23,7 +23,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_vllm_engine import HAS_VLLM, TIE_NATS, _gap, engine, make_model, prompts  # noqa: E402
 
-from kvplug.adapters.vllm.prefix_store import HostBlocks, HostIndex, Plan, block_keys, check_blocks_first  # noqa: E402
+from kvplug.adapters.vllm.prefix_store import HostBlocks, HostIndex, HostPool, Plan, block_keys, check_blocks_first  # noqa: E402
 
 SEED = 11
 LONG = 300
@@ -143,42 +143,58 @@ def test_block_keys_name_the_tokens_and_everything_before_them():
 
 
 def test_host_index_lru_within_its_budget():
-    index = HostIndex(block_bytes=100, capacity_bytes=350)  # 3 blocks
+    index = HostIndex(block_bytes=100, capacity_bytes=350)  # 3 slots
     keys = [bytes([i]) * 16 for i in range(6)]
     plan = Plan()
     for i in range(3):
         assert index.add(keys[i], plan, block_id=10 + i, pinned=set())
-    assert plan.stores == [(10, keys[0]), (11, keys[1]), (12, keys[2])] and plan.drops == []
+    assert plan.stores == [(10, keys[0], 0), (11, keys[1], 1), (12, keys[2], 2)] and plan.drops == []
     index.touch([keys[0]])  # now key 1 is the least recently used
     plan = Plan()
     assert index.add(keys[3], plan, block_id=13, pinned={keys[3]})
-    assert plan.drops == [keys[1]] and plan.stores == [(13, keys[3])]
+    assert plan.drops == [(keys[1], 1)] and plan.stores == [(13, keys[3], 1)]  # the freed slot, reused
     assert index.hit(keys, 0) == 1 and index.hit(keys, 2) == 2 and index.used_bytes == 300
     plan = Plan()  # everything pinned: nothing can go, so nothing is stored
     assert not index.add(keys[4], plan, block_id=14, pinned={keys[0], keys[2], keys[3], keys[4]})
     assert plan.stores == [] and plan.drops == [] and keys[4] not in index
 
 
-def test_host_blocks_exact_without_codec_and_int8_within_its_bound():
+def test_host_pool_moves_runs_of_slots_exactly():
+    import torch
+
+    g = torch.Generator().manual_seed(SEED)
+    pool = HostPool(slots=7, layers=2, block_shape=(3, 8, 20), dtype=torch.uint8, device=torch.device("cpu"))
+    pool.chunk = 3  # runs must break at chunk edges: slots 0-2, 3-5, 6
+    pool._chunks = [None] * 3
+    blocks = torch.randint(0, 256, (6, 2, 3, 8, 20), generator=g, dtype=torch.uint8)
+    slots = [1, 2, 3, 4, 6, 0]
+    assert [(i, o, k) for i, _, o, k in pool._runs(slots)] == [(0, 1, 2), (2, 0, 2), (4, 0, 1), (5, 0, 1)]
+    pool.put(slots, blocks)
+    ref = blocks.clone()
+    blocks.fill_(0)  # the pool holds its own copy
+    assert len(pool) == 6 and pool.bytes == 6 * 2 * 3 * 8 * 20
+    order = [6, 0, 1, 2, 4]
+    assert torch.equal(pool.get(order), ref[[slots.index(x) for x in order]])
+    pool.drop(6)
+    assert len(pool) == 5
+
+
+def test_host_blocks_int8_within_its_bound():
     import torch
 
     from kvplug.config import resolve
     from kvplug.errors import SpecError
 
     g = torch.Generator().manual_seed(SEED)
-    blocks = torch.randn(2, 4, 3, 8, 2 * 64, generator=g).to(torch.bfloat16)  # [layers, n, heads, tokens, K|V]
+    blocks = torch.randn(4, 2, 3, 8, 2 * 64, generator=g).to(torch.bfloat16)  # [n, layers, heads, tokens, K|V]
     keys = [bytes([i]) * 16 for i in range(4)]
-    plain = HostBlocks()
-    plain.put(keys[:2], blocks[:, :2])
-    plain.put(keys, blocks)  # the first two are kept already: only the last two are added
+    coded = HostBlocks(resolve("int8").codec, head_size=64)
+    coded.put(keys[:2], blocks[:2])
+    coded.put(keys, blocks)  # the first two are kept already: only the last two are added
     ref = blocks.clone()
     blocks.fill_(float("nan"))  # the store holds its own copy
-    assert len(plain) == 4 and plain.bytes == ref.numel() * 2
-    assert torch.equal(plain.get([keys[2], keys[0]], blocks), ref[:, [2, 0]])
-    coded = HostBlocks(resolve("int8").codec, head_size=64)
-    coded.put(keys, ref)
-    back = coded.get([keys[3], keys[1]], blocks).double()
-    want = ref[:, [3, 1]].double()
+    back = coded.get([keys[3], keys[1]], blocks[:1]).double()
+    want = ref[[3, 1]].double()
     assert back.shape == want.shape
     for half in (slice(0, 64), slice(64, 128)):  # K and V each quantized over its own 64 values
         r, b = want[..., half], back[..., half]
@@ -189,7 +205,7 @@ def test_host_blocks_exact_without_codec_and_int8_within_its_bound():
         coded.drop(key)
     assert coded.bytes == 0 and len(coded) == 0
     with pytest.raises(SpecError, match="K and V on the last axis"):
-        coded.put(keys[:1], torch.zeros(2, 1, 3, 8, 64))
+        coded.put(keys[:1], torch.zeros(1, 2, 3, 8, 64))
     with pytest.raises(SpecError, match="one token at a time"):
         HostBlocks(resolve("kivi").codec, head_size=64)
 

@@ -49,7 +49,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from kvplug.errors import SpecError
 
 from . import _log, compat
-from .prefix_store import HostBlocks, HostIndex, Plan, block_keys, check_blocks_first
+from .prefix_store import HostBlocks, HostIndex, HostPool, Plan, block_keys, check_blocks_first
 
 if TYPE_CHECKING:
     from vllm.v1.request import Request
@@ -141,7 +141,9 @@ class KVPlugConnector(KVConnectorBase_V1):
             self._index = HostIndex(self._block_bytes(groups[0]), host_bytes)
             self._requests: dict[str, _Request] = {}
         else:
-            self._store = HostBlocks(self._codec, groups[0].kv_cache_spec.head_size)
+            self._slots = host_bytes // self._block_bytes(groups[0])  # as the index counts them
+            self._head_size = groups[0].kv_cache_spec.head_size
+            self._store: HostPool | HostBlocks | None = None  # made when the caches are registered
             self._caches: dict[str, torch.Tensor] = {}
             self.loaded_blocks = 0
             self._reported = -float("inf")
@@ -210,7 +212,7 @@ class KVPlugConnector(KVConnectorBase_V1):
             if st.load is not None:
                 first, n = st.load
                 keys = st.keys[first:first + n]
-                plan.loads.extend(zip(st.block_ids[first:first + n], keys))
+                plan.loads.extend((b, key, self._index.slot(key)) for b, key in zip(st.block_ids[first:first + n], keys))
                 pinned.update(keys)
                 self._index.touch(keys)
                 self._index.hits += n
@@ -238,17 +240,27 @@ class KVPlugConnector(KVConnectorBase_V1):
         if len(shapes) > 1:
             raise SpecError(f"{NAME}: the layers' KV caches differ in shape or dtype ({sorted(map(str, shapes))}); "
                             f"the connector stores a block of every layer together")
+        if not self._caches:
+            return
+        cache = next(iter(self._caches.values()))
+        if self._codec is not None:
+            self._store = HostBlocks(self._codec, self._head_size)
+        else:
+            self._store = HostPool(self._slots, len(self._caches), tuple(cache.shape[1:]), cache.dtype, cache.device)
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         plan = self._plan()
-        if plan is None or not plan.loads or not self._caches:
+        if plan is None or not plan.loads or self._store is None:
             return
-        ids, keys = zip(*plan.loads)
+        ids, keys, slots = zip(*plan.loads)
         caches = list(self._caches.values())
         at = torch.tensor(ids, device=caches[0].device)
-        blocks = self._store.get(list(keys), _layers_like(caches))
+        if isinstance(self._store, HostPool):
+            blocks = self._store.get(list(slots))
+        else:
+            blocks = self._store.get(list(keys), caches[0][:1].unsqueeze(1).expand(1, len(caches), *caches[0].shape[1:]))
         for layer, cache in enumerate(caches):
-            cache.index_copy_(0, at, blocks[layer])
+            cache.index_copy_(0, at, blocks[:, layer])
         self.loaded_blocks += len(plan.loads)
         _log(f"kvplug connector: {len(plan.loads)} block(s) ({len(plan.loads) * self._block_size} tokens) "
              f"loaded from host memory; {self._kept()}")
@@ -261,15 +273,17 @@ class KVPlugConnector(KVConnectorBase_V1):
 
     def wait_for_save(self):
         plan = self._plan()
-        if plan is None:
+        if plan is None or self._store is None:
             return
-        if plan.stores and self._caches:
-            ids, keys = zip(*plan.stores)
+        pool = isinstance(self._store, HostPool)
+        for key, slot in plan.drops:  # before the stores: a dropped key's slot may be stored into now
+            self._store.drop(slot if pool else key)
+        if plan.stores:
+            ids, keys, slots = zip(*plan.stores)
             caches = list(self._caches.values())
             at = torch.tensor(ids, device=caches[0].device)
-            self._store.put(list(keys), torch.stack([cache.index_select(0, at) for cache in caches]))
-        for key in plan.drops:
-            self._store.drop(key)
+            blocks = torch.stack([cache.index_select(0, at) for cache in caches], dim=1)  # [n, layers, *block]
+            self._store.put(list(slots) if pool else list(keys), blocks)
         if plan.stores and time.monotonic() - self._reported > REPORT_S:
             self._reported = time.monotonic()
             _log(f"kvplug connector: stored; {self._kept()}")
@@ -283,12 +297,6 @@ class KVPlugConnector(KVConnectorBase_V1):
             return None
         meta = self._get_connector_metadata()
         return meta.plan if isinstance(meta, KVPlugConnectorMetadata) else None
-
-
-def _layers_like(caches: list[torch.Tensor]) -> torch.Tensor:
-    """A stand-in with the shape ``[layers, 1, *block]``, dtype and device the loaded blocks take."""
-    one = caches[0][:1]
-    return one.unsqueeze(0).expand(len(caches), *one.shape)
 
 
 def _namespace(vllm_config, codec) -> bytes:

@@ -8,14 +8,17 @@ Pure PyTorch and the standard library, so it is unit-tested without an engine.
 * :class:`HostIndex` (scheduler side): which keys are stored, their bytes, least recently used
   first; decides what each step stores and drops within a byte budget, and how many tokens of a
   request a hit covers.
-* :class:`HostBlocks` (worker side): the blocks themselves, per layer, as the pages hold them
-  (kvplug's compressed pages are copied byte for byte: no re-quantization), or, for vLLM's own
-  floating-point pages, encoded by a kvplug codec on save and decoded on load.
+* :class:`HostPool` (worker side): the blocks themselves as the pages hold them, every layer's
+  block of a key in one slot (kvplug's compressed pages are copied byte for byte: no
+  re-quantization); :class:`HostBlocks`: for vLLM's own floating-point pages, encoded by a kvplug
+  codec on save and decoded on load.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -47,26 +50,33 @@ def block_keys(tokens, block_size: int, namespace: bytes, start: list[bytes] | N
 @dataclass
 class Plan:
     """One step's work for the worker: blocks to fill from host memory (``loads``), blocks to copy
-    to host memory after the forward pass (``stores``), keys to forget (``drops``). Loads run
-    before the forward pass, stores and drops after it, so a key dropped in a step can still be
-    loaded in it."""
+    to host memory after the forward pass (``stores``), keys to forget (``drops``); each load and
+    store as (GPU block id, key, host slot), each drop as (key, slot). Loads run before the forward
+    pass, drops then stores after it, so a key dropped in a step (its slot taken by a store) can
+    still be loaded in it."""
 
-    loads: list[tuple[int, bytes]] = field(default_factory=list)
-    stores: list[tuple[int, bytes]] = field(default_factory=list)
-    drops: list[bytes] = field(default_factory=list)
+    loads: list[tuple[int, bytes, int]] = field(default_factory=list)
+    stores: list[tuple[int, bytes, int]] = field(default_factory=list)
+    drops: list[tuple[bytes, int]] = field(default_factory=list)
 
 
 class HostIndex:
     """The scheduler's view of host memory: stored keys, least recently used first, each costing
-    ``block_bytes``; at most ``capacity_bytes`` in all."""
+    ``block_bytes`` and holding a slot (``0 .. capacity - 1``, the lowest free one, so that a
+    step's stores mostly take consecutive slots); at most ``capacity_bytes`` in all."""
 
     def __init__(self, block_bytes: int, capacity_bytes: int):
         if block_bytes <= 0:
             raise SpecError(f"kvplug connector: a block must take bytes, got {block_bytes}")
         self.block_bytes = int(block_bytes)
         self.capacity = int(capacity_bytes) // self.block_bytes
-        self._keys: OrderedDict[bytes, None] = OrderedDict()
+        self._keys: OrderedDict[bytes, int] = OrderedDict()
+        self._free: list[int] = []  # freed slots (a heap)
+        self._fresh = 0  # slots never used: _fresh .. capacity - 1
         self.stored = self.dropped = self.hits = 0
+
+    def slot(self, key: bytes) -> int:
+        return self._keys[key]
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -103,32 +113,98 @@ class HostIndex:
             victim = next((k for k in self._keys if k not in pinned), None)
             if victim is None:
                 return False
-            del self._keys[victim]
-            plan.drops.append(victim)
+            freed = self._keys.pop(victim)
+            heapq.heappush(self._free, freed)
+            plan.drops.append((victim, freed))
             self.dropped += 1
-        self._keys[key] = None
-        plan.stores.append((block_id, key))
+        if self._free:
+            slot = heapq.heappop(self._free)
+        else:
+            slot, self._fresh = self._fresh, self._fresh + 1
+        self._keys[key] = slot
+        plan.stores.append((block_id, key, slot))
         self.stored += 1
         return True
 
 
-class HostBlocks:
-    """The stored blocks (worker side): for each key, the block of every layer in one host tensor
-    ``[layers, ...]`` as the cache holds it, or encoded. ``codec`` (a kvplug codec of one token at
-    a time, or None) encodes vLLM's own floating-point pages on save, row by row: the last axis of a
-    page holds a token-head's K then its V (``2 * head_size`` values, vLLM's ``[blocks, heads,
-    block_size, 2 * head_size]``)."""
+class HostPool:
+    """The stored blocks as vLLM's pages hold them (worker side), byte for byte, in host memory
+    ``[slots, layers, *block]``: pinned when the caches are on a GPU, allocated ``chunk`` slots at
+    a time as slots are first used. A step's stores and loads move runs of consecutive slots in one
+    copy each, asynchronously on the current stream (ordered with the attention that reads the
+    loaded blocks and with the next step's loads; the host never reads the pool)."""
 
-    def __init__(self, codec=None, head_size: int | None = None):
-        if codec is not None and (codec.token_group != 1 or codec.residual):
+    CHUNK_BYTES = 256 << 20
+
+    def __init__(self, slots: int, layers: int, block_shape: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device):
+        self.slots, self.layers, self.block_shape, self.dtype, self.device = slots, layers, block_shape, dtype, device
+        self.slot_bytes = layers * math.prod(block_shape) * torch.empty(0, dtype=dtype).element_size()
+        self.chunk = max(1, self.CHUNK_BYTES // self.slot_bytes)
+        self._chunks: list[torch.Tensor | None] = [None] * -(-slots // self.chunk)
+        self.used: set[int] = set()
+
+    @property
+    def bytes(self) -> int:
+        return len(self.used) * self.slot_bytes
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(c.numel() * c.element_size() for c in self._chunks if c is not None)
+
+    def __len__(self) -> int:
+        return len(self.used)
+
+    def _runs(self, slots: list[int]):
+        """(position in ``slots``, chunk tensor, offset, length) of each run of consecutive slots in one chunk."""
+        i = 0
+        while i < len(slots):
+            c, o = divmod(slots[i], self.chunk)
+            k = 1
+            while i + k < len(slots) and slots[i + k] == slots[i] + k and (o + k) < self.chunk:
+                k += 1
+            yield i, self._chunk(c), o, k
+            i += k
+
+    def _chunk(self, c: int) -> torch.Tensor:
+        if self._chunks[c] is None:
+            n = min(self.chunk, self.slots - c * self.chunk)
+            pin = self.device.type == "cuda"
+            self._chunks[c] = torch.empty((n, self.layers, *self.block_shape), dtype=self.dtype, pin_memory=pin)
+        return self._chunks[c]
+
+    def put(self, slots: list[int], blocks: torch.Tensor) -> None:
+        """Copy ``blocks`` ``[len(slots), layers, *block]`` (on the caches' device) into ``slots``."""
+        for i, chunk, o, k in self._runs(slots):
+            chunk[o:o + k].copy_(blocks[i:i + k], non_blocking=True)
+        self.used.update(slots)
+
+    def get(self, slots: list[int]) -> torch.Tensor:
+        """The blocks in ``slots``, ``[len(slots), layers, *block]`` on the caches' device."""
+        out = torch.empty((len(slots), self.layers, *self.block_shape), dtype=self.dtype, device=self.device)
+        for i, chunk, o, k in self._runs(slots):
+            out[i:i + k].copy_(chunk[o:o + k], non_blocking=True)
+        return out
+
+    def drop(self, slot: int) -> None:
+        self.used.discard(slot)
+
+
+class HostBlocks:
+    """The stored blocks encoded by a kvplug codec (worker side, vLLM's own floating-point pages):
+    for each key, the K and V of every layer's block, encoded row by row (a row: one token-head;
+    the last axis of vLLM's page ``[blocks, heads, block_size, 2 * head_size]`` holds its K then
+    its V). ``codec``: one token at a time (``token_group`` 1, no residual)."""
+
+    def __init__(self, codec, head_size: int | None):
+        if codec.token_group != 1 or codec.residual:
             raise SpecError(f"kvplug connector: codec {codec} encodes tokens in groups or keeps a residual; "
                             f"the connector stores blocks with a codec of one token at a time (int8, int4, ...)")
-        if codec is not None:
-            if head_size is None:
-                raise SpecError("kvplug connector: a codec needs the layers' head_size")
-            codec.check_head_dim(head_size)
+        if head_size is None:
+            raise SpecError("kvplug connector: a codec needs the layers' head_size")
+        codec.check_head_dim(head_size)
         self.codec, self.head_size = codec, head_size
-        self._blocks: dict[bytes, object] = {}
+        self._blocks: dict[bytes, tuple] = {}
         self.bytes = 0
 
     def __len__(self) -> int:
@@ -138,55 +214,42 @@ class HostBlocks:
         return key in self._blocks
 
     def put(self, keys: list[bytes], blocks: torch.Tensor) -> None:
-        """Keep the blocks ``keys`` name: ``blocks`` ``[layers, len(keys), ...]`` as the caches hold
-        them, on any device (encoded there, then copied here in one transfer)."""
+        """Keep the blocks ``keys`` name: ``blocks`` ``[len(keys), layers, *block]`` as the caches
+        hold them, on any device (encoded there, then copied here in one transfer per field)."""
         fresh = [i for i, key in enumerate(keys) if key not in self._blocks]
         if not fresh:
             return
         x = blocks.detach()
         if len(fresh) < len(keys):
-            x = x[:, torch.tensor(fresh, device=x.device)]
-        for i, stored in zip(fresh, self._encode(x)):
+            x = x[torch.tensor(fresh, device=x.device)]
+        d = self.head_size
+        if x.shape[-1] != 2 * d or not x.dtype.is_floating_point:
+            raise SpecError(f"kvplug connector: codec {self.codec} needs vLLM's own floating-point pages with K "
+                            f"and V on the last axis (2 x {d}); these blocks are {tuple(x.shape[2:])} {x.dtype}")
+        rows = x.reshape(x.shape[0], -1, 2 * d).float()  # [n, layers * heads * tokens, K|V]
+        k, v = (self.codec.encode(rows[..., half], role) for half, role in ((slice(0, d), "key"),
+                                                                             (slice(d, 2 * d), "value")))
+        k, v = ({f: t.cpu() for f, t in enc.items()} for enc in (k, v))
+        for j, i in enumerate(fresh):
+            stored = ({f: t[j].clone() for f, t in k.items()}, {f: t[j].clone() for f, t in v.items()})
             self._blocks[keys[i]] = stored
             self.bytes += _nbytes(stored)
 
     def get(self, keys: list[bytes], like: torch.Tensor) -> torch.Tensor:
-        """The blocks ``keys`` name, ``[layers, len(keys), ...]`` with ``like``'s block shape (its
-        axes after the first two), dtype and device (decoded there)."""
-        return self._decode([self._blocks[key] for key in keys], like)
+        """The blocks ``keys`` name, ``[len(keys), *like.shape[1:]]`` in ``like``'s dtype and on its
+        device (decoded there)."""
+        stored = [self._blocks[key] for key in keys]
+        k, v = ({f: torch.stack([s[j][f] for s in stored]).to(like.device) for f in stored[0][j]} for j in (0, 1))
+        k, v = self.codec.decode(k, "key", torch.float32), self.codec.decode(v, "value", torch.float32)
+        return torch.cat([k, v], dim=-1).reshape(len(keys), *like.shape[1:]).to(like.dtype)
 
     def drop(self, key: bytes) -> None:
         stored = self._blocks.pop(key, None)
         if stored is not None:
             self.bytes -= _nbytes(stored)
 
-    def _encode(self, x: torch.Tensor) -> list:
-        """Blocks ``x`` ``[layers, n, ...]`` -> n stored forms (host tensors of their own)."""
-        if self.codec is None:
-            return [t.clone() for t in x.cpu().unbind(1)]
-        d = self.head_size
-        if x.shape[-1] != 2 * d or not x.dtype.is_floating_point:
-            raise SpecError(f"kvplug connector: codec {self.codec} needs vLLM's own floating-point pages with K "
-                            f"and V on the last axis (2 x {d}); these blocks are {tuple(x.shape[2:])} {x.dtype}")
-        rows = x.transpose(0, 1).reshape(x.shape[1], -1, 2 * d).float()  # [n, layers * heads * tokens, 2d]
-        k, v = self.codec.encode(rows[..., :d], "key"), self.codec.encode(rows[..., d:], "value")
-        k, v = ({f: t.cpu() for f, t in enc.items()} for enc in (k, v))
-        return [({f: t[i].clone() for f, t in k.items()}, {f: t[i].clone() for f, t in v.items()})
-                for i in range(x.shape[1])]
-
-    def _decode(self, stored: list, like: torch.Tensor) -> torch.Tensor:
-        layers, n = like.shape[0], len(stored)
-        if self.codec is None:
-            return torch.stack(stored, dim=1).to(like.device, non_blocking=True)
-        k, v = ({f: torch.stack([s[j][f] for s in stored]).to(like.device) for f in stored[0][j]} for j in (0, 1))
-        k, v = self.codec.decode(k, "key", torch.float32), self.codec.decode(v, "value", torch.float32)
-        out = torch.cat([k, v], dim=-1).reshape(n, layers, *like.shape[2:])
-        return out.transpose(0, 1).to(like.dtype)
-
 
 def _nbytes(stored) -> int:
-    if isinstance(stored, torch.Tensor):
-        return stored.numel() * stored.element_size()
     return sum(t.numel() * t.element_size() for enc in stored for t in enc.values())
 
 
