@@ -214,7 +214,9 @@ def main(argv: list[str] | None = None) -> None:
         t = time.perf_counter()
         results.append(run_one(args, config, prompts, out))
         print(f"[rag] {config}: done in {time.perf_counter() - t:.0f} s", flush=True)
-        print("\n".join(summary(args, results, prompts)), flush=True)
+        table = "\n".join(summary(args, results, prompts))
+        print(table, flush=True)
+        (out / "summary.md").write_text(table + "\n")  # small: it comes back even when the JSON files do not
     (out / "results.json").write_text(json.dumps(results))
 
 
