@@ -34,18 +34,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vllm_serving import RANDOM_LLAMA, TIE_NATS, random_model  # noqa: E402
+from vllm_serving import RANDOM_LLAMA, TIE_NATS, random_model, run_child  # noqa: E402
 
 
 def workload(args, vocab: int) -> list[list[int]]:
@@ -119,15 +116,7 @@ def run_one(args, config: str, prompts: list[list[int]], out: Path) -> dict:
     job = {"config": config, "engine": engine_kwargs(args, config), "prompts": prompts, "out": str(out / f"{safe}.json")}
     (out / f"{safe}.job.json").write_text(json.dumps(job))
     log = out / f"{safe}.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, __file__, "--child", str(out / f"{safe}.job.json")], stdout=f,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            rc = "timeout"
+    rc = run_child([sys.executable, __file__, "--child", str(out / f"{safe}.job.json")], log, args.timeout)
     text = log.read_text(errors="replace")
     result = json.loads(Path(job["out"]).read_text()) if rc == 0 and Path(job["out"]).exists() else {"config": config}
     result["rc"] = rc

