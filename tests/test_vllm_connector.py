@@ -243,5 +243,70 @@ def test_refusals_are_one_line(spec, extra, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+def _scheduler(host_blocks: int, block_size: int = 4):
+    """The connector's scheduler side on stand-in configs: 2 layers of 100-byte pages per block."""
+    from types import SimpleNamespace as NS
+
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from kvplug.adapters.vllm.connector import KVPlugConnector
+
+    config = NS(model_config=NS(get_head_size=lambda: 64, dtype=None, model="m"), additional_config={},
+                cache_config=NS(block_size=block_size),
+                kv_transfer_config=NS(kv_connector="KVPlugConnector", is_kv_producer=True,
+                                      kv_connector_extra_config={"host_bytes": host_blocks * 200}))
+    group = NS(kv_cache_spec=NS(page_size_bytes=100, head_size=64, num_kv_heads=2), layer_names=["l0", "l1"])
+    return KVPlugConnector(config, KVConnectorRole.SCHEDULER, NS(kv_cache_groups=[group], num_blocks=64))
+
+
+def _step(connector, new=(), cached=(), resumed=()):
+    """One scheduler step: ``new`` as (request id, block ids, computed, scheduled); ``cached`` as
+    (request id, new block ids or None, computed, scheduled); ``resumed``: ids of cached ones resumed."""
+    from types import SimpleNamespace as NS
+
+    out = NS(scheduled_new_reqs=[NS(req_id=r, block_ids=(list(b),), num_computed_tokens=c) for r, b, c, _ in new],
+             scheduled_cached_reqs=NS(req_ids=[r for r, *_ in cached], resumed_req_ids=set(resumed),
+                                      new_block_ids=[None if b is None else (list(b),) for _, b, _, _ in cached],
+                                      num_computed_tokens=[c for _, _, c, _ in cached]),
+             num_scheduled_tokens={r: n for r, _, _, n in [*new, *cached]})
+    return connector.build_connector_meta(out).plan
+
+
+@needs_vllm
+def test_scheduler_plans_stores_loads_and_evictions_through_chunks_and_a_preemption():
+    from types import SimpleNamespace as NS
+
+    ns = b"kvplug-connector v1|m|None|None|4"
+    rng = random.Random(SEED)
+    tokens = [rng.randrange(1000) for _ in range(10)]
+    r1 = NS(request_id="r1", all_token_ids=list(tokens), num_tokens=10)
+    key = [_naive_key(tokens + [0] * 8, j, 4, ns) for j in range(4)]
+    conn = _scheduler(host_blocks=3)
+    assert conn.get_num_new_matched_tokens(r1, 0) == (0, False)
+    conn.update_state_after_alloc(r1, None, 0)
+    plan = _step(conn, new=[("r1", [7, 8, 9], 0, 6)])  # a chunk of 6: block 0 is full
+    assert plan.stores == [(7, key[0], 0)] and plan.loads == [] and plan.drops == []
+    plan = _step(conn, cached=[("r1", None, 6, 4)])  # the prompt's rest: block 1 is full, block 2 not
+    assert plan.stores == [(8, key[1], 1)]
+    r1.all_token_ids += [0, 0, 0]  # three generated tokens (the last not computed yet)
+    r1.num_tokens = 13
+    key = [_naive_key(r1.all_token_ids, j, 4, ns) for j in range(3)]
+    # preempted, then resumed: vLLM asks again from 0; blocks 0-1 come from host memory
+    assert conn.get_num_new_matched_tokens(r1, 0) == (8, False)
+    conn.update_state_after_alloc(r1, NS(get_block_ids=lambda: ([3, 4, 5, 6],)), 8)
+    plan = _step(conn, cached=[("r1", [3, 4, 5, 6], 8, 5)], resumed=["r1"])
+    assert plan.loads == [(3, key[0], 0), (4, key[1], 1)]
+    assert plan.stores == [(5, key[2], 2)] and plan.drops == []
+    # another request: its first block takes the least recently used slot (r1's block 0)
+    other = [rng.randrange(1000) for _ in range(5)]
+    r2 = NS(request_id="r2", all_token_ids=other, num_tokens=5)
+    assert conn.get_num_new_matched_tokens(r2, 0) == (0, False)
+    conn.update_state_after_alloc(r2, None, 0)
+    plan = _step(conn, new=[("r2", [11, 12], 0, 5)])
+    assert plan.drops == [(key[0], 0)] and plan.stores == [(11, _naive_key(other, 0, 4, ns), 0)]
+    assert conn.get_num_new_matched_tokens(r1, 0) == (0, False)  # r1's prefix now starts with a gap
+    assert conn.request_finished(r2, [11, 12]) == (False, None) and "r2" not in conn._requests
+
+
 if __name__ == "__main__":
     run_job(json.loads(Path(sys.argv[1]).read_text()))
