@@ -20,6 +20,12 @@ chunked prefill at vLLM's defaults, on, except ``recompute``):
 - ``connector`` / ``connector:CODEC``: vLLM's own pages + ``KVPlugConnector``, stored as they are
   or encoded by a kvplug codec (``connector:int8``).
 
+``--chat C,T``: a multi-turn workload instead (as a chat grounded in documents): the first C
+prompts open C conversations; in each of T rounds every conversation's prompt is sent (its first
+token timed), then ``--answer`` tokens are generated and a ``--question``-token user message is
+appended, so the next turn's prompt extends it; conversations interleave, so the GPU pool loses
+them between turns. Generated tokens' blocks are what the connector must have stored.
+
 Reported per configuration: median and mean TTFT (the first ``--warm`` prompts not counted), the
 share of prompt tokens served from a cache (``num_cached_tokens``: prefix cache and connector
 together), the connector's host bytes per stored token (from its log), and the agreement of the
@@ -68,7 +74,10 @@ def workload(args, vocab: int) -> list[list[int]]:
 
 
 def engine_kwargs(args, config: str) -> dict:
-    kw = dict(model=args.model_path, dtype="bfloat16", max_model_len=args.per_prompt * args.doc + args.question + 16,
+    longest = args.per_prompt * args.doc + args.question + 16
+    if args.chat:  # each turn adds an answer and a user message
+        longest += int(args.chat.split(",")[1]) * (args.answer + args.question)
+    kw = dict(model=args.model_path, dtype="bfloat16", max_model_len=longest,
               seed=0, kv_cache_memory_bytes=int(args.kv_bytes), enforce_eager=True, max_num_seqs=16)
     if args.model == "random":
         kw.update(load_format="dummy", skip_tokenizer_init=True)
@@ -90,30 +99,53 @@ def engine_kwargs(args, config: str) -> dict:
 
 
 def child(job: dict) -> None:
+    import hashlib
+
     from vllm import LLM, SamplingParams
 
     t0 = time.perf_counter()
     llm = LLM(**job["engine"])
     result = {"config": job["config"], "start_s": time.perf_counter() - t0, "ttft_s": [], "cached": [],
-              "first": [], "gap": []}
-    sp = SamplingParams(temperature=0, max_tokens=1, logprobs=2, detokenize=False)
-    for i, p in enumerate(job["prompts"]):
+              "first": [], "gap": [], "prompt_len": [], "prompt_key": []}
+    first = SamplingParams(temperature=0, max_tokens=1, logprobs=2, detokenize=False)
+
+    def timed(p: list[int]) -> None:
         t = time.perf_counter()
-        out = llm.generate([{"prompt_token_ids": p}], sp, use_tqdm=False)[0]
+        out = llm.generate([{"prompt_token_ids": p}], first, use_tqdm=False)[0]
         wall = time.perf_counter() - t
         top = sorted((lp.logprob for lp in out.outputs[0].logprobs[0].values()), reverse=True)
         result["ttft_s"].append(wall)
         result["cached"].append(out.num_cached_tokens or 0)
         result["first"].append(out.outputs[0].token_ids[0])
         result["gap"].append(top[0] - top[1] if len(top) > 1 else float("inf"))
-        if (i + 1) % 16 == 0:
-            print(f"[rag] {job['config']}: {i + 1}/{len(job['prompts'])} prompts", flush=True)
+        result["prompt_len"].append(len(p))
+        result["prompt_key"].append(hashlib.sha256(repr(p).encode()).hexdigest()[:16])
+        if len(result["ttft_s"]) % 16 == 0:
+            print(f"[rag] {job['config']}: {len(result['ttft_s'])} prompts", flush=True)
+
+    chat = job.get("chat")
+    if not chat:
+        for p in job["prompts"]:
+            timed(p)
+    else:  # conversations, turns interleaved: prompt, timed first token, an answer, the next user message
+        answer = SamplingParams(temperature=0, max_tokens=chat["answer"], ignore_eos=True, detokenize=False)
+        history = [list(p) for p in job["prompts"][:chat["conversations"]]]
+        for turn in range(chat["turns"]):
+            for c, p in enumerate(history):
+                timed(p)
+                said = list(llm.generate([{"prompt_token_ids": p}], answer, use_tqdm=False)[0].outputs[0].token_ids)
+                rng = random.Random(f"{chat['seed']}/{c}/{turn}")
+                history[c] = p + said + [rng.randrange(3, chat["vocab"]) for _ in range(chat["message"])]
     Path(job["out"]).write_text(json.dumps(result))
 
 
 def run_one(args, config: str, prompts: list[list[int]], out: Path) -> dict:
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", config)
     job = {"config": config, "engine": engine_kwargs(args, config), "prompts": prompts, "out": str(out / f"{safe}.json")}
+    if args.chat:
+        conversations, turns = (int(x) for x in args.chat.split(","))
+        job["chat"] = {"conversations": conversations, "turns": turns, "answer": args.answer,
+                       "message": args.question, "seed": args.seed, "vocab": args.vocab}
     (out / f"{safe}.job.json").write_text(json.dumps(job))
     log = out / f"{safe}.log"
     rc = run_child([sys.executable, __file__, "--child", str(out / f"{safe}.job.json")], log, args.timeout)
@@ -140,7 +172,6 @@ def summary(args, results: list[dict], prompts: list[list[int]]) -> list[str]:
              "host B/token | blocks loaded | first token = recompute |",
              "|---|---|---|---|---|---|---|---|---|"]
     skip = args.warm
-    total = sum(len(p) for p in prompts[skip:])
     for r in results:
         if "ttft_s" not in r:
             lines.append(f"| {r['config']} | failed (rc {r['rc']}) | | | | | | | |")
@@ -150,16 +181,18 @@ def summary(args, results: list[dict], prompts: list[list[int]]) -> list[str]:
         ratio = ""
         if base is not None:
             ratio = f"{statistics.mean(base['ttft_s'][skip:]) * 1e3 / mean:.2f}x"
-        share = sum(r["cached"][skip:]) / total
+        share = sum(r["cached"][skip:]) / sum(r["prompt_len"][skip:])
         per_token = ""
         if r.get("host_blocks") and r.get("block_size"):
             per_token = f"{r['host_bytes'] / (r['host_blocks'] * r['block_size']):,.0f}"
         agree = ""
         if base is not None:
-            same = sum(a == b for a, b in zip(r["first"][skip:], base["first"][skip:]))
-            ties = sum(a != b and g <= TIE_NATS for a, b, g in zip(r["first"][skip:], base["first"][skip:],
-                                                                   base["gap"][skip:]))
-            agree = f"{same}/{len(t)}" + (f" (+{ties} ties)" if ties else "")
+            pairs = [(a, b, g) for a, b, g, ka, kb in zip(r["first"][skip:], base["first"][skip:], base["gap"][skip:],
+                                                          r["prompt_key"][skip:], base["prompt_key"][skip:])
+                     if ka == kb]  # the same prompt (in a chat, earlier answers may differ)
+            same = sum(a == b for a, b, _ in pairs)
+            ties = sum(a != b and g <= TIE_NATS for a, b, g in pairs)
+            agree = f"{same}/{len(pairs)}" + (f" (+{ties} ties)" if ties else "")
         lines.append(f"| {r['config']} | {r['capacity'] or 0:,} | {med:.1f} | {mean:.1f} | {ratio} | {share:.1%} | "
                      f"{per_token} | {r.get('loaded_blocks') or ''} | {agree} |")
     return lines
@@ -181,6 +214,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="draw each prompt's documents from this many fixed sets (Zipf over the sets: questions "
                          "that retrieve the same documents); 0: documents drawn per prompt")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--chat", default="", help="C,T: a multi-turn workload instead: C conversations (the first C "
+                    "prompts), T turns each, interleaved; each turn the first token is timed, then --answer tokens "
+                    "are generated and a --question-token user message follows")
+    ap.add_argument("--answer", type=int, default=128, help="tokens generated per turn (--chat)")
     ap.add_argument("--kv-bytes", type=float, default=2e9, help="GPU KV-cache memory in bytes, every engine")
     ap.add_argument("--host-bytes", type=float, default=16e9, help="host memory of the offloading connectors")
     ap.add_argument("--timeout", type=int, default=500)
@@ -194,7 +231,10 @@ def main(argv: list[str] | None = None) -> None:
     args.model_path = random_model(out / "random-llama") if args.model == "random" else args.model
     vocab = RANDOM_LLAMA["vocab_size"] if args.model == "random" else \
         json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
+    args.vocab = vocab
     prompts = workload(args, vocab)
+    if args.chat:
+        print(f"[rag] chat {args.chat} (conversations, turns), {args.answer} tokens answered per turn", flush=True)
     print(f"[rag] seed {args.seed}: {args.prompts} prompts (+{args.warm} warm-up) of {args.per_prompt} x {args.doc} "
           f"+ {args.question} tokens from {args.docs} documents ({args.combos or 'free'} sets), Zipf {args.zipf}; KV memory {args.kv_bytes:.3g} B",
           flush=True)
