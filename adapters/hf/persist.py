@@ -65,6 +65,7 @@ def to_bytes(cache, model, encoder: CacheGen | None = None) -> bytes:
         used = slots.used_slots()
         state = {"seen": layer.seen, "high": layer.high, "cap_max": layer.cap_max, "low": layer.low,
                  "scorer": None if layer.scorer is None else str(layer.scorer), "used": used,
+                 "slots": slots.capacity,
                  "store": "paged" if isinstance(slots, PagedStore) else "slots",
                  "groups": 0 if layer.groups is None else len(layer.groups.keys),
                  "group_tokens": 0 if layer.groups is None else layer.groups.tokens}
@@ -146,8 +147,11 @@ def load(model, blob, paged: bool | None = None, verify: bool = True):
             store.cache.view(b, blocks, *store.cache.shape[1:])[:, :pages.shape[1]] = pages
             cap = blocks * store.BLOCK
         else:
-            store.keys, store.values = _take(tensors, f"{p}.key"), _take(tensors, f"{p}.value")
-            cap = s["used"]
+            # the live store's capacity, so that the loaded one grows when it would and its tensors
+            # have its strides: the same attention arithmetic, bit for bit (older blobs: the used slots)
+            cap = max(s.get("slots", s["used"]), s["used"])
+            store.keys, store.values = ({n: _pad(t, cap - t.shape[-2], -2) for n, t in _take(tensors, f"{p}.{role}").items()}
+                                        for role in ("key", "value"))
         store.counts = counts
         store.positions = _pad(positions, cap - positions.shape[-1], -1, -1)
         store.scores = _pad(scores, cap - scores.shape[-1], -1)
