@@ -14,6 +14,9 @@ from kvplug.codecs.none import NoCodec
 from kvplug.hookspecs import hookimpl
 from kvplug.mergers.minicache import MiniCache
 from kvplug.placements.infinigen import InfiniGen
+from kvplug.scorers.cake import Cake
+from kvplug.scorers.criticalkv import CriticalKV
+from kvplug.scorers.curdkv import CurDKV
 from kvplug.scorers.duo import DuoAttention
 from kvplug.scorers.expected_attention import ExpectedAttention
 from kvplug.scorers.h2o import H2O
@@ -21,6 +24,7 @@ from kvplug.scorers.keydiff import KeyDiff
 from kvplug.scorers.knorm import KNorm
 from kvplug.scorers.lagkv import LagKV
 from kvplug.scorers.random import RandomScorer
+from kvplug.scorers.scissorhands import Scissorhands
 from kvplug.scorers.simlayerkv import SimLayerKV
 from kvplug.scorers.snapkv import SnapKV
 from kvplug.scorers.streaming import Streaming
@@ -31,4 +35,5 @@ from kvplug.scorers.tova import Tova
 def kvplug_parts() -> list[type]:
     return [NoCodec, Int8, Int4, Int2, Mixed, Kivi, Fp8,
             Streaming, H2O, SnapKV, Tova, KNorm, RandomScorer, SimLayerKV, ExpectedAttention, KeyDiff, LagKV, DuoAttention,
+            CurDKV, CriticalKV, Cake, Scissorhands,
             Uniform, Pyramid, AdaKV, ChunkKV, MiniCache, InfiniGen]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvplug.budgets.base import Budget
+from kvplug.budgets.base import Budget, split_across_layers
 from kvplug.budgets.uniform import Uniform
 from kvplug.codecs.base import Codec
 from kvplug.codecs.none import NoCodec
@@ -98,13 +98,25 @@ class Strategy:
         tokens present (all of them without a scorer)."""
         return torch.minimum(self.budget_per_row(valid, scorer), valid.sum(-1))
 
-    def select(self, inputs: ScoreInputs) -> Selection:
-        """Which tokens each KV head of this layer keeps after prefill, and the scorer it uses."""
+    def layer_counts(self, layers: list[ScoreInputs]) -> torch.Tensor:
+        """For a scorer with ``across_layers``: each layer's mean tokens per head ``[L, B]``, the
+        budget shared by the layers' preferences (:func:`~kvplug.budgets.base.split_across_layers`),
+        from every layer's prompt inputs."""
+        scorer = self.scorer
+        preference = torch.stack([scorer.layer_preference(inputs) for inputs in layers])
+        valid = layers[0].valid
+        return split_across_layers(preference, self.kept_per_row(valid), valid.sum(-1),
+                                   scorer.observation_window)
+
+    def select(self, inputs: ScoreInputs, kept: torch.Tensor | None = None) -> Selection:
+        """Which tokens each KV head of this layer keeps after prefill, and the scorer it uses.
+        ``kept`` ``[B]``: this layer's mean tokens per head, where the scorer shares its budget
+        across layers (:meth:`layer_counts`); default: the budget's."""
         scorer = None if self.scorer is None else self.scorer.for_layer(inputs)
         if scorer is None:
             keep = inputs.valid[:, None, :].expand(-1, inputs.num_kv_heads, -1)
         else:
             scores = scorer.score(inputs)
-            keep = self.budget.allocate(scores, self.kept_per_row(inputs.valid, scorer), inputs.layer_idx,
-                                        inputs.num_layers)
+            keep = self.budget.allocate(scores, self.kept_per_row(inputs.valid, scorer) if kept is None else kept,
+                                        inputs.layer_idx, inputs.num_layers)
         return Selection.from_mask(keep, scorer)

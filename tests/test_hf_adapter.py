@@ -1,5 +1,7 @@
 """The HF adapter inside generate(): exactness, eviction, core/adapter parity, memory."""
 
+import math
+
 import pytest
 import torch
 from transformers import (AttentionInterface, DynamicCache, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig,
@@ -369,3 +371,120 @@ def test_duo_refuses_a_pattern_that_does_not_fit_in_one_line(tmp_path):
     with pytest.raises(SpecError, match="places its tokens as 'per_head'"):
         from kvplug.adapters.vllm import check_supported
         check_supported(parse("duo(pattern='10/01')"), 32)
+
+
+def _recorded_inputs(model, ids, mask, spec, window):
+    """Each layer's prompt inputs as the model computes them (an SDPA recorder, not kvplug)."""
+    recorder = Recorder()
+    AttentionInterface.register("kvplug_test_recorder", recorder)
+    AttentionMaskInterface.register("kvplug_test_recorder", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model.set_attn_implementation("kvplug_test_recorder")
+    model(input_ids=ids, attention_mask=mask)
+    t = ids.shape[1]
+    return {idx: ScoreInputs(keys=key, values=value, queries=query[:, :, t - window:], valid=mask.bool(),
+                             scale=32**-0.5, layer_idx=idx, num_layers=2,
+                             out_proj=model.model.layers[idx].self_attn.o_proj.weight)
+            for idx, (query, key, value, _) in recorder.calls.items()}
+
+
+def _kept(layer):
+    return [[sorted(p for p in layer.slots.positions[b, h].tolist() if p >= 0) for h in range(2)]
+            for b in range(layer.slots.positions.shape[0])]
+
+
+def test_criticalkv_reads_each_layers_own_output_projection(gen):
+    """The kept sets equal a float64 loop over the recorded prompt and that layer's o_proj."""
+    from test_scorers import naive_projected_norm, naive_snapkv_mean, naive_topk
+
+    model = tiny()
+    ids, mask = prompts(gen, length=40, pad=0)
+    inputs = _recorded_inputs(model, ids, mask, None, 6)
+    cache = kvplug.hf.cache(model, "criticalkv(budget=14, window=6, kernel=3)")
+    model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+    for idx, layer in enumerate(cache.layers):
+        x = inputs[idx]
+        for b in range(2):
+            for kv in range(2):
+                snap = naive_snapkv_mean(x, b, kv, 6, 3) + [math.inf] * 6
+                first = naive_topk(snap, 7)
+                norm = naive_projected_norm(x.values[b], x.out_proj, kv, 2)
+                weighted = [math.inf if j in first else (snap[j] + 1e-4) * norm[j] for j in range(40)]
+                assert set(_kept(layer)[b][kv]) == naive_topk(weighted, 14), (idx, b, kv)
+
+
+def test_cake_splits_the_budget_over_layers_by_preference(gen):
+    """Every layer's count is its share of 2 x 12 tokens per head by the float64 preference
+    (split_across_layers, hand-checked in test_scorers); the counts sum to exactly 24; each
+    layer keeps the top of its own indicator; the cache reports those counts while generating."""
+    from test_scorers import naive_cake, naive_topk
+
+    from kvplug.budgets.base import split_across_layers
+
+    model = tiny()
+    ids, mask = prompts(gen, length=40, pad=0)
+    inputs = _recorded_inputs(model, ids, mask, None, 5)
+    spec = "cake(budget=12, window=5, kernel=3, gamma=50)"
+    cache = kvplug.hf.cache(model, spec)
+    greedy(model, ids, mask, steps=4, cache=cache)
+    for b in range(2):
+        naive = [naive_cake(inputs[i], b, 5, 3, 50.0, 1.0, 1.0) for i in range(2)]
+        pref = torch.tensor([[p] for p, _ in naive])
+        counts = split_across_layers(pref, torch.tensor([12]), torch.tensor([40]), 5)[:, 0].tolist()
+        assert sum(counts) == 24
+        for i, layer in enumerate(cache.layers):
+            for kv in range(2):
+                kept = _kept(layer)[b][kv]
+                assert set(kept[:len(kept) - 3]) == naive_topk(naive[i][1][kv], counts[i]), (i, b, kv)
+                assert kept[-3:] == [40, 41, 42]  # the generated tokens fed back, appended
+
+
+def test_scissorhands_decode_follows_a_naive_slot_loop(gen, monkeypatch):
+    """A float64 loop over the recorded prompt and every step's query and key: the prefill keeps
+    the top of -(unimportant count) with the newest 3 protected; each new token takes the slot
+    of the unprotected token with the highest count (the lowest slot on ties), then every held
+    token below 1/held of the step's group-mean attention counts once more."""
+    from test_scorers import naive_unimportant_counts, naive_topk
+
+    from kvplug.adapters.hf.layer import KVPlugLayer
+
+    model = tiny()
+    ids, mask = prompts(gen, length=40, pad=6)
+    window, budget, steps = 8, 12, 10
+    record = {0: {"q": [], "k": []}, 1: {"q": [], "k": []}}
+    attend, append = KVPlugLayer.attend, KVPlugLayer._append
+    monkeypatch.setattr(KVPlugLayer, "attend",
+                        lambda self, q, scale: (record[self.layer_idx]["q"].append(q.clone()), attend(self, q, scale))[1])
+    monkeypatch.setattr(KVPlugLayer, "_append",
+                        lambda self, k, v: (record[self.layer_idx]["k"].append(k.clone()), append(self, k, v))[1])
+    cache = kvplug.hf.cache(model, f"scissorhands(budget={budget}, window={window}, recent_ratio=0.25)",
+                            paged=False, keep_prompt=True)
+    greedy(model, ids, mask, steps=steps, cache=cache)
+    for idx, layer in enumerate(cache.layers):
+        keys, values, queries, valid, scale = layer.prompt
+        x = ScoreInputs(keys=keys, values=values, queries=queries[:, :, 40 - window:], valid=valid, scale=scale)
+        for b in range(2):
+            first = int((~valid[b]).sum())
+            n = 40 - first
+            for kv in range(2):
+                counts = naive_unimportant_counts(x, b, kv, window, 1.0)
+                scores = [-counts[j] if valid[b, j] else -math.inf for j in range(40)]
+                keep = sorted(naive_topk(scores, budget, must=set(range(37, 40))))
+                slots = [j - first for j in keep]  # logical positions, in prompt order
+                score = [float(-counts[j]) for j in keep]
+                k_held = [keys[b, kv, j].double() for j in keep]
+                for s in range(steps - 1):
+                    step = n + s
+                    k_new = record[idx]["k"][s][b, kv, 0].double()
+                    protected = [p > step - 3 for p in slots]
+                    victim = min((i for i in range(budget) if not protected[i]), key=lambda i: (score[i], i))
+                    slots[victim], score[victim], k_held[victim] = step, 0.0, k_new
+                    q = record[idx]["q"][s][b, 2 * kv:2 * kv + 2, 0].double()  # the KV head's 2 query heads
+                    probs = [0.0] * budget
+                    for h in range(2):
+                        logits = [float(q[h] @ k) * scale for k in k_held]
+                        m = max(logits)
+                        e = [math.exp(v - m) for v in logits]
+                        for i in range(budget):
+                            probs[i] += e[i] / sum(e) / 2
+                    score = [sc - (p < 1 / budget) for sc, p in zip(score, probs)]
+                assert layer.slots.positions[b, kv].tolist() == slots, (idx, b, kv)

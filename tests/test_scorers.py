@@ -345,3 +345,179 @@ def test_chunkkv_keeps_whole_chunks_by_their_mean_score(gen):
         best = sorted(range(len(chunks)), key=lambda i: (-means[i], i))[:count]
         expect = {first + j for i in best for j in chunks[i]}
         assert got[b] == [expect, expect]
+
+
+def naive_window_share(x, window):
+    """Each entry's share of its window's sum (windows of ``window`` from the first entry; 0: one window)."""
+    n = len(x)
+    w = window or n
+    out = []
+    for start in range(0, n, w):
+        part = x[start:start + w]
+        total = sum(part)
+        out += [v / total if total > 0 else 0.0 for v in part]
+    return out
+
+
+@pytest.mark.parametrize("leverage, window", [("kv_product", 16), ("kv_avg", 7), ("key", 0), ("value", 16)])
+def test_curdkv_ranks_by_local_key_and_value_energy(gen, leverage, window):
+    """Loop: |k|^2 and |v|^2 per token, each as a share of its window (windows from the row's
+    first real token), combined, normalised per head; the first 3 tokens always kept."""
+    inputs = make_inputs(gen, window=1, pad=(0, 5))
+    got = kept_sets(parse(f"curdkv(budget=13, sinks=3, leverage={leverage}, local_window={window})").select(inputs))
+    for b in range(2):
+        first = int((~inputs.valid[b]).sum())
+        for h in range(2):
+            k2 = [sum(float(c) ** 2 for c in inputs.keys[b, h, j].double()) for j in range(first, 40)]
+            v2 = [sum(float(c) ** 2 for c in inputs.values[b, h, j].double()) for j in range(first, 40)]
+            k2, v2 = naive_window_share(k2, window), naive_window_share(v2, window)
+            comb = {"kv_product": [a * c for a, c in zip(k2, v2)], "kv_avg": [(a + c) / 2 for a, c in zip(k2, v2)],
+                    "key": k2, "value": v2}[leverage]
+            row = [c / sum(comb) for c in comb]
+            scores = [-math.inf] * first + row
+            assert got[b][h] == naive_topk(scores, 13, must=set(range(first, first + 3))), (b, h)
+
+
+def naive_snapkv_mean(inputs, b, kv, window, kernel):
+    """SnapKV's per-token score for one row and KV head, as kvpress: the window's mean attention
+    over the tokens before it, zero-padded average pool, mean over the group (float64 loops)."""
+    t = inputs.keys.shape[2]
+    hq = inputs.queries.shape[1]
+    g = hq // inputs.keys.shape[1]
+    probs = naive_probs(inputs.queries[b], inputs.keys[b], inputs.valid[b], t - window, inputs.scale)
+    n = t - window
+    out = [0.0] * n
+    for h in range(kv * g, (kv + 1) * g):
+        mean = [sum(float(probs[h, i, j]) for i in range(window)) / window for j in range(n)]
+        for j in range(n):
+            lo, hi = j - kernel // 2, j + kernel // 2
+            out[j] += sum(mean[i] for i in range(max(lo, 0), min(hi, n - 1) + 1)) / kernel / g
+    return out
+
+
+def naive_projected_norm(values, out_proj, kv, g):
+    """Mean over KV head ``kv``'s query heads of sum_o |sum_c v_c W[o, h*D + c]| per token (float64)."""
+    t, d = values.shape[1], values.shape[2]
+    w = out_proj.double()
+    out = []
+    for j in range(t):
+        v = values[kv, j].double()
+        total = 0.0
+        for h in range(kv * g, (kv + 1) * g):
+            total += float((w[:, h * d:(h + 1) * d] @ v).abs().sum())
+        out.append(total / g)
+    return out
+
+
+@pytest.mark.parametrize("budget", [14, 9])
+def test_criticalkv_two_stages_against_a_loop(gen, budget):
+    """Loop: stage 1 keeps the int(budget / 2) best SnapKV scores (the window counts as best),
+    stage 2 fills the budget by (score + 1e-4) * |v W_o^h|_1 (group mean). At budget 9 stage 1
+    (4) is smaller than the window (6): the window stays whole."""
+    window = 6
+    inputs = make_inputs(gen, window=window, pad=(0, 0))
+    hidden = 24
+    out_proj = torch.randn(hidden, inputs.queries.shape[1] * 16, generator=gen)
+    inputs = ScoreInputs(keys=inputs.keys, values=inputs.values, queries=inputs.queries, valid=inputs.valid,
+                         scale=inputs.scale, out_proj=out_proj)
+    got = kept_sets(parse(f"criticalkv(budget={budget}, window={window}, kernel=3)").select(inputs))
+    for b in range(2):
+        for kv in range(2):
+            snap = naive_snapkv_mean(inputs, b, kv, window, 3) + [math.inf] * window
+            first = naive_topk(snap, budget // 2) | set(range(40 - window, 40))
+            norm = naive_projected_norm(inputs.values[b], out_proj, kv, 2)
+            weighted = [math.inf if j in first else (snap[j] + 1e-4) * norm[j] for j in range(40)]
+            assert got[b][kv] == naive_topk(weighted, budget), (b, kv)
+    with pytest.raises(ValueError, match="out_proj"):
+        parse("criticalkv(budget=9)").select(make_inputs(gen, window=6))
+
+
+def test_split_across_layers_exact_counts():
+    """Hand-counted splits: proportional shares on top of the reserved window; a capped layer's
+    excess goes to the others by preference; integer parts by largest remainder; all kept when
+    the budget covers the prompt; zero preferences share equally."""
+    from kvplug.budgets.base import split_across_layers
+
+    def split(pref, kept, present, reserved):
+        p = torch.tensor(pref, dtype=torch.float32)[:, None]
+        return split_across_layers(p, torch.tensor([kept]), torch.tensor([present]), reserved)[:, 0].tolist()
+
+    assert split([1, 1, 2], 10, 20, 2) == [8, 8, 14]  # 24 shared as 6/6/12
+    assert split([1, 1, 10], 10, 12, 2) == [9, 9, 12]  # 2/2/20 -> cap 10, excess 10 -> 5/5
+    assert split([1, 2], 4, 50, 1) == [3, 5]  # 6 shared as 2/4, on top of 1
+    assert split([1, 1, 1], 7, 9, 0) == [7, 7, 7]
+    assert split([0, 0], 5, 30, 0) == [5, 5]
+    assert split([3, 1], 30, 20, 4) == [20, 20]  # the budget covers the prompt
+    assert split([1, 1, 1], 5, 40, 2) == [5, 5, 5]
+    assert split([1, 9], 3, 40, 5) == [3, 3]  # the budget is below the reserved window
+    assert sum(split([1.0, 2.0, 4.0], 10, 40, 3)) == 30  # 21 shared: 3/6/12 -> exact
+
+
+def naive_cake(inputs, b, window, kernel, gamma, tau1, tau2):
+    """CAKE for one row: (preference, per-KV-head indicator lists), float64 loops."""
+    t = inputs.keys.shape[2]
+    hq, hkv = inputs.queries.shape[1], inputs.keys.shape[1]
+    g = hq // hkv
+    probs = naive_probs(inputs.queries[b], inputs.keys[b], inputs.valid[b], t - window, inputs.scale)
+    n = t - window
+    disp = -sum(float(probs[h, i, j]) * math.log(float(probs[h, i, j]) + 1e-10)
+                for h in range(hq) for i in range(window) for j in range(n))
+    shift, indicator = 0.0, [[0.0] * n for _ in range(hkv)]
+    for h in range(hq):
+        raw = []
+        for j in range(n):
+            col = [float(probs[h, i, j]) for i in range(window)]
+            mean = sum(col) / window
+            var = sum((c - mean) ** 2 for c in col) / (window - 1)
+            shift += var
+            raw.append(mean + gamma * var)
+        for j in range(n):
+            lo, hi = max(j - kernel // 2, 0), min(j + kernel // 2, n - 1)
+            indicator[h // g][j] += sum(raw[lo:hi + 1]) / kernel / g
+    return disp ** (1 / tau1) * shift ** (1 / tau2), [row + [math.inf] * window for row in indicator]
+
+
+def test_cake_preference_and_indicator_against_a_loop(gen):
+    """One layer: the preference (entropy^(1/tau1) * summed variance^(1/tau2)) and the kept set
+    (mean + gamma * variance over the window, pooled, group mean; the window always kept)."""
+    inputs = make_inputs(gen, window=5, pad=(0, 0))
+    spec = "cake(budget=12, window=5, kernel=3, gamma=50, tau1=0.5, tau2=2)"
+    strategy = parse(spec)
+    pref = strategy.scorer.layer_preference(inputs)
+    scores = strategy.scorer.score(inputs)
+    got = kept_sets(strategy.select(inputs, kept=torch.tensor([12, 15])))
+    for b, k in enumerate((12, 15)):
+        want_pref, indicator = naive_cake(inputs, b, 5, 3, 50.0, 0.5, 2.0)
+        assert float(pref[b]) == pytest.approx(want_pref, rel=1e-4)
+        for kv in range(2):
+            assert got[b][kv] == naive_topk(indicator[kv], k), (b, kv)
+            assert scores[b, kv, :35].tolist() == pytest.approx(indicator[kv][:35], rel=1e-4, abs=1e-7)
+
+
+def naive_unimportant_counts(inputs, b, kv, window, threshold):
+    """Per token: how many of the window's queries gave it (group-mean attention) less than
+    threshold / (tokens that query sees), float64 loops."""
+    t = inputs.keys.shape[2]
+    g = inputs.queries.shape[1] // inputs.keys.shape[1]
+    probs = naive_probs(inputs.queries[b], inputs.keys[b], inputs.valid[b], t - window, inputs.scale)
+    counts = [0] * t
+    for i in range(window):
+        pos = t - window + i
+        seen = [j for j in range(t) if inputs.valid[b, j] and j <= pos]
+        for j in seen:
+            p = sum(float(probs[h, i, j]) for h in range(kv * g, (kv + 1) * g)) / g
+            counts[j] += p < threshold / len(seen)
+    return counts
+
+
+def test_scissorhands_prefill_counts_and_recent_window(gen):
+    """Loop: evict the tokens most often below the uniform share over the window's queries; the
+    newest floor(budget * ratio) are kept (equal counts: the earlier token is kept)."""
+    inputs = make_inputs(gen, window=8, pad=(0, 6))
+    got = kept_sets(parse("scissorhands(budget=15, window=8, recent_ratio=0.2, threshold=1.5)").select(inputs))
+    for b in range(2):
+        first = int((~inputs.valid[b]).sum())
+        for kv in range(2):
+            counts = naive_unimportant_counts(inputs, b, kv, 8, 1.5)
+            scores = [-counts[j] if inputs.valid[b, j] else -math.inf for j in range(40)]
+            assert got[b][kv] == naive_topk(scores, 15, must=set(range(37, 40))), (b, kv)

@@ -224,6 +224,8 @@ def test_move_reads_every_row_before_writing(gen):
     ("snapkv(budget=64)+kivi(bits=2)", "groups of 32 tokens"),
     ("knorm(budget=64)+chunkkv", "chunkkv budget keeps a data-dependent number"),
     ("infinigen+int4", "infinigen keeps K/V in host memory"),
+    ("cake(budget=64)", "cake shares its budget across layers"),
+    ("criticalkv(budget=64)", "criticalkv weights values by the layer's output projection"),
 ])
 def test_what_eviction_cannot_do_in_vllm_is_refused_in_one_line(spec, message):
     with pytest.raises(SpecError, match=message) as info:

@@ -65,6 +65,11 @@ def cache(model, spec=None, paged: bool | None = None, keep_prompt: bool = False
         raise SpecError(f"{scorer.name} needs the model's rotary embedding; this {text.model_type} model has no "
                         f"rotary module kvplug can read (inv_freq)")
     view = ModelView.of(model)
+    if scorer is not None and scorer.needs_out_proj and (
+            len(view.attention) != text.num_hidden_layers
+            or not all(hasattr(a, "o_proj") for a in view.attention.values())):
+        raise SpecError(f"{scorer.name} weights values by the layer's output projection (o_proj), which this "
+                        f"{text.model_type} model's attention does not have (supported: llama, mistral, qwen2, qwen3)")
     placement = strategy.placement
     if placement is not None and len(view.attention) != text.num_hidden_layers:
         raise SpecError(f"{placement.name} computes the next layer's queries from its q_proj, which this "

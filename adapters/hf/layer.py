@@ -71,8 +71,36 @@ class KVPlugLayer(PromptFirstLayer):
         window = 0 if scorer is None else (t if scorer.needs_all_queries else min(scorer.observation_window, t))
         inputs = ScoreInputs(keys=keys, values=values, queries=queries[:, :, t - window:], valid=valid,
                              scale=scale, layer_idx=self.layer_idx, num_layers=self.num_layers,
-                             rope=self.shared.get("rope"))
-        sel = strategy.select(inputs)
+                             rope=self.shared.get("rope"), out_proj=self._out_proj(scorer))
+        if scorer is not None and scorer.across_layers:
+            self._select_across_layers(inputs)
+        else:
+            self._store_prompt(inputs, strategy.select(inputs))
+
+    def _select_across_layers(self, inputs: ScoreInputs) -> None:
+        """A scorer that shares its budget across layers (CAKE): park this layer's prompt until
+        the last layer has seen its own, then split the budget and store every layer's share."""
+        if self.pair is not None:
+            raise SpecError(f"{self.strategy.scorer.name} shares its budget across layers, which a merger's "
+                            f"layer pairs cannot follow; drop {self.strategy.merger.name}")
+        parked = self.shared.setdefault("across_layers", {})
+        if self.layer_idx in parked:
+            raise RuntimeError(f"kvplug: {self.strategy.scorer.name} needs the whole prompt in one forward pass "
+                               f"(layer {self.layer_idx} saw a second prompt chunk before the last layer saw one)")
+        parked[self.layer_idx] = (self, inputs)
+        if len(parked) < self.num_layers:
+            return
+        del self.shared["across_layers"]
+        layers = [parked[i] for i in range(self.num_layers)]
+        counts = self.strategy.layer_counts([inputs for _, inputs in layers])
+        for (layer, layer_inputs), kept in zip(layers, counts):
+            layer._store_prompt(layer_inputs, self.strategy.select(layer_inputs, kept=kept))
+
+    def _store_prompt(self, inputs: ScoreInputs, sel) -> None:
+        """Store the prompt tokens ``sel`` keeps of ``inputs`` (the layer's prompt)."""
+        keys, values, valid = inputs.keys, inputs.values, inputs.valid
+        b, h, t, d = keys.shape
+        strategy = self.strategy
         self.scorer = scorer = sel.scorer
         idx = sel.indices
         gather = idx[..., None].expand(-1, -1, -1, d)
@@ -115,6 +143,12 @@ class KVPlugLayer(PromptFirstLayer):
                         positions[..., n_quant:])
         self.high = kept_k.shape[-2] - n_quant
         self.low = int(self.slots.counts.min())  # once per prompt
+
+    def _out_proj(self, scorer) -> torch.Tensor | None:
+        """This layer's attention output projection weight, for a scorer that reads it."""
+        if scorer is None or not scorer.needs_out_proj:
+            return None
+        return self.shared["model"].attention[self.layer_idx].o_proj.weight
 
     def _prefix_length(self, counts: torch.Tensor) -> int:
         """Leading kept slots a grouped codec quantizes now (whole groups, not the residual

@@ -156,6 +156,9 @@ def check_strategy(strategy: Strategy) -> None:
     if scorer is not None and scorer.needs_rope:
         raise SpecError(f"kvplug in vLLM: {scorer.name} needs the model's rotary embedding to read queries before "
                         f"RoPE, which the vLLM adapter does not pass its scorers yet; use it with the HF adapter")
+    if scorer is not None and scorer.needs_out_proj:
+        raise SpecError(f"kvplug in vLLM: {scorer.name} weights values by the layer's output projection, which "
+                        f"the vLLM adapter does not pass its scorers; use it with the HF adapter")
     if strategy.merger is not None:
         raise SpecError(f"kvplug in vLLM: {strategy.merger.name} shares pages between layers, which the vLLM "
                         f"adapter does not do yet; got {str(strategy)!r}")

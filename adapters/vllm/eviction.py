@@ -62,6 +62,10 @@ def check_evictable(strategy: Strategy) -> None:
     if scorer.per_layer:
         raise SpecError(f"kvplug in vLLM: {scorer.name} decides per layer and request whether to evict, which "
                         f"vLLM's block accounting cannot follow yet; use it with the HF adapter")
+    if scorer.across_layers:
+        raise SpecError(f"kvplug in vLLM: {scorer.name} shares its budget across layers by each prompt's attention, "
+                        f"which vLLM's block accounting cannot know in advance; use {scorer.name}(layers=false) "
+                        f"or the HF adapter")
     if scorer.placement not in ("select", "window"):
         raise SpecError(f"kvplug in vLLM: {scorer.name} places its tokens as {scorer.placement!r}, which the vLLM "
                         f"adapter does not know; it places 'select' and 'window'")

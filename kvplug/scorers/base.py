@@ -36,6 +36,9 @@ class ScoreInputs:
     layer_idx: int = 0
     num_layers: int = 1
     rope: Rope | None = None  # the model's rotary embedding, where the adapter knows it (needs_rope)
+    out_proj: torch.Tensor | None = None
+    """The layer's attention output projection weight ``[hidden, Hq * D]`` (``o_proj``), where the
+    adapter knows it (``needs_out_proj``): query head ``h`` writes ``out_proj[:, h * D:(h + 1) * D] @ o_h``."""
 
     @property
     def num_kv_heads(self) -> int:
@@ -72,12 +75,17 @@ class Scorer(Part):
     evicts_on_decode: ClassVar[bool] = False
     needs_decode_attention: ClassVar[bool] = False
     needs_rope: ClassVar[bool] = False  # reads ScoreInputs.rope (queries before rotation)
+    needs_out_proj: ClassVar[bool] = False  # reads ScoreInputs.out_proj (what a value adds to the layer's output)
     placement: ClassVar[str] = "select"
     """Where the kept tokens live, for adapters that place them (vLLM's blocks): ``select`` keeps
     a prompt-time selection (and, with ``evicts_on_decode``, replaces its lowest-ranked slot by
     each generated token: h2o, tova); ``window`` keeps sinks plus a sliding window by position
     (:meth:`sinks_and_window`), also while generating (streaming); ``per_head`` holds a different
     count in each head (:meth:`head_capacity`: DuoAttention), which only per-head stores place."""
+    across_layers: ClassVar[bool] = False
+    """Whether the budget is shared across layers by a per-layer preference read from the prompt
+    (:meth:`layer_preference`: CAKE), so a layer's count is known only once every layer has seen
+    the prompt (adapters select after the last layer: :meth:`~kvplug.strategy.Strategy.layer_counts`)."""
     per_layer: ClassVar[bool] = False
     """Whether :meth:`for_layer` decides per layer and prompt whether to evict at all (SimLayerKV),
     so the tokens a layer keeps are not known from the prompt length alone."""
@@ -112,6 +120,10 @@ class Scorer(Part):
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         """Scores ``[B, Hkv, T]`` (see module docstring)."""
         raise NotImplementedError
+
+    def layer_preference(self, inputs: ScoreInputs) -> torch.Tensor:
+        """``across_layers``: how much of the budget this layer asks for ``[B]`` (non-negative)."""
+        raise NotImplementedError(f"{self.name} does not share its budget across layers")
 
     # Decode-time eviction (only for scorers with ``evicts_on_decode``).
     def running_scores(self, inputs: ScoreInputs) -> torch.Tensor:
