@@ -516,8 +516,69 @@ def test_scissorhands_prefill_counts_and_recent_window(gen):
     inputs = make_inputs(gen, window=8, pad=(0, 6))
     got = kept_sets(parse("scissorhands(budget=15, window=8, recent_ratio=0.2, threshold=1.5)").select(inputs))
     for b in range(2):
-        first = int((~inputs.valid[b]).sum())
         for kv in range(2):
             counts = naive_unimportant_counts(inputs, b, kv, 8, 1.5)
             scores = [-counts[j] if inputs.valid[b, j] else -math.inf for j in range(40)]
             assert got[b][kv] == naive_topk(scores, 15, must=set(range(37, 40))), (b, kv)
+
+
+def naive_chunked_attention(q, k, chunk):
+    """Per query head: attention each key gets from its chunk's queries, unscaled logits, float64;
+    a partial last chunk padded as the authors' code does (padding keys logit 0, padding queries a
+    uniform row over the whole chunk)."""
+    s = k.shape[0]
+    out = [0.0] * s
+    for start in range(0, s, chunk):
+        real = list(range(start, min(start + chunk, s)))
+        pad = chunk - len(real)
+        for i in real:
+            logits = [float(q[i] @ k[j]) for j in real] + [0.0] * pad
+            m = max(logits)
+            e = [math.exp(v - m) for v in logits]
+            for c, j in enumerate(real):
+                out[j] += e[c] / sum(e)
+        for j in real:  # each padding query: a row of zero logits, uniform over the chunk
+            out[j] += pad / chunk
+    return out
+
+
+def naive_zscore(xs):
+    mean = sum(xs) / len(xs)
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+    return [(x - mean) / max(std, 1e-6) for x in xs]
+
+
+@pytest.mark.parametrize("blending", [0.0, 0.7])
+def test_compactor_against_a_loop(gen, blending):
+    """Loop: non-causal chunked attention x |v|, pooled over 3, z-scored over the layer's heads;
+    plus blending x the z-scored leverage diag(X (X^T X + 0.01 I)^-1 X^T) of the centred, sketched
+    pre-RoPE keys (the sketch is the scorer's seeded draw, an input here); 2 + 3 sinks kept."""
+    from kvplug.rope import Rope
+
+    t, d, chunk = 40, 16, 12
+    inputs = make_inputs(gen, t=t, d=d, pad=(0, 4))
+    rope = Rope(1.0 / (100.0 ** (torch.arange(0, d, 2).float() / d)))
+    inputs = ScoreInputs(keys=inputs.keys, values=inputs.values, queries=inputs.queries, valid=inputs.valid,
+                         scale=inputs.scale, rope=rope, layer_idx=1)
+    spec = f"compactor(budget=17, sinks_start=2, sinks_end=3, chunk={chunk}, sketch=6, blending={blending}, seed=5)"
+    got = kept_sets(parse(spec).select(inputs))
+    sketch = torch.randn(2, d, 6, generator=torch.Generator().manual_seed(5 * 1009 + 1)) / math.sqrt(6)
+    for b in range(2):
+        first = int((~inputs.valid[b]).sum())
+        lo, hi = first + 2, t - 3
+        attn, lev = [], []
+        for kv in range(2):
+            k, v = inputs.keys[b, kv, lo:hi].double(), inputs.values[b, kv, lo:hi].double()
+            cols = [naive_chunked_attention(inputs.queries[b, h, lo:hi].double(), k, chunk) for h in (2 * kv, 2 * kv + 1)]
+            a = [(x + y) / 2 * float(v[j].norm()) for j, (x, y) in enumerate(zip(*cols))]
+            attn += [sum(a[max(j - 1, 0):j + 2]) / 3 for j in range(len(a))]
+            pos = torch.arange(2, t - first - 3)
+            pre = rope.unrotate(inputs.keys[b, kv, lo:hi], pos).double()
+            x = (pre - pre.mean(0)) @ sketch[kv].double()
+            hat = x @ torch.linalg.inv(x.T @ x + 0.01 * torch.eye(6, dtype=torch.float64)) @ x.T
+            lev += [max(float(hat[j, j]), 0.0) for j in range(hi - lo)]
+        z = [blending * lv + at for lv, at in zip(naive_zscore(lev), naive_zscore(attn))]
+        n = hi - lo
+        for kv in range(2):
+            scores = [-math.inf] * first + [math.inf] * 2 + z[kv * n:(kv + 1) * n] + [math.inf] * 3
+            assert got[b][kv] == naive_topk(scores, 17), (b, kv)

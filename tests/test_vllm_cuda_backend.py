@@ -377,6 +377,8 @@ def test_cuda_routes_eviction(cb, monkeypatch):
                                        ("snapkv(budget=30, window=8)", "compressed"),
                                        ("keydiff(budget=30)+int4", "compressed"),
                                        ("lagkv(budget=30, n_sink=2, lag=8)+int8", "compressed"),
+                                       ("curdkv(budget=30, local_window=8)+int8", "compressed"),
+                                       ("cake(budget=30, window=8, layers=false)+int8", "compressed"),
                                        ("streaming(sinks=3, window=20)+int8", "uncompressed"),
                                        ("streaming(sinks=3, window=20)+int8", "compressed"),
                                        ("snapkv(budget=24, window=8)+mixed(rotate=true)", "compressed")])

@@ -49,6 +49,8 @@ HEADS, QHEADS, DIM, LAYERS = 2, 4, 16, 2
     ("knorm(budget=30)", 100),
     ("random(budget=40%)", 90),
     ("snapkv(budget=25%, window=8)+int4", 150),
+    ("curdkv(budget=45)", 120),
+    ("cake(budget=40, window=8, layers=false)", 130),
 ])
 def test_worker_reads_what_the_hf_adapter_keeps(spec, prompt_len, gen):
     strategy = parse(spec)
@@ -110,6 +112,7 @@ def test_worker_reads_what_the_hf_adapter_keeps(spec, prompt_len, gen):
     ("h2o(budget=60)", 30),  # a short prompt grows up to the budget, then replaces
     ("tova(budget=32)", 80),
     ("tova(budget=32)+mixed(rotate=true)", 80),  # two widths in one page: moves keep K and V rows apart
+    ("scissorhands(budget=36, window=8, recent_ratio=0.25)", 90),
 ])
 def test_replacing_worker_holds_what_the_hf_adapter_holds(spec, prompt_len, gen):
     """h2o / tova: every decode step, beside the HF adapter's layer on the same queries, keys and

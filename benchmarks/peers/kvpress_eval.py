@@ -37,6 +37,9 @@ PRESSES = {
     "expected-attention": ("ExpectedAttentionPress", {}),
     "keydiff": ("KeyDiffPress", {}),
     "lagkv": ("LagKVPress", {}),
+    "curdkv": ("CURPress", {}),
+    "criticalkv-snapkv": ("CriticalKVPress", {"press": ("SnapKVPress", {})}),  # wraps a press
+    "compactor": ("CompactorPress", {}),  # its sketch comes from torch's global random state
 }
 
 
@@ -57,7 +60,12 @@ def methods(model, names: list[str], fraction: float) -> list[common.Method]:
         if name not in PRESSES:
             raise SystemExit(f"unknown press {name!r}; presses: {', '.join(PRESSES)}")
         cls, kw = PRESSES[name]
-        press = getattr(kvpress, cls)(compression_ratio=1 - fraction, **kw)
+        if "press" in kw:  # a wrapper: the inner press takes the ratio
+            inner, inner_kw = kw["press"]
+            press = getattr(kvpress, cls)(getattr(kvpress, inner)(compression_ratio=1 - fraction, **inner_kw),
+                                          **{k: v for k, v in kw.items() if k != "press"})
+        else:
+            press = getattr(kvpress, cls)(compression_ratio=1 - fraction, **kw)
         out.append(common.Method(f"kvpress-{name}({fraction * 100:g}%)", DynamicCache,
                                  lambda press=press: press(model)))
     return out

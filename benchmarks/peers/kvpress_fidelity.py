@@ -60,6 +60,10 @@ def presses(ratio: float) -> dict:
         "keydiff": kp.KeyDiffPress(compression_ratio=ratio),
         "lagkv": kp.LagKVPress(compression_ratio=ratio),  # n_sink=4, lag_size=128
         "chunkkv-knorm": kp.ChunkKVPress(kp.KnormPress(compression_ratio=ratio)),  # chunk_length=20
+        "curdkv": kp.CURPress(compression_ratio=ratio),  # 4 sinks, kv_product, windows of 16
+        "criticalkv-snapkv": kp.CriticalKVPress(kp.SnapKVPress(compression_ratio=ratio)),  # eps 1e-4, stage 1 half
+        # its leverage half draws a sketch from torch's global random state: only the attention half compares
+        "compactor-attention": kp.CompactorPress(compression_ratio=ratio, blending=0.0),  # sinks 8 + 4, chunks of 256
     }
 
 

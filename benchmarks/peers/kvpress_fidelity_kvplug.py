@@ -68,6 +68,10 @@ def variants(press: str, ratio: float, t: int, percent: bool = False) -> list[tu
         "keydiff": [(f"kvplug keydiff(budget={keep})", f"keydiff(budget={keep})")],
         "lagkv": [(f"kvplug lagkv(budget={keep})", f"lagkv(budget={keep})")],
         "chunkkv-knorm": [(f"kvplug knorm(budget={keep})+chunkkv", f"knorm(budget={keep})+chunkkv")],
+        "curdkv": [(f"kvplug curdkv(budget={keep})", f"curdkv(budget={keep})")],
+        "compactor-attention": [(f"kvplug compactor(budget={keep}, blending=0)", f"compactor(budget={keep}, blending=0)")],
+        "criticalkv-snapkv": [(f"kvplug criticalkv(budget={keep}, window=64, kernel=5)",
+                               f"criticalkv(budget={keep}, window=64, kernel=5)")],
     }[press]
 
 
@@ -90,8 +94,10 @@ def kvplug_kept(model, ids: torch.Tensor, spec) -> tuple[list, list]:
         t = keys.shape[2]
         sc = strategy.scorer
         window = t if sc.needs_all_queries else min(sc.observation_window, t)
+        out_proj = cache.view.attention[layer.layer_idx].o_proj.weight if sc.needs_out_proj else None
         inputs = ScoreInputs(keys=keys, values=values, queries=queries[:, :, t - window:], valid=valid, scale=scale,
-                             layer_idx=layer.layer_idx, num_layers=len(cache.layers), rope=cache.rope)
+                             layer_idx=layer.layer_idx, num_layers=len(cache.layers), rope=cache.rope,
+                             out_proj=out_proj)
         scores.append(sc.score(inputs)[0].double())
     return kept, scores
 
