@@ -63,3 +63,17 @@ def group_mean(per_query_head: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """``[B, Hq, ...]`` averaged over the query heads of each KV head: ``[B, Hkv, ...]``."""
     b, hq = per_query_head.shape[:2]
     return per_query_head.reshape(b, num_kv_heads, hq // num_kv_heads, *per_query_head.shape[2:]).mean(2)
+
+
+def step_attention(query: torch.Tensor, keys: torch.Tensor, scale: float,
+                   visible: torch.Tensor | None = None) -> torch.Tensor:
+    """One generated token's attention over the held slots, as decode-time eviction reads it:
+    ``query`` ``[B, Hq, D]``, ``keys`` ``[B, Hkv, S, D]``, ``visible`` ``[B, Hkv, S]`` (default:
+    all) -> the softmax over the visible slots averaged over each KV head's query heads ``[B, Hkv,
+    S]`` (float32; hidden slots 0)."""
+    b, hq, d = query.shape
+    h = keys.shape[1]
+    logits = (query.float().reshape(b, h, hq // h, d) @ keys.float().transpose(-1, -2)) * scale  # [B, H, G, S]
+    if visible is not None:
+        logits = logits.masked_fill(~visible[:, :, None, :], float("-inf"))
+    return torch.softmax(logits, -1).mean(2)

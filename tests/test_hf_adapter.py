@@ -438,53 +438,93 @@ def test_cake_splits_the_budget_over_layers_by_preference(gen):
                 assert kept[-3:] == [40, 41, 42]  # the generated tokens fed back, appended
 
 
-def test_scissorhands_decode_follows_a_naive_slot_loop(gen, monkeypatch):
-    """A float64 loop over the recorded prompt and every step's query and key: the prefill keeps
-    the top of -(unimportant count) with the newest 3 protected; each new token takes the slot
-    of the unprotected token with the highest count (the lowest slot on ties), then every held
-    token below 1/held of the step's group-mean attention counts once more."""
-    from test_scorers import naive_unimportant_counts, naive_topk
+def _naive_prefill(name, x, b, kv, window):
+    """Prefill scores of one row and KV head (float64 loops over the recorded prompt; finite, the
+    running scores generation starts from) and the positions kept at prefill whatever they score."""
+    from test_scorers import naive_probs, naive_unimportant_counts
+
+    t = x.keys.shape[2]
+    valid = x.valid[b]
+    if name == "scissorhands":
+        counts = naive_unimportant_counts(x, b, kv, window, 1.0)
+        return [-counts[j] if valid[j] else -math.inf for j in range(t)], set(range(t - 3, t))
+    if name == "h2o":  # attention summed over every prompt query, mean over the KV head's query heads
+        probs = naive_probs(x.queries[b], x.keys[b], valid, 0, x.scale)
+        acc = [sum(float(probs[h, i, j]) for h in (2 * kv, 2 * kv + 1) for i in range(t)) / 2 for j in range(t)]
+        return [acc[j] if valid[j] else -math.inf for j in range(t)], set(range(t - 3, t))
+    probs = naive_probs(x.queries[b, :, -1:], x.keys[b], valid, t - 1, x.scale)  # tova: the last query, all heads
+    last = [sum(float(probs[h, 0, j]) for h in range(4)) / 4 for j in range(t)]
+    return [last[j] if valid[j] else -math.inf for j in range(t)], {t - 1}
+
+
+@pytest.mark.parametrize("name, spec, length", [
+    ("scissorhands", "scissorhands(budget=12, window=8, recent_ratio=0.25)", 40),
+    ("h2o", "h2o(budget=12, recent_ratio=0.25)", 40),
+    ("h2o", "h2o(budget=12, recent_ratio=0.25)", 9),  # the cache fills while generating: decode scores decide
+    ("tova", "tova(budget=12)", 40),
+])
+def test_decode_time_eviction_follows_a_naive_slot_loop(gen, monkeypatch, name, spec, length):
+    """A float64 loop over the recorded prompt and every step's query and key, written from the
+    papers (not from kvplug's update code): the prefill keeps the top of the method's prompt
+    scores (its always-kept tokens first); each new token takes the slot of the lowest-scored
+    unprotected token (the lowest slot on ties; h2o and scissorhands protect the newest 3),
+    then the step's attention updates the scores: H2O adds it (group mean), TOVA replaces them by
+    it (mean over all query heads), Scissorhands counts one more for every token below 1/held."""
+    from test_scorers import naive_topk
 
     from kvplug.adapters.hf.layer import KVPlugLayer
 
     model = tiny()
-    ids, mask = prompts(gen, length=40, pad=6)
-    window, budget, steps = 8, 12, 10
+    ids, mask = prompts(gen, length=length, pad=2)
+    window, budget, steps = 8, 12, 40
     record = {0: {"q": [], "k": []}, 1: {"q": [], "k": []}}
     attend, append = KVPlugLayer.attend, KVPlugLayer._append
     monkeypatch.setattr(KVPlugLayer, "attend",
                         lambda self, q, scale: (record[self.layer_idx]["q"].append(q.clone()), attend(self, q, scale))[1])
     monkeypatch.setattr(KVPlugLayer, "_append",
                         lambda self, k, v: (record[self.layer_idx]["k"].append(k.clone()), append(self, k, v))[1])
-    cache = kvplug.hf.cache(model, f"scissorhands(budget={budget}, window={window}, recent_ratio=0.25)",
-                            paged=False, keep_prompt=True)
+    cache = kvplug.hf.cache(model, spec, paged=False, keep_prompt=True)
     greedy(model, ids, mask, steps=steps, cache=cache)
     for idx, layer in enumerate(cache.layers):
         keys, values, queries, valid, scale = layer.prompt
-        x = ScoreInputs(keys=keys, values=values, queries=queries[:, :, 40 - window:], valid=valid, scale=scale)
+        w = length if name == "h2o" else window
+        x = ScoreInputs(keys=keys, values=values, queries=queries[:, :, length - w:], valid=valid, scale=scale)
         for b in range(2):
             first = int((~valid[b]).sum())
-            n = 40 - first
+            n = length - first
+            held = {}
             for kv in range(2):
-                counts = naive_unimportant_counts(x, b, kv, window, 1.0)
-                scores = [-counts[j] if valid[b, j] else -math.inf for j in range(40)]
-                keep = sorted(naive_topk(scores, budget, must=set(range(37, 40))))
-                slots = [j - first for j in keep]  # logical positions, in prompt order
-                score = [float(-counts[j]) for j in keep]
-                k_held = [keys[b, kv, j].double() for j in keep]
-                for s in range(steps - 1):
-                    step = n + s
+                scores, must = _naive_prefill(name, x, b, kv, window)
+                keep = sorted(naive_topk(scores, min(budget, n), must=must))
+                held[kv] = {"pos": [j - first for j in keep], "score": [scores[j] for j in keep],
+                            "k": [keys[b, kv, j].double() for j in keep]}  # always-kept ones score on
+            for s in range(steps - 1):
+                step = n + s
+                for kv in range(2):
+                    hk = held[kv]
                     k_new = record[idx]["k"][s][b, kv, 0].double()
-                    protected = [p > step - 3 for p in slots]
-                    victim = min((i for i in range(budget) if not protected[i]), key=lambda i: (score[i], i))
-                    slots[victim], score[victim], k_held[victim] = step, 0.0, k_new
-                    q = record[idx]["q"][s][b, 2 * kv:2 * kv + 2, 0].double()  # the KV head's 2 query heads
-                    probs = [0.0] * budget
-                    for h in range(2):
-                        logits = [float(q[h] @ k) * scale for k in k_held]
-                        m = max(logits)
-                        e = [math.exp(v - m) for v in logits]
-                        for i in range(budget):
-                            probs[i] += e[i] / sum(e) / 2
-                    score = [sc - (p < 1 / budget) for sc, p in zip(score, probs)]
-                assert layer.slots.positions[b, kv].tolist() == slots, (idx, b, kv)
+                    if len(hk["pos"]) < budget:  # below the budget: the token joins at the next slot
+                        hk["pos"].append(step), hk["score"].append(0.0), hk["k"].append(k_new)
+                        continue
+                    protected = [name != "tova" and p > step - 3 for p in hk["pos"]]
+                    victim = min((i for i in range(budget) if not protected[i]), key=lambda i: (hk["score"][i], i))
+                    hk["pos"][victim], hk["score"][victim], hk["k"][victim] = step, 0.0, k_new
+                step_probs = {}
+                for h in range(4):
+                    q = record[idx]["q"][s][b, h, 0].double()
+                    logits = [float(q @ k) * scale for k in held[h // 2]["k"]]
+                    m = max(logits)
+                    e = [math.exp(v - m) for v in logits]
+                    step_probs[h] = [v / sum(e) for v in e]
+                for kv in range(2):
+                    hk = held[kv]
+                    held_now = len(hk["pos"])
+                    group = [(step_probs[2 * kv][i] + step_probs[2 * kv + 1][i]) / 2 for i in range(held_now)]
+                    if name == "h2o":
+                        hk["score"] = [sc + p for sc, p in zip(hk["score"], group)]
+                    elif name == "tova":
+                        hk["score"] = [sum(step_probs[h][i] for h in range(4)) / 4 for i in range(held_now)]
+                    else:
+                        hk["score"] = [sc - (p < 1 / held_now) for sc, p in zip(hk["score"], group)]
+            for kv in range(2):
+                assert layer.slots.positions[b, kv].tolist()[:budget] == held[kv]["pos"], (idx, b, kv)

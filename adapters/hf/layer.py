@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvplug.attention import group_mean
+from kvplug.attention import step_attention
 from kvplug.codecs.none import NoCodec
 from kvplug.errors import SpecError
 from kvplug.scorers.base import ScoreInputs
@@ -188,11 +188,9 @@ class KVPlugLayer(PromptFirstLayer):
             slot, added = counts, 1  # a head below its budget appends at its count
             self.high = min(self.high + 1, self.cap_max)  # a head at its budget overwrites
             if self.slots.capacity:
-                ranked = self.slots.scores.masked_fill(self.slots.positions < 0, float("inf"))
-                ranked = ranked.masked_fill(scorer.protected(self.slots.positions, step, self.capacity),
-                                            float("inf"))
                 room = counts < self.capacity
-                slot, added = torch.where(room, counts, ranked.argmin(-1)), room
+                victim = scorer.replaced(self.slots.scores, self.slots.positions, step, self.capacity)
+                slot, added = torch.where(room, counts, victim), room
             pos = step.squeeze(-1).expand_as(slot)
             new_score = scorer.new_token_score(pos)[..., None]
             self.slots.write(keys[..., i:i + 1, :], values[..., i:i + 1, :], slot[..., None], pos[..., None],
@@ -229,10 +227,7 @@ class KVPlugLayer(PromptFirstLayer):
         out = F.scaled_dot_product_attention(queries.to(keys.dtype), keys, values, attn_mask=mask, scale=scale,
                                              enable_gqa=hq != h).to(queries.dtype)
         if needs_probs:
-            last = queries[:, :, -1:].float()
-            logits = (last.reshape(b, h, hq // h, d) @ keys.float().transpose(-1, -2)) * scale
-            logits = logits.masked_fill(~visible[:, :, -1:, :], float("-inf"))
-            probs = group_mean(torch.softmax(logits, -1).reshape(b, hq, -1), h)
+            probs = step_attention(queries[:, :, -1], keys, scale, visible[:, :, -1, :])
             self.slots.scores = scorer.decode_update(self.slots.scores, probs)
         return out.transpose(1, 2)
 

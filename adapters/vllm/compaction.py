@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvplug.attention import group_mean
+from kvplug.attention import step_attention
 from kvplug.scorers.base import ScoreInputs
 from kvplug.strategy import Strategy
 
@@ -193,9 +193,7 @@ class LayerEviction:
         keys, values = self.paged.read(kv_cache, slots)
         out = attend(query, keys, values, scale, position)
         if self.replaces:
-            heads, group = keys.shape[0], query.shape[1] // keys.shape[0]
-            logits = query[0].float().view(heads, group, -1) @ keys.float().transpose(-1, -2) * scale
-            probs = group_mean(torch.softmax(logits, -1).flatten(0, 1)[None], heads)[0]  # [H, L]
+            probs = step_attention(query, keys[None], scale)[0]  # [H, L]
             _, running = self._state(kv_cache)
             running[slots] = self.strategy.scorer.decode_update(running[slots].T[None], probs[None])[0].T
         return out
@@ -210,10 +208,10 @@ class LayerEviction:
         own = slots_of(block_ids, torch.tensor([position], device=device), bs).expand(heads)
         target = own
         if len(held) >= capacity:
-            scorer = self.strategy.scorer
-            protected = scorer.protected(positions[held].T[None].long(), torch.full((1, 1, 1), position, device=device),
-                                         torch.full((1, heads), capacity, device=device))[0]
-            target = held[running[held].T.masked_fill(protected, float("inf")).argmin(-1)]  # [H]
+            victim = self.strategy.scorer.replaced(running[held].T[None], positions[held].T[None].long(),
+                                                   torch.full((1, 1, 1), position, device=device),
+                                                   torch.full((1, heads), capacity, device=device))[0]
+            target = held[victim]  # [H]
             self.paged.move(kv_cache, own[:, None], target[:, None])
         h = torch.arange(heads, device=device)
         positions[target, h] = position

@@ -140,6 +140,16 @@ class Scorer(Part):
         attention (mean over the group's query heads) when ``needs_decode_attention``."""
         return scores
 
+    def replaced(self, scores: torch.Tensor, positions: torch.Tensor, step: torch.Tensor,
+                 capacity: torch.Tensor) -> torch.Tensor:
+        """``evicts_on_decode``, at a head's capacity: the slot (index along the last axis) that
+        the token at ``step`` takes: the lowest running score ``[B, Hkv, S]`` among the slots that
+        hold a token (``positions`` >= 0) and are not :meth:`protected`; ties go to the lowest
+        slot. The one replace rule of every adapter: ``[B, Hkv]``."""
+        ranked = scores.masked_fill(positions < 0, float("inf"))
+        ranked = ranked.masked_fill(self.protected(positions, step, capacity), float("inf"))
+        return ranked.argmin(-1)
+
     def protected(self, positions: torch.Tensor, step: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
         """Slots (by logical ``positions`` ``[B, Hkv, S]``) that must not be evicted when the token
         at logical position ``step`` (``[B, 1, 1]``) arrives at heads holding at most ``capacity``

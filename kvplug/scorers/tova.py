@@ -37,12 +37,17 @@ class Tova(Scorer):
     def kept_tokens(self, present: int) -> int:
         return self.budget.resolve(present)
 
+    def running_scores(self, inputs: ScoreInputs) -> torch.Tensor:
+        """The last prompt query's attention (finite: ``keep_last`` holds at prefill only, so the
+        first generated token may replace the last prompt token if it ranks lowest)."""
+        return inputs.finish(inputs.window_probs[:, :, -1, :].mean(1, keepdim=True))  # [B, 1, T]
+
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
-        last = inputs.window_probs[:, :, -1, :].mean(1, keepdim=True)  # [B, 1, T]
+        last = self.running_scores(inputs)
         if self.keep_last:  # prompts are left-padded: the last column is every row's last token
             last = last.clone()
             last[..., -1] = ALWAYS
-        return inputs.finish(last)
+        return last
 
     def decode_update(self, scores: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
         return probs.mean(1, keepdim=True).expand_as(scores).clone()
