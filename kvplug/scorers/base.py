@@ -59,6 +59,18 @@ class ScoreInputs:
         """Attention received by each token, summed over all prompt queries ``[B, Hq, T]``."""
         return accumulated_attention(self.queries, self.keys, self.valid, self.scale)
 
+    def by_row(self, score_row) -> torch.Tensor:
+        """Scores ``[B, Hkv, T]`` from ``score_row(row, first, n)`` -> ``[Hkv, n]``, the scores of
+        one prompt's ``n`` real tokens (prompts are left-padded: columns ``first = T - n ..``);
+        padding never kept, finished as :meth:`finish`."""
+        b, h, t, _ = self.keys.shape
+        out = torch.full((b, h, t), NEVER, dtype=torch.float32, device=self.keys.device)
+        for row in range(b):
+            n = int(self.valid[row].sum())
+            if n:
+                out[row, :, t - n:] = score_row(row, t - n, n)
+        return self.finish(out)
+
     def finish(self, scores: torch.Tensor) -> torch.Tensor:
         """Scores with padding set to never-keep, broadcast to ``[B, Hkv, T]``, float32."""
         b, t = self.valid.shape

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from kvplug.parts import param
-from kvplug.scorers.base import ALWAYS, NEVER, ScoreInputs, Scorer
+from kvplug.scorers.base import ALWAYS, ScoreInputs, Scorer
 from kvplug.tokens import TokenCount
 
 
@@ -97,13 +97,7 @@ class Compactor(Scorer):
         return self.budget.resolve(present)
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
-        b, h, t, d = inputs.keys.shape
-        out = torch.full((b, h, t), NEVER, dtype=torch.float32, device=inputs.keys.device)
-        for row in range(b):  # prompts are left-padded: a row's tokens are its last n columns
-            n = int(inputs.valid[row].sum())
-            if n:
-                out[row, :, t - n:] = self._score_row(inputs, row, t - n, n)
-        return inputs.finish(out)
+        return inputs.by_row(lambda row, first, n: self._score_row(inputs, row, first, n))
 
     def _score_row(self, inputs: ScoreInputs, row: int, first: int, n: int) -> torch.Tensor:
         left = min(self.sinks_start, n)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from kvplug.parts import param
-from kvplug.scorers.base import ALWAYS, NEVER, ScoreInputs, Scorer
+from kvplug.scorers.base import ALWAYS, ScoreInputs, Scorer
 from kvplug.tokens import TokenCount
 
 
@@ -53,14 +53,8 @@ class CurDKV(Scorer):
         return self.budget.resolve(present)
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
-        b, h, t, _ = inputs.keys.shape
-        out = torch.full((b, h, t), NEVER, dtype=torch.float32, device=inputs.keys.device)
-        for row in range(b):  # prompts are left-padded: a row's tokens are its last n columns
-            n = int(inputs.valid[row].sum())
-            if n:
-                out[row, :, t - n:] = self._score_row(inputs.keys[row, :, t - n:].float(),
-                                                      inputs.values[row, :, t - n:].float())
-        return inputs.finish(out)
+        return inputs.by_row(lambda row, first, n: self._score_row(inputs.keys[row, :, first:].float(),
+                                                                   inputs.values[row, :, first:].float()))
 
     def _score_row(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """``[H, n, D]`` K/V of one prompt -> scores ``[H, n]``."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from kvplug.parts import param
-from kvplug.scorers.base import NEVER, ScoreInputs, Scorer
+from kvplug.scorers.base import ScoreInputs, Scorer
 from kvplug.tokens import TokenCount
 
 
@@ -46,14 +46,8 @@ class LagKV(Scorer):
         return self.budget.resolve(present)
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
-        b, h, t, d = inputs.keys.shape
-        out = torch.full((b, h, t), NEVER, dtype=torch.float32, device=inputs.keys.device)
-        for row in range(b):  # prompts are left-padded: a row's tokens are its last n columns
-            n = int(inputs.valid[row].sum())
-            if n:
-                out[row, :, t - n:] = self._score_row(inputs.keys[row, :, t - n:].float(),
-                                                      inputs.values[row, :, t - n:].float())
-        return inputs.finish(out)
+        return inputs.by_row(lambda row, first, n: self._score_row(inputs.keys[row, :, first:].float(),
+                                                                   inputs.values[row, :, first:].float()))
 
     def _score_row(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """``[H, n, D]`` K/V of one prompt -> scores ``[H, n]`` in ``[0, 1]``."""
