@@ -30,6 +30,15 @@ class Rope:
     def head_dim(self) -> int:
         return 2 * self.inv_freq.shape[-1]
 
+    def check_covers(self, head_dim: int, who: str) -> None:
+        """One-line :class:`SpecError` unless this RoPE rotates all ``head_dim`` channels (``who``
+        reads keys or queries before rotation, which partial rotary would leave half done)."""
+        if self.head_dim != head_dim:
+            from kvplug.errors import SpecError
+
+            raise SpecError(f"{who}: RoPE rotates {self.head_dim} of the {head_dim} head channels (partial rotary), "
+                            f"which it does not model yet")
+
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos``, ``sin`` ``[*positions.shape, D]`` in float32, without the scaling."""
         angles = positions.float()[..., None] * self.inv_freq.float().to(positions.device)

@@ -528,3 +528,15 @@ def test_decode_time_eviction_follows_a_naive_slot_loop(gen, monkeypatch, name, 
                         hk["score"] = [sc - (p < 1 / held_now) for sc, p in zip(hk["score"], group)]
             for kv in range(2):
                 assert layer.slots.positions[b, kv].tolist()[:budget] == held[kv]["pos"], (idx, b, kv)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("compactor(budget=50%)", "compactor: RoPE rotates 4 of the 16 head channels"),
+    ("expected_attention(budget=50%)", "expected_attention: RoPE rotates 4 of the 16 head channels"),
+    ("criticalkv(budget=50%)", "criticalkv weights values by the layer's output projection"),
+])
+def test_what_a_scorer_needs_of_the_model_is_checked_when_the_cache_is_made(spec, message):
+    """GPT-NeoX rotates a quarter of each head (partial rotary) and has no o_proj: refused in one line."""
+    with pytest.raises(SpecError, match=message) as info:
+        kvplug.hf.cache(tiny("gpt_neox"), spec)
+    assert "\n" not in str(info.value)

@@ -61,9 +61,11 @@ def cache(model, spec=None, paged: bool | None = None, keep_prompt: bool = False
         raise SpecError(f"{merger}: merges no layer pair of this {text.num_hidden_layers}-layer model; lower start")
     scorer = strategy.scorer
     rope = rope_of(model)
-    if scorer is not None and scorer.needs_rope and rope is None:
-        raise SpecError(f"{scorer.name} needs the model's rotary embedding; this {text.model_type} model has no "
-                        f"rotary module kvplug can read (inv_freq)")
+    if scorer is not None and scorer.needs_rope:
+        if rope is None:
+            raise SpecError(f"{scorer.name} needs the model's rotary embedding; this {text.model_type} model has no "
+                            f"rotary module kvplug can read (inv_freq)")
+        rope.check_covers(head_dim, scorer.name)
     view = ModelView.of(model)
     if scorer is not None and scorer.needs_out_proj and (
             len(view.attention) != text.num_hidden_layers

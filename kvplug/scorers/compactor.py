@@ -115,6 +115,9 @@ class Compactor(Scorer):
         attn = _zscore(F.avg_pool1d(attn[:, None], 3, stride=1, padding=1)[:, 0])
         blend = self.blending if self.blending >= 0 else 1 - min(self.kept_tokens(n), n) / n
         if blend:
+            if inputs.rope is None:
+                raise ValueError(f"{self.name} needs ScoreInputs.rope (the model's RoPE) for its leverage half")
+            inputs.rope.check_covers(keys.shape[-1], self.name)
             positions = torch.arange(left, n - right, device=keys.device)
             pre = inputs.rope.unrotate(keys, positions)
             gen = torch.Generator(device=keys.device).manual_seed(self.seed * 1009 + inputs.layer_idx)

@@ -54,9 +54,7 @@ class ExpectedAttention(Scorer):
         b, hq, t, d = q.shape
         if t != keys.shape[2]:
             raise ValueError(f"{self.name}: needs every prompt query ({keys.shape[2]}), got {t}")
-        if rope.head_dim != d:
-            raise SpecError(f"{self.name}: RoPE rotates {rope.head_dim} of the {d} head channels (partial rotary), "
-                            f"which it does not model yet")
+        rope.check_covers(d, self.name)
         pos = inputs.positions  # [B, T], -1 on padding
         stats = (pos >= self.n_sink)  # [B, T]: the positions the query statistics use
         n = stats.sum(-1).clamp(min=1).float()[:, None, None]  # [B, 1, 1]
