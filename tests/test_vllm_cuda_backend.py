@@ -289,8 +289,7 @@ def test_refusals_are_one_line(cb):
         check_engine(config, resolve("int4"), backend)
     for spec, kwargs, message in (("fp8", {}, "no paged kernel layout"), ("int4(group=32)", {}, "no paged kernel layout"),
                                   ("int4", {"dtype": torch.float32}, "runs models in float16, bfloat16"),
-                                  ("int4", {"head_dim": 80}, "head size 80 is not supported"),
-                                  ("tova(budget=64)+int4", {}, "tova ranks tokens")):
+                                  ("int4", {"head_dim": 80}, "head size 80 is not supported")):
         with pytest.raises(SpecError, match=message) as e:
             check_backend(backend, resolve(spec), **{"head_dim": D, "dtype": torch.float16, **kwargs})
         assert "\n" not in str(e.value)
@@ -362,12 +361,12 @@ def test_cuda_routes_eviction(cb, monkeypatch):
         assert builder.get_cudagraph_support(config, None) == cb.AttentionCGSupport.NEVER  # compaction is eager
         config.scheduler_config.enable_chunked_prefill = False
         assert builder.get_cudagraph_support(config, None) == cb.AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
-    from kvplug.errors import SpecError
-
-    spec = "h2o(budget=64)+int4"  # runs on the CPU backend: the kernel does not report attention
-    with pytest.raises(SpecError, match="h2o ranks tokens by the attention of each generated token") as e:
-        adapter._check_engine(_config(spec), resolve(spec))
-    assert "\n" not in str(e.value)
+    spec = "h2o(budget=64)+int4"  # replaces while generating: eager decodes, with or without chunked prefill
+    SELECTED["spec"] = spec
+    config = _config(spec)
+    config.scheduler_config.enable_chunked_prefill = False
+    adapter._check_engine(config, resolve(spec))
+    assert cb.KVPlugCudaMetadataBuilder.get_cudagraph_support(config, None) == cb.AttentionCGSupport.NEVER
 
 
 @pytest.mark.parametrize("spec,mode", [("snapkv(budget=24, window=8)+int4", "uncompressed"),
@@ -462,6 +461,55 @@ def test_forward_with_eviction_reads_the_kept_tokens_only(cb, spec, mode, gen):
                 ref = torch.softmax(qh @ keys.T * D ** -0.5, -1) @ values
                 got = out[r, h * G:(h + 1) * G].double()
                 assert (got - ref).norm() / ref.norm() < 1e-2, (spec, step, r, h)
+
+
+@pytest.mark.parametrize("spec", ["h2o(budget=24, recent_ratio=0.25)+int8", "tova(budget=20)+int4"])
+def test_replacing_eviction_decodes_what_the_hf_adapters_layer_holds(cb, spec, gen):
+    """h2o / tova on the CUDA backend (no graphs: each decode row's replace step runs eagerly):
+    two prompts, then 16 decode steps; every decode output equals the HF adapter's layer fed the
+    same queries, keys and values (its own codec store, its own replace rule), within fp16."""
+    from kvplug.adapters.hf.layer import KVPlugLayer
+    from kvplug.config import resolve
+
+    strategy = resolve(spec)
+    SELECTED["extra"] = {"kvplug_prefill": "uncompressed"}
+    impl = _impl(cb, spec)
+    assert cb.KVPlugCudaMetadataBuilder.get_cudagraph_support(_config(spec), None).name == "NEVER"
+    builder = cb.KVPlugCudaMetadataBuilder(None, ["model.layers.1.self_attn.attn"], _config(spec), torch.device("cpu"))
+    layer = SimpleNamespace(layer_name="model.layers.1.self_attn.attn")
+    nb, prompts, steps = 24, [60, 40], 16
+    kv_cache = torch.randint(0, 256, (nb, HKV, BS, cb.token_bytes(impl.layout)), dtype=torch.uint8, generator=gen)
+    tables = torch.randperm(nb, generator=gen)[:12].view(2, 6).int()
+    total = [p + steps for p in prompts]
+    q = [torch.randn(t, HKV * G, D, generator=gen).half() for t in total]
+    k = [torch.randn(t, HKV, D, generator=gen).half() for t in total]
+    v = [torch.randn(t, HKV, D, generator=gen).half() for t in total]
+    lens = torch.tensor(prompts)
+
+    def run(pieces, ctx):
+        rows = [r for r, _ in pieces]
+        slots = torch.cat([tables[r, torch.arange(a, b) // BS].long() * BS + torch.arange(a, b) % BS for r, (a, b) in pieces])
+        md = builder.build(0, _common([b - a for _, (a, b) in pieces], ctx, slots, tables[rows]))
+        md.attach_prompt_lens(lens[rows])
+        cat = lambda xs: torch.cat([x[r][a:b] for x, (r, (a, b)) in ((xs, p) for p in pieces)])  # noqa: E731
+        out = torch.full((len(slots), HKV * G, D), float("nan"), dtype=torch.float16)
+        impl.forward(layer, cat(q), cat(k), cat(v), kv_cache, md, output=out)
+        return out
+
+    assert not run([(0, (0, prompts[0])), (1, (0, prompts[1]))], [0, 0]).isnan().any()
+    hf = []
+    for r, p in enumerate(prompts):
+        ours = KVPlugLayer(strategy, 1, LAYERS)
+        ours.update(k[r][None, :p].transpose(1, 2), v[r][None, :p].transpose(1, 2))
+        ours.compress_prompt(q[r][None, :p].transpose(1, 2), torch.ones(1, p, dtype=torch.bool), D ** -0.5)
+        hf.append(ours)
+    for step in range(steps):
+        n = [p + step for p in prompts]
+        out = run([(0, (n[0], n[0] + 1)), (1, (n[1], n[1] + 1))], n)
+        for r in range(2):
+            hf[r].update(k[r][None, n[r]:n[r] + 1].transpose(1, 2), v[r][None, n[r]:n[r] + 1].transpose(1, 2))
+            ref = hf[r].attend(q[r][None, n[r]:n[r] + 1].transpose(1, 2), D ** -0.5)[0, 0].double()
+            assert (out[r].double() - ref).norm() / ref.norm() < 1e-2, (spec, step, r)
 
 
 def test_model_runner_hook_fills_the_held_spans_of_each_group_once(cb, monkeypatch, gen):

@@ -61,7 +61,7 @@ from kvplug.rotation import hadamard, rotate
 from . import compat, layer_spec, prefill_mode, selected_strategy
 from .capabilities import Engine, Support, check_head_sizes, check_layer, cuda_page, resolve_configured
 from .compaction import LayerEviction, attend
-from .eviction import READ_ALL, held_spans
+from .eviction import READ_ALL, held_spans, replaces
 from .layout import PagedKV, TokenLayout, as_triton_cache
 
 def token_bytes(layout) -> int:
@@ -78,7 +78,7 @@ class KVPlugCudaBackend(AttentionBackend):
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16]
     supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto"]
     kvplug_support: ClassVar[Support] = Support(
-        platform="CUDA", page=cuda_page, replaces_on_decode=False, raw_prefill_with_context=False,
+        platform="CUDA", page=cuda_page, replaces_on_decode=True, raw_prefill_with_context=False,
         encoder_attention=False)
     engine: ClassVar[Engine | None] = None
 
@@ -178,6 +178,8 @@ class KVPlugCudaMetadataBuilder(AttentionMetadataBuilder[KVPlugCudaMetadata]):
         strategy = selected_strategy(vllm_config)
         sched = getattr(vllm_config, "scheduler_config", None)
         if strategy is not None and strategy.evicts and getattr(sched, "enable_chunked_prefill", False):
+            return AttentionCGSupport.NEVER
+        if strategy is not None and replaces(strategy):  # each decode row's replace step runs in Python
             return AttentionCGSupport.NEVER
         return cls._cudagraph_support
 
@@ -285,7 +287,9 @@ class KVPlugCudaImpl(AttentionImpl):
         triton_ops.store_kv(k, v, cache, attn_metadata.slot_mapping[:n], self.layout)
         ev = self._layer_eviction(layer) if self.strategy.evicts else None
         nd = attn_metadata.num_decodes
-        if nd:
+        if nd and ev is not None and ev.replaces:
+            self._replacing_decodes(ev, query, kv_cache, attn_metadata, output)
+        elif nd:
             held = None if ev is None else attn_metadata.held[ev.layer_idx, :nd]
             self._in_page_basis(lambda q, out: triton_ops.decode_attention(
                 q, cache, self.layout, attn_metadata.block_table[:nd], attn_metadata.seq_lens[:nd], self.scale,
@@ -296,6 +300,28 @@ class KVPlugCudaImpl(AttentionImpl):
         if ev is not None and (attn_metadata.num_prefill_tokens or attn_metadata.prompt_decode_rows):
             self._compress_prompts(ev, query, key, value, kv_cache, attn_metadata, output)
         return output
+
+    def _replacing_decodes(self, ev: LayerEviction, query, kv_cache, md: KVPlugCudaMetadata, output) -> None:
+        """Decode rows of a strategy that replaces kept tokens while generating (h2o, tova): per
+        request, :meth:`.compaction.LayerEviction.extend` (the CPU backend's step: the new token
+        takes the lowest-ranked slot, attention over the held tokens, the running scores take its
+        attention), eager (``get_cudagraph_support`` says NEVER). A one-token prompt chunk row is
+        served by the decode kernel as any other and compacted after (``_compress_prompts``)."""
+        nd = md.num_decodes
+        prompt_lens = compat.required_prompt_lengths(md.prompt_lens)
+        seq_lens = md.decode_seq_lens_cpu if md.decode_seq_lens_cpu is not None else md.seq_lens[:nd].cpu()
+        prompt_rows = set(md.prompt_decode_rows)
+        for row in range(min(nd, len(prompt_lens))):
+            context = int(seq_lens[row]) - 1
+            prompt_len = int(prompt_lens[row])
+            if row in prompt_rows or context < prompt_len:
+                self._in_page_basis(lambda q, out: triton_ops.decode_attention(
+                    q, as_triton_cache(kv_cache, self.layout), self.layout, md.block_table[row:row + 1],
+                    md.seq_lens[row:row + 1], self.scale, out=out), query[row:row + 1], output[row:row + 1])
+                continue
+            self._in_page_basis(lambda q, out: out.copy_(ev.extend(q, kv_cache, md.block_table[row], prompt_len,
+                                                                   context, self.scale)),
+                                query[row:row + 1], output[row:row + 1])
 
     def _in_page_basis(self, attend, q, out) -> None:
         """``attend(q, out)``, an attention over the pages, in the pages' basis: for a rotated

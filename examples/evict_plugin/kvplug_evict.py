@@ -13,8 +13,7 @@ prompt-time selection whose lowest-ranked slot a generated token replaces), ``ev
 and ``needs_decode_attention``, ``sinks_and_window`` for the first, ``decode_update`` and
 ``new_token_score`` for the second. So ``kvplug.hf.cache(model, "ema(budget=256)+int4")`` and
 ``vllm serve MODEL --additional-config '{"kvplug": "recent(window=512)"}'`` work as they do for
-kvplug's own parts, and vLLM frees the blocks the evicted tokens leave (on vLLM's CPU platform for
-``ema``; its CUDA backend does not replace tokens while generating yet).
+kvplug's own parts, and vLLM frees the blocks the evicted tokens leave.
 
 Install it as a distribution with this entry point (``pyproject.toml`` beside this file):
 
