@@ -13,7 +13,8 @@ if not torch.cuda.is_available():
 
 @pytest.fixture
 def gen(request) -> torch.Generator:
-    """A generator seeded freshly for each test (the seed is printed, shown on failure)."""
-    seed = int.from_bytes(os.urandom(4), "little")
+    """A generator seeded freshly for each test (the seed is printed, shown on failure;
+    ``KVPLUG_TEST_SEED=N`` replays it)."""
+    seed = int(os.environ.get("KVPLUG_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     print(f"seed={seed}")
     return torch.Generator().manual_seed(seed)

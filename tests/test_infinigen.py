@@ -316,20 +316,24 @@ def test_paged_token_rows_path_equals_the_reference_path(spec, gen):
     mask[1, :7] = 0
     extra = torch.randint(0, 300, (2, 3), generator=gen)
 
-    def run(paged):
+    def run(paged, tokens=None):
+        """Logits of the prompt, 4 greedy steps and a 3-token step; ``tokens``: feed these instead
+        of this run's own argmax (so a near-tie in bf16 cannot send the two paths down other text)."""
         cache = kvplug.hf.cache(model, spec, paged=paged)
         am = mask
         logits = [model(input_ids=ids, attention_mask=am, past_key_values=cache).logits[:, -1]]
-        for _ in range(4):
-            token = logits[-1].argmax(-1, keepdim=True)
+        fed = []
+        for i in range(4):
+            token = logits[-1].argmax(-1, keepdim=True) if tokens is None else tokens[i]
+            fed.append(token)
             am = torch.cat([am, torch.ones_like(token)], 1)
             logits.append(model(input_ids=token, attention_mask=am, past_key_values=cache).logits[:, -1])
         am = torch.cat([am, torch.ones_like(extra)], 1)
         logits.append(model(input_ids=extra, attention_mask=am, past_key_values=cache).logits[:, -1])
-        return torch.stack(logits).float(), cache
+        return torch.stack(logits).float(), cache, fed
 
-    ref, ref_cache = run(False)
-    got, paged_cache = run(True)
+    ref, ref_cache, fed = run(False)
+    got, paged_cache, _ = run(True, fed)
     from kvplug.adapters.hf.offload import PagedOffload
 
     offloaded = [layer for layer in paged_cache.layers[1:]]  # layer 0 is dense (dense_layers=1)
