@@ -18,12 +18,14 @@ token on these prompts; hence 2 tokens for int2, 4 for int4.
 
 from __future__ import annotations
 
+import atexit
 import importlib.metadata
 import importlib.util
 import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -149,7 +151,11 @@ def _gap(step: dict) -> float:
 
 
 def engine(job: dict, tmp: Path, env: dict | None = None, script: str = __file__) -> dict:
-    """Run ``job`` in a fresh process (``script`` run with the path of the job as JSON) and return its results."""
+    """Run ``job`` in a fresh process (``script`` run with the path of the job as JSON) and return its results.
+
+    Without ``env``, the process is forked from one that has imported vLLM already (:class:`Zygote`),
+    saving the import each engine's process would repeat; with ``env`` (a different environment at
+    import: the plugin allow-list, ``KVPLUG_STRATEGY``) it is started from scratch."""
     name = job.get("name") or str(job.get("spec"))
     job = dict(job, out=str(tmp / f"{name}.json"))
     environ = {k: v for k, v in os.environ.items() if k != "KVPLUG_STRATEGY"}
@@ -157,14 +163,139 @@ def engine(job: dict, tmp: Path, env: dict | None = None, script: str = __file__
     log = tmp / f"{name}.log"
     spec_file = tmp / f"{name}.job.json"  # a file: a job's prompts can exceed the OS limit of one argument
     spec_file.write_text(json.dumps(job))
-    with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, script, str(spec_file)], env=environ, stdout=f,
-                              stderr=subprocess.STDOUT, timeout=ENGINE_TIMEOUT, cwd=tmp)
-    if proc.returncode or not Path(job["out"]).exists():
-        raise AssertionError(f"engine {name} failed (rc {proc.returncode}):\n{log.read_text()[-4000:]}")
+    if env:
+        with open(log, "w") as f:
+            rc = subprocess.run([sys.executable, script, str(spec_file)], env=environ, stdout=f,
+                                stderr=subprocess.STDOUT, timeout=ENGINE_TIMEOUT, cwd=tmp).returncode
+    else:
+        rc = Zygote.get(environ, tmp).run(script, spec_file, log, tmp, environ, ENGINE_TIMEOUT)
+    if rc or not Path(job["out"]).exists():
+        raise AssertionError(f"engine {name} failed (rc {rc}):\n{log.read_text()[-4000:]}")
     result = json.loads(Path(job["out"]).read_text())
     result["log"] = log.read_text()
     return result
+
+
+class Zygote:
+    """A process that has imported vLLM (about 15 of the 20 s an engine's process takes to start on
+    a 2-core CI machine) and forks one child per engine job. A child is as fresh as a new process
+    for what the engines test: no LLM was ever made in the zygote and no plugin loaded (kvplug is
+    not imported there), and its environment is the job's: the one the zygote started with (one
+    zygote per environment, up to ``PYTEST_CURRENT_TEST``, which pytest changes per test and the
+    child gets exactly). The child gets its own log as stdout and stderr, stdin from /dev/null, the
+    job's directory as cwd, and runs ``script`` as ``python script JOB`` would, exiting through the
+    interpreter's normal shutdown; its exit code comes back, and past ``timeout`` it is killed."""
+
+    current: "Zygote | None" = None
+
+    @staticmethod
+    def key(environ: dict) -> dict:
+        return {k: v for k, v in environ.items() if k != "PYTEST_CURRENT_TEST"}
+
+    def __init__(self, environ: dict, tmp: Path):
+        self.environ, self.log = self.key(environ), tmp / "zygote.log"
+        self.proc = subprocess.Popen([sys.executable, __file__, "--zygote", str(self.log)], env=environ,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=tmp)
+        self.buffer = b""
+        self.expect("ready", ENGINE_TIMEOUT)
+
+    @classmethod
+    def get(cls, environ: dict, tmp: Path) -> "Zygote":
+        if cls.current is None or cls.current.environ != cls.key(environ) or cls.current.proc.poll() is not None:
+            if cls.current is not None:
+                cls.current.close()
+            cls.current = cls(environ, tmp)
+            atexit.register(cls.current.close)
+        return cls.current
+
+    def close(self) -> None:
+        self.proc.stdin.close()  # the zygote ends on end of input
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+    def reply(self, timeout: float) -> str:
+        import select
+
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buffer:
+            if not select.select([fd], [], [], timeout)[0]:
+                raise subprocess.TimeoutExpired("zygote", timeout)
+            data = os.read(fd, 4096)
+            if not data:
+                raise AssertionError(f"the zygote exited (rc {self.proc.wait()}):\n{self.log.read_text()[-4000:]}")
+            self.buffer += data
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line.decode()
+
+    def expect(self, word: str, timeout: float) -> str:
+        line = self.reply(timeout)
+        assert line.split()[0] == word, f"zygote said {line!r}, not {word}:\n{self.log.read_text()[-4000:]}"
+        return line
+
+    def run(self, script: str, job: Path, log: Path, cwd: Path, environ: dict, timeout: float) -> int:
+        assert self.key(environ) == self.environ
+        request = {"script": str(Path(script).resolve()), "job": str(job), "log": str(log), "cwd": str(cwd),
+                   "env": environ}
+        self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+        self.proc.stdin.flush()
+        pid = int(self.expect("pid", 60).split()[1])
+        try:
+            return int(self.expect("rc", timeout).split()[1])
+        except subprocess.TimeoutExpired:
+            os.kill(pid, signal.SIGKILL)  # as subprocess.run's timeout: kill, reap, raise
+            self.expect("rc", 60)
+            raise subprocess.TimeoutExpired([script, str(job)], timeout) from None
+        except BaseException:  # interrupted: the child goes too, as subprocess.run's would
+            os.kill(pid, signal.SIGKILL)
+            raise
+
+
+def _zygote_main(log: str) -> None:
+    """The zygote (``python this_file --zygote LOG``): import vLLM, then per request line fork a child."""
+    import runpy
+    import traceback
+
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)  # what the import prints goes to the zygote's log, not to the replies
+    os.dup2(fd, 2)
+    os.close(fd)
+    from vllm import LLM, SamplingParams  # noqa: F401  (the import every engine's process would repeat)
+
+    replies.write("ready\n")
+    while line := sys.stdin.readline():
+        request = json.loads(line)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: set up as a fresh `python script job` process, run, exit
+            replies.close()
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.close(null)
+            fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.close(fd)
+            os.environ.clear()
+            os.environ.update(request["env"])
+            os.chdir(request["cwd"])
+            sys.argv = [request["script"], request["job"]]
+            sys.path[0] = os.path.dirname(request["script"])
+            code = 0
+            try:
+                runpy.run_path(request["script"], run_name="__main__")
+            except SystemExit as e:
+                code = e.code
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            sys.exit(code)  # through the interpreter's shutdown, as the process of a script would
+        replies.write(f"pid {pid}\n")
+        _, status = os.waitpid(pid, 0)
+        replies.write(f"rc {os.waitstatus_to_exitcode(status)}\n")
 
 
 # fixtures: engines shared by the checks -------------------------------------------------------------------
@@ -365,4 +496,7 @@ def test_vllm_serve_answers_a_completion(setup):
 
 
 if __name__ == "__main__":
-    run_job(json.loads(Path(sys.argv[1]).read_text()))
+    if sys.argv[1] == "--zygote":
+        _zygote_main(sys.argv[2])
+    else:
+        run_job(json.loads(Path(sys.argv[1]).read_text()))
