@@ -369,6 +369,32 @@ def test_cuda_routes_eviction(cb, monkeypatch):
     assert cb.KVPlugCudaMetadataBuilder.get_cudagraph_support(config, None) == cb.AttentionCGSupport.NEVER
 
 
+def _two_requests(cb, impl, builder, layer, nb, blocks, prompts, steps, gen):
+    """A poisoned cache, two requests' block tables of ``blocks`` shuffled blocks, their queries,
+    keys and values (prompt + ``steps``), and ``run(pieces, ctx)``: one step of (request, token
+    range) pieces, one-token rows first, through ``impl.forward``; the output rows in order."""
+    kv_cache = torch.randint(0, 256, (nb, HKV, BS, cb.token_bytes(impl.layout)), dtype=torch.uint8, generator=gen)
+    tables = torch.randperm(nb, generator=gen)[:2 * blocks].view(2, blocks).int()
+    total = [p + steps for p in prompts]
+    q = [torch.randn(t, HKV * G, D, generator=gen).half() for t in total]
+    k = [torch.randn(t, HKV, D, generator=gen).half() for t in total]
+    v = [torch.randn(t, HKV, D, generator=gen).half() for t in total]
+    lens = torch.tensor(prompts)
+
+    def run(pieces, ctx):
+        rows = [r for r, _ in pieces]
+        slots = torch.cat([tables[r, torch.arange(a, b) // BS].long() * BS + torch.arange(a, b) % BS for r, (a, b) in pieces])
+        md = builder.build(0, _common([b - a for _, (a, b) in pieces], ctx, slots, tables[rows]))
+        builder.held.fill_(-12345)  # stale rows: the step's own must be written
+        md.attach_prompt_lens(lens[rows])
+        cat = lambda xs: torch.cat([x[r][a:b] for x, (r, (a, b)) in ((xs, p) for p in pieces)])  # noqa: E731
+        out = torch.full((len(slots), HKV * G, D), float("nan"), dtype=torch.float16)
+        impl.forward(layer, cat(q), cat(k), cat(v), kv_cache, md, output=out)
+        return out
+
+    return kv_cache, tables, q, k, v, run
+
+
 @pytest.mark.parametrize("spec,mode", [("snapkv(budget=24, window=8)+int4", "uncompressed"),
                                        ("snapkv(budget=24, window=8)+int4", "compressed"),
                                        ("knorm(budget=40%)+pyramid(beta=4)", "uncompressed"),
@@ -401,26 +427,7 @@ def test_forward_with_eviction_reads_the_kept_tokens_only(cb, spec, mode, gen):
     layer = SimpleNamespace(layer_name="model.layers.1.self_attn.attn")
     assert _backend(cb, spec).engine.evicting == (str(strategy), LAYERS)
     nb, prompts, steps = 24, [70, 45], 20
-    c = cb.token_bytes(impl.layout)
-    kv_cache = torch.randint(0, 256, (nb, HKV, BS, c), dtype=torch.uint8, generator=gen)
-    tables = torch.randperm(nb, generator=gen)[:16].view(2, 8).int()
-    total = [p + steps for p in prompts]
-    q = [torch.randn(t, HKV * G, D, generator=gen).half() for t in total]
-    k = [torch.randn(t, HKV, D, generator=gen).half() for t in total]
-    v = [torch.randn(t, HKV, D, generator=gen).half() for t in total]
-    lens = torch.tensor(prompts)
-
-    def run(pieces, ctx):
-        """One step: (request, token range) pieces, one-token rows first; the output rows in order."""
-        rows = [r for r, _ in pieces]
-        slots = torch.cat([tables[r, torch.arange(a, b) // BS].long() * BS + torch.arange(a, b) % BS for r, (a, b) in pieces])
-        md = builder.build(0, _common([b - a for _, (a, b) in pieces], ctx, slots, tables[rows]))
-        builder.held.fill_(-12345)  # stale rows: the step's own must be written
-        md.attach_prompt_lens(lens[rows])
-        cat = lambda xs: torch.cat([x[r][a:b] for x, (r, (a, b)) in ((xs, p) for p in pieces)])  # noqa: E731
-        out = torch.full((len(slots), HKV * G, D), float("nan"), dtype=torch.float16)
-        impl.forward(layer, cat(q), cat(k), cat(v), kv_cache, md, output=out)
-        return out
+    kv_cache, tables, q, k, v, run = _two_requests(cb, impl, builder, layer, nb, 8, prompts, steps, gen)
 
     codec = strategy.codec
 
@@ -478,23 +485,7 @@ def test_replacing_eviction_decodes_what_the_hf_adapters_layer_holds(cb, spec, g
     builder = cb.KVPlugCudaMetadataBuilder(None, ["model.layers.1.self_attn.attn"], _config(spec), torch.device("cpu"))
     layer = SimpleNamespace(layer_name="model.layers.1.self_attn.attn")
     nb, prompts, steps = 24, [60, 40], 16
-    kv_cache = torch.randint(0, 256, (nb, HKV, BS, cb.token_bytes(impl.layout)), dtype=torch.uint8, generator=gen)
-    tables = torch.randperm(nb, generator=gen)[:12].view(2, 6).int()
-    total = [p + steps for p in prompts]
-    q = [torch.randn(t, HKV * G, D, generator=gen).half() for t in total]
-    k = [torch.randn(t, HKV, D, generator=gen).half() for t in total]
-    v = [torch.randn(t, HKV, D, generator=gen).half() for t in total]
-    lens = torch.tensor(prompts)
-
-    def run(pieces, ctx):
-        rows = [r for r, _ in pieces]
-        slots = torch.cat([tables[r, torch.arange(a, b) // BS].long() * BS + torch.arange(a, b) % BS for r, (a, b) in pieces])
-        md = builder.build(0, _common([b - a for _, (a, b) in pieces], ctx, slots, tables[rows]))
-        md.attach_prompt_lens(lens[rows])
-        cat = lambda xs: torch.cat([x[r][a:b] for x, (r, (a, b)) in ((xs, p) for p in pieces)])  # noqa: E731
-        out = torch.full((len(slots), HKV * G, D), float("nan"), dtype=torch.float16)
-        impl.forward(layer, cat(q), cat(k), cat(v), kv_cache, md, output=out)
-        return out
+    kv_cache, tables, q, k, v, run = _two_requests(cb, impl, builder, layer, nb, 6, prompts, steps, gen)
 
     assert not run([(0, (0, prompts[0])), (1, (0, prompts[1]))], [0, 0]).isnan().any()
     hf = []

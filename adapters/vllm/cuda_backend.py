@@ -288,7 +288,7 @@ class KVPlugCudaImpl(AttentionImpl):
         ev = self._layer_eviction(layer) if self.strategy.evicts else None
         nd = attn_metadata.num_decodes
         if nd and ev is not None and ev.replaces:
-            self._replacing_decodes(ev, query, kv_cache, attn_metadata, output)
+            self._replacing_decodes(ev, query, kv_cache, cache, attn_metadata, output)
         elif nd:
             held = None if ev is None else attn_metadata.held[ev.layer_idx, :nd]
             self._in_page_basis(lambda q, out: triton_ops.decode_attention(
@@ -301,7 +301,7 @@ class KVPlugCudaImpl(AttentionImpl):
             self._compress_prompts(ev, query, key, value, kv_cache, attn_metadata, output)
         return output
 
-    def _replacing_decodes(self, ev: LayerEviction, query, kv_cache, md: KVPlugCudaMetadata, output) -> None:
+    def _replacing_decodes(self, ev: LayerEviction, query, kv_cache, cache, md: KVPlugCudaMetadata, output) -> None:
         """Decode rows of a strategy that replaces kept tokens while generating (h2o, tova): per
         request, :meth:`.compaction.LayerEviction.extend` (the CPU backend's step: the new token
         takes the lowest-ranked slot, attention over the held tokens, the running scores take its
@@ -316,7 +316,7 @@ class KVPlugCudaImpl(AttentionImpl):
             prompt_len = int(prompt_lens[row])
             if row in prompt_rows or context < prompt_len:
                 self._in_page_basis(lambda q, out: triton_ops.decode_attention(
-                    q, as_triton_cache(kv_cache, self.layout), self.layout, md.block_table[row:row + 1],
+                    q, cache, self.layout, md.block_table[row:row + 1],
                     md.seq_lens[row:row + 1], self.scale, out=out), query[row:row + 1], output[row:row + 1])
                 continue
             self._in_page_basis(lambda q, out: out.copy_(ev.extend(q, kv_cache, md.block_table[row], prompt_len,
