@@ -470,11 +470,13 @@ def test_forward_with_eviction_reads_the_kept_tokens_only(cb, spec, mode, gen):
                 assert (got - ref).norm() / ref.norm() < 1e-2, (spec, step, r, h)
 
 
+@pytest.mark.parametrize("prompts", [(60, 40), (60, 12)], ids=["both-full", "one-grows"])
 @pytest.mark.parametrize("spec", ["h2o(budget=24, recent_ratio=0.25)+int8", "tova(budget=20)+int4"])
-def test_replacing_eviction_decodes_what_the_hf_adapters_layer_holds(cb, spec, gen):
-    """h2o / tova on the CUDA backend (no graphs: each decode row's replace step runs eagerly):
-    two prompts, then 16 decode steps; every decode output equals the HF adapter's layer fed the
-    same queries, keys and values (its own codec store, its own replace rule), within fp16."""
+def test_replacing_eviction_decodes_what_the_hf_adapters_layer_holds(cb, spec, prompts, gen):
+    """h2o / tova on the CUDA backend (no graphs; the replace step of all decode rows at once):
+    two prompts (a 12-token one grows to the budget, then replaces), then 16 decode steps; every
+    decode output equals the HF adapter's layer fed the same queries, keys and values (its own
+    codec store, its own replace rule), within fp16."""
     from kvplug.adapters.hf.layer import KVPlugLayer
     from kvplug.config import resolve
 
@@ -484,7 +486,7 @@ def test_replacing_eviction_decodes_what_the_hf_adapters_layer_holds(cb, spec, g
     assert cb.KVPlugCudaMetadataBuilder.get_cudagraph_support(_config(spec), None).name == "NEVER"
     builder = cb.KVPlugCudaMetadataBuilder(None, ["model.layers.1.self_attn.attn"], _config(spec), torch.device("cpu"))
     layer = SimpleNamespace(layer_name="model.layers.1.self_attn.attn")
-    nb, prompts, steps = 24, [60, 40], 16
+    nb, prompts, steps = 24, list(prompts), 16
     kv_cache, tables, q, k, v, run = _two_requests(cb, impl, builder, layer, nb, 6, prompts, steps, gen)
 
     assert not run([(0, (0, prompts[0])), (1, (0, prompts[1]))], [0, 0]).isnan().any()

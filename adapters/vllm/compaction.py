@@ -186,39 +186,70 @@ class LayerEviction:
         """One generated token's step (its K/V already stored at its own slot): with :attr:`replaces`
         it first takes the slot of each head's lowest-ranked unprotected token (as the HF adapter's
         layer does), then attends over the held tokens, whose running scores then take this step's
-        attention. Returns ``[1, Hq, D]``."""
+        attention (:meth:`admit` and :meth:`rescore` for one row). Returns ``[1, Hq, D]``."""
         if self.replaces:
-            self._admit(kv_cache, block_ids, prompt_len, position)
-        slots = self.held_slots(block_ids, prompt_len, position + 1, kv_cache.shape[2])
-        keys, values = self.paged.read(kv_cache, slots)
-        out = attend(query, keys, values, scale, position)
-        if self.replaces:
-            probs = step_attention(query, keys[None], scale)[0]  # [H, L]
-            _, running = self._state(kv_cache)
-            running[slots] = self.strategy.scorer.decode_update(running[slots].T[None], probs[None])[0].T
-        return out
+            p = self.plan(prompt_len, position + 1)
+            count = min(p.front, position + 1 - p.base)
+            device = block_ids.device
+            slots, _ = self.admit(kv_cache, block_ids[None], torch.tensor([p.base], device=device),
+                                  torch.tensor([p.front], device=device), torch.tensor([position], device=device),
+                                  count)
+            keys, values = self.paged.read(kv_cache, slots[0])
+            out = attend(query, keys, values, scale, position)
+            self.rescore(query, keys[None], slots, torch.ones_like(slots, dtype=torch.bool), kv_cache, scale)
+            return out
+        keys, values = self.read(kv_cache, block_ids, prompt_len, position + 1)
+        return attend(query, keys, values, scale, position)
 
-    def _admit(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, prompt_len: int, position: int) -> None:
-        """The token at ``position`` joins the held slots: at its own while they grow to the
-        capacity, else moved (codes and scale) into each head's evicted slot."""
-        bs, heads, device = kv_cache.shape[2], kv_cache.shape[1], block_ids.device
+    def admit(self, kv_cache: torch.Tensor, block_table: torch.Tensor, base: torch.Tensor, capacity: torch.Tensor,
+              position: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:attr:`replaces`, a batch of requests' generated tokens (row ``r``: block-table row
+        ``block_table[r]``, its plan's ``base[r]`` and ``capacity[r]`` (:func:`.eviction.plan`'s
+        front run), the token at ``position[r]`` already stored at its own slot; device tensors):
+        each joins its row's held slots, at its own slot while they grow to the capacity, else
+        moved (codes and scale) into each head's slot that :meth:`Scorer.replaced` picks, with its
+        position and :meth:`Scorer.new_token_score` in the running state. Rows of capacity 0 (a
+        prompt still coming in, a padding row) are left as they are. No host sync: shapes follow
+        ``width`` (host; at least every row's capacity). Returns the cache slots of each row's
+        front run ``[R, width]`` and which of them hold a token now ``[R, width]``."""
+        bs, heads, device = kv_cache.shape[2], kv_cache.shape[1], kv_cache.device
         positions, running = self._state(kv_cache)
-        capacity = self.plan(prompt_len, position).front
-        held = self.held_slots(block_ids, prompt_len, position, bs)  # [S]
-        own = slots_of(block_ids, torch.tensor([position], device=device), bs).expand(heads)
-        target = own
-        if len(held) >= capacity:
-            victim = self.strategy.scorer.replaced(running[held].T[None], positions[held].T[None].long(),
-                                                   torch.full((1, 1, 1), position, device=device),
-                                                   torch.full((1, heads), capacity, device=device))[0]
-            target = held[victim]  # [H]
-            self.paged.move(kv_cache, own[:, None], target[:, None])
+        dump = positions.shape[0] - 1
+        rows = torch.arange(block_table.shape[0], device=device)
+        j = torch.arange(width, device=device)
+        logical = base.long()[:, None] + j  # [R, width]
+        blocks = block_table.long().gather(1, (logical // bs).clamp(max=block_table.shape[1] - 1))
+        slots = blocks * bs + logical % bs
+        position, capacity = position.long(), capacity.long()
+        before = j < (position - base.long()).clamp(min=0).minimum(capacity)[:, None]  # held before this token
+        held_pos = torch.where(before[:, None, :], positions[slots].long().transpose(1, 2), -1)  # [R, H, width]
+        victim = self.strategy.scorer.replaced(running[slots].transpose(1, 2), held_pos, position[:, None, None],
+                                               capacity[:, None].expand(-1, heads))  # [R, H]
+        own = block_table.long()[rows, position // bs] * bs + position % bs  # [R]
+        full = (position - base.long() >= capacity) & (capacity > 0)
+        target = torch.where(full[:, None], slots.gather(1, victim), own[:, None])  # [R, H]
+        self.paged.move(kv_cache, own[None, :].expand(heads, -1), target.T)
+        target = torch.where((capacity > 0)[:, None], target, dump)
         h = torch.arange(heads, device=device)
-        positions[target, h] = position
-        running[target, h] = self.strategy.scorer.new_token_score(torch.full((heads,), position, device=device))
+        positions[target, h] = position[:, None].int()
+        running[target, h] = self.strategy.scorer.new_token_score(position[:, None].expand(-1, heads))
+        return slots, j < (position + 1 - base.long()).clamp(min=0).minimum(capacity)[:, None]
+
+    def rescore(self, query: torch.Tensor, keys: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor,
+                kv_cache: torch.Tensor, scale: float) -> None:
+        """:attr:`replaces`, after :meth:`admit`: the running scores of each row's held slots take
+        the step's attention (:meth:`Scorer.decode_update` with :func:`kvplug.attention.step_attention`
+        of ``query`` ``[R, Hq, D]`` over ``keys`` ``[R, H, width, D]``, the tokens in ``slots``
+        ``[R, width]`` where ``valid``)."""
+        _, running = self._state(kv_cache)
+        visible = valid[:, None, :].expand(-1, keys.shape[1], -1)
+        probs = step_attention(query, keys, scale, visible)  # [R, H, width]
+        new = self.strategy.scorer.decode_update(running[slots].transpose(1, 2), probs)
+        index = torch.where(valid, slots, running.shape[0] - 1)  # [R, width]; the rest into the dump row
+        running[index[:, :, None], torch.arange(keys.shape[1], device=keys.device)] = new.transpose(1, 2)
 
     def _state(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        slots, heads = kv_cache.shape[0] * kv_cache.shape[2], kv_cache.shape[1]
+        slots, heads = kv_cache.shape[0] * kv_cache.shape[2] + 1, kv_cache.shape[1]  # the last row: a dump
         if self.state is None or self.state[0].shape != (slots, heads):
             self.state = (torch.full((slots, heads), -1, dtype=torch.int32, device=kv_cache.device),
                           torch.zeros(slots, heads, dtype=torch.float32, device=kv_cache.device))

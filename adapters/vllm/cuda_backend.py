@@ -147,6 +147,7 @@ class KVPlugCudaMetadata:
     strategy: object = None  # eviction: the strategy the spans follow
     prompt_lens: torch.Tensor | None = None  # eviction: int [requests], from the model runner
     prompt_decode_rows: tuple[int, ...] = ()  # eviction: one-token rows that are a prompt's chunk
+    replace_width: int = 0  # eviction that replaces: the largest front run of the decode rows (host)
 
     def attach_prompt_lens(self, lens: torch.Tensor) -> None:
         """Called (:func:`.compat.expose_prompt_lengths`) once the model runner has built this
@@ -164,6 +165,7 @@ class KVPlugCudaMetadata:
                     spans[:, in_prompt] = torch.tensor([0, 0, READ_ALL], dtype=spans.dtype)
                     self.prompt_decode_rows = tuple(in_prompt.nonzero().flatten().tolist())
             self.held[:, :rows].copy_(spans, non_blocking=True)
+            self.replace_width = int(spans[0, :, 1].max())
 
 
 class KVPlugCudaMetadataBuilder(AttentionMetadataBuilder[KVPlugCudaMetadata]):
@@ -174,12 +176,15 @@ class KVPlugCudaMetadataBuilder(AttentionMetadataBuilder[KVPlugCudaMetadata]):
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
         """Full decode graphs, except for eviction with chunked prefill: a batch of one-token rows
         may then hold a prompt's last chunk, whose compaction runs in the forward (Python), which
-        a replayed graph would skip; attention runs eagerly between vLLM's piecewise graphs."""
+        a replayed graph would skip; and except for strategies that replace while generating,
+        whose replace step has the width of the batch's largest front run (a graph would need
+        one fixed width, the largest any prompt can have); attention then runs eagerly between
+        vLLM's piecewise graphs."""
         strategy = selected_strategy(vllm_config)
         sched = getattr(vllm_config, "scheduler_config", None)
         if strategy is not None and strategy.evicts and getattr(sched, "enable_chunked_prefill", False):
             return AttentionCGSupport.NEVER
-        if strategy is not None and replaces(strategy):  # each decode row's replace step runs in Python
+        if strategy is not None and replaces(strategy):  # the replace step's width follows the batch (host int)
             return AttentionCGSupport.NEVER
         return cls._cudagraph_support
 
@@ -302,26 +307,32 @@ class KVPlugCudaImpl(AttentionImpl):
         return output
 
     def _replacing_decodes(self, ev: LayerEviction, query, kv_cache, cache, md: KVPlugCudaMetadata, output) -> None:
-        """Decode rows of a strategy that replaces kept tokens while generating (h2o, tova): per
-        request, :meth:`.compaction.LayerEviction.extend` (the CPU backend's step: the new token
-        takes the lowest-ranked slot, attention over the held tokens, the running scores take its
-        attention), eager (``get_cudagraph_support`` says NEVER). A one-token prompt chunk row is
-        served by the decode kernel as any other and compacted after (``_compress_prompts``)."""
+        """Decode rows of a strategy that replaces kept tokens while generating (h2o, tova), all
+        rows at once and without a host sync: each new token takes its row's lowest-ranked
+        unprotected slot (:meth:`.compaction.LayerEviction.admit`), the decode kernel attends over
+        the held slots (the ``held`` spans: the plan's front run), and the running scores take the
+        step's attention over them, a second pass over the held keys
+        (:meth:`~.compaction.LayerEviction.rescore`). A row still in its prompt (a one-token chunk)
+        has capacity 0 in the spans' front and reads every slot: :meth:`admit` leaves it, the
+        forward compacts it after (``_compress_prompts``)."""
         nd = md.num_decodes
-        prompt_lens = compat.required_prompt_lengths(md.prompt_lens)
-        seq_lens = md.decode_seq_lens_cpu if md.decode_seq_lens_cpu is not None else md.seq_lens[:nd].cpu()
-        prompt_rows = set(md.prompt_decode_rows)
-        for row in range(min(nd, len(prompt_lens))):
-            context = int(seq_lens[row]) - 1
-            prompt_len = int(prompt_lens[row])
-            if row in prompt_rows or context < prompt_len:
-                self._in_page_basis(lambda q, out: triton_ops.decode_attention(
-                    q, cache, self.layout, md.block_table[row:row + 1],
-                    md.seq_lens[row:row + 1], self.scale, out=out), query[row:row + 1], output[row:row + 1])
-                continue
-            self._in_page_basis(lambda q, out: out.copy_(ev.extend(q, kv_cache, md.block_table[row], prompt_len,
-                                                                   context, self.scale)),
-                                query[row:row + 1], output[row:row + 1])
+        rows = min(nd, len(compat.required_prompt_lengths(md.prompt_lens)))
+        held = md.held[ev.layer_idx, :nd]
+        if rows:
+            spans = held[:rows]
+            generating = spans[:, 2] == 0  # a prompt row's span reads every slot (READ_ALL)
+            capacity = torch.where(generating, spans[:, 1], 0)
+            slots, valid = ev.admit(kv_cache, md.block_table[:rows], spans[:, 0], capacity, md.seq_lens[:rows] - 1,
+                                    max(md.replace_width, 1))
+        self._in_page_basis(lambda q, out: triton_ops.decode_attention(
+            q, cache, self.layout, md.block_table[:nd], md.seq_lens[:nd], self.scale, held=held, out=out),
+            query[:nd], output[:nd])
+        if rows:
+            def rescore(q, out):
+                keys, _ = ev.paged.read(kv_cache, slots.flatten(), values=False)  # [H, R * width, D]
+                keys = keys.unflatten(1, slots.shape).transpose(0, 1)  # [R, H, width, D]
+                ev.rescore(q, keys, slots, valid, kv_cache, self.scale)
+            self._in_page_basis(rescore, query[:rows], torch.empty_like(query[:rows]))
 
     def _in_page_basis(self, attend, q, out) -> None:
         """``attend(q, out)``, an attention over the pages, in the pages' basis: for a rotated
