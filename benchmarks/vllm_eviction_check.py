@@ -106,6 +106,7 @@ def main() -> None:
     ap.add_argument("--specs", default="none,snapkv(budget=500),snapkv(budget=25%)+int4")
     ap.add_argument("--lengths", default="2000,1200,700")
     ap.add_argument("--steps", type=int, default=48)
+    ap.add_argument("--hf-steps", type=int, default=0, help="compare the first N steps with the HF adapter (default: all)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default="/tmp/vllm_eviction_check")
     ap.add_argument("--kv-bytes", type=int, default=0, help="KV-cache memory (the CPU); default 30%% of the GPU")
@@ -133,12 +134,15 @@ def main() -> None:
         r = json.loads(Path(job["out"]).read_text())
         bs = r["block_size"]
         held = [tuple(r["free_start"] - f[i] for i in (0, 1, 2, -1)) for f in r["free"]]
+        later = [(min(f[3:]), max(f[3:])) if len(f) > 3 else None for f in r["free"]]
         print(f"{spec}: blocks of {bs} held after the prefill / 1 and 2 steps later / the last step {held} for prompts {lengths} "
-              f"(prompt blocks {[-(-n // bs) for n in lengths]}); pool back to full: "
-              f"{r['free_end'] == r['free_start']}", flush=True)
-        theirs = hf_tokens(model, spec, batch, args.steps, args.dtype)
-        agree = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(r["tokens"], theirs)]
-        print(f"{spec}: steps agreeing with the HF adapter {agree} of {args.steps}", flush=True)
+              f"(prompt blocks {[-(-n // bs) for n in lengths]}); every step from the 4th on held between "
+              f"{[None if x is None else (r['free_start'] - x[1], r['free_start'] - x[0]) for x in later]} blocks; "
+              f"pool back to full: {r['free_end'] == r['free_start']}", flush=True)
+        hf_steps = min(args.steps, args.hf_steps or args.steps)
+        theirs = hf_tokens(model, spec, batch, hf_steps, args.dtype)
+        agree = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(y)) for x, y in zip(r["tokens"], theirs)]
+        print(f"{spec}: steps agreeing with the HF adapter {agree} of {hf_steps}", flush=True)
 
 
 if __name__ == "__main__":
