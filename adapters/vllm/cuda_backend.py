@@ -328,11 +328,28 @@ class KVPlugCudaImpl(AttentionImpl):
             q, cache, self.layout, md.block_table[:nd], md.seq_lens[:nd], self.scale, held=held, out=out),
             query[:nd], output[:nd])
         if rows:
-            def rescore(q, out):
-                keys, _ = ev.paged.read(kv_cache, slots.flatten(), values=False)  # [H, R * width, D]
-                keys = keys.unflatten(1, slots.shape).transpose(0, 1)  # [R, H, width, D]
-                ev.rescore(q, keys, slots, valid, kv_cache, self.scale)
-            self._in_page_basis(rescore, query[:rows], torch.empty_like(query[:rows]))
+            keys = self._front_keys(cache, md.block_table[:rows], spans[:, 0], valid)
+            self._in_page_basis(lambda q, out: ev.rescore(q, keys, slots, valid, kv_cache, self.scale),
+                                query[:rows], torch.empty_like(query[:rows]))
+
+    def _front_keys(self, cache, block_table, base, valid) -> torch.Tensor:
+        """The decoded keys ``[R, H, width, D]`` of each row's front run, logical positions ``base[r]
+        ..`` where ``valid`` ``[R, width]`` (elsewhere unspecified), in the pages' basis: one
+        :func:`kvplug.triton_ops.dequantize_kv` over a block table that starts at the block
+        holding ``base[r]``, rows packed at a fixed stride (host-known shapes, no sync)."""
+        r, width = valid.shape
+        bs = self.layout.block_size
+        span = width + bs  # the front run from its block's start
+        base = base.long()
+        first = base // bs
+        idx = (first[:, None] + torch.arange(-(-span // bs), device=base.device)).clamp(max=block_table.shape[1] - 1)
+        table = block_table.gather(1, idx).to(torch.int32).contiguous()
+        lens = ((base % bs) + valid.sum(1)).to(torch.int32)
+        starts = torch.arange(r + 1, device=base.device, dtype=torch.int32) * span
+        k, _ = triton_ops.dequantize_kv(cache, self.layout, table, lens, starts, total=r * span, max_seq_len=span)
+        take = (base % bs)[:, None] + torch.arange(width, device=base.device)  # [R, width], < span
+        keys = k.view(r, span, *k.shape[1:]).gather(1, take[:, :, None, None].expand(-1, -1, *k.shape[1:]))
+        return keys.transpose(1, 2)
 
     def _in_page_basis(self, attend, q, out) -> None:
         """``attend(q, out)``, an attention over the pages, in the pages' basis: for a rotated

@@ -180,18 +180,16 @@ class PagedKV:
         positions = torch.arange(length, device=block_ids.device)
         return self.read(kv_cache, slots_of(block_ids, positions, kv_cache.shape[2]))
 
-    def read(self, kv_cache: torch.Tensor, slots: torch.Tensor,
-             values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Decoded keys and values ``[H, L, D]`` (model dtype) of the tokens in ``slots`` ``[L]``
-        (values None unless ``values``)."""
-        pages = self.pages(kv_cache)[:2 if values else 1]
+    def read(self, kv_cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoded keys and values ``[H, L, D]`` (model dtype) of the tokens in ``slots`` ``[L]``."""
+        pages = self.pages(kv_cache)
         heads = torch.arange(kv_cache.shape[1], device=kv_cache.device)[:, None]
         block, offset = _split(slots[None, :], kv_cache.shape[2])
         out = []
         for (codes, meta), role_layout, role in zip(pages, self.layout.roles, ROLES):
             c, m = codes[block, heads, offset], meta[block, heads, offset]  # [H, L, bytes]
             out.append(self.layout.codec.decode(role_layout.from_bytes(c, m), role, self.layout.dtype))
-        return out[0], out[1] if values else None
+        return out[0], out[1]
 
     def roundtrip(self, x: torch.Tensor, role: str) -> torch.Tensor:
         """``x`` as it reads back once stored (encoded and decoded to the model dtype)."""
