@@ -62,7 +62,7 @@ from . import compat, layer_spec, prefill_mode, selected_strategy
 from .capabilities import Engine, Support, check_head_sizes, check_layer, cuda_page, resolve_configured
 from .compaction import LayerEviction, attend
 from .eviction import READ_ALL, held_spans, replaces
-from .layout import PagedKV, TokenLayout, as_triton_cache
+from .layout import PagedKV, TokenLayout, as_triton_cache, front_keys
 
 def token_bytes(layout) -> int:
     """Bytes of K and V of one token for one KV head in ``layout`` (vLLM's ``C``)."""
@@ -328,28 +328,9 @@ class KVPlugCudaImpl(AttentionImpl):
             q, cache, self.layout, md.block_table[:nd], md.seq_lens[:nd], self.scale, held=held, out=out),
             query[:nd], output[:nd])
         if rows:
-            keys = self._front_keys(cache, md.block_table[:rows], spans[:, 0], valid)
+            keys = front_keys(cache, self.layout, md.block_table[:rows], spans[:, 0], valid)
             self._in_page_basis(lambda q, out: ev.rescore(q, keys, slots, valid, kv_cache, self.scale),
                                 query[:rows], torch.empty_like(query[:rows]))
-
-    def _front_keys(self, cache, block_table, base, valid) -> torch.Tensor:
-        """The decoded keys ``[R, H, width, D]`` of each row's front run, logical positions ``base[r]
-        ..`` where ``valid`` ``[R, width]`` (elsewhere unspecified), in the pages' basis: one
-        :func:`kvplug.triton_ops.dequantize_kv` over a block table that starts at the block
-        holding ``base[r]``, rows packed at a fixed stride (host-known shapes, no sync)."""
-        r, width = valid.shape
-        bs = self.layout.block_size
-        span = width + bs  # the front run from its block's start
-        base = base.long()
-        first = base // bs
-        idx = (first[:, None] + torch.arange(-(-span // bs), device=base.device)).clamp(max=block_table.shape[1] - 1)
-        table = block_table.gather(1, idx).to(torch.int32).contiguous()
-        lens = ((base % bs) + valid.sum(1)).to(torch.int32)
-        starts = torch.arange(r + 1, device=base.device, dtype=torch.int32) * span
-        k, _ = triton_ops.dequantize_kv(cache, self.layout, table, lens, starts, total=r * span, max_seq_len=span)
-        take = (base % bs)[:, None] + torch.arange(width, device=base.device)  # [R, width], < span
-        keys = k.view(r, span, *k.shape[1:]).gather(1, take[:, :, None, None].expand(-1, -1, *k.shape[1:]))
-        return keys.transpose(1, 2)
 
     def _in_page_basis(self, attend, q, out) -> None:
         """``attend(q, out)``, an attention over the pages, in the pages' basis: for a rotated

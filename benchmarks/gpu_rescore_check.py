@@ -1,0 +1,118 @@
+"""The replace step of h2o/tova on the CUDA backend, one layer, without vLLM: its parts timed.
+
+What ``cuda_backend._replacing_decodes`` runs per layer and decode step, on a cache of random int4
+pages shaped like a vLLM batch (rows of a 1,024-token prompt compacted to its budget, then a
+generated token): :meth:`LayerEviction.admit`, the decode kernel over the held spans, and
+:meth:`LayerEviction.rescore` over the held keys read two ways, side by side in one run: through
+:func:`layout.front_keys` (one ``dequantize_kv`` kernel) and through :meth:`PagedKV.read` (PyTorch
+gathers and the codec's decode, the first version). The two key reads must agree exactly (both
+are the codec's ``code * scale + zero`` rounded to the model dtype); a mismatch stops the run.
+
+    python benchmarks/gpu_rescore_check.py --rows 256 --budget 256     # a CUDA GPU, no vLLM
+    TRITON_INTERPRET=1 python benchmarks/gpu_rescore_check.py --rows 4 --budget 32 --prompt 128 --kv-heads 2 --head-dim 64 --iters 1
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--budget", type=int, default=256)
+    ap.add_argument("--prompt", type=int, default=1024)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--group", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--spec", default="h2o(budget={budget})+int4")
+    ap.add_argument("--iters", type=int, default=20)
+    args = ap.parse_args()
+
+    from kvplug import triton_ops
+    from kvplug.adapters.vllm.capabilities import cuda_page
+    from kvplug.adapters.vllm.compaction import LayerEviction
+    from kvplug.adapters.vllm.eviction import held_spans
+    from kvplug.adapters.vllm.layout import PagedKV, TokenLayout, as_triton_cache, front_keys, slots_of
+    from kvplug.config import resolve
+
+    torch.manual_seed(0)
+    gpu = torch.cuda.is_available()  # else a smoke run in the Triton interpreter (TRITON_INTERPRET=1)
+    dev, dtype, bs = torch.device("cuda" if gpu else "cpu"), torch.bfloat16 if gpu else torch.float16, 16
+    r, h, d, hq = args.rows, args.kv_heads, args.head_dim, args.kv_heads * args.group
+    strategy = resolve(args.spec.format(budget=args.budget))
+    layout = cuda_page(strategy.codec, d, dtype, bs, h)
+    token = TokenLayout.for_codec(strategy.codec, d, dtype)
+    blocks = -(-(args.prompt + 64) // bs)
+    kv_cache = torch.zeros(r * blocks + 1, h, bs, layout.bytes_per_token() // h, dtype=torch.uint8, device=dev)
+    cache = as_triton_cache(kv_cache, layout)
+    table = (torch.randperm(r * blocks, device=dev)[: r * blocks].view(r, blocks) + 1).int()
+    positions = torch.arange(args.prompt + 1, device=dev)
+    slots = torch.stack([slots_of(table[i], positions, bs) for i in range(r)])  # [R, P + 1]
+    k = torch.randn(r * (args.prompt + 1), h, d, device=dev, dtype=dtype)
+    triton_ops.store_kv(k, torch.randn_like(k), cache, slots.flatten(), layout)
+
+    ev = LayerEviction(strategy, PagedKV(token), 0, 1)
+    spans = held_spans(strategy, torch.full((r,), args.prompt), 1)[0].to(dev)  # [R, 3]
+    base, capacity = spans[:, 0], spans[:, 1]
+    width = int(spans[:, 1].max())
+    positions_state, running = ev._state(kv_cache)
+    front = slots[:, int(base[0]):int(base[0]) + width]  # the compacted prompt's slots (base is the same for all)
+    positions_state[front] = torch.arange(int(base[0]), int(base[0]) + width, device=dev).int()[None, :, None]
+    running[front] = torch.rand(r, width, h, device=dev)
+    position = torch.full((r,), args.prompt, device=dev)
+    seq_lens = (position + 1).int()
+    q = torch.randn(r, hq, d, device=dev, dtype=dtype)
+    out = torch.empty_like(q)
+    scale = d ** -0.5
+
+    def admit():
+        return ev.admit(kv_cache, table, base, capacity, position, width)
+
+    held_slots, valid = admit()
+    new = front_keys(cache, layout, table, base, valid)
+    old = ev.paged.read(kv_cache, held_slots.flatten())[0].unflatten(1, held_slots.shape).transpose(0, 1)
+    mismatch = (new.float() - old.float()).abs().max().item()
+    print(f"keys of {r} rows x {h} heads x {width} slots: front_keys vs PagedKV.read max |diff| {mismatch}")
+    if mismatch != 0:
+        raise SystemExit("the two key reads differ")
+
+    def timed(fn) -> float:
+        for _ in range(3):
+            fn()
+        if not gpu:
+            import time
+            t = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t) * 1000
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(args.iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / args.iters
+
+    parts = {
+        "admit": admit,
+        "decode kernel (held spans)": lambda: triton_ops.decode_attention(
+            q, cache, layout, table, seq_lens, scale, held=spans.int(), out=out),
+        "keys: front_keys (dequantize_kv)": lambda: front_keys(cache, layout, table, base, valid),
+        "keys: PagedKV.read (PyTorch)": lambda: ev.paged.read(kv_cache, held_slots.flatten()),
+        "rescore (step attention + update)": lambda: ev.rescore(q, new, held_slots, valid, kv_cache, scale),
+    }
+    print(f"{args.spec.format(budget=args.budget)}, {r} rows, {h} KV heads x {args.group} q, d={d}, "
+          f"block {bs}, {torch.cuda.get_device_name() if gpu else 'CPU (interpreter)'}: ms per layer and step (mean of {args.iters})")
+    times = {name: timed(fn) for name, fn in parts.items()}
+    for name, ms in times.items():
+        print(f"  {ms:8.3f}  {name}")
+    step = times["admit"] + times["decode kernel (held spans)"] + times["rescore (step attention + update)"]
+    print(f"  {step + times['keys: front_keys (dequantize_kv)']:8.3f}  the step with front_keys")
+    print(f"  {step + times['keys: PagedKV.read (PyTorch)']:8.3f}  the step with PagedKV.read")
+
+
+if __name__ == "__main__":
+    main()
