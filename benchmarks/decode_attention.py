@@ -413,12 +413,12 @@ def sm90_report(out_dir, log):
         for bn, nw, ns, mr in {t[:4], (t[0], t[1], t[2], None), (64, 2, 2, t[3])}:
             fn = kern._decode_planes_kernel if bits != 16 else kern._decode_kernel
             const = dict(HKV=HKV, G=HQ // HKV, G_PAD=max(8 if bits != 16 else 16, HQ // HKV), D=D, BS=16,
-                         BLOCK_N=bn, SPLIT=True, HELD=False)
+                         BLOCK_N=bn, SPLIT=True, HELD=False, LOGITS=False)
             if bits != 16:
                 const.update(KBITS=bits, KCB=D * bits // 8, VBITS=bits, VCB=D * bits // 8, ASM=True)
             types = dict(q_ptr="*fp16", cache_ptr="*u8" if bits != 16 else "*fp16", meta_ptr="*fp16", bt_ptr="*i32",
                          lens_ptr="*i32", held_ptr="*i32", out_ptr="*fp16", po_ptr="*fp32", pml_ptr="*fp32",
-                         sm_scale="fp32")
+                         lg_ptr="*fp32", sm_scale="fp32")
             sig = {n: ("constexpr" if n in const else types.get(n, "i32")) for n in fn.arg_names}
             attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
                      if n.endswith("_ptr") or n.startswith("stride_c") or n in ("stride_qb", "stride_qh")}

@@ -7,6 +7,7 @@ pytest.importorskip("triton")
 
 from kvplug.triton_ops import (decode_attention, decode_attention_reference,  # noqa: E402
                                store_kv_reference)
+from kvplug.triton_ops.reference import gather_kv  # noqa: E402
 
 from test_triton_store import DEV, layout_of, poisoned_cache  # noqa: E402
 
@@ -164,11 +165,23 @@ def test_decode_reads_only_the_held_slots(bits, per_head, splits, gen):
                 cache[blk, :, h, off] = float("nan")
     lens, held = lens.to(DEV), held.to(DEV)
     out = torch.full_like(q, float("nan"))
-    decode_attention(q, cache, layout, bt, lens, held=held, num_splits=splits, block_n=32, out=out)
+    width = int(keep.sum(-1).max()) - 3  # the logits of held tokens 0 .. width-1 (a few are past it)
+    logits = torch.full((b, hkv * g, width), float("nan"), device=DEV)
+    decode_attention(q, cache, layout, bt, lens, held=held, num_splits=splits, block_n=32, out=out, logits=logits)
     assert torch.isfinite(out).all(), "a slot that is not held was read, or the output was not written"
     ref = decode_attention_reference(q, cache, layout, bt, lens, compute_dtype=torch.float64, held=held)
     assert _rel(out, ref) < 2e-3
     assert (out[2] == 0).all()
+    # the logits: held token i (front run, then window) of each query head, q . k * scale over the
+    # dequantized keys (float64 here); entries past a head's held count are left as they were (NaN)
+    dk, _ = gather_kv(cache, layout, bt, k.shape[2], torch.float64)  # [B, H, L, D]
+    for i in range(b):
+        for h in range(hkv):
+            pos = torch.nonzero(keep[i, h]).flatten()[:width].to(DEV)
+            want = q[i, h * g:(h + 1) * g].double() @ dk[i, h, pos].T * 64 ** -0.5  # [G, n]
+            got = logits[i, h * g:(h + 1) * g]
+            assert torch.allclose(got[:, :len(pos)].double(), want, rtol=2e-3, atol=2e-3), (i, h)
+            assert got[:, len(pos):].isnan().all(), (i, h)
     # sanity against unquantized attention over exactly the held slots
     s = torch.einsum("bhgd,bhld->bhgl", q.cpu().double().view(b, hkv, g, 64), k.cpu().double()) * 64 ** -0.5
     p = torch.softmax(s.masked_fill(~keep[:, :, None], float("-inf")), -1).nan_to_num(0.0)

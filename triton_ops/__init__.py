@@ -105,7 +105,8 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
                      sm_scale: float | None = None, *, held: torch.Tensor | None = None,
                      num_splits: int | None = None, block_n: int | None = None,
                      num_warps: int | None = None, num_stages: int | None = None,
-                     maxnreg: int | None = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+                     maxnreg: int | None = 0, out: torch.Tensor | None = None,
+                     logits: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step of attention over a paged (compressed) KV cache.
 
     q: ``[batch, num_q_heads, head_dim]`` (num_q_heads a multiple of num_kv_heads, GQA).
@@ -121,6 +122,10 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
     per tile), ``num_warps``, ``num_stages``, ``maxnreg`` (registers per thread the compiler may
     use, CUDA only; 0 = the layout's default, None = no limit).
     ``out`` (optional, like q) receives the result.
+    ``logits`` (optional, float32 ``[batch, num_q_heads, W]``, contiguous): entry ``i`` receives
+    ``q . k_i * sm_scale`` of held token ``i`` (in the order read: the front run, then the window;
+    all tokens without ``held``) for ``i < W``, as the kernel computed it; entries of tokens not
+    read are left as they are. Decode-time eviction's score update reads it (no second pass).
     """
     b, hq, d, h, g = _check_q(q, cache, layout, "decode_attention")
     sm_scale = d ** -0.5 if sm_scale is None else float(sm_scale)
@@ -148,11 +153,16 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
         pml = torch.empty(b, hq, splits, 2, dtype=torch.float32, device=q.device)
     else:
         po = pml = out
+    if logits is not None and (logits.dtype != torch.float32 or logits.dim() != 3 or logits.shape[:2] != (b, hq)
+                               or not logits.is_contiguous()):
+        raise ValueError(f"decode_attention: logits must be contiguous float32 [{b}, {hq}, W], got "
+                         f"{logits.dtype} {tuple(logits.shape)}")
+    lg = (out, 0, 0) if logits is None else (logits, logits.shape[2], logits.stride(0))
     args = (block_tables, seq_lens, seq_lens if held is None else held, out, po, pml, sm_scale, splits,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-            lb, lh, hb, hh, cs[0], cs[1], cs[2])
+            lb, lh, hb, hh, cs[0], cs[1], cs[2], *lg)
     const = dict(HKV=h, G=g, D=d, BS=layout.block_size, BLOCK_N=block_n, SPLIT=splits > 1,
-                 HELD=held is not None, num_warps=num_warps, num_stages=num_stages)
+                 HELD=held is not None, LOGITS=logits is not None, num_warps=num_warps, num_stages=num_stages)
     if maxnreg and q.device.type == "cuda":
         const["maxnreg"] = maxnreg
     if layout.quantized:

@@ -130,6 +130,17 @@ def _tile_rows(n0, end, bt_row, head_off, first, n_front, recent, stride_cblk, B
 
 
 @triton.jit
+def _store_logits(s, n0, nmask, gmask, b, qh, lg_ptr, lg_w, stride_lgb, BLOCK_N: tl.constexpr):
+    """A tile's scores ``s`` ``[BLOCK_N, G_PAD]`` (base 2: ``q . k * sm_scale * log2(e)``) as
+    natural logits into ``lg_ptr[b, qh, i]`` (float32, ``lg_w`` per query head) for the held tokens
+    ``i = n0 ..`` of the tile below ``lg_w`` (the score pass eviction reads while generating)."""
+    offs_i = n0 + tl.arange(0, BLOCK_N)
+    lmask = (nmask & (offs_i < lg_w))[:, None] & gmask[None, :]
+    tl.store(lg_ptr + b.to(tl.int64) * stride_lgb + qh[None, :].to(tl.int64) * lg_w + offs_i[:, None],
+             s * 0.6931471805599453, mask=lmask)
+
+
+@triton.jit
 def _store_partial(acc, m_i, l_i, b, qh, split, num_splits, out_ptr, po_ptr, pml_ptr, stride_ob, stride_oh,
                    offs_d, gmask, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr,
                    LAST: tl.constexpr):
@@ -151,12 +162,13 @@ def _store_partial(acc, m_i, l_i, b, qh, split, num_splits, out_ptr, po_ptr, pml
 def _decode_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, held_ptr, out_ptr, po_ptr, pml_ptr,
                    sm_scale, num_splits,
                    stride_qb, stride_qh, stride_ob, stride_oh, stride_btb, stride_lb, stride_lh,
-                   stride_hb, stride_hh, stride_cblk, stride_ckv, stride_ch,
+                   stride_hb, stride_hh, stride_cblk, stride_ckv, stride_ch, lg_ptr, lg_w, stride_lgb,
                    HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                   BS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HELD: tl.constexpr):
+                   BS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HELD: tl.constexpr,
+                   LOGITS: tl.constexpr):
     """Decode attention over a float16/bfloat16 paged cache (codec none): ``s = q k^T``, ``p v``
     on the tensor cores with the G query rows of a KV head padded to G_PAD. stride_c*: the
-    cache's strides in elements."""
+    cache's strides in elements. With LOGITS each held token's logit goes to ``lg_ptr`` (:func:`_store_logits`)."""
     b, h, split, start, end, first, n_front, recent = _span(lens_ptr, held_ptr, num_splits, stride_lb, stride_lh,
                                                             stride_hb, stride_hh, HKV, BLOCK_N, HELD)
     offs_g = tl.arange(0, G_PAD)
@@ -177,6 +189,8 @@ def _decode_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, held_ptr, out_ptr, po_ptr
         v = tl.load(kp + stride_ckv, mask=nmask[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k)) * (sm_scale * 1.4426950408889634)
         s = tl.where(nmask[None, :], s, float("-inf"))
+        if LOGITS:
+            _store_logits(tl.trans(s), n0, nmask, gmask, b, qh, lg_ptr, lg_w, stride_lgb, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -282,11 +296,11 @@ def _quant_tile(cache_ptr, meta_ptr, row, off, nmask, stride_ckv, offs_kc, offs_
 def _decode_planes_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, lens_ptr, held_ptr, out_ptr, po_ptr, pml_ptr,
                           sm_scale, num_splits,
                           stride_qb, stride_qh, stride_ob, stride_oh, stride_btb, stride_lb, stride_lh,
-                          stride_hb, stride_hh, stride_cblk, stride_ckv, stride_ch,
+                          stride_hb, stride_hh, stride_cblk, stride_ckv, stride_ch, lg_ptr, lg_w, stride_lgb,
                           HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                           BS: tl.constexpr, KBITS: tl.constexpr, KCB: tl.constexpr, VBITS: tl.constexpr,
                           VCB: tl.constexpr, BLOCK_N: tl.constexpr,
-                          SPLIT: tl.constexpr, HELD: tl.constexpr, ASM: tl.constexpr):
+                          SPLIT: tl.constexpr, HELD: tl.constexpr, ASM: tl.constexpr, LOGITS: tl.constexpr):
     """Decode attention over an int8/int4/int2 paged cache, transposed, one plane of codes at a time.
     Keys at KBITS (KCB code bytes per token), values at VBITS (VCB); below, BITS and CB stand for
     the role's.
@@ -305,7 +319,8 @@ def _decode_planes_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, lens_ptr, held_ptr
     ``sum_t p_t (z_t + 2^(BITS-1) s_t)``, is summed in float32 beside; the plane's power of two and
     ``2^(BITS-1)`` are divided out once at the end (exact). Centring keeps the large zero point
     (a row's minimum) out of the float16 products, which an uncentred fold loses on the GPU
-    (``test_decode_long_diffuse_context``).
+    (``test_decode_long_diffuse_context``). With LOGITS each held token's logit goes to ``lg_ptr``
+    (:func:`_store_logits`).
     """
     KNP: tl.constexpr = 8 // KBITS
     VNP: tl.constexpr = 8 // VBITS
@@ -343,6 +358,8 @@ def _decode_planes_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, lens_ptr, held_ptr
             s = tl.dot(kpl[j] - 1024.0, qs[j], s)
         s = s * ks[:, None] + kz[:, None] * qsum[None, :]
         s = tl.where(nmask[:, None], s, float("-inf"))
+        if LOGITS:
+            _store_logits(s, n0, nmask, gmask, b, qh, lg_ptr, lg_w, stride_lgb, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[None, :])
