@@ -2,11 +2,11 @@
 
 What ``cuda_backend._replacing_decodes`` runs per layer and decode step, on a cache of random int4
 pages shaped like a vLLM batch (rows of a 1,024-token prompt compacted to its budget, then a
-generated token): :meth:`LayerEviction.admit`, the decode kernel over the held spans, and
-:meth:`LayerEviction.rescore` over the held keys read two ways, side by side in one run: through
-:func:`layout.front_keys` (one ``dequantize_kv`` kernel) and through :meth:`PagedKV.read` (PyTorch
-gathers and the codec's decode, the first version). The two key reads must agree exactly (both
-are the codec's ``code * scale + zero`` rounded to the model dtype); a mismatch stops the run.
+generated token): :meth:`LayerEviction.admit`, the decode kernel over the held spans writing each
+slot's logit, and :meth:`LayerEviction.rescore` of the step's attention from those logits
+(:func:`kvplug.attention.step_probs`), side by side with the first version's second pass (the
+held keys decoded by :meth:`PagedKV.read`, then :func:`kvplug.attention.step_attention`). The two
+attentions must agree (within the kernel's float16 query rounding); a larger gap stops the run.
 
     python benchmarks/gpu_rescore_check.py --rows 256 --budget 256     # a CUDA GPU, no vLLM
     TRITON_INTERPRET=1 python benchmarks/gpu_rescore_check.py --rows 4 --budget 32 --prompt 128 --kv-heads 2 --head-dim 64 --iters 1
@@ -35,7 +35,8 @@ def main() -> None:
     from kvplug.adapters.vllm.capabilities import cuda_page
     from kvplug.adapters.vllm.compaction import LayerEviction
     from kvplug.adapters.vllm.eviction import held_spans
-    from kvplug.adapters.vllm.layout import PagedKV, TokenLayout, as_triton_cache, front_keys, slots_of
+    from kvplug.adapters.vllm.layout import PagedKV, TokenLayout, as_triton_cache, slots_of
+    from kvplug.attention import step_attention, step_probs
     from kvplug.config import resolve
 
     torch.manual_seed(0)
@@ -72,12 +73,20 @@ def main() -> None:
         return ev.admit(kv_cache, table, base, capacity, position, width)
 
     held_slots, valid = admit()
-    new = front_keys(cache, layout, table, base, valid)
-    old = ev.paged.read(kv_cache, held_slots.flatten())[0].unflatten(1, held_slots.shape).transpose(0, 1)
-    mismatch = (new.float() - old.float()).abs().max().item()
-    print(f"keys of {r} rows x {h} heads x {width} slots: front_keys vs PagedKV.read max |diff| {mismatch}")
-    if mismatch != 0:
-        raise SystemExit("the two key reads differ")
+    visible = valid[:, None, :].expand(-1, h, -1)
+    logits = torch.empty(r, hq, width, dtype=torch.float32, device=dev)
+    triton_ops.decode_attention(q, cache, layout, table, seq_lens, scale, held=spans.int(), out=out, logits=logits)
+    from_kernel = step_probs(logits, h, visible)
+
+    def second_pass():
+        keys = ev.paged.read(kv_cache, held_slots.flatten())[0].unflatten(1, held_slots.shape).transpose(0, 1)
+        return step_attention(q, keys, scale, visible)
+
+    gap = (from_kernel - second_pass()).abs().max().item()
+    print(f"step attention of {r} rows x {h} heads x {width} slots: from the kernel's logits vs the second pass, "
+          f"max |diff| {gap:.2e}")
+    if gap > 1e-3:
+        raise SystemExit("the kernel's logits do not give the step's attention")
 
     def timed(fn) -> float:
         for _ in range(3):
@@ -100,19 +109,22 @@ def main() -> None:
         "admit": admit,
         "decode kernel (held spans)": lambda: triton_ops.decode_attention(
             q, cache, layout, table, seq_lens, scale, held=spans.int(), out=out),
-        "keys: front_keys (dequantize_kv)": lambda: front_keys(cache, layout, table, base, valid),
-        "keys: PagedKV.read (PyTorch)": lambda: ev.paged.read(kv_cache, held_slots.flatten()),
-        "rescore (step attention + update)": lambda: ev.rescore(q, new, held_slots, valid, kv_cache, scale),
+        "decode kernel (held spans) + logits": lambda: triton_ops.decode_attention(
+            q, cache, layout, table, seq_lens, scale, held=spans.int(), out=out, logits=logits),
+        "step attention from the logits + rescore": lambda: ev.rescore(step_probs(logits, h, visible), held_slots,
+                                                                       valid, kv_cache),
+        "second pass: PagedKV.read + step_attention + rescore": lambda: ev.rescore(second_pass(), held_slots, valid,
+                                                                                   kv_cache),
     }
     print(f"{args.spec.format(budget=args.budget)}, {r} rows, {h} KV heads x {args.group} q, d={d}, "
           f"block {bs}, {torch.cuda.get_device_name() if gpu else 'CPU (interpreter)'}: ms per layer and step (mean of {args.iters})")
     times = {name: timed(fn) for name, fn in parts.items()}
     for name, ms in times.items():
         print(f"  {ms:8.3f}  {name}")
-    step = times["admit"] + times["decode kernel (held spans)"] + times["rescore (step attention + update)"]
-    print(f"  {step + times['keys: front_keys (dequantize_kv)']:8.3f}  the step with front_keys")
-    print(f"  {step + times['keys: PagedKV.read (PyTorch)']:8.3f}  the step with PagedKV.read")
-
+    print(f"  {times['admit'] + times['decode kernel (held spans) + logits'] + times['step attention from the logits + rescore']:8.3f}"
+          "  the step as the backend runs it")
+    print(f"  {times['admit'] + times['decode kernel (held spans)'] + times['second pass: PagedKV.read + step_attention + rescore']:8.3f}"
+          "  the step with the second pass (the first version)")
 
 if __name__ == "__main__":
     main()

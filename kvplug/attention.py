@@ -70,10 +70,19 @@ def step_attention(query: torch.Tensor, keys: torch.Tensor, scale: float,
     """One generated token's attention over the held slots, as decode-time eviction reads it:
     ``query`` ``[B, Hq, D]``, ``keys`` ``[B, Hkv, S, D]``, ``visible`` ``[B, Hkv, S]`` (default:
     all) -> the softmax over the visible slots averaged over each KV head's query heads ``[B, Hkv,
-    S]`` (float32; hidden slots 0)."""
+    S]`` (float32; hidden slots 0): :func:`step_probs` of the logits."""
     b, hq, d = query.shape
     h = keys.shape[1]
     logits = (query.float().reshape(b, h, hq // h, d) @ keys.float().transpose(-1, -2)) * scale  # [B, H, G, S]
+    return step_probs(logits.reshape(b, hq, -1), h, visible)
+
+
+def step_probs(logits: torch.Tensor, num_kv_heads: int, visible: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`step_attention` from the step's logits ``[B, Hq, S]`` (``q . k * scale`` per query
+    head and slot, e.g. as the decode kernel wrote them): softmax over the ``visible`` ``[B, Hkv,
+    S]`` slots (float32; hidden ones 0, whatever their logit), mean over each KV head's query heads."""
+    b, hq, s = logits.shape
+    logits = logits.float().reshape(b, num_kv_heads, hq // num_kv_heads, s)
     if visible is not None:
         logits = logits.masked_fill(~visible[:, :, None, :], float("-inf"))
     return torch.softmax(logits, -1).mean(2)

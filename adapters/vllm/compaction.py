@@ -196,7 +196,8 @@ class LayerEviction:
                                   count)
             keys, values = self.paged.read(kv_cache, slots[0])
             out = attend(query, keys, values, scale, position)
-            self.rescore(query, keys[None], slots, torch.ones_like(slots, dtype=torch.bool), kv_cache, scale)
+            self.rescore(step_attention(query, keys[None], scale), slots, torch.ones_like(slots, dtype=torch.bool),
+                         kv_cache)
             return out
         keys, values = self.read(kv_cache, block_ids, prompt_len, position + 1)
         return attend(query, keys, values, scale, position)
@@ -235,18 +236,15 @@ class LayerEviction:
         running[target, h] = self.strategy.scorer.new_token_score(position[:, None].expand(-1, heads))
         return slots, j < (position + 1 - base.long()).clamp(min=0).minimum(capacity)[:, None]
 
-    def rescore(self, query: torch.Tensor, keys: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor,
-                kv_cache: torch.Tensor, scale: float) -> None:
-        """:attr:`replaces`, after :meth:`admit`: the running scores of each row's held slots take
-        the step's attention (:meth:`Scorer.decode_update` with :func:`kvplug.attention.step_attention`
-        of ``query`` ``[R, Hq, D]`` over ``keys`` ``[R, H, width, D]``, the tokens in ``slots``
-        ``[R, width]`` where ``valid``)."""
+    def rescore(self, probs: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor, kv_cache: torch.Tensor) -> None:
+        """:attr:`replaces`, after :meth:`admit`: the running scores of each row's held slots
+        ``slots`` ``[R, width]`` (where ``valid``) take the step's attention ``probs`` ``[R, H,
+        width]`` (:func:`kvplug.attention.step_attention` or ``step_probs``) through
+        :meth:`Scorer.decode_update`."""
         _, running = self._state(kv_cache)
-        visible = valid[:, None, :].expand(-1, keys.shape[1], -1)
-        probs = step_attention(query, keys, scale, visible)  # [R, H, width]
         new = self.strategy.scorer.decode_update(running[slots].transpose(1, 2), probs)
         index = torch.where(valid, slots, running.shape[0] - 1)  # [R, width]; the rest into the dump row
-        running[index[:, :, None], torch.arange(keys.shape[1], device=keys.device)] = new.transpose(1, 2)
+        running[index[:, :, None], torch.arange(probs.shape[1], device=probs.device)] = new.transpose(1, 2)
 
     def _state(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         slots, heads = kv_cache.shape[0] * kv_cache.shape[2] + 1, kv_cache.shape[1]  # the last row: a dump

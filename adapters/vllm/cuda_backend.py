@@ -56,13 +56,14 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, Att
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from kvplug import triton_ops
+from kvplug.attention import step_probs
 from kvplug.rotation import hadamard, rotate
 
 from . import compat, layer_spec, prefill_mode, selected_strategy
 from .capabilities import Engine, Support, check_head_sizes, check_layer, cuda_page, resolve_configured
 from .compaction import LayerEviction, attend
 from .eviction import READ_ALL, held_spans, replaces
-from .layout import PagedKV, TokenLayout, as_triton_cache, front_keys
+from .layout import PagedKV, TokenLayout, as_triton_cache
 
 def token_bytes(layout) -> int:
     """Bytes of K and V of one token for one KV head in ``layout`` (vLLM's ``C``)."""
@@ -310,27 +311,28 @@ class KVPlugCudaImpl(AttentionImpl):
         """Decode rows of a strategy that replaces kept tokens while generating (h2o, tova), all
         rows at once and without a host sync: each new token takes its row's lowest-ranked
         unprotected slot (:meth:`.compaction.LayerEviction.admit`), the decode kernel attends over
-        the held slots (the ``held`` spans: the plan's front run), and the running scores take the
-        step's attention over them, a second pass over the held keys
-        (:meth:`~.compaction.LayerEviction.rescore`). A row still in its prompt (a one-token chunk)
-        has capacity 0 in the spans' front and reads every slot: :meth:`admit` leaves it, the
-        forward compacts it after (``_compress_prompts``)."""
+        the held slots (the ``held`` spans: the plan's front run) and writes each slot's logit, and
+        the running scores take the step's attention from those logits
+        (:func:`kvplug.attention.step_probs`, :meth:`~.compaction.LayerEviction.rescore`). A row
+        still in its prompt (a one-token chunk) has capacity 0 in the spans' front and reads every
+        slot: :meth:`admit` leaves it, the forward compacts it after (``_compress_prompts``)."""
         nd = md.num_decodes
         rows = min(nd, len(compat.required_prompt_lengths(md.prompt_lens)))
         held = md.held[ev.layer_idx, :nd]
+        logits = None
         if rows:
             spans = held[:rows]
             generating = spans[:, 2] == 0  # a prompt row's span reads every slot (READ_ALL)
             capacity = torch.where(generating, spans[:, 1], 0)
             slots, valid = ev.admit(kv_cache, md.block_table[:rows], spans[:, 0], capacity, md.seq_lens[:rows] - 1,
                                     max(md.replace_width, 1))
+            logits = torch.empty(nd, query.shape[1], slots.shape[1], dtype=torch.float32, device=query.device)
         self._in_page_basis(lambda q, out: triton_ops.decode_attention(
-            q, cache, self.layout, md.block_table[:nd], md.seq_lens[:nd], self.scale, held=held, out=out),
-            query[:nd], output[:nd])
-        if rows:
-            keys = front_keys(cache, self.layout, md.block_table[:rows], spans[:, 0], valid)
-            self._in_page_basis(lambda q, out: ev.rescore(q, keys, slots, valid, kv_cache, self.scale),
-                                query[:rows], torch.empty_like(query[:rows]))
+            q, cache, self.layout, md.block_table[:nd], md.seq_lens[:nd], self.scale, held=held, out=out,
+            logits=logits), query[:nd], output[:nd])
+        if rows:  # slot j of a row's front run is the kernel's held token j; unwritten logits are not valid
+            ev.rescore(step_probs(logits[:rows], self.num_kv_heads, valid[:, None, :].expand(-1, self.num_kv_heads, -1)),
+                       slots, valid, kv_cache)
 
     def _in_page_basis(self, attend, q, out) -> None:
         """``attend(q, out)``, an attention over the pages, in the pages' basis: for a rotated

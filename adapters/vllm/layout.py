@@ -226,25 +226,3 @@ def as_triton_cache(kv_cache: torch.Tensor, paged_layout) -> torch.Tensor:
     num_blocks = kv_cache.shape[0]
     return kv_cache.view(paged_layout.storage_dtype).view(paged_layout.shape(num_blocks))
 
-
-def front_keys(cache: torch.Tensor, paged_layout, block_table: torch.Tensor, base: torch.Tensor,
-               valid: torch.Tensor) -> torch.Tensor:
-    """The decoded keys ``[R, H, width, D]`` of each row's run of logical positions ``base[r] ..``
-    where ``valid`` ``[R, width]`` (elsewhere unspecified), as the GPU path's cache (``cache`` in
-    ``paged_layout``, :func:`as_triton_cache`) holds them, in the pages' basis: one
-    :func:`kvplug.triton_ops.dequantize_kv` over a block table that starts at the block holding
-    ``base[r]``, rows packed at a fixed stride (shapes known on the host: no device sync)."""
-    from kvplug import triton_ops
-
-    r, width = valid.shape
-    bs = paged_layout.block_size
-    span = width + bs  # the run from its first block's start
-    base = base.long()
-    idx = (base[:, None] // bs + torch.arange(-(-span // bs), device=base.device)).clamp(max=block_table.shape[1] - 1)
-    table = block_table.gather(1, idx).to(torch.int32).contiguous()
-    lens = ((base % bs) + valid.sum(1)).to(torch.int32)
-    starts = torch.arange(r + 1, device=base.device, dtype=torch.int32) * span
-    k, _ = triton_ops.dequantize_kv(cache, paged_layout, table, lens, starts, total=r * span, max_seq_len=span)
-    take = (base % bs)[:, None] + torch.arange(width, device=base.device)  # [R, width], < span
-    keys = k.view(r, span, *k.shape[1:]).gather(1, take[:, :, None, None].expand(-1, -1, *k.shape[1:]))
-    return keys.transpose(1, 2)
