@@ -225,4 +225,3 @@ def as_triton_cache(kv_cache: torch.Tensor, paged_layout) -> torch.Tensor:
     ``decode_attention``: the bytes are the same, only the tensor's shape differs."""
     num_blocks = kv_cache.shape[0]
     return kv_cache.view(paged_layout.storage_dtype).view(paged_layout.shape(num_blocks))
-
