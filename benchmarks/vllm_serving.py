@@ -89,6 +89,8 @@ def engine_kwargs(args, config: str, random: bool) -> dict:
               max_num_batched_tokens=max(16384, args.max_model_len))
     if not vllm_defaults_on(args, config):
         kw.update(enable_prefix_caching=False, enable_chunked_prefill=False)
+    if args.tensor_parallel_size > 1:
+        kw["tensor_parallel_size"] = args.tensor_parallel_size
     if args.kv_bytes:
         kw["kv_cache_memory_bytes"] = args.kv_bytes
     else:
@@ -343,6 +345,7 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> None:
     ap.add_argument("--out", default="/tmp/vllm_serving")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--kv-bytes", type=int, default=0, help="KV-cache memory in bytes (instead of the utilization)")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM's tensor parallelism (GPUs per engine)")
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs (the CPU)")
     ap.add_argument("--kvplug-prefill", choices=("compressed", "uncompressed"), default="compressed",
                     help="kvplug's prefill mode for the kvplug:SPEC engines (compressed, the default: chunked "
@@ -370,7 +373,8 @@ def main(argv: list[str] | None = None, defaults: dict | None = None) -> None:
     import vllm
 
     memory = f"KV memory {args.kv_bytes:,} bytes" if args.kv_bytes else f"gpu_memory_utilization {args.gpu_memory_utilization}"
-    print(f"\nvLLM {vllm.__version__}, model {args.model}, {memory}")
+    tp = f", tensor parallel {args.tensor_parallel_size} (memory per worker)" if args.tensor_parallel_size > 1 else ""
+    print(f"\nvLLM {vllm.__version__}, model {args.model}, {memory}{tp}")
     base = results[0]
     head = "| config | KV capacity (tokens) | " + " | ".join(
         f"{w}: {_describe(w)} s, gen tok/s, prefix-cache hits" + (", peak running" if args.peak else "")
