@@ -7,6 +7,7 @@ Scores are ``[B, Hkv, T]``; ``+inf`` marks tokens that must be kept (sinks, rece
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -167,3 +168,27 @@ class Scorer(Part):
         at logical position ``step`` (``[B, 1, 1]``) arrives at heads holding at most ``capacity``
         ``[B, Hkv]`` tokens (their budget; the store's width may be larger)."""
         return torch.zeros_like(positions, dtype=torch.bool)
+
+
+class KeepsRecentShare:
+    """For a :class:`Scorer` with a ``recent_ratio`` field and :meth:`~Scorer.kept_tokens`: the
+    newest ``floor(kept * recent_ratio)`` tokens are always kept at prefill
+    (:meth:`keep_recent`) and never replaced while generating (:meth:`protected`); h2o and
+    scissorhands."""
+
+    def recent(self, kept: int) -> int:
+        """How many of ``kept`` tokens are the newest ones."""
+        return math.floor(kept * self.recent_ratio)
+
+    def keep_recent(self, inputs: ScoreInputs, scores: torch.Tensor) -> torch.Tensor:
+        """``scores`` ``[B, Hkv, T]`` with each prompt's newest :meth:`recent` tokens always kept
+        (padding never), as :meth:`ScoreInputs.finish` gives them."""
+        present = inputs.valid.sum(-1, keepdim=True)
+        recent = torch.tensor([self.recent(self.kept_tokens(int(n))) for n in present.flatten()],
+                              device=present.device).view_as(present)
+        is_recent = inputs.positions >= present - recent
+        return inputs.finish(torch.where(is_recent[:, None, :], ALWAYS, scores))
+
+    def protected(self, positions: torch.Tensor, step: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
+        recent = torch.floor(capacity.double() * self.recent_ratio).long()  # as recent(), per head
+        return positions > step - recent[..., None]

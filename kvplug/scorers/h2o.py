@@ -8,19 +8,18 @@ accumulating while generating and the least attended old token is evicted at eac
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from kvplug.attention import group_mean
 from kvplug.parts import param
-from kvplug.scorers.base import ALWAYS, ScoreInputs, Scorer
+from kvplug.scorers.base import KeepsRecentShare, ScoreInputs, Scorer
 from kvplug.tokens import TokenCount
 
 
 @dataclass(frozen=True)
-class H2O(Scorer):
+class H2O(KeepsRecentShare, Scorer):
     """H2O: keep the tokens with the most accumulated attention plus the most recent ones."""
 
     name = "h2o"
@@ -34,23 +33,11 @@ class H2O(Scorer):
     def kept_tokens(self, present: int) -> int:
         return self.budget.resolve(present)
 
-    def recent(self, kept: int) -> int:
-        return math.floor(kept * self.recent_ratio)
-
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
-        scores = group_mean(inputs.accumulated, inputs.num_kv_heads)
-        present = inputs.valid.sum(-1, keepdim=True)
-        recent = torch.tensor([self.recent(self.kept_tokens(int(n))) for n in present.flatten()],
-                              device=present.device).view_as(present)
-        is_recent = inputs.positions >= present - recent
-        return inputs.finish(torch.where(is_recent[:, None, :], ALWAYS, scores))
+        return self.keep_recent(inputs, group_mean(inputs.accumulated, inputs.num_kv_heads))
 
     def running_scores(self, inputs: ScoreInputs) -> torch.Tensor:
         return group_mean(inputs.accumulated, inputs.num_kv_heads)
 
     def decode_update(self, scores: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
         return scores + probs
-
-    def protected(self, positions: torch.Tensor, step: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
-        recent = torch.floor(capacity.double() * self.recent_ratio).long()  # as recent(), per head
-        return positions > step - recent[..., None]

@@ -20,14 +20,13 @@ only for logits about 100 below the step's largest).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from kvplug.attention import group_mean
 from kvplug.parts import param
-from kvplug.scorers.base import ALWAYS, ScoreInputs, Scorer
+from kvplug.scorers.base import KeepsRecentShare, ScoreInputs, Scorer
 from kvplug.tokens import TokenCount
 
 
@@ -39,7 +38,7 @@ def unimportant(probs: torch.Tensor, visible: torch.Tensor, threshold: float) ->
 
 
 @dataclass(frozen=True)
-class Scissorhands(Scorer):
+class Scissorhands(KeepsRecentShare, Scorer):
     """Scissorhands: evict the tokens most often below the uniform attention share; keep the newest."""
 
     name = "scissorhands"
@@ -58,9 +57,6 @@ class Scissorhands(Scorer):
     def kept_tokens(self, present: int) -> int:
         return self.budget.resolve(present)
 
-    def recent(self, kept: int) -> int:
-        return math.floor(kept * self.recent_ratio)
-
     def running_scores(self, inputs: ScoreInputs) -> torch.Tensor:
         probs = group_mean(inputs.window_probs, inputs.num_kv_heads)  # [B, Hkv, W, T]
         w, t = probs.shape[-2:]
@@ -69,15 +65,7 @@ class Scissorhands(Scorer):
         return -unimportant(probs, visible, self.threshold).sum(-2).float()
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
-        present = inputs.valid.sum(-1, keepdim=True)
-        recent = torch.tensor([self.recent(self.kept_tokens(int(n))) for n in present.flatten()],
-                              device=present.device).view_as(present)
-        is_recent = inputs.positions >= present - recent
-        return inputs.finish(torch.where(is_recent[:, None, :], ALWAYS, self.running_scores(inputs)))
+        return self.keep_recent(inputs, self.running_scores(inputs))
 
     def decode_update(self, scores: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
         return scores - unimportant(probs, probs > 0, self.threshold).float()
-
-    def protected(self, positions: torch.Tensor, step: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
-        recent = torch.floor(capacity.double() * self.recent_ratio).long()
-        return positions > step - recent[..., None]
