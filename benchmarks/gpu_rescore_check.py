@@ -49,7 +49,7 @@ def main() -> None:
     blocks = -(-(args.prompt + 64) // bs)
     kv_cache = torch.zeros(r * blocks + 1, h, bs, layout.bytes_per_token() // h, dtype=torch.uint8, device=dev)
     cache = as_triton_cache(kv_cache, layout)
-    table = (torch.randperm(r * blocks, device=dev)[: r * blocks].view(r, blocks) + 1).int()
+    table = (torch.randperm(r * blocks, device=dev).view(r, blocks) + 1).int()  # block 0 left unused
     positions = torch.arange(args.prompt + 1, device=dev)
     slots = torch.stack([slots_of(table[i], positions, bs) for i in range(r)])  # [R, P + 1]
     k = torch.randn(r * (args.prompt + 1), h, d, device=dev, dtype=dtype)

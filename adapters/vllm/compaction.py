@@ -191,13 +191,12 @@ class LayerEviction:
             p = self.plan(prompt_len, position + 1)
             count = min(p.front, position + 1 - p.base)
             device = block_ids.device
-            slots, _ = self.admit(kv_cache, block_ids[None], torch.tensor([p.base], device=device),
-                                  torch.tensor([p.front], device=device), torch.tensor([position], device=device),
-                                  count)
+            slots, valid = self.admit(kv_cache, block_ids[None], torch.tensor([p.base], device=device),
+                                      torch.tensor([p.front], device=device), torch.tensor([position], device=device),
+                                      count)  # width = the held count: every slot valid
             keys, values = self.paged.read(kv_cache, slots[0])
             out = attend(query, keys, values, scale, position)
-            self.rescore(step_attention(query, keys[None], scale), slots, torch.ones_like(slots, dtype=torch.bool),
-                         kv_cache)
+            self.rescore(step_attention(query, keys[None], scale), slots, valid, kv_cache)
             return out
         keys, values = self.read(kv_cache, block_ids, prompt_len, position + 1)
         return attend(query, keys, values, scale, position)
@@ -218,23 +217,23 @@ class LayerEviction:
         dump = positions.shape[0] - 1
         rows = torch.arange(block_table.shape[0], device=device)
         j = torch.arange(width, device=device)
-        logical = base.long()[:, None] + j  # [R, width]
+        base, position, capacity = base.long(), position.long(), capacity.long()
+        logical = base[:, None] + j  # [R, width]
         blocks = block_table.long().gather(1, (logical // bs).clamp(max=block_table.shape[1] - 1))
         slots = blocks * bs + logical % bs
-        position, capacity = position.long(), capacity.long()
-        before = j < (position - base.long()).clamp(min=0).minimum(capacity)[:, None]  # held before this token
+        before = j < (position - base).clamp(min=0).minimum(capacity)[:, None]  # held before this token
         held_pos = torch.where(before[:, None, :], positions[slots].long().transpose(1, 2), -1)  # [R, H, width]
         victim = self.strategy.scorer.replaced(running[slots].transpose(1, 2), held_pos, position[:, None, None],
                                                capacity[:, None].expand(-1, heads))  # [R, H]
         own = block_table.long()[rows, position // bs] * bs + position % bs  # [R]
-        full = (position - base.long() >= capacity) & (capacity > 0)
+        full = (position - base >= capacity) & (capacity > 0)
         target = torch.where(full[:, None], slots.gather(1, victim), own[:, None])  # [R, H]
         self.paged.move(kv_cache, own[None, :].expand(heads, -1), target.T)
         target = torch.where((capacity > 0)[:, None], target, dump)
         h = torch.arange(heads, device=device)
         positions[target, h] = position[:, None].int()
         running[target, h] = self.strategy.scorer.new_token_score(position[:, None].expand(-1, heads))
-        return slots, j < (position + 1 - base.long()).clamp(min=0).minimum(capacity)[:, None]
+        return slots, j < (position + 1 - base).clamp(min=0).minimum(capacity)[:, None]
 
     def rescore(self, probs: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor, kv_cache: torch.Tensor) -> None:
         """:attr:`replaces`, after :meth:`admit`: the running scores of each row's held slots
