@@ -59,7 +59,7 @@ def main() -> None:
     spans = held_spans(strategy, torch.full((r,), args.prompt), 1)[0].to(dev)  # [R, 3]
     base, capacity = spans[:, 0], spans[:, 1]
     width = int(spans[:, 1].max())
-    positions_state, running = ev._state(kv_cache)
+    positions_state, running = ev.running_state(kv_cache)
     front = slots[:, int(base[0]):int(base[0]) + width]  # the compacted prompt's slots (base is the same for all)
     positions_state[front] = torch.arange(int(base[0]), int(base[0]) + width, device=dev).int()[None, :, None]
     running[front] = torch.rand(r, width, h, device=dev)

@@ -361,11 +361,17 @@ def test_cuda_routes_eviction(cb, monkeypatch):
         assert builder.get_cudagraph_support(config, None) == cb.AttentionCGSupport.NEVER  # compaction is eager
         config.scheduler_config.enable_chunked_prefill = False
         assert builder.get_cudagraph_support(config, None) == cb.AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
-    spec = "h2o(budget=64)+int4"  # replaces while generating: eager decodes, with or without chunked prefill
+    spec = "h2o(budget=64)+int4"  # replaces while generating: full decode graphs as well without chunked prefill
     SELECTED["spec"] = spec
     config = _config(spec)
     config.scheduler_config.enable_chunked_prefill = False
+    config.compilation_config.cudagraph_num_of_warmups = 0
     adapter._check_engine(config, resolve(spec))
+    assert cb.KVPlugCudaMetadataBuilder.get_cudagraph_support(config, None) == cb.AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    assert config.compilation_config.cudagraph_num_of_warmups == 1  # the V1 runner's capture: an eager step first
+    from kvplug.adapters.vllm.eviction import largest_front
+    assert largest_front(resolve("h2o(budget=25%)"), 1000) == 250  # the replace step's width in a graph
+    config.scheduler_config.enable_chunked_prefill = True
     assert cb.KVPlugCudaMetadataBuilder.get_cudagraph_support(config, None) == cb.AttentionCGSupport.NEVER
 
 
@@ -483,8 +489,10 @@ def test_replacing_eviction_decodes_what_the_hf_adapters_layer_holds(cb, spec, p
     strategy = resolve(spec)
     SELECTED["extra"] = {"kvplug_prefill": "uncompressed"}
     impl = _impl(cb, spec)
-    assert cb.KVPlugCudaMetadataBuilder.get_cudagraph_support(_config(spec), None).name == "NEVER"
-    builder = cb.KVPlugCudaMetadataBuilder(None, ["model.layers.1.self_attn.attn"], _config(spec), torch.device("cpu"))
+    config = _config(spec)
+    config.scheduler_config.enable_chunked_prefill = True  # no graphs: the replace step's width follows the batch
+    builder = cb.KVPlugCudaMetadataBuilder(None, ["model.layers.1.self_attn.attn"], config, torch.device("cpu"))
+    assert builder.fixed_width == 0
     layer = SimpleNamespace(layer_name="model.layers.1.self_attn.attn")
     nb, prompts, steps = 24, list(prompts), 16
     kv_cache, tables, q, k, v, run = _two_requests(cb, impl, builder, layer, nb, 6, prompts, steps, gen)
@@ -503,6 +511,78 @@ def test_replacing_eviction_decodes_what_the_hf_adapters_layer_holds(cb, spec, p
             hf[r].update(k[r][None, n[r]:n[r] + 1].transpose(1, 2), v[r][None, n[r]:n[r] + 1].transpose(1, 2))
             ref = hf[r].attend(q[r][None, n[r]:n[r] + 1].transpose(1, 2), D ** -0.5)[0, 0].double()
             assert (out[r].double() - ref).norm() / ref.norm() < 1e-2, (spec, step, r)
+
+
+@pytest.mark.parametrize("spec", ["h2o(budget=8, recent_ratio=0.25)+int8", "tova(budget=6)+int4"])
+def test_replacing_decodes_as_a_cuda_graph_replays_them(cb, spec, gen):
+    """The replace step as a full CUDA graph runs it: no chunked prefill (so graphs are on and the
+    width is fixed, here wider than any row needs), no Python after the kernels (no compaction
+    for a prompt row), and two padding rows of length 0 (block 0, vLLM's null block; stale held
+    spans). Three requests: prompts of 60 and 12 tokens (eager prefill), and one of a single
+    token that first comes as a one-token row of such a step, its running state started there.
+    Every decode output equals the HF adapter's layer fed the same inputs; the padding rows
+    change no byte outside block 0, and the requests' blocks hold their codes only."""
+    from kvplug.adapters.hf.layer import KVPlugLayer
+    from kvplug.adapters.vllm.eviction import largest_front
+    from kvplug.config import resolve
+
+    strategy = resolve(spec)
+    SELECTED["extra"] = {"kvplug_prefill": "uncompressed"}
+    impl = _impl(cb, spec)
+    config = _config(spec)
+    assert cb.KVPlugCudaMetadataBuilder.get_cudagraph_support(config, None).name == "UNIFORM_SINGLE_TOKEN_DECODE"
+    builder = cb.KVPlugCudaMetadataBuilder(None, ["model.layers.1.self_attn.attn"], config, torch.device("cpu"))
+    assert builder.fixed_width == largest_front(strategy, 256) == strategy.scorer.kept_tokens(1)
+    builder.fixed_width += 9  # as a longer max_model_len would have it
+    layer = SimpleNamespace(layer_name="model.layers.1.self_attn.attn")
+    nb, prompts, steps, blocks = 24, [60, 12, 1], 16, 6
+    kv_cache = torch.randint(0, 256, (nb, HKV, BS, cb.token_bytes(impl.layout)), dtype=torch.uint8, generator=gen)
+    tables = (torch.randperm(nb - 1, generator=gen)[:3 * blocks] + 1).view(3, blocks).int()  # block 0: vLLM's null
+    q = [torch.randn(p + steps, HKV * G, D, generator=gen).half() for p in prompts]
+    k = [torch.randn(p + steps, HKV, D, generator=gen).half() for p in prompts]
+    v = [torch.randn(p + steps, HKV, D, generator=gen).half() for p in prompts]
+    lens = torch.tensor(prompts)
+    pad = 2
+
+    def step(pieces, ctx, graph):
+        rows = [r for r, _ in pieces]
+        slots = torch.cat([tables[r, torch.arange(a, b) // BS].long() * BS + torch.arange(a, b) % BS
+                           for r, (a, b) in pieces] + ([torch.full((pad,), -1)] if graph else []))
+        qlens = [b - a for _, (a, b) in pieces] + [1] * (pad if graph else 0)
+        table = torch.cat([tables[rows], torch.zeros(pad if graph else 0, blocks, dtype=torch.int32)])
+        md = builder.build(0, _common(qlens, ctx + [-1] * (pad if graph else 0), slots, table))
+        builder.held.fill_(-12345)
+        builder.held[:, len(rows):] = torch.tensor([3, 17, 0], dtype=torch.int32)  # stale spans of padding rows
+        md.attach_prompt_lens(lens[rows])
+        if graph:
+            md.prompt_decode_rows = ()  # a replayed graph runs no Python after the kernels
+        cat = lambda xs: torch.cat([xs[r][a:b] for r, (a, b) in pieces] + (  # noqa: E731
+            [torch.zeros(pad, *xs[0].shape[1:], dtype=torch.float16)] if graph else []))
+        out = torch.full((len(slots), HKV * G, D), float("nan"), dtype=torch.float16)
+        impl.forward(layer, cat(q), cat(k), cat(v), kv_cache, md, output=out)
+        return out[:len(rows)]
+
+    assert not step([(0, (0, prompts[0])), (1, (0, prompts[1]))], [0, 0], graph=False).isnan().any()
+    hf = []
+    for r, p in enumerate(prompts):
+        ours = KVPlugLayer(strategy, 1, LAYERS)
+        ours.update(k[r][None, :p].transpose(1, 2), v[r][None, :p].transpose(1, 2))
+        ours.compress_prompt(q[r][None, :p].transpose(1, 2), torch.ones(1, p, dtype=torch.bool), D ** -0.5)
+        hf.append(ours)
+    outside = torch.ones(nb, dtype=torch.bool)
+    outside[tables.flatten().long()] = outside[0] = False
+    before = kv_cache[outside].clone()
+    for t in range(steps):
+        n = [p + t for p in prompts]
+        n[2] -= 1  # the one-token prompt comes in the first step
+        out = step([(r, (n[r], n[r] + 1)) for r in range(3)], n, graph=True)
+        for r in range(3):
+            if r == 2 and t == 0:
+                continue  # its prompt: HF attends over the raw token, the backend over its codes
+            hf[r].update(k[r][None, n[r]:n[r] + 1].transpose(1, 2), v[r][None, n[r]:n[r] + 1].transpose(1, 2))
+            ref = hf[r].attend(q[r][None, n[r]:n[r] + 1].transpose(1, 2), D ** -0.5)[0, 0].double()
+            assert (out[r].double() - ref).norm() / ref.norm() < 1e-2, (spec, t, r)
+    assert torch.equal(kv_cache[outside], before)
 
 
 def test_model_runner_hook_fills_the_held_spans_of_each_group_once(cb, monkeypatch, gen):

@@ -33,6 +33,8 @@ from kvplug.config import ENV_VAR, resolve
 from kvplug.errors import SpecError
 from kvplug.strategy import Strategy
 
+from .eviction import replaces
+
 KEY = "kvplug"
 """The key of ``additional_config`` that selects a strategy."""
 
@@ -227,6 +229,10 @@ def _turn_off_for_eviction(vllm_config, strategy: Strategy) -> None:
     ``compressed`` mode a prompt may come in chunks: the chunk that ends it selects over the
     prompt as the pages hold it (:mod:`.compaction`)."""
     cache, scheduler = vllm_config.cache_config, vllm_config.scheduler_config
+    compilation = getattr(vllm_config, "compilation_config", None)
+    if replaces(strategy) and getattr(compilation, "cudagraph_num_of_warmups", 1) < 1:
+        compilation.cudagraph_num_of_warmups = 1  # V1 runner: an eager step before each capture makes the
+        # running state a replayed graph updates (made inside a capture, its fill would be replayed)
     if prefill_mode(vllm_config) == "compressed":
         if cache.enable_prefix_caching:
             _log(f"kvplug: eviction ({strategy.scorer.name}) turns off prefix caching (a request's blocks hold "

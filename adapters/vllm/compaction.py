@@ -137,7 +137,7 @@ class LayerEviction:
         kept, scores = self.select(observed, keys, values, scale)
         slots = self.compact(kv_cache, block_ids, prompt_len, kept)
         if self.replaces:
-            positions, running = self._state(kv_cache)
+            positions, running = self.running_state(kv_cache)
             positions[slots], running[slots] = kept.T.int(), scores.T.float()
 
     def extend_slots(self, prompt_len: int, context: int, end: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,7 +213,7 @@ class LayerEviction:
         ``width`` (host; at least every row's capacity). Returns the cache slots of each row's
         front run ``[R, width]`` and which of them hold a token now ``[R, width]``."""
         bs, heads, device = kv_cache.shape[2], kv_cache.shape[1], kv_cache.device
-        positions, running = self._state(kv_cache)
+        positions, running = self.running_state(kv_cache)
         dump = positions.shape[0] - 1
         rows = torch.arange(block_table.shape[0], device=device)
         j = torch.arange(width, device=device)
@@ -235,19 +235,49 @@ class LayerEviction:
         running[target, h] = self.strategy.scorer.new_token_score(position[:, None].expand(-1, heads))
         return slots, j < (position + 1 - base).clamp(min=0).minimum(capacity)[:, None]
 
+    @torch.no_grad()
+    def start_lone_prompts(self, query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                           lone: torch.Tensor, scale: float) -> None:
+        """:attr:`replaces`, a batch of one-token rows (``query`` ``[R, Hq, D]``, block-table rows
+        ``block_table``) where ``lone`` ``[R]`` marks a prompt of one token (stored at position
+        0): its running state as :meth:`compress_prompt` starts it (the token kept in place where
+        the plan keeps one, its score :meth:`Scorer.running_scores` over the token as the page
+        holds it), with no host sync. A replayed CUDA graph runs this where an eager step runs
+        the backend's Python compaction (which then writes the same values again)."""
+        if self.plan(1, 1).front < 1:
+            return
+        positions, running = self.running_state(kv_cache)
+        heads = kv_cache.shape[1]
+        own = block_table[:, 0].long() * kv_cache.shape[2]  # [R], position 0
+        keys, values = self.paged.read(kv_cache, own)  # [H, R, D]
+        inputs = ScoreInputs(keys=keys.transpose(0, 1)[:, :, None], values=values.transpose(0, 1)[:, :, None],
+                             queries=query[:, :, None], scale=scale, layer_idx=self.layer_idx,
+                             num_layers=self.num_layers,
+                             valid=torch.ones(query.shape[0], 1, dtype=torch.bool, device=query.device))
+        score = self.strategy.scorer.running_scores(inputs)[..., 0].float().expand(-1, heads)  # [R, H]
+        target = torch.where(lone, own, positions.shape[0] - 1)[:, None]  # other rows into the dump row
+        h = torch.arange(heads, device=query.device)
+        positions[target, h] = 0
+        running[target, h] = score
+
     def rescore(self, probs: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor, kv_cache: torch.Tensor) -> None:
         """:attr:`replaces`, after :meth:`admit`: the running scores of each row's held slots
         ``slots`` ``[R, width]`` (where ``valid``) take the step's attention ``probs`` ``[R, H,
         width]`` (:func:`kvplug.attention.step_attention` or ``step_probs``) through
         :meth:`Scorer.decode_update`."""
-        _, running = self._state(kv_cache)
+        _, running = self.running_state(kv_cache)
         new = self.strategy.scorer.decode_update(running[slots].transpose(1, 2), probs)
         index = torch.where(valid, slots, running.shape[0] - 1)  # [R, width]; the rest into the dump row
         running[index[:, :, None], torch.arange(probs.shape[1], device=probs.device)] = new.transpose(1, 2)
 
-    def _state(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def running_state(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:attr:`state` for this cache, made at the first call (outside any CUDA graph capture:
+        made inside one, its fill would be replayed every step)."""
         slots, heads = kv_cache.shape[0] * kv_cache.shape[2] + 1, kv_cache.shape[1]  # the last row: a dump
         if self.state is None or self.state[0].shape != (slots, heads):
+            if kv_cache.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"kvplug: layer {self.layer_idx}'s eviction state was first needed inside a CUDA "
+                                   f"graph capture; it must be made by an eager step before (a warm-up run)")
             self.state = (torch.full((slots, heads), -1, dtype=torch.int32, device=kv_cache.device),
                           torch.zeros(slots, heads, dtype=torch.float32, device=kv_cache.device))
         return self.state

@@ -62,7 +62,7 @@ from kvplug.rotation import hadamard, rotate
 from . import compat, layer_spec, prefill_mode, selected_strategy
 from .capabilities import Engine, Support, check_head_sizes, check_layer, cuda_page, resolve_configured
 from .compaction import LayerEviction, attend
-from .eviction import READ_ALL, held_spans, replaces
+from .eviction import READ_ALL, held_spans, largest_front, replaces
 from .layout import PagedKV, TokenLayout, as_triton_cache
 
 def token_bytes(layout) -> int:
@@ -148,7 +148,9 @@ class KVPlugCudaMetadata:
     strategy: object = None  # eviction: the strategy the spans follow
     prompt_lens: torch.Tensor | None = None  # eviction: int [requests], from the model runner
     prompt_decode_rows: tuple[int, ...] = ()  # eviction: one-token rows that are a prompt's chunk
-    replace_width: int = 0  # eviction that replaces: the largest front run of the decode rows (host)
+    replace_width: int = 0  # eviction that replaces: the replace step's width (host; see the builder)
+    fixed_width: int = 0  # eviction that replaces under CUDA graphs: the width every step uses (host)
+    capture: bool = False  # built for a CUDA graph capture or its warm-up (no requests behind the rows)
 
     def attach_prompt_lens(self, lens: torch.Tensor) -> None:
         """Called (:func:`.compat.expose_prompt_lengths`) once the model runner has built this
@@ -166,7 +168,7 @@ class KVPlugCudaMetadata:
                     spans[:, in_prompt] = torch.tensor([0, 0, READ_ALL], dtype=spans.dtype)
                     self.prompt_decode_rows = tuple(in_prompt.nonzero().flatten().tolist())
             self.held[:, :rows].copy_(spans, non_blocking=True)
-            self.replace_width = int(spans[0, :, 1].max())
+            self.replace_width = self.fixed_width or int(spans[0, :, 1].max())
 
 
 class KVPlugCudaMetadataBuilder(AttentionMetadataBuilder[KVPlugCudaMetadata]):
@@ -176,16 +178,16 @@ class KVPlugCudaMetadataBuilder(AttentionMetadataBuilder[KVPlugCudaMetadata]):
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
         """Full decode graphs, except for eviction with chunked prefill: a batch of one-token rows
-        may then hold a prompt's last chunk, whose compaction runs in the forward (Python), which
-        a replayed graph would skip; and except for strategies that replace while generating,
-        whose replace step has the width of the batch's largest front run (a graph would need
-        one fixed width, the largest any prompt can have); attention then runs eagerly between
-        vLLM's piecewise graphs."""
+        may then hold any chunk of a prompt (vLLM counts a one-token chunk a decode), whose
+        observation queries and compaction the forward keeps in Python, which a replayed graph
+        would skip; attention then runs eagerly between vLLM's piecewise graphs. Without chunked
+        prefill (and with prefix caching off, as eviction has it) the only prompt a decode batch
+        can hold is one of a single token, which needs no move; a strategy that replaces while
+        generating starts its running state inside the graph (``_replacing_decodes``), and its
+        replace step then has one fixed width (:func:`.eviction.largest_front`)."""
         strategy = selected_strategy(vllm_config)
         sched = getattr(vllm_config, "scheduler_config", None)
         if strategy is not None and strategy.evicts and getattr(sched, "enable_chunked_prefill", False):
-            return AttentionCGSupport.NEVER
-        if strategy is not None and replaces(strategy):  # the replace step's width follows the batch (host int)
             return AttentionCGSupport.NEVER
         return cls._cudagraph_support
 
@@ -199,15 +201,29 @@ class KVPlugCudaMetadataBuilder(AttentionMetadataBuilder[KVPlugCudaMetadata]):
                        getattr(vllm_config.compilation_config, "max_cudagraph_capture_size", None) or 0)
             layers = vllm_config.model_config.get_total_num_hidden_layers()
             self.held = torch.zeros(layers, rows, 3, dtype=torch.int32, device=device)
+        self.fixed_width = 0
+        mode = getattr(getattr(vllm_config, "compilation_config", None), "cudagraph_mode", None)
+        graphs = mode is None or getattr(mode, "has_full_cudagraphs", lambda: True)()
+        if (self.evicting is not None and replaces(self.evicting) and graphs
+                and self.get_cudagraph_support(vllm_config, kv_cache_spec) != AttentionCGSupport.NEVER):
+            self.fixed_width = largest_front(self.evicting, vllm_config.model_config.max_model_len)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> KVPlugCudaMetadata:
         md = build_metadata(common_attn_metadata, self.compressed)
         if self.evicting is not None:
             md.held, md.strategy = self.held, self.evicting
+            md.fixed_width = md.replace_width = self.fixed_width
             lens = getattr(common_attn_metadata, "rswa_prefix_lens", None)
             if lens is not None:  # the V2 model runner (compat's prepare_inputs hook); V1 attaches after build
                 md.attach_prompt_lens(lens.cpu())
+        return md
+
+    def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> KVPlugCudaMetadata:
+        """A capture's batch (and its warm-up's): rows with no request behind them, so no prompt
+        lengths; the held spans are the builder's buffer, read when the graph is replayed."""
+        md = self.build(0, common_attn_metadata)
+        md.capture = True
         return md
 
 
@@ -309,30 +325,35 @@ class KVPlugCudaImpl(AttentionImpl):
 
     def _replacing_decodes(self, ev: LayerEviction, query, kv_cache, cache, md: KVPlugCudaMetadata, output) -> None:
         """Decode rows of a strategy that replaces kept tokens while generating (h2o, tova), all
-        rows at once and without a host sync: each new token takes its row's lowest-ranked
+        rows at once, without a host sync and with shapes fixed by the batch's row count and the
+        width (so a CUDA graph can hold the step): each new token takes its row's lowest-ranked
         unprotected slot (:meth:`.compaction.LayerEviction.admit`), the decode kernel attends over
         the held slots (the ``held`` spans: the plan's front run) and writes each slot's logit, and
         the running scores take the step's attention from those logits
         (:func:`kvplug.attention.step_probs`, :meth:`~.compaction.LayerEviction.rescore`). A row
         still in its prompt (a one-token chunk) has capacity 0 in the spans' front and reads every
-        slot: :meth:`admit` leaves it, the forward compacts it after (``_compress_prompts``)."""
+        slot: :meth:`admit` leaves it; a prompt of one token starts its running state here
+        (:meth:`~.compaction.LayerEviction.start_lone_prompts`), and in an eager step the forward
+        compacts any prompt row after (``_compress_prompts``). Padding rows (length 0) are left."""
         nd = md.num_decodes
-        rows = min(nd, len(compat.required_prompt_lengths(md.prompt_lens)))
-        held = md.held[ev.layer_idx, :nd]
-        logits = None
-        if rows:
-            spans = held[:rows]
-            generating = spans[:, 2] == 0  # a prompt row's span reads every slot (READ_ALL)
-            capacity = torch.where(generating, spans[:, 1], 0)
-            slots, valid = ev.admit(kv_cache, md.block_table[:rows], spans[:, 0], capacity, md.seq_lens[:rows] - 1,
-                                    max(md.replace_width, 1))
-            logits = torch.empty(nd, query.shape[1], slots.shape[1], dtype=torch.float32, device=query.device)
+        if not md.capture:
+            compat.required_prompt_lengths(md.prompt_lens)  # the spans below were written from them
+        held, seq_lens = md.held[ev.layer_idx, :nd], md.seq_lens[:nd]
+        ev.running_state(kv_cache)
+        generating = (held[:, 2] == 0) & (seq_lens > 0)  # a prompt row's span reads every slot (READ_ALL)
+        capacity = torch.where(generating, held[:, 1], 0)
+        width = md.fixed_width or max(md.replace_width, 1)
+        slots, valid = ev.admit(kv_cache, md.block_table[:nd], held[:, 0], capacity, (seq_lens - 1).clamp(min=0),
+                                width)
+        ev.start_lone_prompts(query[:nd], kv_cache, md.block_table[:nd], (held[:, 2] != 0) & (seq_lens == 1),
+                              self.scale)
+        logits = torch.empty(nd, query.shape[1], width, dtype=torch.float32, device=query.device)
         self._in_page_basis(lambda q, out: triton_ops.decode_attention(
-            q, cache, self.layout, md.block_table[:nd], md.seq_lens[:nd], self.scale, held=held, out=out,
+            q, cache, self.layout, md.block_table[:nd], seq_lens, self.scale, held=held, out=out,
             logits=logits), query[:nd], output[:nd])
-        if rows:  # slot j of a row's front run is the kernel's held token j; unwritten logits are not valid
-            ev.rescore(step_probs(logits[:rows], self.num_kv_heads, valid[:, None, :].expand(-1, self.num_kv_heads, -1)),
-                       slots, valid, kv_cache)
+        # slot j of a row's front run is the kernel's held token j; unwritten logits are not valid
+        ev.rescore(step_probs(logits, self.num_kv_heads, valid[:, None, :].expand(-1, self.num_kv_heads, -1)),
+                   slots, valid, kv_cache)
 
     def _in_page_basis(self, attend, q, out) -> None:
         """``attend(q, out)``, an attention over the pages, in the pages' basis: for a rotated

@@ -53,6 +53,14 @@ def replaces(strategy: Strategy) -> bool:
     return scorer is not None and scorer.evicts_on_decode and scorer.placement == "select"
 
 
+def largest_front(strategy: Strategy, max_model_len: int) -> int:
+    """:func:`replaces`: the most slots any request's front run can have (its prompt's
+    :meth:`~kvplug.scorers.base.Scorer.kept_tokens`, over every prompt length up to
+    ``max_model_len``), the fixed width of the replace step inside a CUDA graph."""
+    kept = strategy.scorer.kept_tokens
+    return max(1, max(kept(p) for p in range(1, max_model_len + 1)))
+
+
 def check_evictable(strategy: Strategy) -> None:
     """Refuse, in one line, what the vLLM adapter cannot evict in paged blocks (from what the
     parts declare: ``Scorer.placement``/``per_layer``, ``Budget.fixed_counts``/``same_in_every_layer``)."""
