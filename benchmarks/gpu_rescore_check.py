@@ -126,5 +126,52 @@ def main() -> None:
     print(f"  {times['admit'] + times['decode kernel (held spans)'] + times['second pass: PagedKV.read + step_attention + rescore']:8.3f}"
           "  the step with the second pass (the first version)")
 
+    if gpu:
+        graphed(ev, kv_cache, lambda: step(ev, kv_cache, cache, layout, table, base, capacity, position, width, q,
+                                           seq_lens, spans.int(), scale, h, out), timed)
+
+
+def step(ev, kv_cache, cache, layout, table, base, capacity, position, width, q, seq_lens, held, scale, h, out):
+    """The replace step as ``cuda_backend._replacing_decodes`` runs it (fixed width)."""
+    from kvplug import triton_ops
+    from kvplug.attention import step_probs
+
+    slots, valid = ev.admit(kv_cache, table, base, capacity, position, width)
+    logits = torch.empty(q.shape[0], q.shape[1], width, dtype=torch.float32, device=q.device)
+    triton_ops.decode_attention(q, cache, layout, table, seq_lens, scale, held=held, out=out, logits=logits)
+    ev.rescore(step_probs(logits, h, valid[:, None, :].expand(-1, h, -1)), slots, valid, kv_cache)
+
+
+def graphed(ev, kv_cache, run, timed) -> None:
+    """The step captured in a CUDA graph: one replay leaves the cache and the running state
+    exactly as one eager step from the same start does; then the replay's time."""
+    tensors = [kv_cache, *ev.state]
+    start = [t.clone() for t in tensors]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()  # warm-up (Triton compiles outside the capture)
+    torch.cuda.current_stream().wait_stream(side)
+    for t, s0 in zip(tensors, start):
+        t.copy_(s0)
+    run()
+    eager = [t.clone() for t in tensors]
+    for t, s0 in zip(tensors, start):
+        t.copy_(s0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    for t, s0 in zip(tensors, start):  # capture records, it does not run
+        t.copy_(s0)
+    graph.replay()
+    torch.cuda.synchronize()
+    same = all(torch.equal(a, b) for a, b in zip(tensors, eager))
+    print(f"  CUDA graph of the step: one replay {'equals' if same else 'DIFFERS from'} one eager step "
+          "(cache bytes, positions, running scores)")
+    print(f"  {timed(graph.replay):8.3f}  the step replayed as a CUDA graph")
+    if not same:
+        raise SystemExit("the graphed replace step differs from the eager one")
+
+
 if __name__ == "__main__":
     main()

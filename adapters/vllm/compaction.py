@@ -257,7 +257,7 @@ class LayerEviction:
         score = self.strategy.scorer.running_scores(inputs)[..., 0].float().expand(-1, heads)  # [R, H]
         target = torch.where(lone, own, positions.shape[0] - 1)[:, None]  # other rows into the dump row
         h = torch.arange(heads, device=query.device)
-        positions[target, h] = 0
+        positions[target, h] = torch.zeros((), dtype=positions.dtype, device=positions.device)  # no host scalar: a graph may hold this
         running[target, h] = score
 
     def rescore(self, probs: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor, kv_cache: torch.Tensor) -> None:
