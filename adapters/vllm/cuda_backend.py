@@ -38,7 +38,8 @@ attends each prompt over its own raw K/V; a prefill with cached context (prefix-
 chunk of a chunked prefill) cannot be served that way, so start-up refuses prefix caching and
 chunked prefill (:func:`.capabilities.check_engine`) and the builder stops on such a batch rather than attend
 over part of the context. The decode path allocates nothing outside the kernels' own scratch and
-never syncs, so pure-decode batches run as full CUDA graphs (``UNIFORM_SINGLE_TOKEN_DECODE``);
+never syncs, so pure-decode batches run as full CUDA graphs (``UNIFORM_SINGLE_TOKEN_DECODE``),
+also for eviction without chunked prefill (h2o/tova's replace step included: ``_replacing_decodes``);
 mixed batches run piecewise, attention eager.
 """
 
