@@ -375,6 +375,19 @@ def test_cuda_routes_eviction(cb, monkeypatch):
     assert cb.KVPlugCudaMetadataBuilder.get_cudagraph_support(config, None) == cb.AttentionCGSupport.NEVER
 
 
+def _hf_layers(strategy, prompts, q, k, v):
+    """The HF adapter's layer (index 1) of each request, fed its prompt's K/V and queries."""
+    from kvplug.adapters.hf.layer import KVPlugLayer
+
+    layers = []
+    for r, p in enumerate(prompts):
+        ours = KVPlugLayer(strategy, 1, LAYERS)
+        ours.update(k[r][None, :p].transpose(1, 2), v[r][None, :p].transpose(1, 2))
+        ours.compress_prompt(q[r][None, :p].transpose(1, 2), torch.ones(1, p, dtype=torch.bool), D ** -0.5)
+        layers.append(ours)
+    return layers
+
+
 def _two_requests(cb, impl, builder, layer, nb, blocks, prompts, steps, gen):
     """A poisoned cache, two requests' block tables of ``blocks`` shuffled blocks, their queries,
     keys and values (prompt + ``steps``), and ``run(pieces, ctx)``: one step of (request, token
@@ -483,7 +496,6 @@ def test_replacing_eviction_decodes_what_the_hf_adapters_layer_holds(cb, spec, p
     two prompts (a 12-token one grows to the budget, then replaces), then 16 decode steps; every
     decode output equals the HF adapter's layer fed the same queries, keys and values (its own
     codec store, its own replace rule), within fp16."""
-    from kvplug.adapters.hf.layer import KVPlugLayer
     from kvplug.config import resolve
 
     strategy = resolve(spec)
@@ -498,12 +510,7 @@ def test_replacing_eviction_decodes_what_the_hf_adapters_layer_holds(cb, spec, p
     kv_cache, tables, q, k, v, run = _two_requests(cb, impl, builder, layer, nb, 6, prompts, steps, gen)
 
     assert not run([(0, (0, prompts[0])), (1, (0, prompts[1]))], [0, 0]).isnan().any()
-    hf = []
-    for r, p in enumerate(prompts):
-        ours = KVPlugLayer(strategy, 1, LAYERS)
-        ours.update(k[r][None, :p].transpose(1, 2), v[r][None, :p].transpose(1, 2))
-        ours.compress_prompt(q[r][None, :p].transpose(1, 2), torch.ones(1, p, dtype=torch.bool), D ** -0.5)
-        hf.append(ours)
+    hf = _hf_layers(strategy, prompts, q, k, v)
     for step in range(steps):
         n = [p + step for p in prompts]
         out = run([(0, (n[0], n[0] + 1)), (1, (n[1], n[1] + 1))], n)
@@ -522,7 +529,6 @@ def test_replacing_decodes_as_a_cuda_graph_replays_them(cb, spec, gen):
     token that first comes as a one-token row of such a step, its running state started there.
     Every decode output equals the HF adapter's layer fed the same inputs; the padding rows
     change no byte outside block 0, and the requests' blocks hold their codes only."""
-    from kvplug.adapters.hf.layer import KVPlugLayer
     from kvplug.adapters.vllm.eviction import largest_front
     from kvplug.config import resolve
 
@@ -563,12 +569,7 @@ def test_replacing_decodes_as_a_cuda_graph_replays_them(cb, spec, gen):
         return out[:len(rows)]
 
     assert not step([(0, (0, prompts[0])), (1, (0, prompts[1]))], [0, 0], graph=False).isnan().any()
-    hf = []
-    for r, p in enumerate(prompts):
-        ours = KVPlugLayer(strategy, 1, LAYERS)
-        ours.update(k[r][None, :p].transpose(1, 2), v[r][None, :p].transpose(1, 2))
-        ours.compress_prompt(q[r][None, :p].transpose(1, 2), torch.ones(1, p, dtype=torch.bool), D ** -0.5)
-        hf.append(ours)
+    hf = _hf_layers(strategy, prompts, q, k, v)
     outside = torch.ones(nb, dtype=torch.bool)
     outside[tables.flatten().long()] = outside[0] = False
     before = kv_cache[outside].clone()
