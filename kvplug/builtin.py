@@ -14,6 +14,7 @@ from kvplug.codecs.none import NoCodec
 from kvplug.hookspecs import hookimpl
 from kvplug.mergers.minicache import MiniCache
 from kvplug.placements.infinigen import InfiniGen
+from kvplug.scorers.attention_gate import AttentionGate
 from kvplug.scorers.cake import Cake
 from kvplug.scorers.compactor import Compactor
 from kvplug.scorers.criticalkv import CriticalKV
@@ -36,5 +37,5 @@ from kvplug.scorers.tova import Tova
 def kvplug_parts() -> list[type]:
     return [NoCodec, Int8, Int4, Int2, Mixed, Kivi, Fp8,
             Streaming, H2O, SnapKV, Tova, KNorm, RandomScorer, SimLayerKV, ExpectedAttention, KeyDiff, LagKV, DuoAttention,
-            CurDKV, CriticalKV, Cake, Scissorhands, Compactor,
+            CurDKV, CriticalKV, Cake, Scissorhands, Compactor, AttentionGate,
             Uniform, Pyramid, AdaKV, ChunkKV, MiniCache, InfiniGen]

@@ -18,3 +18,17 @@ def gen(request) -> torch.Generator:
     seed = int(os.environ.get("KVPLUG_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     print(f"seed={seed}")
     return torch.Generator().manual_seed(seed)
+
+
+def write_random_weights(path, part, num_layers: int, num_kv_heads: int, head_dim: int,
+                         generator: torch.Generator, **meta) -> str:
+    """A weights file of random tensors (scaled by 1/sqrt(fan-in)) for the learned ``part`` class
+    (:class:`kvplug.learned.LearnedPart`) on a model of this shape; returns its path."""
+    from kvplug import learned
+
+    shapes = part.weight_shapes(num_layers, num_kv_heads, head_dim)
+    tensors = {k: torch.randn(shape, generator=generator) / shape[-2] ** 0.5 if len(shape) > 2 else
+               torch.randn(shape, generator=generator) * 0.1 for k, shape in shapes.items()}
+    learned.save(str(path), part.name, tensors, num_layers=num_layers, num_kv_heads=num_kv_heads,
+                 head_dim=head_dim, **{"trained_for": "a random test model", **meta})
+    return str(path)

@@ -11,7 +11,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 import kvplug.hf
+from conftest import write_random_weights
 from kvplug import SpecError, parse
+from kvplug.learned import LearnedPart
 from kvplug.scorers.base import ScoreInputs
 
 SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -297,7 +299,7 @@ def _registered_specs():
 
 
 @pytest.mark.parametrize("name, spec", list(_registered_specs()), ids=[n for n, _ in _registered_specs()])
-def test_every_registered_part_runs_in_generate(gen, name, spec):
+def test_every_registered_part_runs_in_generate(gen, name, spec, tmp_path):
     """Each part the registry holds runs once through ``generate()`` on a tiny 4-layer Llama (batch
     of 2, left padding; 4 layers so that a merger has a pair); an evicting one keeps about half the
     prompt, at most what was seen."""
@@ -308,6 +310,9 @@ def test_every_registered_part_runs_in_generate(gen, name, spec):
     model.eval()
     ids, mask = prompts(gen, length=40, pad=6)
     strategy = parse(spec)
+    if isinstance(strategy.scorer, LearnedPart):  # its weights: a file made for this model's shape
+        path = write_random_weights(tmp_path / "weights.safetensors", type(strategy.scorer), 4, 2, 32, gen)
+        strategy = parse(spec[:-1] + f", weights='{path}')" if spec.endswith(")") else f"{spec}(weights='{path}')")
     cache = kvplug.hf.cache(model, strategy)
     out = greedy(model, ids, mask, steps=6, cache=cache)
     assert out.shape == (2, 46)
