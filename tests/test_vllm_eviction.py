@@ -40,6 +40,15 @@ needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed (pip
 HEADS, QHEADS, DIM, LAYERS = 2, 4, 16, 2
 
 
+def _gate_file(path: Path, layers: int, heads: int, dim: int, gen: torch.Generator) -> str:
+    """Random ``attention_gate`` weights for a model of this shape (:mod:`kvplug.learned`)."""
+    from conftest import write_random_weights
+
+    from kvplug.scorers.attention_gate import AttentionGate
+
+    return write_random_weights(path, AttentionGate, layers, heads, dim, gen)
+
+
 # the worker side beside the HF adapter's layer ---------------------------------------------------------
 @pytest.mark.parametrize("spec, prompt_len", [
     ("streaming(sinks=4, window=40)", 150),
@@ -51,8 +60,11 @@ HEADS, QHEADS, DIM, LAYERS = 2, 4, 16, 2
     ("snapkv(budget=25%, window=8)+int4", 150),
     ("curdkv(budget=45)", 120),
     ("cake(budget=40, window=8, layers=false)", 130),
+    ("attention_gate(budget=40, window=8, weights='{gate}')", 120),  # a learned part's file, made for this shape
 ])
-def test_worker_reads_what_the_hf_adapter_keeps(spec, prompt_len, gen):
+def test_worker_reads_what_the_hf_adapter_keeps(spec, prompt_len, gen, tmp_path):
+    if "{gate}" in spec:
+        spec = spec.format(gate=_gate_file(tmp_path / "gate.safetensors", LAYERS, HEADS, DIM, gen))
     strategy = parse(spec)
     bs, steps, blocks = 16, 70, 40
     paged = PagedKV(TokenLayout.for_codec(parse("none").codec, DIM, torch.float32))  # exact: values carry positions
@@ -411,7 +423,8 @@ def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evict")
     model = make_model(tmp / "tiny-llama", max_len=MAX_LEN)
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
-    return {"tmp": tmp, "model": str(model), "vocab": vocab}
+    gate = _gate_file(tmp / "gate.safetensors", 2, 2, 64, torch.Generator().manual_seed(5))  # make_model's shape
+    return {"tmp": tmp, "model": str(model), "vocab": vocab, "gate": gate}
 
 
 @pytest.fixture(scope="module")
@@ -436,6 +449,9 @@ def jobs(setup):
         **schedules,
         "snapkv": dict(spec="snapkv(budget=500)", prompts=_prompts([LONG, 700], vocab, 1), steps=48, kv_bytes=64 << 20,
                        extra=raw),
+        # a learned part, its weights a file the engine's worker loads (nothing in kvplug names it)
+        "gate": dict(spec=f"attention_gate(budget=500, window=8, weights='{setup['gate']}')",
+                     prompts=_prompts([LONG, 700], vocab, 4), steps=48, kv_bytes=64 << 20, extra=raw),
         "streaming": dict(spec="streaming(sinks=4, window=200)", prompts=_prompts([LONG, 150], vocab, 2), steps=300,
                           kv_bytes=64 << 20, extra=raw),
         "streaming-preempt": dict(spec="streaming(sinks=4, window=60)", many=mixed, steps=100, max_len=1024,
@@ -482,7 +498,7 @@ def hf_tokens(setup):
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("name", ["snapkv", "streaming", "h2o"])
+@pytest.mark.parametrize("name", ["snapkv", "streaming", "h2o", "gate"])
 def test_greedy_tokens_equal_the_hf_adapters(runs, jobs, hf_tokens, name):
     job, result = jobs[name], runs(name)
     for prompt, ours in zip(job["prompts"], result["tokens"], strict=True):
@@ -491,13 +507,14 @@ def test_greedy_tokens_equal_the_hf_adapters(runs, jobs, hf_tokens, name):
 
 
 @pytest.mark.vllm
-def test_prefill_of_2000_tokens_with_snapkv_500_holds_the_blocks_of_500(runs):
-    result = runs("snapkv")
+@pytest.mark.parametrize("name", ["snapkv", "gate"])
+def test_prefill_of_2000_tokens_with_a_selection_of_500_holds_the_blocks_of_500(runs, name):
+    result = runs(name)
     bs, start = result["block_size"], result["free_start"]
     free = result["free"][0]  # the 2,000-token request, after each engine step
     assert start - free[0] == -(-LONG // bs)  # prefill: every prompt block (the compaction runs in it)
     held = start - free[1]  # the next step's scheduling freed the blocks before the kept 500
-    print(f"snapkv(budget=500), {LONG}-token prompt: {start - free[0]} blocks after prefill, {held} after")
+    print(f"{name} (budget=500), {LONG}-token prompt: {start - free[0]} blocks after prefill, {held} after")
     assert held == -(-500 // bs) + 1  # ~500 tokens, one block partly stale or partly filled
     assert max(start - f for f in free[1:-1]) <= held  # 48 new tokens fit in the slack of the last block
     assert result["free_end"] == start == result["pool"] - 1  # all back (vLLM keeps one null block)
