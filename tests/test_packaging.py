@@ -21,6 +21,7 @@ def test_wheel_has_only_the_kvplug_top_level(tmp_path):
             if "__pycache__" not in path.parts:
                 assert f"{prefix}/{path.relative_to(folder).as_posix()}" in names, path
     assert "kvplug/eval/schema.json" in names
+    assert "kvplug/weights/attention_gate-kvplug-ref.safetensors" in names  # a learned part's shipped tensors
 
 
 def test_import_kvplug_loads_no_engine():
