@@ -14,6 +14,10 @@ from .api import SUPPORTED, cache, check_model, compress
 from .cache import KVPlugCache
 from .documents import DocumentStore
 from .layer import KVPlugLayer
+from .lckv import LckvConfig, LckvForCausalLM, register as _register_lckv
 from .persist import load
 
-__all__ = ["cache", "compress", "check_model", "load", "DocumentStore", "KVPlugCache", "KVPlugLayer", "SUPPORTED"]
+_register_lckv()  # kvplug_lckv checkpoints load through AutoModelForCausalLM, no trust_remote_code
+
+__all__ = ["cache", "compress", "check_model", "load", "DocumentStore", "KVPlugCache", "KVPlugLayer", "LckvConfig", "LckvForCausalLM",
+           "SUPPORTED"]

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.append(str(REPO))  # after site-packages: an installed kvplug (with kvplug.adapters) wins
 
 from kvplug.retrieval import LookupTask  # noqa: E402
 
@@ -48,10 +48,15 @@ PRESETS = {
 }
 
 
-def build_config(preset: str, vocab_size: int, max_pos: int, rope_theta: float):
+def build_config(preset: str, vocab_size: int, max_pos: int, rope_theta: float, arch: str = "llama",
+                 lckv_iterations: int = 3, lckv_grad_iterations: int = 2):
     from transformers import LlamaConfig
 
-    cfg = LlamaConfig(
+    extra = {}
+    if arch == "lckv":  # Layer-Condensed KV (kvplug.adapters.hf.lckv): every layer attends to the top layer's K/V
+        from kvplug.adapters.hf.lckv import LckvConfig as LlamaConfig  # noqa: F811
+        extra = dict(lckv_iterations=lckv_iterations, lckv_grad_iterations=lckv_grad_iterations)
+    cfg = LlamaConfig(**extra,
         vocab_size=vocab_size, max_position_embeddings=max_pos, rms_norm_eps=1e-5,
         tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0,
         attention_bias=False, mlp_bias=False, hidden_act="silu", initializer_range=0.02,
@@ -142,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(REPO / "runs" / "ref"))
     ap.add_argument("--preset", default="ref", choices=sorted(PRESETS))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--arch", default="llama", choices=("llama", "lckv"),
+                    help="lckv: Layer-Condensed KV (arXiv 2405.10637), one layer's K/V for all layers")
+    ap.add_argument("--lckv-iterations", type=int, default=3, help="lckv: parallel passes per row")
+    ap.add_argument("--lckv-grad-iterations", type=int, default=2, help="lckv: passes back-propagated")
     ap.add_argument("--seq-len", type=int, default=8192)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -171,8 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     vocab = len(tok)
     assert int(tokens.max()) < vocab
     torch.manual_seed(args.seed)
-    cfg = build_config(args.preset, vocab, max(8192, args.seq_len), args.rope_theta)
-    model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=torch.float32).to(device)
+    cfg = build_config(args.preset, vocab, max(8192, args.seq_len), args.rope_theta, args.arch,
+                       args.lckv_iterations, args.lckv_grad_iterations)
+    if args.arch == "lckv":
+        from kvplug.adapters.hf.lckv import LckvForCausalLM
+
+        model = LckvForCausalLM(cfg).to(device)
+    else:
+        model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=torch.float32).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
