@@ -165,3 +165,24 @@ def test_training_backpropagates_through_the_last_iterations_only(gen):
     assert top.k_proj.weight.grad is not None and top.k_proj.weight.grad.abs().sum() > 0  # K/V learn (2 passes)
     with pytest.raises(SpecError):
         LckvConfig(**CFG, lckv_iterations=2, lckv_grad_iterations=3)
+
+
+@pytest.mark.vllm
+def test_vllm_refuses_an_lckv_checkpoint_in_one_line(gen, tmp_path):
+    """vLLM has no model for it: start-up stops in the user's process with kvplug's one line (not
+    transformers' "does not recognize this architecture")."""
+    pytest.importorskip("vllm")
+    import subprocess
+    import sys
+
+    from test_vllm_engine import _tokenizer
+
+    tiny(gen).save_pretrained(tmp_path)
+    _tokenizer(tmp_path)
+    code = (f"from vllm import LLM\nLLM(model={str(tmp_path)!r}, dtype='float32', max_model_len=128, "
+            "enforce_eager=True)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("kvplug.adapters.vllm.StartupError: kvplug_lckv (Layer-Condensed KV"), out.stderr[-2000:]
+    assert "does not run in vLLM yet" in last

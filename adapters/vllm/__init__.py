@@ -177,6 +177,12 @@ def _check_config(vllm_config) -> None:
 
     compat.clear_backend_cache()
     try:
+        from .lckv import check_model
+
+        check_model(vllm_config)
+    except ValueError as e:
+        raise StartupError(str(e)) from e
+    try:
         strategy = selected_strategy(vllm_config)
         prefill_mode(vllm_config)
         if strategy is not None:
@@ -262,7 +268,8 @@ def register() -> None:
     """Entry point ``vllm.general_plugins``: runs in every vLLM process, before engines start.
 
     Installs two small routes (see :mod:`.compat`): the config check and the backend choice.
-    Both are pass-through while no strategy is selected, so an unused plugin changes nothing.
+    Both are pass-through while no strategy is selected, so an unused plugin changes nothing, but
+    for one thing: a kvplug_lckv checkpoint (:mod:`.lckv`) is refused in one line.
     """
     try:
         import vllm  # noqa: F401
@@ -278,3 +285,8 @@ def register() -> None:
 
     compat.install_spec_hook(is_kvplug_backend)  # 0.26 only (0.32 asks customize_spec itself)
     compat.register_connector(CONNECTOR, "kvplug.adapters.vllm.connector", "KVPlugConnector")
+    from kvplug.adapters.hf.lckv import LckvConfig
+
+    from .lckv import ARCHITECTURE, MODEL_TYPE, LckvNotServed
+
+    compat.register_model(ARCHITECTURE, LckvNotServed, MODEL_TYPE, LckvConfig)  # refused at start-up, one line

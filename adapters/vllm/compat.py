@@ -28,7 +28,9 @@ target                                                         versions    insta
 
 Supported APIs used instead of patches: the ``vllm.general_plugins`` entry point, the backend's
 ``customize_spec`` (0.32), ``KVCacheSpecRegistry`` for the evicting spec's manager (:mod:`.manager`),
-``KVConnectorFactory.register_connector`` for :mod:`.connector` (0.26, 0.32: :func:`register_connector`).
+``KVConnectorFactory.register_connector`` for :mod:`.connector` (0.26, 0.32: :func:`register_connector`),
+``ModelRegistry.register_model`` and transformers' ``AutoConfig.register`` for the refusal of
+kvplug_lckv checkpoints (:mod:`.lckv`, :func:`register_model`).
 
 Version differences:
 
@@ -360,6 +362,26 @@ def required_prompt_lengths(lens):
         raise RuntimeError("kvplug: eviction needs each request's prompt length in the attention metadata; "
                            "this vLLM model runner does not pass it")
     return lens
+
+
+def register_model(architecture: str, model_cls: type, model_type: str, config_cls: type | None = None) -> bool:
+    """Register ``model_cls`` for ``architecture`` with vLLM's ``ModelRegistry`` and, when given,
+    ``config_cls`` for ``model_type`` with transformers' ``AutoConfig`` (both supported APIs, the
+    same in 0.26 and 0.32; a second call is a no-op). False if vLLM has no registry."""
+    try:
+        from vllm import ModelRegistry
+    except ImportError:  # pragma: no cover - every supported version has it
+        return False
+    if config_cls is not None:
+        from transformers import AutoConfig
+
+        try:
+            AutoConfig.register(model_type, config_cls)
+        except ValueError:  # already registered in this process
+            pass
+    if architecture not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(architecture, model_cls)
+    return True
 
 
 def register_connector(name: str, module: str, class_name: str) -> bool:
