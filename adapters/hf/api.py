@@ -22,6 +22,9 @@ def check_model(model) -> None:
     """Refuse, in one line, a model whose attention kvplug does not drive."""
     config = model.config
     kind = getattr(config, "model_type", None)
+    if kind == "kvplug_lckv":
+        raise SpecError("kvplug.hf: a kvplug_lckv model already holds one layer's K/V in transformers' "
+                        "DynamicCache; kvplug's strategies do not run on it yet")
     if kind not in SUPPORTED:
         raise SpecError(f"kvplug.hf supports model types {', '.join(SUPPORTED)}; got {kind!r}")
     layer_types = getattr(config, "layer_types", None) or []

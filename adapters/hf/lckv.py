@@ -99,6 +99,9 @@ class LckvForCausalLM(LlamaForCausalLM):
                 **kwargs):
         if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
             raise SpecError("kvplug_lckv: padded batches are not supported (run prompts of one length, or one at a time)")
+        if past_key_values is not None and not isinstance(past_key_values, DynamicCache):
+            raise SpecError(f"kvplug_lckv: the cache must be transformers' DynamicCache (one layer of K/V), "
+                            f"not {type(past_key_values).__name__}")
         cfg = self.config
         h = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, n, _ = h.shape
