@@ -111,7 +111,7 @@ def _in_package(package: str, rel: str, part: str) -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def _load_file(path: str, mtime: float) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _load_file(path: str, stamp: tuple[int, int]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -129,7 +129,8 @@ def load(name: str, part: str, *, package: str = "kvplug", tensors: dict[str, tu
     number of dimensions (or full shape); a file without them, or saved for another part, is
     refused in one line."""
     path = resolve(name, part, package)
-    found, meta = _load_file(path, os.path.getmtime(path))
+    st = os.stat(path)
+    found, meta = _load_file(path, (st.st_mtime_ns, st.st_size))  # a rewritten file is read again
     if meta.get("part", part) != part:
         raise SpecError(f"{part}: weights {name} were saved for the part {meta['part']!r}")
     for t, want in (tensors or {}).items():

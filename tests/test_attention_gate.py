@@ -110,7 +110,8 @@ def test_bad_weight_files_are_refused_in_one_line(tmp_path, gen):
             parse(f"attention_gate({arg})")
         assert "\n" not in str(e.value), why
     assert "pickle" in str(pytest.raises(SpecError, lambda: learned.load(str(pickled), "attention_gate")).value)
-    w = write_gate(tmp_path / "nan.safetensors", 2, 2, 16, gen)
+    w = write_gate(tmp_path / "clean.safetensors", 2, 2, 16, gen)  # (a file rewritten within one clock tick
+    # of its first read could be served from the read cache: each case gets a file of its own)
     w["w2"][0, 0, 0] = float("nan")
     learned.save(str(tmp_path / "nan.safetensors"), "attention_gate", w, num_layers=2, num_kv_heads=2, head_dim=16)
     learned.save(str(tmp_path / "short.safetensors"), "attention_gate", {"w1": w["w1"]}, num_layers=2)
