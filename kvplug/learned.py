@@ -57,9 +57,6 @@ class LearnedWeights:
         """The tensors on ``device`` in ``dtype`` (cached per device and dtype)."""
         return _moved(self, str(device), dtype)
 
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.tensors[name]
-
 
 class LearnedPart:
     """What a learned part declares (mixed into its :class:`~kvplug.parts.Part` class): a
@@ -110,8 +107,7 @@ def _in_package(package: str, rel: str, part: str) -> str:
     return str(path)
 
 
-@functools.lru_cache(maxsize=16)
-def _load_file(path: str, stamp: tuple[int, int]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -127,13 +123,19 @@ def load(name: str, part: str, *, package: str = "kvplug", tensors: dict[str, tu
          ) -> LearnedWeights:
     """The weights ``name`` of ``part``. ``tensors`` names the tensors the part needs and their
     number of dimensions (or full shape); a file without them, or saved for another part, is
-    refused in one line."""
+    refused in one line. A file is read and checked once (again when it is rewritten), and the
+    same :class:`LearnedWeights` comes back, so :meth:`LearnedWeights.on`'s copies are made once."""
     path = resolve(name, part, package)
     st = os.stat(path)
-    found, meta = _load_file(path, (st.st_mtime_ns, st.st_size))  # a rewritten file is read again
+    return _checked(path, (st.st_mtime_ns, st.st_size), name, part, tuple(sorted((tensors or {}).items())))
+
+
+@functools.lru_cache(maxsize=16)
+def _checked(path: str, stamp: tuple[int, int], name: str, part: str, wanted: tuple) -> LearnedWeights:
+    found, meta = _read(path)
     if meta.get("part", part) != part:
         raise SpecError(f"{part}: weights {name} were saved for the part {meta['part']!r}")
-    for t, want in (tensors or {}).items():
+    for t, want in wanted:
         if t not in found:
             raise SpecError(f"{part}: weights {name} have no tensor {t!r} (they hold: {', '.join(sorted(found))})")
         shape = tuple(found[t].shape)
