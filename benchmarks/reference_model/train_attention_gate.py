@@ -105,10 +105,11 @@ def student(model, x: torch.Tensor, starts: torch.Tensor, cont: int, kv, bias):
     return model.lm_head(m.norm(h))
 
 
-def split_points(batcher: Batcher, rows, answers, args, rng) -> list[int]:
+def split_points(answers, args, rng) -> list[int]:
+    """Where each row's prompt ends: a lookup row at its first answer token, a text row at random."""
     t = args.seq_len
     starts = []
-    for r, ans in zip(rows, answers):
+    for ans in answers:
         if ans:
             s = min(ans[0], t - args.cont)
         else:
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         if (args.steps and step >= args.steps) or (not args.steps and time.time() - t0 >= args.time):
             break
         rows, answers = zip(*(batcher.row() for _ in range(args.batch)))
-        starts_l = split_points(batcher, rows, answers, args, rng)
+        starts_l = split_points(answers, args, rng)
         x = torch.tensor(rows, dtype=torch.long, device=device)
         starts = torch.tensor(starts_l, device=device)
         weight = torch.ones(args.batch, args.cont, device=device)
@@ -217,16 +218,14 @@ def main(argv: list[str] | None = None) -> int:
         bias, shares, hard_bias = [], [], []
         for li in range(layers):
             g = gate_logits((f[li] - mu[li][None, :, None]) / sd[li][None, :, None], w, li)  # [B, Hkv, T]
+            with torch.no_grad():  # kvplug's selection: the top n_keep gates per KV head, the rest dropped
+                rank = g.masked_fill(~hide[:, None, :], float("-inf")).argsort(-1, descending=True).argsort(-1)
+                hard = torch.where(hide[:, None, :] & (rank >= n_keep[:, None, None]), DROPPED, 0.0)
+            hard_bias.append(hard)
             soft = beta * F.logsigmoid(g)
-            if args.hard:  # forward: the top n_keep gates hold, the rest are dropped; backward: the soft mask
-                ranked = g.detach().masked_fill(~hide[:, None, :], float("-inf"))
-                rank = ranked.argsort(-1, descending=True).argsort(-1)
-                hard = torch.where(rank < n_keep[:, None, None], 0.0, DROPPED)
+            if args.hard:  # forward: the hard selection; backward: the soft mask (straight-through)
                 soft = soft + (hard - soft).detach()
             bias.append(torch.where(hide[:, None, :], soft, 0.0))
-            with torch.no_grad():  # kvplug's selection: the top n_keep gates per KV head
-                rank = g.detach().masked_fill(~hide[:, None, :], float("-inf")).argsort(-1, descending=True).argsort(-1)
-                hard_bias.append(torch.where(hide[:, None, :] & (rank >= n_keep[:, None, None]), DROPPED, 0.0))
             shares.append(torch.sigmoid(g)[hide[:, None, :].expand_as(g)])
         share = torch.cat(shares).mean()
         out = student(model, x, starts, args.cont, kv, bias).float().log_softmax(-1)
