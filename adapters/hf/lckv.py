@@ -119,9 +119,9 @@ class LckvForCausalLM(LlamaForCausalLM):
         cos, sin = self.model.rotary_emb(h, position_ids)
         new_k = new_v = torch.zeros(b, cfg.num_key_value_heads, n, cfg.head_dim, dtype=h.dtype, device=h.device)
         passes = 1 if n == 1 else cfg.lckv_iterations
-        keep_grad = cfg.lckv_grad_iterations if torch.is_grad_enabled() else passes
-        for it in range(passes):
-            with torch.set_grad_enabled(torch.is_grad_enabled() and it >= passes - keep_grad):
+        grad = torch.is_grad_enabled()
+        for it in range(passes):  # gradients through the last lckv_grad_iterations passes only
+            with torch.set_grad_enabled(grad and it >= passes - cfg.lckv_grad_iterations):
                 out, new_k, new_v = self._layers(h, cos, sin, past_k, past_v, new_k, new_v)
         if use_cache:
             past_key_values.update(new_k, new_v, 0)

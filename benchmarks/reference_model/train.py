@@ -52,11 +52,13 @@ def build_config(preset: str, vocab_size: int, max_pos: int, rope_theta: float, 
                  lckv_iterations: int = 3, lckv_grad_iterations: int = 2):
     from transformers import LlamaConfig
 
-    extra = {}
+    config_cls, extra = LlamaConfig, {}
     if arch == "lckv":  # Layer-Condensed KV (kvplug.adapters.hf.lckv): every layer attends to the top layer's K/V
-        from kvplug.adapters.hf.lckv import LckvConfig as LlamaConfig  # noqa: F811
+        from kvplug.adapters.hf.lckv import LckvConfig
+
+        config_cls = LckvConfig
         extra = dict(lckv_iterations=lckv_iterations, lckv_grad_iterations=lckv_grad_iterations)
-    cfg = LlamaConfig(**extra,
+    cfg = config_cls(**extra,
         vocab_size=vocab_size, max_position_embeddings=max_pos, rms_norm_eps=1e-5,
         tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0,
         attention_bias=False, mlp_bias=False, hidden_act="silu", initializer_range=0.02,
