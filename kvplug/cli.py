@@ -80,6 +80,8 @@ def _eval(args: argparse.Namespace, console: Console) -> None:
         settings.model = args.model
     if args.device:
         settings.device = args.device
+    if args.heldout:
+        settings.heldout = args.heldout
     results = evaluate(settings, console)
     out = Path(args.out)
     console.print(table([results]))
@@ -131,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="needle depths for retrieval")
     p_eval.add_argument("--trials", type=int, default=8, help="retrieval trials per (context, depth) cell")
     p_eval.add_argument("--device", default=None)
+    p_eval.add_argument("--heldout", default="", metavar="FILE",
+                        help="held-out text, documents joined by <|endoftext|> (default: heldout.txt beside the model)")
     p_eval.add_argument("--seed", type=int, default=0)
     p_eval.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 is faster on a small, shared CPU)")

@@ -30,7 +30,7 @@ EXACT = dict(atol=1e-5, rtol=1e-5)
 
 def tiny(gen, **kw) -> LckvForCausalLM:
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
-    model = LckvForCausalLM(LckvConfig(**CFG, **kw)).eval()
+    model = LckvForCausalLM(LckvConfig(**{**CFG, **kw})).eval()
     with torch.no_grad():  # larger weights than the default init, so that attention is not uniform
         for p in model.parameters():
             p.mul_(3.0) if p.dim() > 1 else None
@@ -168,6 +168,50 @@ def test_training_backpropagates_through_the_last_iterations_only(gen):
     assert top.k_proj.weight.grad is not None and top.k_proj.weight.grad.abs().sum() > 0  # K/V learn (2 passes)
     with pytest.raises(SpecError):
         LckvConfig(**CFG, lckv_iterations=2, lckv_grad_iterations=3)
+
+
+def test_kvplug_eval_runs_none_on_its_own_cache_and_refuses_strategies(gen, tmp_path):
+    """``kvplug eval`` on an LCKV checkpoint: 'none' only, its decode likelihood that of the naive
+    loop (a prompt no longer than the passes is exact), the K/V bytes one layer's, exactly."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from kvplug.cli import main as cli
+    from kvplug.eval import EvalSettings, measure
+    from kvplug.eval.runner import load
+
+    ref = Path(__file__).resolve().parents[1] / "models" / "kvplug-ref"
+    if not (ref / "tokenizer.json").exists():
+        pytest.skip("reference tokenizer not present")
+    tiny(gen, vocab_size=6144, lckv_iterations=12).save_pretrained(tmp_path)  # the tokenizer's vocabulary
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ref / name, tmp_path)
+    text = tmp_path.parent / f"{tmp_path.name}-text.txt"  # held-out text named by --heldout, not beside the model
+    text.write_text((ref / "heldout.txt").read_text()[:100_000])
+    with pytest.raises(SpecError, match="--heldout FILE"):
+        load(EvalSettings(model=str(tmp_path), device="cpu"))
+
+    model, _, _ = load(EvalSettings(model=str(tmp_path), device="cpu", heldout=str(text)))
+    ids = torch.randint(1, 6144, (1, 16), generator=gen)
+    prompt = measure.Prompt(model, ids[:, :12])
+    nll = measure.decode_nll(prompt, "none", ids[:, 12:])
+    logits = torch.tensor(naive_logits(model, ids[0].tolist()), dtype=torch.float64)
+    want = float(torch.nn.functional.cross_entropy(logits[11:15], ids[0, 12:]))
+    assert nll == pytest.approx(want, rel=1e-4)
+    assert measure.decode_nll(prompt, "none", ids[:, 12:]) == nll  # the prompt's cache is copied, not consumed
+    with pytest.raises(SpecError, match="only 'none'"):
+        measure.decode_nll(prompt, "int4", ids[:, 12:])
+
+    out = tmp_path / "run"
+    assert cli(["eval", "--model", str(tmp_path), "--strategies", "int4", "--tasks", "perplexity,memory",
+                "--contexts", "64", "--device", "cpu", "--heldout", str(text), "--out", str(out)]) == 0
+    by_name = {r["strategy"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    assert not by_name["int4"]["ok"] and "only 'none'" in by_name["int4"]["error"]
+    mem = by_name["none"]["memory"]["64"]
+    cfg = model.config
+    assert mem["kv_bytes"] == (64 + 16) * cfg.num_key_value_heads * cfg.head_dim * 2 * 4  # one layer, K and V, fp32
+    assert mem["ratio_vs_dynamic"] == cfg.num_hidden_layers  # against a Llama of the same shape
 
 
 @pytest.mark.vllm

@@ -56,6 +56,7 @@ class LckvForCausalLM(LlamaForCausalLM):
     """Llama with Layer-Condensed KV (see the module docstring); the cache holds layer 0's slot only."""
 
     config_class = LckvConfig
+    kvplug_own_cache = True  # kvplug's tools (``kvplug eval``) run it with "none" only, on its DynamicCache
 
     def __init__(self, config: LckvConfig):
         super().__init__(config)

@@ -5,15 +5,23 @@ compressed its own way (``KVPlugCache.fork``: the prompt's attention does not de
 strategy, only what is kept afterwards does) and continues one token at a time, so it sees what a
 user sees while generating, on exactly the same inputs as the others. Inputs of one call have
 equal lengths (no padding).
+
+A model that declares ``kvplug_own_cache`` (the Layer-Condensed KV model,
+:class:`kvplug.adapters.hf.LckvForCausalLM`) keeps its own reduced K/V in transformers'
+``DynamicCache``: it runs with ``none`` only, its prompt cache copied for each measurement.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 import kvplug.hf
 from kvplug.config import parse, split_paged
+from kvplug.errors import SpecError
 
 
 class Prompt:
@@ -22,11 +30,16 @@ class Prompt:
     @torch.no_grad()
     def __init__(self, model, ids: torch.Tensor):
         self.model = model
-        self.cache = kvplug.hf.cache(model, "none", keep_prompt=True)
+        self.own_cache = bool(getattr(model, "kvplug_own_cache", False))
+        self.cache = DynamicCache() if self.own_cache else kvplug.hf.cache(model, "none", keep_prompt=True)
         self.logits = model(input_ids=ids, past_key_values=self.cache, logits_to_keep=1).logits[:, -1]
 
     def cache_for(self, name):
         """The prompt compressed by ``name``: a spec, ``paged:SPEC`` or ``ref:SPEC`` (see ``split_paged``)."""
+        if self.own_cache:
+            if name != "none":
+                raise SpecError(f"{self.model.config.model_type} keeps its own K/V: only 'none' runs on it, not {name!r}")
+            return copy.deepcopy(self.cache)
         spec, paged = split_paged(name)
         return self.cache.fork(parse(spec), paged=paged)
 

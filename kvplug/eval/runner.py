@@ -15,7 +15,7 @@ from rich.progress import Progress
 
 from kvplug.config import parse, split_paged
 from kvplug.defaults import EVAL_STRATEGIES, EVAL_TASKS
-from kvplug.memory import dynamic_cache_bytes
+from kvplug.memory import device_bytes as memory_device_bytes, dynamic_cache_bytes, held_bytes
 from kvplug.errors import SpecError
 
 from . import inputs, measure
@@ -41,6 +41,7 @@ class EvalSettings:
     agreement_tokens: int = 128
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     seed: int = 0
+    heldout: str = ""  # held-out text file; "" = heldout.txt beside the model
 
     def check(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -59,7 +60,7 @@ def load(settings: EvalSettings):
     """Model (eval mode, on the device), tokenizer and held-out token ids."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kvplug.retrieval import load_heldout_ids
+    from kvplug.retrieval import encode_documents
 
     path = Path(settings.model)
     if settings.model == str(REFERENCE_MODEL) and not path.exists():
@@ -67,11 +68,11 @@ def load(settings: EvalSettings):
     dtype = torch.bfloat16 if settings.device.startswith("cuda") else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(settings.model)
     model = AutoModelForCausalLM.from_pretrained(settings.model, dtype=dtype).to(settings.device).eval()
-    heldout = path / "heldout.txt"
-    source = load_heldout_ids(str(path), tokenizer) if heldout.exists() else None
-    if source is None:
-        raise SpecError(f"{settings.model} has no heldout.txt: kvplug eval needs held-out text beside the model")
-    return model, tokenizer, source
+    heldout = Path(settings.heldout) if settings.heldout else path / "heldout.txt"
+    if not heldout.is_file():
+        raise SpecError(f"{heldout} not found: kvplug eval needs held-out text (--heldout FILE, or heldout.txt "
+                        f"beside the model)")
+    return model, tokenizer, encode_documents(tokenizer, heldout.read_text(encoding="utf-8"))
 
 
 class _Board:
@@ -136,8 +137,8 @@ def _context(board: _Board, settings: EvalSettings, context: int, model, tokeniz
         steps = 16
         def held(spec):  # (K/V bytes, bookkeeping bytes, accelerator K/V bytes); the cache is dropped at once
             cache = measure.greedy(prompt, spec, steps + 1)[1]
-            stored = cache.stored_bytes()
-            return stored, getattr(cache, "bookkeeping_bytes", lambda: 0)(), getattr(cache, "device_bytes", lambda: stored)()
+            return (held_bytes(cache), getattr(cache, "bookkeeping_bytes", lambda: 0)(),
+                    memory_device_bytes(cache, device))
 
         sizes = board.each(held)
         logical = context + steps
