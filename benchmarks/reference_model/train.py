@@ -165,11 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-pairs", type=int, default=8)
     ap.add_argument("--answer-weight", type=float, default=20.0)
     ap.add_argument("--total-time", type=float, default=480.0, help="planned training seconds, all calls")
+    ap.add_argument("--total-tokens", type=int, default=0,
+                    help="train to this many tokens instead: the schedule follows tokens, not time (0: off)")
     ap.add_argument("--call-time", type=float, default=1e9, help="training seconds in this call")
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
     ap.add_argument("--ckpt-every", type=float, default=60.0)
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--init", default="", help="start from this HF checkpoint's weights (fresh optimizer), not at random")
     ap.add_argument("--export-dir", default="", help="where each save exports the HF checkpoint (default OUT/hf)")
     ap.add_argument("--no-export-tokenizer", action="store_true", help="do not copy the tokenizer files there")
     args = ap.parse_args(argv)
@@ -190,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
         model = LckvForCausalLM(cfg).to(device)
     else:
         model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=torch.float32).to(device)
+    ckpt = out / "ckpt.pt"
+    if args.init and not ckpt.exists():
+        from transformers import AutoModelForCausalLM
+
+        model.load_state_dict(AutoModelForCausalLM.from_pretrained(args.init, dtype=torch.float32).state_dict())
+        print(f"weights from {args.init}", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -197,7 +206,6 @@ def main(argv: list[str] | None = None) -> int:
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
     state = {"step": 0, "tokens": 0, "elapsed": 0.0, "seed": args.seed}
-    ckpt = out / "ckpt.pt"
     if ckpt.exists():
         st = torch.load(ckpt, map_location=device, weights_only=False)
         model.load_state_dict(st["model"])
@@ -232,11 +240,17 @@ def main(argv: list[str] | None = None) -> int:
     steps_this_call = 0
     while True:
         now = time.time()
-        if state["elapsed"] >= args.total_time or now - t_call >= args.call_time:
+        if args.total_tokens:
+            if state["tokens"] >= args.total_tokens:
+                break
+        elif state["elapsed"] >= args.total_time:
+            break
+        if now - t_call >= args.call_time:
             break
         if args.max_steps and steps_this_call >= args.max_steps:
             break
-        lr = lr_at(state["step"], state["elapsed"] / args.total_time, args)
+        frac = state["tokens"] / args.total_tokens if args.total_tokens else state["elapsed"] / args.total_time
+        lr = lr_at(state["step"], frac, args)
         for g in opt.param_groups:
             g["lr"] = lr
         x, y, w = batcher.batch(device)
