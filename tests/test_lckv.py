@@ -214,6 +214,42 @@ def test_kvplug_eval_runs_none_on_its_own_cache_and_refuses_strategies(gen, tmp_
     assert mem["ratio_vs_dynamic"] == cfg.num_hidden_layers  # against a Llama of the same shape
 
 
+def test_the_shipped_model_s_prompt_passes_reach_its_exact_decoding():
+    """models/kvplug-ref-lckv: a prompt run in the config's parallel passes gives the likelihood of
+    exact token-by-token decoding (the passes converged; the 3-pass model before its 7-pass
+    fine-tune did not, docs/EVALUATION.md), and far fewer passes do not."""
+    import random
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from kvplug.retrieval import load_heldout_ids
+
+    root = Path(__file__).resolve().parents[1] / "models"
+    if not (root / "kvplug-ref-lckv" / "model.safetensors").exists():
+        pytest.skip("models/kvplug-ref-lckv not present")
+    model = AutoModelForCausalLM.from_pretrained(root / "kvplug-ref-lckv", dtype=torch.float32).eval()
+    assert type(model) is LckvForCausalLM and model.config.lckv_iterations == 7
+    source = load_heldout_ids(str(root / "kvplug-ref"), AutoTokenizer.from_pretrained(root / "kvplug-ref-lckv"))
+    seed = random.randrange(10**6)
+    print(f"window seed={seed}")
+    start = random.Random(seed).randrange(len(source) - 200)
+    ids = torch.tensor([source[start:start + 200]])
+
+    def nll(logits):
+        return float(torch.nn.functional.cross_entropy(logits[0].float(), ids[0, 1:]))
+
+    with torch.no_grad():
+        parallel = nll(model(input_ids=ids).logits[:, :-1])
+        cache = DynamicCache()
+        exact = nll(torch.cat([model(input_ids=ids[:, t:t + 1], past_key_values=cache).logits
+                               for t in range(ids.shape[1] - 1)], 1))
+        model.config.lckv_iterations = 2
+        two = nll(model(input_ids=ids).logits[:, :-1])
+    assert parallel == pytest.approx(exact, rel=0.01)
+    assert two > exact + 0.5
+
+
 @pytest.mark.vllm
 def test_vllm_refuses_an_lckv_checkpoint_in_one_line(gen, tmp_path):
     """vLLM has no model for it: start-up stops in the user's process with kvplug's one line (not
