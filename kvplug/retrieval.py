@@ -224,9 +224,10 @@ def encode_documents(tokenizer, text: str) -> list[int]:
     return ids
 
 
-def load_heldout_ids(model_dir: str, tokenizer) -> list[int]:
-    """Token ids of the held-out sample shipped with a model (``MODEL_DIR/heldout.txt``)."""
+def load_heldout_ids(model_dir: str, tokenizer, file: str | None = None) -> list[int]:
+    """Token ids of the held-out sample shipped with a model (``MODEL_DIR/heldout.txt``), or of
+    ``file`` (documents joined by ``<|endoftext|>``) where one is named."""
     import os
 
-    with open(os.path.join(model_dir, "heldout.txt"), encoding="utf-8") as f:
+    with open(file or os.path.join(model_dir, "heldout.txt"), encoding="utf-8") as f:
         return encode_documents(tokenizer, f.read())

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 import kvplug.hf  # noqa: F401  (registers kvplug_lckv)
-from kvplug.retrieval import encode_documents
+from kvplug.retrieval import load_heldout_ids
 
 
 @torch.no_grad()
@@ -39,8 +39,7 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
     tok = AutoTokenizer.from_pretrained(args.model)
-    with open(args.heldout, encoding="utf-8") as f:
-        source = encode_documents(tok, f.read())
+    source = load_heldout_ids(args.model, tok, args.heldout)
     rng = random.Random(args.seed)
     starts = [rng.randrange(len(source) - args.length) for _ in range(args.windows)]
     ids = torch.tensor([source[s:s + args.length] for s in starts], device=args.device)

@@ -240,16 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     steps_this_call = 0
     while True:
         now = time.time()
-        if args.total_tokens:
-            if state["tokens"] >= args.total_tokens:
-                break
-        elif state["elapsed"] >= args.total_time:
-            break
-        if now - t_call >= args.call_time:
+        frac = state["tokens"] / args.total_tokens if args.total_tokens else state["elapsed"] / args.total_time
+        if frac >= 1 or now - t_call >= args.call_time:
             break
         if args.max_steps and steps_this_call >= args.max_steps:
             break
-        frac = state["tokens"] / args.total_tokens if args.total_tokens else state["elapsed"] / args.total_time
         lr = lr_at(state["step"], frac, args)
         for g in opt.param_groups:
             g["lr"] = lr

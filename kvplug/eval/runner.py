@@ -60,7 +60,7 @@ def load(settings: EvalSettings):
     """Model (eval mode, on the device), tokenizer and held-out token ids."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kvplug.retrieval import encode_documents
+    from kvplug.retrieval import load_heldout_ids
 
     path = Path(settings.model)
     if settings.model == str(REFERENCE_MODEL) and not path.exists():
@@ -72,7 +72,7 @@ def load(settings: EvalSettings):
     if not heldout.is_file():
         raise SpecError(f"{heldout} not found: kvplug eval needs held-out text (--heldout FILE, or heldout.txt "
                         f"beside the model)")
-    return model, tokenizer, encode_documents(tokenizer, heldout.read_text(encoding="utf-8"))
+    return model, tokenizer, load_heldout_ids(str(path), tokenizer, settings.heldout or None)
 
 
 class _Board:
