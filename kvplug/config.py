@@ -143,9 +143,10 @@ def parse(spec: Any, registry: Registry | None = None) -> Strategy:
             raise SpecError(f"{placement.name} fetches from every token a layer ever held, which {other.name} "
                             f"would drop or share; use one of them")
         codec = chosen.get("codec")
-        if codec is not None and codec.token_group > 1:
+        if codec is not None and not codec.per_token:
             raise SpecError(f"{placement.name} fetches single tokens, which {codec.name} cannot decode alone (it "
-                            f"quantizes groups of {codec.token_group} tokens); use a per-token codec (int8/int4/mixed)")
+                            f"quantizes groups of {codec.token_group} tokens, the newest {codec.residual} in full "
+                            f"precision); use a per-token codec (int8/int4/mixed, no residual)")
     return Strategy(**chosen)
 
 

@@ -189,6 +189,66 @@ def test_kivi_keeps_residual_in_full_precision_and_quantizes_whole_groups(gen):
     assert out.shape[1] == 70
 
 
+def _int4_float64(x: torch.Tensor) -> torch.Tensor:
+    """Naive per-token int4 round trip in float64: one float16 scale ``(max - min) / 15`` and zero
+    ``min`` per token and head, codes rounded half up and clamped to 0..15."""
+    x = x.double()
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    scale = ((hi - lo) / 15).half().double()
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zero = lo.half().double()
+    codes = torch.floor((x - zero) / scale + 0.5).clamp(0, 15)
+    return codes * scale + zero, scale
+
+
+@pytest.mark.parametrize("spec", ["int4(residual=16)", "mixed(key=4, value=4, residual=16)"])
+def test_residual_window_keeps_the_newest_tokens_exact_and_the_rest_per_token(spec, gen):
+    model = tiny()
+    ids, _ = prompts(gen, batch=1, length=40)
+    cache = kvplug.hf.cache(model, spec)
+    out = greedy(model, ids, torch.ones_like(ids), steps=12, cache=cache)
+    seen = 40 + 11  # the prompt and the generated tokens the cache was fed
+    raw = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=out[:, :seen], past_key_values=raw)
+    layer = cache.layers[0]  # layer 0's K/V do not depend on what the cache returned
+    assert layer.groups.tokens == seen - 16 and int(layer.slots.counts.min()) == 16
+    keys, values = layer.groups.decode()
+    recent_k, recent_v, filled = layer.slots.decode()
+    assert bool(filled[..., :16].all()) and not bool(filled[..., 16:].any())  # the rest: room to grow
+    recent_k, recent_v = recent_k[..., :16, :], recent_v[..., :16, :]
+    raw_k, raw_v = raw.layers[0].keys, raw.layers[0].values
+    torch.testing.assert_close(recent_k, raw_k[..., -16:, :], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(recent_v, raw_v[..., -16:, :], rtol=1e-5, atol=1e-5)
+    for got, want in ((keys, raw_k[..., :-16, :]), (values, raw_v[..., :-16, :])):
+        ref, step = _int4_float64(want)
+        err = (got.double() - ref).abs()
+        assert bool((err <= step * 1.01).all())  # a half-way tie may round the other way: one step
+        assert int((err > 1e-4).sum()) <= err.numel() // 100
+        assert float((got.double() - want.double()).abs().max()) > 1e-3  # and they were quantized
+    heads, d = model.config.num_key_value_heads, 32
+    per_token = parse(spec).bytes_per_token(d)
+    layers = model.config.num_hidden_layers
+    assert cache.stored_bytes() == layers * heads * ((seen - 16) * per_token + 16 * 2 * d * 4)
+
+
+def test_a_residual_window_longer_than_the_context_is_uncompressed(gen):
+    model = tiny()
+    ids, mask = prompts(gen, length=30)
+    steps = 8
+    logits = {}
+    for spec in ("none", "int4(residual=64)"):
+        run = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0,
+                             past_key_values=kvplug.hf.cache(model, spec), output_logits=True,
+                             return_dict_in_generate=True)
+        logits[spec] = torch.stack(run.logits)
+    torch.testing.assert_close(logits["int4(residual=64)"], logits["none"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(SpecError, match="h2o evicts while generating.*newest 16 kept in full precision"):
+        kvplug.hf.cache(model, "h2o(budget=50%)+int4(residual=16)")
+    assert parse("int4(residual=16)").codec.paged_format(32) is None
+    assert not parse("mixed(residual=8)").codec.per_token and parse("int4").codec.per_token
+
+
 @pytest.mark.parametrize("threshold, lazy", [(0.0, True), (1.0, False)])
 def test_simlayerkv_lazy_layers_stay_at_sinks_and_window_while_generating(threshold, lazy, gen):
     model = tiny()

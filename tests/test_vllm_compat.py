@@ -102,6 +102,7 @@ def test_selection_additional_config_wins_over_env(monkeypatch):
     ("simlayerkv+int4", "decides per layer and request whether to evict"),
     ("h2o(budget=64)+pyramid", "keeps the same number of tokens in every layer while generating"),
     ("kivi(bits=2)", "groups of 32 tokens"),
+    ("int4(residual=32)", "keeps the newest 32 in full precision"),
     ("minicache+int4", "shares pages between layers"),
 ])
 def test_bad_or_unsupported_specs_are_one_line_errors(spec, message, monkeypatch):

@@ -31,9 +31,10 @@ class KVPlugLayer(PromptFirstLayer):
                  keep_prompt: bool = False, shared: dict | None = None):
         super().__init__()
         codec, scorer = strategy.codec, strategy.scorer
-        if scorer is not None and scorer.evicts_on_decode and codec.token_group > 1:
+        if scorer is not None and scorer.evicts_on_decode and not codec.per_token:
             raise SpecError(f"{scorer.name} evicts while generating, which {codec.name} cannot do (it quantizes "
-                            f"groups of {codec.token_group} tokens); use a per-token codec (int8/int4/int2/fp8) "
+                            f"groups of {codec.token_group} tokens, the newest {codec.residual} kept in full "
+                            f"precision); use a per-token codec (int8/int4/int2/fp8, no residual) "
                             f"or a prefill-only scorer (snapkv, knorm, random)")
         self.strategy, self.layer_idx, self.num_layers = strategy, layer_idx, num_layers
         self.scorer = scorer  # this layer's own, once the prompt is seen (Scorer.for_layer)
@@ -126,7 +127,7 @@ class KVPlugLayer(PromptFirstLayer):
             self._merge(kept_k[..., :m, :], kept_v[..., :m, :], kept_valid[..., :m], read)
             kept_k, kept_v, kept_valid, positions = (kept_k[..., m:, :], kept_v[..., m:, :], kept_valid[..., m:],
                                                      positions[..., m:])
-        if codec.token_group == 1:
+        if codec.per_token:
             paged = self.paged if self.paged is not None else self.device.type == "cuda"
             if paged and PagedStore.supports(codec, self.dtype, d):
                 self.slots = PagedStore(codec, self.dtype, h, d, self.device, read)
@@ -154,7 +155,7 @@ class KVPlugLayer(PromptFirstLayer):
         """Leading kept slots a grouped codec quantizes now (whole groups, not the residual
         window); every slot for a per-token codec."""
         codec = self.strategy.codec
-        if codec.token_group == 1:
+        if codec.per_token:
             return int(counts.max())
         return max(0, (int(counts.min()) - codec.residual) // codec.token_group * codec.token_group)
 

@@ -131,8 +131,8 @@ def load(model, blob, paged: bool | None = None, verify: bool = True):
         b = counts.shape[0]
         if s["store"] == "paged":
             store = PagedStore(codec, dtype, facts["num_kv_heads"], facts["head_dim"], device, read)
-        else:  # a grouped codec (kivi) keeps its newest tokens uncompressed in the slots
-            store = SlotStore(codec if codec.token_group == 1 else NoCodec(), read)
+        else:  # a grouped codec (kivi) or a residual window keeps its newest tokens uncompressed in the slots
+            store = SlotStore(codec if codec.per_token else NoCodec(), read)
         layer.slots = store
         if state.get("cachegen") is not None:  # decode the streams and store them as the cache would
             coder = CacheGen(**state["cachegen"])
@@ -155,7 +155,7 @@ def load(model, blob, paged: bool | None = None, verify: bool = True):
         store.counts = counts
         store.positions = _pad(positions, cap - positions.shape[-1], -1, -1)
         store.scores = _pad(scores, cap - scores.shape[-1], -1)
-        if s["groups"] or codec.token_group > 1:
+        if s["groups"] or not codec.per_token:
             groups = GroupStore(codec, read)
             for j in range(s["groups"]):
                 groups.keys.append(_take(tensors, f"{p}.group{j}.key"))

@@ -166,10 +166,10 @@ def check_strategy(strategy: Strategy) -> None:
         raise SpecError(f"kvplug in vLLM: {strategy.placement.name} keeps K/V in host memory, which the vLLM adapter "
                         f"does not do (docs/OFFLOAD.md says what it would take); use it with the HF adapter")
     codec = strategy.codec
-    if codec.token_group != 1 or codec.residual:
-        raise SpecError(f"kvplug in vLLM: {codec.name} quantizes groups of {codec.token_group} tokens with a "
-                        f"full-precision window, which paged blocks cannot hold yet; use int2/int4 "
-                        f"(optionally rotate=true)")
+    if not codec.per_token:
+        raise SpecError(f"kvplug in vLLM: {codec} quantizes groups of {codec.token_group} tokens or keeps the "
+                        f"newest {codec.residual} in full precision, which paged blocks cannot hold yet; use "
+                        f"int2/int4/mixed (optionally rotate=true) without a residual")
 
 
 def check_backend(backend: type, strategy: Strategy, head_dim: int | None = None, dtype=None) -> None:

@@ -92,7 +92,7 @@ class TokenLayout:
     @classmethod
     def for_codec(cls, codec: Codec, head_dim: int, dtype: torch.dtype) -> TokenLayout:
         """Probe ``codec`` with one token to learn its fields; refuse codecs a page cannot hold."""
-        if codec.token_group != 1 or codec.residual:
+        if not codec.per_token:
             raise SpecError(f"{codec.name}: kvplug in vLLM stores each token on its own in paged blocks; "
                             f"{codec.name} encodes groups of {codec.token_group} tokens (residual "
                             f"{codec.residual}); use int2/int4 (optionally rotate=true) or mixed instead")

@@ -197,7 +197,7 @@ class HostBlocks:
     its V). ``codec``: one token at a time (``token_group`` 1, no residual)."""
 
     def __init__(self, codec, head_size: int | None):
-        if codec.token_group != 1 or codec.residual:
+        if not codec.per_token:
             raise SpecError(f"kvplug connector: codec {codec} encodes tokens in groups or keeps a residual; "
                             f"the connector stores blocks with a codec of one token at a time (int8, int4, ...)")
         if head_size is None:

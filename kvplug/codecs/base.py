@@ -46,6 +46,12 @@ class Codec(Part):
     def residual(self) -> int:
         return 0
 
+    @property
+    def per_token(self) -> bool:
+        """Each token is encoded alone and as soon as it arrives (``token_group`` 1, no
+        full-precision residual): a token may be written into any slot, fetched or evicted alone."""
+        return self.token_group == 1 and self.residual == 0
+
     def bytes_per_token(self, head_dim: int, dtype_bytes: int = 2) -> float:
         """Bytes one token takes for K and V together, per KV head (residual not counted)."""
         raise NotImplementedError

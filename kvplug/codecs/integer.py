@@ -5,7 +5,11 @@ codes with a float16 scale and zero (format in :mod:`kvplug.quant`). With ``grou
 one scale/zero covers the whole head, the layout a paged cache reads fastest; smaller groups trade
 bytes for accuracy (KIVI's value quantization, Liu et al. 2024, arXiv 2402.02750; group-wise
 quantization as in FlexGen, arXiv 2303.06865). ``rotate=true`` applies a Hadamard rotation
-first (QuaRot, arXiv 2404.00456), which tames outlier channels at 2 and 4 bits.
+first (QuaRot, arXiv 2404.00456), which tames outlier channels at 2 and 4 bits. ``residual=N``
+keeps the N newest tokens in full precision and quantizes a token when it leaves that window
+(KIVI's residual, Liu et al. 2024, arXiv 2402.02750, section 3.3, here with per-token keys): the
+newest tokens draw much of a decode step's attention, and quantizing them is where most of
+per-token int4's perplexity loss on the reference model comes from (docs/EVALUATION.md).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class IntCodec(Codec):
     paper: ClassVar[str] = "KIVI 2402.02750 (groups); QuaRot 2404.00456 (rotate)"
     group: int = param(0, low=0, high=1024, doc="elements per scale/zero along head_dim; 0 = whole head")
     rotate: bool = param(False, doc="Hadamard-rotate heads before quantizing (power-of-two head_dim)")
+    residual: int = param(0, low=0, high=65536, doc="newest tokens kept in full precision (not in the paged kernels yet)")
 
     def group_size(self, head_dim: int) -> int:
         return self.group or head_dim
@@ -43,8 +48,8 @@ class IntCodec(Codec):
             hadamard(head_dim)
 
     def paged_format(self, head_dim: int) -> PagedFormat | None:
-        """One scale/zero per token-head (``group=0``) is what the kernels read."""
-        if self.group_size(head_dim) != head_dim:
+        """One scale/zero per token-head (``group=0``), no residual window, is what the kernels read."""
+        if self.group_size(head_dim) != head_dim or self.residual:
             return None
         return PagedFormat(self.bits, self.bits, self.rotate)
 

@@ -5,7 +5,8 @@ Keys carry the outlier channels that one scale/zero per token and head cannot ho
 int8's quality for about the bytes of int4 values. vLLM's TurboQuant presets make the same choice
 (``turboquant_k8v4``: 8-bit keys, 4-bit values, both after a rotation). Each role is stored as the
 per-token codec of its width (:mod:`kvplug.codecs.integer`, one float16 scale/zero per token and
-head), optionally after the Hadamard rotation (QuaRot, arXiv 2404.00456).
+head), optionally after the Hadamard rotation (QuaRot, arXiv 2404.00456); ``residual=N`` keeps
+the N newest tokens in full precision (as :mod:`kvplug.codecs.integer`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Mixed(Codec):
     key: int = param(8, choices=(8, 4, 2), doc="bits per key element")
     value: int = param(4, choices=(8, 4, 2), doc="bits per value element")
     rotate: bool = param(False, doc="Hadamard-rotate heads before quantizing (power-of-two head_dim)")
+    residual: int = param(0, low=0, high=65536, doc="newest tokens kept in full precision (not in the paged kernels yet)")
 
     def role_codec(self, role: Role) -> IntCodec:
         """The per-token codec that stores ``role``."""
@@ -37,8 +39,8 @@ class Mixed(Codec):
         for role in ("key", "value"):
             self.role_codec(role).check_head_dim(head_dim)
 
-    def paged_format(self, head_dim: int) -> PagedFormat:
-        return PagedFormat(self.key, self.value, self.rotate)
+    def paged_format(self, head_dim: int) -> PagedFormat | None:
+        return None if self.residual else PagedFormat(self.key, self.value, self.rotate)
 
     def bytes_per_token(self, head_dim: int, dtype_bytes: int = 2) -> float:
         return sum(self.role_codec(role).bytes_per_token(head_dim, dtype_bytes) / 2 for role in ("key", "value"))
