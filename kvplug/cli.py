@@ -47,10 +47,13 @@ def _show(args: argparse.Namespace, console: Console) -> None:
                 table.add_row(*head, f.name, str(getattr(part, f.name)), f.metadata.get("doc", ""))
     console.print(table)
     kept = strategy.kept_per_row(_all_valid(args.context))[0].item() if strategy.scorer else args.context
-    ratio = strategy.memory_ratio(args.head_dim, kept_share=kept / args.context)
+    ratio = 2 * args.head_dim * 2 * args.context / strategy.held_bytes(kept, args.head_dim)
     console.print(f"bytes per token per KV head (K+V, head_dim {args.head_dim}): "
                   f"{strategy.bytes_per_token(args.head_dim):g} (fp16: {4 * args.head_dim})")
-    console.print(f"at {args.context} prompt tokens: keeps {kept} per head; KV memory ratio vs fp16: {ratio:.2f}x")
+    full = min(strategy.codec.residual, kept)
+    window = f", the newest {full} in full precision" if full else ""
+    console.print(f"at {args.context} prompt tokens: keeps {kept} per head{window}; KV memory ratio vs fp16: "
+                  f"{ratio:.2f}x")
     if strategy.placement is not None and strategy.placement.accelerator_note(args.head_dim, args.context):
         console.print(strategy.placement.accelerator_note(args.head_dim, args.context))
     if strategy.merger is not None:

@@ -79,8 +79,16 @@ class Strategy:
         """K+V bytes per stored token per KV head (eviction not counted)."""
         return self.codec.bytes_per_token(head_dim, dtype_bytes)
 
+    def held_bytes(self, kept: int, head_dim: int, dtype_bytes: int = 2) -> float:
+        """K+V bytes per KV head of ``kept`` tokens: the codec's bytes per token, except the newest
+        ``codec.residual`` held at ``dtype_bytes`` per element (a grouped codec holds up to a
+        group more of them before it quantizes a group; counted here at the least)."""
+        full = min(self.codec.residual, kept)
+        return (kept - full) * self.bytes_per_token(head_dim, dtype_bytes) + full * 2 * head_dim * dtype_bytes
+
     def memory_ratio(self, head_dim: int, kept_share: float = 1.0, dtype_bytes: int = 2) -> float:
-        """How many times smaller than fp16 K/V the cache is when ``kept_share`` of tokens stay."""
+        """How many times smaller than fp16 K/V the cache is when ``kept_share`` of tokens stay
+        (per token: a residual window is not counted; :meth:`held_bytes` counts it)."""
         return 2 * head_dim * dtype_bytes / (self.bytes_per_token(head_dim, dtype_bytes) * kept_share)
 
     def budget_per_row(self, valid: torch.Tensor, scorer: Scorer | None = None) -> torch.Tensor:

@@ -22,8 +22,11 @@ def test_list_shows_every_part_with_its_ratio():
 def test_show_prints_parameters_and_memory_ratio():
     out = run("show", "snapkv(budget=512)+kivi(bits=2)", "--context", "8192")
     assert out.returncode == 0, out.stderr
-    for word in ("budget", "512", "residual", "128", "keeps 512 per head", "85.33x"):
+    # 384 tokens at 2 * 32 + 2 * 4 * 128 / 32 = 96 bytes, the newest 128 at 512: 8192 * 512 / 102400
+    for word in ("budget", "512", "residual", "128", "keeps 512 per head, the newest 128 in full precision", "40.96x"):
         assert word in out.stdout, word
+    out = run("show", "int4(residual=32)", "--context", "8192")
+    assert "3.72x" in out.stdout  # 8192 * 512 / (8160 * 136 + 32 * 512)
 
 
 def test_bad_specs_exit_2_with_one_line():
