@@ -3,8 +3,6 @@ page layout (pure PyTorch), and how a strategy is selected and refused."""
 
 import dataclasses
 import importlib.util
-import os
-from types import SimpleNamespace
 
 import pytest
 import torch
