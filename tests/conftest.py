@@ -32,3 +32,14 @@ def write_random_weights(path, part, num_layers: int, num_kv_heads: int, head_di
     learned.save(str(path), part.name, tensors, num_layers=num_layers, num_kv_heads=num_kv_heads,
                  head_dim=head_dim, **{"trained_for": "a random test model", **meta})
     return str(path)
+
+
+def naive_affine(x, bits):
+    """Float64 loop-free reference: per group min/max, fp16 rounding of scale and zero."""
+    x = x.double()
+    lo, hi = x.min(-1, keepdim=True).values, x.max(-1, keepdim=True).values
+    scale = ((hi - lo).float() / (2**bits - 1)).half().double()
+    scale[scale == 0] = 1.0
+    zero = lo.half().double()
+    code = torch.clamp(torch.floor((x.float() - zero.float()).double() / scale + 0.5), 0, 2**bits - 1)
+    return code, scale, zero

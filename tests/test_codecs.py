@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from conftest import naive_affine
 from kvplug import SpecError, parse
 from kvplug.codecs.fp8 import Fp8
 from kvplug.codecs.integer import Int2, Int4, Int8
@@ -25,17 +26,6 @@ def inputs(kind, shape, gen):
         x = torch.full(shape, 0.731)
         x[..., 1, :] = -2.5
     return x.to(torch.float16)
-
-
-def naive_affine(x, bits):
-    """Float64 loop-free reference: per group min/max, fp16 rounding of scale and zero."""
-    x = x.double()
-    lo, hi = x.min(-1, keepdim=True).values, x.max(-1, keepdim=True).values
-    scale = ((hi - lo).float() / (2**bits - 1)).half().double()
-    scale[scale == 0] = 1.0
-    zero = lo.half().double()
-    code = torch.clamp(torch.floor((x.float() - zero.float()).double() / scale + 0.5), 0, 2**bits - 1)
-    return code, scale, zero
 
 
 @pytest.mark.parametrize("codec", [Int8(), Int4(), Int2(), Int4(group=32), Int2(group=16)])

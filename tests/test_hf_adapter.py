@@ -11,7 +11,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 import kvplug.hf
-from conftest import write_random_weights
+from conftest import naive_affine, write_random_weights
 from kvplug import SpecError, parse
 from kvplug.learned import LearnedPart
 from kvplug.scorers.base import ScoreInputs
@@ -189,18 +189,6 @@ def test_kivi_keeps_residual_in_full_precision_and_quantizes_whole_groups(gen):
     assert out.shape[1] == 70
 
 
-def _int4_float64(x: torch.Tensor) -> torch.Tensor:
-    """Naive per-token int4 round trip in float64: one float16 scale ``(max - min) / 15`` and zero
-    ``min`` per token and head, codes rounded half up and clamped to 0..15."""
-    x = x.double()
-    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
-    scale = ((hi - lo) / 15).half().double()
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    zero = lo.half().double()
-    codes = torch.floor((x - zero) / scale + 0.5).clamp(0, 15)
-    return codes * scale + zero, scale
-
-
 @pytest.mark.parametrize("spec", ["int4(residual=16)", "mixed(key=4, value=4, residual=16)"])
 def test_residual_window_keeps_the_newest_tokens_exact_and_the_rest_per_token(spec, gen):
     model = tiny()
@@ -221,7 +209,8 @@ def test_residual_window_keeps_the_newest_tokens_exact_and_the_rest_per_token(sp
     torch.testing.assert_close(recent_k, raw_k[..., -16:, :], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(recent_v, raw_v[..., -16:, :], rtol=1e-5, atol=1e-5)
     for got, want in ((keys, raw_k[..., :-16, :]), (values, raw_v[..., :-16, :])):
-        ref, step = _int4_float64(want)
+        code, step, zero = naive_affine(want, 4)  # per token and head
+        ref = code * step + zero
         err = (got.double() - ref).abs()
         assert bool((err <= step * 1.01).all())  # a half-way tie may round the other way: one step
         assert int((err > 1e-4).sum()) <= err.numel() // 100
