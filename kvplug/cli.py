@@ -47,7 +47,7 @@ def _show(args: argparse.Namespace, console: Console) -> None:
                 table.add_row(*head, f.name, str(getattr(part, f.name)), f.metadata.get("doc", ""))
     console.print(table)
     kept = strategy.kept_per_row(_all_valid(args.context))[0].item() if strategy.scorer else args.context
-    ratio = 2 * args.head_dim * 2 * args.context / strategy.held_bytes(kept, args.head_dim)
+    ratio = strategy.memory_ratio(args.head_dim, kept_share=kept / args.context, context=args.context)
     console.print(f"bytes per token per KV head (K+V, head_dim {args.head_dim}): "
                   f"{strategy.bytes_per_token(args.head_dim):g} (fp16: {4 * args.head_dim})")
     full = min(strategy.codec.residual, kept)

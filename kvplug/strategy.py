@@ -86,10 +86,15 @@ class Strategy:
         full = min(self.codec.residual, kept)
         return (kept - full) * self.bytes_per_token(head_dim, dtype_bytes) + full * 2 * head_dim * dtype_bytes
 
-    def memory_ratio(self, head_dim: int, kept_share: float = 1.0, dtype_bytes: int = 2) -> float:
-        """How many times smaller than fp16 K/V the cache is when ``kept_share`` of tokens stay
-        (per token: a residual window is not counted; :meth:`held_bytes` counts it)."""
-        return 2 * head_dim * dtype_bytes / (self.bytes_per_token(head_dim, dtype_bytes) * kept_share)
+    def memory_ratio(self, head_dim: int, kept_share: float = 1.0, dtype_bytes: int = 2,
+                     context: int | None = None) -> float:
+        """How many times smaller than fp16 K/V the cache is when ``kept_share`` of tokens stay:
+        per token, or at ``context`` prompt tokens, where a residual window counts at full
+        precision (:meth:`held_bytes`)."""
+        if context is None:
+            return 2 * head_dim * dtype_bytes / (self.bytes_per_token(head_dim, dtype_bytes) * kept_share)
+        kept = round(kept_share * context)
+        return 2 * head_dim * dtype_bytes * context / self.held_bytes(kept, head_dim, dtype_bytes)
 
     def budget_per_row(self, valid: torch.Tensor, scorer: Scorer | None = None) -> torch.Tensor:
         """Tokens per KV head ``scorer`` (default: the strategy's) aims to keep in each row ``[B]``,

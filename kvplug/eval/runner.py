@@ -72,7 +72,7 @@ def load(settings: EvalSettings):
     if not heldout.is_file():
         raise SpecError(f"{heldout} not found: kvplug eval needs held-out text (--heldout FILE, or heldout.txt "
                         f"beside the model)")
-    return model, tokenizer, load_heldout_ids(str(path), tokenizer, settings.heldout or None)
+    return model, tokenizer, load_heldout_ids(str(path), tokenizer, str(heldout))
 
 
 class _Board:
