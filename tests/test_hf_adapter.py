@@ -379,12 +379,17 @@ def test_adakv_stored_bytes_count_the_padding_of_uneven_heads(gen):
     """Ada-KV gives heads different counts; the slot tensors hold every head up to the longest,
     and stored_bytes says so (the kept tokens alone would under-report)."""
     model = tiny()
-    ids, _ = prompts(gen, batch=1, length=64)
-    cache = kvplug.hf.cache(model, "snapkv(budget=12, window=4)+adakv(alpha=0.1)")
-    model(input_ids=ids, past_key_values=cache)
-    per_token = parse("none").bytes_per_token(32, dtype_bytes=4)
-    counts = [layer.slots.counts for layer in cache.layers]
+    # About 2% of random prompts give this tiny model's two heads equal shares (seen over 200
+    # seeds); the test needs uneven ones, so it draws up to five prompts and takes the first.
+    for _ in range(5):
+        ids, _ = prompts(gen, batch=1, length=64)
+        cache = kvplug.hf.cache(model, "snapkv(budget=12, window=4)+adakv(alpha=0.1)")
+        model(input_ids=ids, past_key_values=cache)
+        counts = [layer.slots.counts for layer in cache.layers]
+        if any(int(c.max()) > int(c.min()) for c in counts):
+            break
     assert any(int(c.max()) > int(c.min()) for c in counts)  # uneven heads somewhere
+    per_token = parse("none").bytes_per_token(32, dtype_bytes=4)
     assert cache.stored_bytes() == sum(per_token * c.numel() * int(c.max()) for c in counts)
     assert cache.stored_bytes() > cache.kept_tokens() * per_token
 
