@@ -1,12 +1,14 @@
 """decode_attention (Triton, interpreter mode on CPU) against the float64 reference."""
 
+import math
+
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
 from kvplug.triton_ops import (decode_attention, decode_attention_reference,  # noqa: E402
-                               store_kv_reference)
+                               merge_attention, store_kv_reference)
 from kvplug.triton_ops.reference import gather_kv  # noqa: E402
 
 from test_triton_store import DEV, layout_of, poisoned_cache  # noqa: E402
@@ -187,3 +189,49 @@ def test_decode_reads_only_the_held_slots(bits, per_head, splits, gen):
     p = torch.softmax(s.masked_fill(~keep[:, :, None], float("-inf")), -1).nan_to_num(0.0)
     exact = torch.einsum("bhgl,bhld->bhgd", p, v.cpu().double()).reshape(b, hkv * g, 64)
     assert _rel(out.cpu(), exact) < sanity(bits)
+
+
+@pytest.mark.parametrize("bits,splits,per_head", [(16, 1, False), (4, 1, True), (8, 3, False), ((8, 4), 2, True)])
+def test_decode_log_sum_exp_and_its_merge_with_tokens_held_elsewhere(bits, splits, per_head, gen):
+    """``lse`` is log(sum_t exp(q . k_t * scale)) over the dequantized keys (a float64 loop here;
+    -inf for a head that read nothing), one split or several; merged by log-sum-exp with attention
+    over a second, dense set of tokens it gives attention over both sets at once (float64)."""
+    b, hkv, g, d = 3, 2, 4, 64
+    lens = torch.randint(1, 90, (b, hkv) if per_head else (b,), dtype=torch.int32, generator=gen)
+    lens[1] = 0                                                    # nothing in the pages
+    layout, cache, bt, k, v, q = _case(bits, d, 16, hkv, g, lens, gen)
+    lens = lens.to(DEV)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((b, hkv * g), float("nan"), device=DEV)
+    decode_attention(q, cache, layout, bt, lens, num_splits=splits, block_n=32, out=out, lse=lse)
+    dk, dv = gather_kv(cache, layout, bt, k.shape[2], torch.float64)   # [B, H, L, D]
+    lens2 = (lens if per_head else lens[:, None].expand(b, hkv)).cpu()
+    want = torch.empty(b, hkv * g, dtype=torch.float64)
+    for i in range(b):
+        for hq in range(hkv * g):
+            n = int(lens2[i, hq // g])
+            logits = [float(q[i, hq].double() @ dk[i, hq // g, t]) * d ** -0.5 for t in range(n)]
+            top = max(logits, default=0.0)
+            want[i, hq] = top + math.log(math.fsum(math.exp(x - top) for x in logits)) if n else float("-inf")
+    assert bool(lse[1].cpu().eq(float("-inf")).all()) and bool(out[1].eq(0).all())
+    finite = torch.isfinite(want)
+    assert torch.allclose(lse.cpu().double()[finite], want[finite], rtol=0, atol=2e-3)
+    ref, ref_lse = decode_attention_reference(q, cache, layout, bt, lens, compute_dtype=torch.float64, return_lse=True)
+    assert torch.equal(torch.isfinite(ref_lse.cpu()), finite)
+    assert torch.allclose(ref_lse.cpu()[finite], want[finite], rtol=0, atol=1e-9)
+    # a second set of 5 tokens per head, dense; the merge against attention over both at once
+    tk = torch.randn(b, hkv, 5, d, generator=gen, dtype=torch.float64)
+    tv = torch.randn(b, hkv, 5, d, generator=gen, dtype=torch.float64)
+    qd = q.cpu().double().view(b, hkv, g, d)
+    st = torch.einsum("bhgd,bhld->bhgl", qd, tk) * d ** -0.5
+    tail_out = torch.einsum("bhgl,bhld->bhgd", st.softmax(-1), tv).reshape(b, hkv * g, d)
+    merged = merge_attention(out.cpu(), lse.cpu(), tail_out, st.logsumexp(-1).reshape(b, hkv * g))
+    allk, allv = torch.cat([dk.cpu(), tk], 2), torch.cat([dv.cpu(), tv], 2)
+    seen = torch.cat([torch.arange(k.shape[2])[None, None] < lens2[..., None], torch.ones(b, hkv, 5, dtype=torch.bool)], 2)
+    allk, allv = allk.masked_fill(~seen[..., None], 0.0), allv.masked_fill(~seen[..., None], 0.0)  # poisoned slots
+    sa = torch.einsum("bhgd,bhld->bhgl", qd, allk) * d ** -0.5
+    both = torch.einsum("bhgl,bhld->bhgd", sa.masked_fill(~seen[:, :, None], float("-inf")).softmax(-1), allv)
+    assert merged.dtype == torch.float32 and _rel(merged, both.reshape(b, hkv * g, d)) < 2e-3
+    torch.testing.assert_close(merged[1].double(), tail_out[1], rtol=1e-5, atol=1e-5)  # empty pages: the tail alone
+    with pytest.raises(ValueError, match="lse must be contiguous float32"):
+        decode_attention(q, cache, layout, bt, lens, lse=torch.zeros(b, hkv * g, dtype=torch.float16, device=DEV))

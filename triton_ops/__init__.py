@@ -25,7 +25,7 @@ from .reference import (copy_token_rows_reference, decode_attention_reference, d
 
 __all__ = ["PagedLayout", "store_kv", "decode_attention", "paged_attention", "dequantize_kv", "store_kv_reference",
            "decode_attention_reference", "paged_attention_reference", "dequantize_kv_reference", "gather_kv",
-           "default_num_splits", "DECODE_TUNING", "gather_rows",
+           "default_num_splits", "DECODE_TUNING", "gather_rows", "merge_attention",
            "gather_rows_reference", "copy_token_rows", "copy_token_rows_reference"]
 
 
@@ -106,7 +106,7 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
                      num_splits: int | None = None, block_n: int | None = None,
                      num_warps: int | None = None, num_stages: int | None = None,
                      maxnreg: int | None = 0, out: torch.Tensor | None = None,
-                     logits: torch.Tensor | None = None) -> torch.Tensor:
+                     logits: torch.Tensor | None = None, lse: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step of attention over a paged (compressed) KV cache.
 
     q: ``[batch, num_q_heads, head_dim]`` (num_q_heads a multiple of num_kv_heads, GQA).
@@ -126,6 +126,10 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
     ``q . k_i * sm_scale`` of held token ``i`` (in the order read: the front run, then the window;
     all tokens without ``held``) for ``i < W``, as the kernel computed it; entries of tokens not
     read are left as they are. Decode-time eviction's score update reads it (no second pass).
+    ``lse`` (optional, float32 ``[batch, num_q_heads]``, contiguous) receives the natural
+    log-sum-exp of each query head's scaled logits over the tokens read (-inf where none), so the
+    result can be merged with attention over tokens held elsewhere (:func:`merge_attention`; a
+    full-precision residual window). It runs the split path even for one split.
     """
     b, hq, d, h, g = _check_q(q, cache, layout, "decode_attention")
     sm_scale = d ** -0.5 if sm_scale is None else float(sm_scale)
@@ -146,9 +150,13 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
     maxnreg = t_maxnreg if maxnreg == 0 else maxnreg
     max_len = block_tables.shape[1] * layout.block_size
     splits = num_splits or default_num_splits(b, h, max_len, block_n, _num_sms(q.device), t_progs)
+    if lse is not None and (lse.dtype != torch.float32 or tuple(lse.shape) != (b, hq) or not lse.is_contiguous()):
+        raise ValueError(f"decode_attention: lse must be contiguous float32 [{b}, {hq}], got "
+                         f"{lse.dtype} {tuple(lse.shape)}")
+    split = splits > 1 or lse is not None  # the reduce kernel is what writes lse
     kern = _kernels()
     cs = layout.strides()
-    if splits > 1:
+    if split:
         po = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
         pml = torch.empty(b, hq, splits, 2, dtype=torch.float32, device=q.device)
     else:
@@ -161,7 +169,7 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
     args = (block_tables, seq_lens, seq_lens if held is None else held, out, po, pml, sm_scale, splits,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
             lb, lh, hb, hh, cs[0], cs[1], cs[2], *lg)
-    const = dict(HKV=h, G=g, D=d, BS=layout.block_size, BLOCK_N=block_n, SPLIT=splits > 1,
+    const = dict(HKV=h, G=g, D=d, BS=layout.block_size, BLOCK_N=block_n, SPLIT=split,
                  HELD=held is not None, LOGITS=logits is not None, num_warps=num_warps, num_stages=num_stages)
     if maxnreg and q.device.type == "cuda":
         const["maxnreg"] = maxnreg
@@ -172,10 +180,24 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
             ASM=q.device.type == "cuda", **const)
     else:
         kern._decode_kernel[(b * h, splits)](q, cache, *args, G_PAD=max(16, _pow2(g)), **const)
-    if splits > 1:
-        kern._reduce_kernel[(b * hq,)](po, pml, out, splits, out.stride(0), out.stride(1),
-                                       HQ=hq, D=d, S_PAD=_pow2(splits), num_warps=4)
+    if split:
+        kern._reduce_kernel[(b * hq,)](po, pml, out, out if lse is None else lse, splits, out.stride(0),
+                                       out.stride(1), HQ=hq, D=d, S_PAD=_pow2(splits), LSE=lse is not None,
+                                       num_warps=4)
     return out
+
+
+def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                    lse_b: torch.Tensor) -> torch.Tensor:
+    """Attention over two disjoint sets of tokens merged into attention over both:
+    ``out_*`` ``[..., D]`` each normalised over its own tokens, ``lse_*`` ``[...]`` the natural
+    log-sum-exp of its logits (-inf for an empty set, whose output is ignored). Float32 result
+    (plain PyTorch: a few element-wise ops per head)."""
+    lse = torch.logaddexp(lse_a.float(), lse_b.float())
+    finite = torch.isfinite(lse)
+    wa = torch.where(finite, torch.exp(lse_a.float() - lse), 0.0)[..., None]
+    wb = torch.where(finite, torch.exp(lse_b.float() - lse), 0.0)[..., None]
+    return (torch.where(wa > 0, out_a.float(), 0.0) * wa + torch.where(wb > 0, out_b.float(), 0.0) * wb)
 
 
 def paged_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout, block_tables: torch.Tensor,

@@ -202,8 +202,11 @@ def _decode_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, held_ptr, out_ptr, po_ptr
 
 
 @triton.jit
-def _reduce_kernel(po_ptr, pml_ptr, out_ptr, num_splits, stride_ob, stride_oh,
-                   HQ: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr):
+def _reduce_kernel(po_ptr, pml_ptr, out_ptr, lse_ptr, num_splits, stride_ob, stride_oh,
+                   HQ: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr, LSE: tl.constexpr):
+    """Combine the splits' partials of one (sequence, query head) into the output; with LSE also
+    write the natural log-sum-exp of all its logits (-inf when it read no token) to ``lse_ptr``
+    (contiguous ``[batch, HQ]``). The partials' maxima are in log2 units (logits times log2(e))."""
     pid = tl.program_id(0).to(tl.int64)
     b = pid // HQ
     hq = pid % HQ
@@ -221,6 +224,10 @@ def _reduce_kernel(po_ptr, pml_ptr, out_ptr, num_splits, stride_ob, stride_oh,
     num = tl.sum(o * w[:, None], axis=0)
     res = num / tl.where(l_tot > 0, l_tot, 1.0)
     tl.store(out_ptr + b * stride_ob + hq * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty))
+    if LSE:
+        lse = tl.where(l_tot > 0, (m_max + tl.log2(tl.where(l_tot > 0, l_tot, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        tl.store(lse_ptr + pid, lse)
 
 
 # ---- planar unpacking ---------------------------------------------------------------------------

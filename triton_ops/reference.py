@@ -74,12 +74,14 @@ def decode_attention_reference(q: torch.Tensor, cache: torch.Tensor, layout: Pag
                                block_tables: torch.Tensor, seq_lens: torch.Tensor,
                                sm_scale: float | None = None,
                                compute_dtype: torch.dtype = torch.float32,
-                               held: torch.Tensor | None = None) -> torch.Tensor:
+                               held: torch.Tensor | None = None, return_lse: bool = False):
     """Attention of one query token per sequence over its dequantized paged K/V.
 
     q ``[batch, q_heads, head_dim]``; ``seq_lens`` ``[batch]`` or ``[batch, kv_heads]``; ``held``
     (optional, ``[..., 3]`` of ``(start, front, window)``) as :func:`kvplug.triton_ops.decode_attention`.
     Returns ``[batch, q_heads, head_dim]`` in ``compute_dtype``; a head with nothing to read gives zeros.
+    ``return_lse``: also the natural log-sum-exp of each query head's logits, ``[batch, q_heads]``
+    (-inf where nothing is read), as ``(out, lse)``.
     """
     layout.check(cache)
     b, hq, d = q.shape
@@ -89,7 +91,8 @@ def decode_attention_reference(q: torch.Tensor, cache: torch.Tensor, layout: Pag
     lens = _per_head(seq_lens, b, h)
     max_len = int(lens.max()) if lens.numel() else 0
     if max_len == 0:
-        return torch.zeros(b, hq, d, dtype=compute_dtype, device=q.device)
+        out = torch.zeros(b, hq, d, dtype=compute_dtype, device=q.device)
+        return (out, torch.full((b, hq), float("-inf"), dtype=compute_dtype, device=q.device)) if return_lse else out
     k, v = gather_kv(cache, layout, block_tables, max_len, compute_dtype)   # [B, H, L, D]
     pos = torch.arange(max_len, device=q.device)[None, None, :]
     valid = pos < lens[:, :, None]                          # [B, H, L]
@@ -103,8 +106,8 @@ def decode_attention_reference(q: torch.Tensor, cache: torch.Tensor, layout: Pag
     s = torch.einsum("bhgd,bhld->bhgl", qf, k) * sm_scale
     s = s.masked_fill(~valid[:, :, None, :], float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)           # all -inf rows (length 0) -> 0
-    o = torch.einsum("bhgl,bhld->bhgd", p, v)
-    return o.reshape(b, hq, d)
+    o = torch.einsum("bhgl,bhld->bhgd", p, v).reshape(b, hq, d)
+    return (o, torch.logsumexp(s, dim=-1).reshape(b, hq)) if return_lse else o
 
 
 def paged_attention_reference(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
