@@ -13,6 +13,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 import kvplug.hf
 from conftest import naive_affine, write_random_weights
 from kvplug import SpecError, parse
+from kvplug.codecs.base import PagedFormat
 from kvplug.learned import LearnedPart
 from kvplug.scorers.base import ScoreInputs
 
@@ -221,6 +222,65 @@ def test_residual_window_keeps_the_newest_tokens_exact_and_the_rest_per_token(sp
     assert cache.stored_bytes() == layers * heads * ((seen - 16) * per_token + 16 * 2 * d * 4)
 
 
+@pytest.mark.parametrize("spec", ["int4(residual=16)", "mixed(key=8, value=4, rotate=true, residual=8)"])
+def test_residual_window_in_the_paged_layout(spec, gen, monkeypatch):
+    """In the paged layout a residual window is a tail beside the pages: after a left-padded
+    prompt, 12 steps and a 4-token step, each row's N newest tokens sit in the tail exactly as
+    the model made them (layer 0, against a DynamicCache run), the pages hold every token's codes
+    (int4: a float64 round trip of the raw K/V), the stored bytes are the blocks plus the tail;
+    and on rows without padding the logits equal the reference path's (grouped, one token at a
+    time), whose window is then the same N tokens. Blocks start poisoned (all bits set)."""
+    from kvplug.triton_ops import PagedLayout
+
+    from adapters.hf.store import read_paged
+
+    allocate = PagedLayout.allocate
+    monkeypatch.setattr(PagedLayout, "allocate", lambda self, n, device="cpu": allocate(self, n, device).view(
+        torch.uint8).fill_(255).view(self.storage_dtype))
+    window = parse(spec).codec.residual
+    model = tiny().to(torch.bfloat16)
+    ids, mask = prompts(gen, length=56, pad=7)
+
+    def run(paged, mask):
+        cache = kvplug.hf.cache(model, spec, paged=paged)
+        out = [model(input_ids=ids[:, :40], attention_mask=mask[:, :40], past_key_values=cache).logits[:, -1:]]
+        out += [model(input_ids=ids[:, i:i + 1], attention_mask=mask[:, :i + 1], past_key_values=cache).logits
+                for i in range(40, 52)]
+        out.append(model(input_ids=ids[:, 52:56], attention_mask=mask, past_key_values=cache).logits)
+        return cache, torch.cat(out, 1).float()
+
+    cache, _ = run(True, mask)
+    layer = cache.layers[0]
+    store = layer.slots
+    assert type(store).__name__ == "PagedStore" and layer.groups is None and store.tail.n == window
+    raw = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, past_key_values=raw)
+    pads = [0, 7]
+    counts = store.counts
+    for r, pad in enumerate(pads):
+        assert bool((counts[r] == 56 - pad).all())
+        raw_k, raw_v = raw.layers[0].keys[r, :, pad:], raw.layers[0].values[r, :, pad:]   # [H, n, D]
+        for j in range(56 - pad - window, 56 - pad):                                     # the N newest
+            assert torch.equal(store.tail.keys[r, :, j % window], raw_k[:, j])
+            assert torch.equal(store.tail.values[r, :, j % window], raw_v[:, j])
+        if spec.startswith("int4"):
+            k, v = read_paged(store.layout, store.cache, store.block_tables, 56, torch.float64)
+            for got, want in ((k[r, :, :56 - pad], raw_k), (v[r, :, :56 - pad], raw_v)):
+                code, step, zero = naive_affine(want, 4)
+                err = (got - (code * step + zero)).abs()
+                assert bool((err <= step * 1.01).all()) and int((err > 1e-3).sum()) <= err.numel() // 100
+    per_token = parse(spec).bytes_per_token(32)
+    heads, layers = model.config.num_key_value_heads, model.config.num_hidden_layers
+    blocks = 2 * heads * 64 * per_token      # 56 tokens in 16-token blocks, 2 rows
+    assert cache.stored_bytes() == layers * (blocks + 2 * heads * window * 32 * 2 * 2)
+    full = torch.ones_like(mask)
+    paged_logits = run(True, full)[1]
+    ref_cache, ref_logits = run(False, full)
+    assert type(ref_cache.layers[0].slots).__name__ == "SlotStore" and ref_cache.layers[0].groups is not None
+    assert (paged_logits - ref_logits).norm() / ref_logits.norm() < 1e-2
+
+
 def test_a_residual_window_longer_than_the_context_is_uncompressed(gen):
     model = tiny()
     ids, mask = prompts(gen, length=30)
@@ -234,7 +294,7 @@ def test_a_residual_window_longer_than_the_context_is_uncompressed(gen):
     torch.testing.assert_close(logits["int4(residual=64)"], logits["none"], rtol=1e-5, atol=1e-5)
     with pytest.raises(SpecError, match="h2o evicts while generating.*newest 16 kept in full precision"):
         kvplug.hf.cache(model, "h2o(budget=50%)+int4(residual=16)")
-    assert parse("int4(residual=16)").codec.paged_format(32) is None
+    assert parse("int4(residual=16)").codec.paged_format(32) == PagedFormat(4, 4, False, 16)  # a tail beside pages
     assert not parse("mixed(residual=8)").codec.per_token and parse("int4").codec.per_token
 
 

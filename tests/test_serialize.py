@@ -44,7 +44,7 @@ def prompt_cache(model, spec, paged, gen):
 @pytest.mark.parametrize("spec, paged", [
     ("none", False), ("int4", False), ("mixed", False), ("kivi(bits=2, residual=16, group=16)", False), ("int4(residual=16)", False),
     ("snapkv(budget=50%)+int4", False), ("h2o(budget=30)+int8", False), ("streaming(sinks=2, window=20)", False),
-    ("int4", True), ("tova(budget=30)+mixed(rotate=true)", True), ("none", True),
+    ("int4", True), ("tova(budget=30)+mixed(rotate=true)", True), ("none", True), ("int4(residual=16)", True),
 ])
 @torch.no_grad()
 def test_a_loaded_cache_continues_exactly_as_the_live_one(spec, paged, gen, tmp_path):

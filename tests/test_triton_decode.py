@@ -201,7 +201,8 @@ def test_decode_log_sum_exp_and_its_merge_with_tokens_held_elsewhere(bits, split
     lens[1] = 0                                                    # nothing in the pages
     layout, cache, bt, k, v, q = _case(bits, d, 16, hkv, g, lens, gen)
     lens = lens.to(DEV)
-    out = torch.full_like(q, float("nan"))
+    # one split: a float32 output (what the HF residual window merges from); several: q's dtype
+    out = torch.full(q.shape, float("nan"), dtype=torch.float32 if splits == 1 else q.dtype, device=DEV)
     lse = torch.full((b, hkv * g), float("nan"), device=DEV)
     decode_attention(q, cache, layout, bt, lens, num_splits=splits, block_n=32, out=out, lse=lse)
     dk, dv = gather_kv(cache, layout, bt, k.shape[2], torch.float64)   # [B, H, L, D]
@@ -235,3 +236,48 @@ def test_decode_log_sum_exp_and_its_merge_with_tokens_held_elsewhere(bits, split
     torch.testing.assert_close(merged[1].double(), tail_out[1], rtol=1e-5, atol=1e-5)  # empty pages: the tail alone
     with pytest.raises(ValueError, match="lse must be contiguous float32"):
         decode_attention(q, cache, layout, bt, lens, lse=torch.zeros(b, hkv * g, dtype=torch.float16, device=DEV))
+
+
+@pytest.mark.parametrize("bits,splits,per_head,n", [(16, 1, False, 8), (4, 1, True, 32), (8, 3, False, 5),
+                                                    ((8, 4), 2, True, 16), (2, 2, False, 1)])
+def test_decode_with_a_dense_tail_attends_over_the_pages_and_the_tail(bits, splits, per_head, n, gen):
+    """``tail=(keys, values, counts)``: each head's first ``counts`` dense rows join its paged
+    tokens in one softmax (a residual window). Against float64 attention over both sets (the
+    pages dequantized); rows past a head's count are NaN and never read; a head with no pages
+    and no tail rows gives zeros and lse -inf."""
+    b, hkv, g, d = 3, 2, 4, 64
+    shape = (b, hkv) if per_head else (b,)
+    lens = torch.randint(1, 90, shape, dtype=torch.int32, generator=gen)
+    counts = torch.randint(0, n + 1, shape, dtype=torch.int32, generator=gen)
+    lens[1], counts[1] = 0, n                                  # the tail alone
+    lens[2], counts[2] = 0, 0                                  # nothing at all
+    layout, cache, bt, k, v, q = _case(bits, d, 16, hkv, g, lens, gen)
+    tk = torch.randn(b, hkv, n, d, generator=gen).to(DEV, q.dtype)
+    tv = torch.randn(b, hkv, n, d, generator=gen).to(DEV, q.dtype)
+    lens2 = lens if per_head else lens[:, None].expand(b, hkv)
+    counts2 = counts if per_head else counts[:, None].expand(b, hkv)
+    rows = torch.arange(n)[None, None] < counts2[..., None]
+    tk[~rows.to(DEV)], tv[~rows.to(DEV)] = float("nan"), float("nan")
+    lens, counts = lens.to(DEV), counts.to(DEV)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((b, hkv * g), float("nan"), device=DEV)
+    decode_attention(q, cache, layout, bt, lens, num_splits=splits, block_n=32, out=out, lse=lse,
+                     tail=(tk, tv, counts))
+    dk, dv = gather_kv(cache, layout, bt, k.shape[2], torch.float64)
+    seen = torch.cat([torch.arange(k.shape[2])[None, None] < lens2[..., None], rows], 2)             # [B, H, L + n]
+    allk = torch.cat([dk.cpu(), tk.cpu().double()], 2).masked_fill(~seen[..., None], 0.0)
+    allv = torch.cat([dv.cpu(), tv.cpu().double()], 2).masked_fill(~seen[..., None], 0.0)
+    s = torch.einsum("bhgd,bhld->bhgl", q.cpu().double().view(b, hkv, g, d), allk) * d ** -0.5
+    s = s.masked_fill(~seen[:, :, None], float("-inf"))
+    want = torch.einsum("bhgl,bhld->bhgd", s.softmax(-1).nan_to_num(0.0), allv).reshape(b, hkv * g, d)
+    want_lse = s.logsumexp(-1).reshape(b, hkv * g)
+    assert torch.isfinite(out).all() and _rel(out.cpu(), want) < 2e-3
+    assert bool((out[2] == 0).all()) and bool(lse[2].cpu().eq(float("-inf")).all())
+    finite = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite)
+    assert torch.allclose(lse.cpu().double()[finite], want_lse[finite], rtol=0, atol=2e-3)
+    ref, ref_lse = decode_attention_reference(q, cache, layout, bt, lens, compute_dtype=torch.float64,
+                                              return_lse=True, tail=(tk, tv, counts))
+    assert _rel(ref.cpu(), want) < 1e-9 and torch.allclose(ref_lse.cpu()[finite], want_lse[finite], atol=1e-9)
+    with pytest.raises(ValueError, match="tail keys and values must be"):
+        decode_attention(q, cache, layout, bt, lens, tail=(tk, tv[..., :32], counts))

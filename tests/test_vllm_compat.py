@@ -122,6 +122,17 @@ def test_head_dim_the_codec_cannot_store_is_refused():
         check_supported(parse("int4(rotate=true)"), head_dim=80)
 
 
+def test_the_cuda_page_refuses_a_residual_window_and_keeps_the_rest():
+    """The codec declares its window (PagedFormat.residual); the CUDA backend's pages cannot hold
+    it, so its page function says so in one line rather than dropping the window."""
+    from kvplug.adapters.vllm.capabilities import cuda_page
+
+    with pytest.raises(SpecError, match="newest 32 tokens in full precision beside the pages") as info:
+        cuda_page(parse("int4(residual=32)").codec, 128, torch.float16)
+    assert "\n" not in str(info.value)
+    assert cuda_page(parse("int4").codec, 128, torch.float16).bits == 4
+
+
 # compat: versions, routing, page size -------------------------------------------------------------
 def test_parse_version():
     assert compat.parse_version("0.32.0") == (0, 32)

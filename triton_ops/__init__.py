@@ -106,7 +106,8 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
                      num_splits: int | None = None, block_n: int | None = None,
                      num_warps: int | None = None, num_stages: int | None = None,
                      maxnreg: int | None = 0, out: torch.Tensor | None = None,
-                     logits: torch.Tensor | None = None, lse: torch.Tensor | None = None) -> torch.Tensor:
+                     logits: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+                     tail: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """One decode step of attention over a paged (compressed) KV cache.
 
     q: ``[batch, num_q_heads, head_dim]`` (num_q_heads a multiple of num_kv_heads, GQA).
@@ -121,7 +122,7 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
     :func:`default_num_splits` from the block table's capacity, no host sync), ``block_n`` (tokens
     per tile), ``num_warps``, ``num_stages``, ``maxnreg`` (registers per thread the compiler may
     use, CUDA only; 0 = the layout's default, None = no limit).
-    ``out`` (optional, like q) receives the result.
+    ``out`` (optional, like q, or float32 of q's shape) receives the result.
     ``logits`` (optional, float32 ``[batch, num_q_heads, W]``, contiguous): entry ``i`` receives
     ``q . k_i * sm_scale`` of held token ``i`` (in the order read: the front run, then the window;
     all tokens without ``held``) for ``i < W``, as the kernel computed it; entries of tokens not
@@ -130,6 +131,12 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
     log-sum-exp of each query head's scaled logits over the tokens read (-inf where none), so the
     result can be merged with attention over tokens held elsewhere (:func:`merge_attention`; a
     full-precision residual window). It runs the split path even for one split.
+    ``tail`` (optional): ``(keys, values, counts)``, dense K/V ``[batch, num_kv_heads, N, head_dim]``
+    (any float dtype, in the basis q is given in; last dimension contiguous, keys and values with
+    the same strides) of which each head's first ``counts`` (int ``[batch]`` or
+    ``[batch, num_kv_heads]``) rows are tokens attended *besides* the paged ones, in the same
+    softmax (float32, by the reduce kernel): a residual window of the newest tokens held in the
+    model dtype. Order does not matter; a causal caller passes only tokens the query sees.
     """
     b, hq, d, h, g = _check_q(q, cache, layout, "decode_attention")
     sm_scale = d ** -0.5 if sm_scale is None else float(sm_scale)
@@ -153,7 +160,14 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
     if lse is not None and (lse.dtype != torch.float32 or tuple(lse.shape) != (b, hq) or not lse.is_contiguous()):
         raise ValueError(f"decode_attention: lse must be contiguous float32 [{b}, {hq}], got "
                          f"{lse.dtype} {tuple(lse.shape)}")
-    split = splits > 1 or lse is not None  # the reduce kernel is what writes lse
+    if tail is not None:
+        tk, tv, tn = tail
+        if tk.dim() != 4 or tuple(tk.shape[:2]) != (b, h) or tk.shape[3] != d or tv.shape != tk.shape \
+                or tv.stride() != tk.stride() or tk.stride(-1) != 1:
+            raise ValueError(f"decode_attention: tail keys and values must be [{b}, {h}, N, {d}] with the same "
+                             f"strides and a contiguous last dimension, got {tuple(tk.shape)} / {tuple(tv.shape)}")
+        nb, nh = _per_sequence_strides(tn, b, h, "tail counts")
+    split = splits > 1 or lse is not None or tail is not None  # the reduce kernel writes lse and reads the tail
     kern = _kernels()
     cs = layout.strides()
     if split:
@@ -181,9 +195,12 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,
     else:
         kern._decode_kernel[(b * h, splits)](q, cache, *args, G_PAD=max(16, _pow2(g)), **const)
     if split:
-        kern._reduce_kernel[(b * hq,)](po, pml, out, out if lse is None else lse, splits, out.stride(0),
-                                       out.stride(1), HQ=hq, D=d, S_PAD=_pow2(splits), LSE=lse is not None,
-                                       num_warps=4)
+        tk, tv, tn, ts, nb, nh, n_pad = (out, out, seq_lens, (0, 0, 0), 0, 0, 1) if tail is None else \
+            (tk, tv, tn, tk.stride()[:3], nb, nh, max(2, _pow2(tk.shape[2])))
+        kern._reduce_kernel[(b * hq,)](po, pml, out, out if lse is None else lse, q, tk, tv, tn, splits,
+                                       out.stride(0), out.stride(1), q.stride(0), q.stride(1), *ts, nb, nh, sm_scale,
+                                       HQ=hq, G=g, D=d, S_PAD=_pow2(splits), LSE=lse is not None, TAIL=tail is not None,
+                                       N_PAD=n_pad, num_warps=4)
     return out
 
 

@@ -202,11 +202,16 @@ def _decode_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, held_ptr, out_ptr, po_ptr
 
 
 @triton.jit
-def _reduce_kernel(po_ptr, pml_ptr, out_ptr, lse_ptr, num_splits, stride_ob, stride_oh,
-                   HQ: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr, LSE: tl.constexpr):
-    """Combine the splits' partials of one (sequence, query head) into the output; with LSE also
-    write the natural log-sum-exp of all its logits (-inf when it read no token) to ``lse_ptr``
-    (contiguous ``[batch, HQ]``). The partials' maxima are in log2 units (logits times log2(e))."""
+def _reduce_kernel(po_ptr, pml_ptr, out_ptr, lse_ptr, q_ptr, tk_ptr, tv_ptr, tn_ptr, num_splits, stride_ob, stride_oh,
+                   stride_qb, stride_qh, stride_tb, stride_th, stride_tn, stride_nb, stride_nh, sm_scale,
+                   HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr, LSE: tl.constexpr,
+                   TAIL: tl.constexpr, N_PAD: tl.constexpr):
+    """Combine the splits' partials of one (sequence, query head) into the output; with TAIL also
+    attend over the KV head's dense tail (``tk_ptr``/``tv_ptr`` rows ``0 .. n - 1``, ``n`` read
+    from ``tn_ptr``: the newest tokens, held apart from the pages) in the same softmax, float32;
+    with LSE also write the natural log-sum-exp of all its logits (-inf when it read no token) to
+    ``lse_ptr`` (contiguous ``[batch, HQ]``). The partials' maxima are in log2 units (logits
+    times log2(e))."""
     pid = tl.program_id(0).to(tl.int64)
     b = pid // HQ
     hq = pid % HQ
@@ -217,11 +222,27 @@ def _reduce_kernel(po_ptr, pml_ptr, out_ptr, lse_ptr, num_splits, stride_ob, str
     m = tl.load(pml_ptr + part * 2, mask=smask, other=float("-inf"))
     l = tl.load(pml_ptr + part * 2 + 1, mask=smask, other=0.0)
     m_max = tl.max(m, axis=0)
+    if TAIL:
+        h = hq // G
+        n = tl.load(tn_ptr + b * stride_nb + h * stride_nh).to(tl.int32)
+        offs_n = tl.arange(0, N_PAD)
+        nmask = offs_n < n
+        q = tl.load(q_ptr + b * stride_qb + hq * stride_qh + offs_d).to(tl.float32)
+        rows = b * stride_tb + h * stride_th + offs_n[:, None] * stride_tn + offs_d[None, :]
+        kt = tl.load(tk_ptr + rows, mask=nmask[:, None], other=0.0).to(tl.float32)
+        st = tl.sum(kt * q[None, :], axis=1) * (sm_scale * 1.4426950408889634)
+        st = tl.where(nmask, st, float("-inf"))
+        m_max = tl.maximum(m_max, tl.max(st, axis=0))
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.exp2(m - m_max)
     l_tot = tl.sum(w * l, axis=0)
     o = tl.load(po_ptr + part[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0)
     num = tl.sum(o * w[:, None], axis=0)
+    if TAIL:
+        pt = tl.exp2(st - m_max)
+        l_tot += tl.sum(pt, axis=0)
+        vt = tl.load(tv_ptr + rows, mask=nmask[:, None], other=0.0).to(tl.float32)
+        num += tl.sum(vt * pt[:, None], axis=0)
     res = num / tl.where(l_tot > 0, l_tot, 1.0)
     tl.store(out_ptr + b * stride_ob + hq * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty))
     if LSE:

@@ -74,14 +74,16 @@ def decode_attention_reference(q: torch.Tensor, cache: torch.Tensor, layout: Pag
                                block_tables: torch.Tensor, seq_lens: torch.Tensor,
                                sm_scale: float | None = None,
                                compute_dtype: torch.dtype = torch.float32,
-                               held: torch.Tensor | None = None, return_lse: bool = False):
+                               held: torch.Tensor | None = None, return_lse: bool = False,
+                               tail: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
     """Attention of one query token per sequence over its dequantized paged K/V.
 
     q ``[batch, q_heads, head_dim]``; ``seq_lens`` ``[batch]`` or ``[batch, kv_heads]``; ``held``
     (optional, ``[..., 3]`` of ``(start, front, window)``) as :func:`kvplug.triton_ops.decode_attention`.
     Returns ``[batch, q_heads, head_dim]`` in ``compute_dtype``; a head with nothing to read gives zeros.
     ``return_lse``: also the natural log-sum-exp of each query head's logits, ``[batch, q_heads]``
-    (-inf where nothing is read), as ``(out, lse)``.
+    (-inf where nothing is read), as ``(out, lse)``. ``tail``: ``(keys, values, counts)``, dense
+    tokens attended besides the paged ones, as :func:`kvplug.triton_ops.decode_attention` takes them.
     """
     layout.check(cache)
     b, hq, d = q.shape
@@ -90,7 +92,7 @@ def decode_attention_reference(q: torch.Tensor, cache: torch.Tensor, layout: Pag
     sm_scale = d ** -0.5 if sm_scale is None else sm_scale
     lens = _per_head(seq_lens, b, h)
     max_len = int(lens.max()) if lens.numel() else 0
-    if max_len == 0:
+    if max_len == 0 and tail is None:
         out = torch.zeros(b, hq, d, dtype=compute_dtype, device=q.device)
         return (out, torch.full((b, hq), float("-inf"), dtype=compute_dtype, device=q.device)) if return_lse else out
     k, v = gather_kv(cache, layout, block_tables, max_len, compute_dtype)   # [B, H, L, D]
@@ -100,6 +102,12 @@ def decode_attention_reference(q: torch.Tensor, cache: torch.Tensor, layout: Pag
         start, front, window = (_per_head(held[..., i], b, h)[:, :, None] for i in range(3))
         recent = torch.maximum(lens[:, :, None] - window, start + front)
         valid &= ((pos >= start) & (pos < start + front)) | (pos >= recent)
+    if tail is not None:                                    # dense tokens besides the pages
+        tk, tv, tn = tail
+        n = tk.shape[2]
+        k, v = torch.cat([k, tk.to(compute_dtype)], 2), torch.cat([v, tv.to(compute_dtype)], 2)
+        held_rows = torch.arange(n, device=q.device)[None, None, :] < _per_head(tn, b, h)[:, :, None]
+        valid = torch.cat([valid, held_rows], 2)
     k = k.masked_fill(~valid[..., None], 0.0)              # slots past a head's length: never read
     v = v.masked_fill(~valid[..., None], 0.0)
     qf = q.to(compute_dtype).view(b, h, g, d)

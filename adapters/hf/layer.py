@@ -127,12 +127,12 @@ class KVPlugLayer(PromptFirstLayer):
             self._merge(kept_k[..., :m, :], kept_v[..., :m, :], kept_valid[..., :m], read)
             kept_k, kept_v, kept_valid, positions = (kept_k[..., m:, :], kept_v[..., m:, :], kept_valid[..., m:],
                                                      positions[..., m:])
-        if codec.per_token:
-            paged = self.paged if self.paged is not None else self.device.type == "cuda"
-            if paged and PagedStore.supports(codec, self.dtype, d):
-                self.slots = PagedStore(codec, self.dtype, h, d, self.device, read)
-            else:
-                self.slots = SlotStore(codec, read)
+        paged = self.paged if self.paged is not None else self.device.type == "cuda"
+        in_pages = paged and PagedStore.supports(codec, self.dtype, d)
+        # a per-token codec with a residual window: in the pages with a full-precision tail, or
+        # (reference path, or a merger's pair) grouped one token at a time below
+        if codec.per_token or (in_pages and self.pair is None):
+            self.slots = PagedStore(codec, self.dtype, h, d, self.device, read) if in_pages else SlotStore(codec, read)
             self.slots.init(kept_k, kept_v, kept_valid, positions, scores)
             self.high = kept_k.shape[-2]
             return

@@ -88,6 +88,8 @@ def to_bytes(cache, model, encoder: CacheGen | None = None) -> bytes:
             b = slots.counts.shape[0]
             blocks = slots.cache.shape[0] // b
             tensors[f"{p}.pages"] = slots.cache.view(b, blocks, *slots.cache.shape[1:])[:, :used // slots.BLOCK]
+            if slots.tail is not None:  # a residual window's full-precision tokens
+                tensors[f"{p}.tail.key"], tensors[f"{p}.tail.value"] = slots.tail.keys, slots.tail.values
         else:
             _put(tensors, f"{p}.key", {n: t[..., :used, :] for n, t in slots.keys.items()})
             _put(tensors, f"{p}.value", {n: t[..., :used, :] for n, t in slots.values.items()})
@@ -146,6 +148,8 @@ def load(model, blob, paged: bool | None = None, verify: bool = True):
             blocks = store.cache.shape[0] // b
             store.cache.view(b, blocks, *store.cache.shape[1:])[:, :pages.shape[1]] = pages
             cap = blocks * store.BLOCK
+            if store.tail is not None:
+                store.tail.keys, store.tail.values = tensors[f"{p}.tail.key"], tensors[f"{p}.tail.value"]
         else:
             # the live store's capacity, so that the loaded one grows when it would and its tensors
             # have its strides: the same attention arithmetic, bit for bit (older blobs: the used slots)
@@ -155,7 +159,7 @@ def load(model, blob, paged: bool | None = None, verify: bool = True):
         store.counts = counts
         store.positions = _pad(positions, cap - positions.shape[-1], -1, -1)
         store.scores = _pad(scores, cap - scores.shape[-1], -1)
-        if s["groups"] or not codec.per_token:
+        if s["groups"] or (not codec.per_token and s["store"] != "paged"):
             groups = GroupStore(codec, read)
             for j in range(s["groups"]):
                 groups.keys.append(_take(tensors, f"{p}.group{j}.key"))

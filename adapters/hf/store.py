@@ -182,17 +182,63 @@ def read_paged(layout, cache: torch.Tensor, tables: torch.Tensor, slots: int,
 
 
 def attend_paged_one(layout, queries: torch.Tensor, cache: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+                     scale: float, tail: tuple | None = None) -> torch.Tensor:
     """Decode attention of one query per sequence ``[B, Hq, D]`` straight from the codes of the
     first ``lens`` slots (the Triton kernel on CUDA, its reference elsewhere; a rotated layout:
-    q rotated in, the output rotated back, scores unchanged)."""
+    q rotated in, the output rotated back, scores unchanged). ``tail``: dense tokens attended
+    besides them, ``(keys, values, counts)`` as :func:`kvplug.triton_ops.decode_attention` takes
+    them, in the model's basis (rotated here for a rotated layout)."""
     from kvplug import triton_ops
 
-    cuda = cache.device.type == "cuda"
-    attend = triton_ops.decode_attention if cuda else triton_ops.decode_attention_reference
-    q = rotate(queries).to(queries.dtype) if layout.rotated else queries
-    out = attend(q.contiguous(), cache, layout, tables, lens, scale)
+    q = (rotate(queries).to(queries.dtype) if layout.rotated else queries).contiguous()
+    if tail is not None and layout.rotated:
+        tail = (rotate(tail[0]), rotate(tail[1]), tail[2])
+    attend = triton_ops.decode_attention if cache.device.type == "cuda" else triton_ops.decode_attention_reference
+    out = attend(q, cache, layout, tables, lens, scale, tail=tail)
     return (rotate(out) if layout.rotated else out).to(queries.dtype)
+
+
+class Tail:
+    """The newest ``n`` tokens of each head in the model dtype (a residual window), beside the
+    pages that hold every token's codes. A ring: the token in slot ``s`` sits in entry ``s % n``;
+    a head holding ``count`` tokens has entries for slots ``count - n .. count - 1`` (those >= 0)."""
+
+    def __init__(self, n: int, dtype: torch.dtype):
+        self.n, self.dtype = n, dtype
+        self.keys = self.values = None  # [B, H, n, D]
+
+    def slots(self, counts: torch.Tensor) -> torch.Tensor:
+        """``[B, H, n]``: the slot each entry holds (-1: none yet)."""
+        i = torch.arange(self.n, device=counts.device)
+        last = counts[..., None] - 1
+        return last - torch.remainder(last - i, self.n)
+
+    def init(self, keys: torch.Tensor, values: torch.Tensor, counts: torch.Tensor) -> None:
+        """From ``[B, H, S, D]`` tokens whose first ``counts`` slots per head are real."""
+        slots = self.slots(counts)
+        at = slots.clamp_min(0)[..., None].expand(*slots.shape, keys.shape[-1])
+        held = (slots >= 0)[..., None]
+        self.keys = torch.where(held, keys.gather(2, at.clamp_max(keys.shape[2] - 1)), 0).to(self.dtype)
+        self.values = torch.where(held, values.gather(2, at.clamp_max(keys.shape[2] - 1)), 0).to(self.dtype)
+
+    def write(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> None:
+        """Tokens ``[B, H, N, D]`` appended at ``slots`` ``[B, H, N]`` (consecutive per head): the
+        last ``n`` of them go into their entries."""
+        keep = min(self.n, keys.shape[-2])
+        at = torch.remainder(slots[..., -keep:], self.n)[..., None].expand(*slots.shape[:-1], keep, keys.shape[-1])
+        self.keys.scatter_(2, at, keys[..., -keep:, :].to(self.dtype))
+        self.values.scatter_(2, at, values[..., -keep:, :].to(self.dtype))
+
+    def overwrite(self, keys: torch.Tensor, values: torch.Tensor, counts: torch.Tensor) -> None:
+        """Put the held entries into decoded ``[B, H, S, D]`` K/V, in place, at their slots."""
+        slots = self.slots(counts)
+        bi, hi, ei = (slots >= 0).nonzero(as_tuple=True)
+        at = slots[bi, hi, ei]
+        keys[bi, hi, at] = self.keys[bi, hi, ei].to(keys.dtype)
+        values[bi, hi, at] = self.values[bi, hi, ei].to(values.dtype)
+
+    def stored_bytes(self) -> int:
+        return 0 if self.keys is None else 2 * self.keys.numel() * self.keys.element_size()
 
 
 class PagedStore:
@@ -200,7 +246,11 @@ class PagedStore:
 
     Row ``b`` owns blocks ``b * nb .. (b + 1) * nb - 1``. On CUDA the Triton kernels quantize and
     store each token in one pass and decode attention reads the codes directly; elsewhere their
-    PyTorch references do the same work.
+    PyTorch references do the same work. A codec with a residual window (``int4(residual=32)``)
+    also keeps its newest tokens in a :class:`Tail`: decode attention reads the older tokens'
+    codes from the pages and the window densely, in one softmax (the window's codes stay
+    in the pages too: a per-token code is the same whenever it is written, so a token leaving the
+    window costs nothing).
     """
 
     BLOCK = 16
@@ -214,6 +264,8 @@ class PagedStore:
         self.device = device
         self.cache: torch.Tensor | None = None
         self.counts = self.positions = self.scores = None
+        window = codec.paged_format(head_dim).residual
+        self.tail = Tail(window, dtype) if window else None
 
     @staticmethod
     def supports(codec: Codec, dtype: torch.dtype, head_dim: int) -> bool:
@@ -259,6 +311,8 @@ class PagedStore:
         slots = torch.arange(s, device=keys.device).expand(b, h, s)
         self._store(keys, values, torch.where(valid, slots, -1))
         self.counts = valid.sum(-1)
+        if self.tail is not None:
+            self.tail.init(keys, values, self.counts)
 
     def write(self, keys, values, slots, positions, scores, top: int | None = None, added=None) -> None:
         """As :meth:`SlotStore.write` (``top``, ``added``, ``scores`` None likewise)."""
@@ -270,6 +324,8 @@ class PagedStore:
             extra = self.cache.shape[0] // b * self.BLOCK - self.positions.shape[-1]
             self.positions, self.scores = _pad(self.positions, extra, -1, -1), _pad(self.scores, extra, -1)
         self._store(keys, values, slots, skips=False)
+        if self.tail is not None:  # appends only: a residual window and eviction are refused together
+            self.tail.write(keys, values, slots)
         self.positions.scatter_(-1, slots, positions)
         if scores is not None:
             self.scores.scatter_(-1, slots, scores)
@@ -281,11 +337,21 @@ class PagedStore:
         # slots never written hold whatever the allocation held: zero them, since a masked-out NaN
         # value still poisons the attention output (0 * NaN)
         empty = ~filled[..., None]
-        return k.masked_fill(empty, 0), v.masked_fill(empty, 0), filled
+        k, v = k.masked_fill(empty, 0), v.masked_fill(empty, 0)
+        if self.tail is not None:
+            self.tail.overwrite(k, v, self.counts)
+        return k, v, filled
 
     def attend_one(self, queries: torch.Tensor, scale: float) -> torch.Tensor:
-        """Decode attention of one query per sequence ``[B, Hq, D]`` straight from the codes."""
-        return attend_paged_one(self.layout, queries, self.cache, self.block_tables, self.counts, scale)
+        """Decode attention of one query per sequence ``[B, Hq, D]`` straight from the codes
+        (with a residual window: the older tokens' codes, and the window's tokens densely, in one
+        softmax)."""
+        if self.tail is None:
+            return attend_paged_one(self.layout, queries, self.cache, self.block_tables, self.counts, scale)
+        n = self.tail.n  # while a head holds fewer than n tokens, its entries 0 .. count - 1 are its slots
+        older, recent = (self.counts - n).clamp_min(0), self.counts.clamp_max(n)
+        return attend_paged_one(self.layout, queries, self.cache, self.block_tables, older, scale,
+                                tail=(self.tail.keys, self.tail.values, recent))
 
     def used_slots(self) -> int:
         """Token slots per row the blocks hold: the longest head's count in whole blocks (a block
@@ -295,10 +361,12 @@ class PagedStore:
         return -(-int(self.counts.max()) // self.BLOCK) * self.BLOCK
 
     def stored_bytes(self) -> int:
-        """Bytes of the blocks that hold tokens, padding included (:meth:`used_slots`)."""
+        """Bytes of the blocks that hold tokens, padding included (:meth:`used_slots`), and of a
+        residual window's full-precision tokens (its tokens' codes are in the blocks as well)."""
         if self.counts is None:
             return 0
-        return self.counts.shape[0] * self.used_slots() * self.layout.bytes_per_token()
+        tail = 0 if self.tail is None else self.tail.stored_bytes()
+        return self.counts.shape[0] * self.used_slots() * self.layout.bytes_per_token() + tail
 
     def bookkeeping_bytes(self) -> int:
         """Bytes of the per-slot positions and scores (one per head and slot)."""

@@ -52,6 +52,10 @@ def cuda_page(codec, head_dim: int, dtype: torch.dtype, block_size: int = 16, nu
     one scale/zero per token and head, rotated or not)."""
     from kvplug import triton_ops
 
+    fmt = codec.paged_format(head_dim)
+    if fmt is not None and fmt.residual:
+        raise SpecError(f"kvplug in vLLM on CUDA: {codec} keeps its newest {fmt.residual} tokens in full precision "
+                        f"beside the pages, which the vLLM adapter does not hold yet (the HF adapter does)")
     try:
         return triton_ops.PagedLayout.for_codec(codec, block_size, num_kv_heads, head_dim, dtype)
     except ValueError as e:

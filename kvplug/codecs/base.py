@@ -21,11 +21,19 @@ class PagedFormat:
     model dtype, or 8/4/2 for the codes of :mod:`kvplug.quant` (planar packed, one float16
     scale/zero per token and head, ``encode`` returning ``codes``, ``scale``, ``zero``); and
     whether heads are Hadamard-rotated first (:mod:`kvplug.rotation`: the caller rotates q before
-    attention and the output after). Both roles are quantized or neither."""
+    attention and the output after). Both roles are quantized or neither.
+
+    ``residual``: the newest ``residual`` tokens of each head are also held in the model dtype
+    beside the pages, by the adapter, and attended from there (the pages hold every token's codes,
+    written as it arrives, since a per-token code does not depend on when it is written; the
+    kernel reads the older tokens and the two parts are merged by log-sum-exp,
+    :func:`kvplug.triton_ops.merge_attention`). An adapter that cannot hold that window refuses
+    the codec."""
 
     key_bits: int
     value_bits: int
     rotated: bool = False
+    residual: int = 0
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ class IntCodec(Codec):
     paper: ClassVar[str] = "KIVI 2402.02750 (groups); QuaRot 2404.00456 (rotate)"
     group: int = param(0, low=0, high=1024, doc="elements per scale/zero along head_dim; 0 = whole head")
     rotate: bool = param(False, doc="Hadamard-rotate heads before quantizing (power-of-two head_dim)")
-    residual: int = param(0, low=0, high=65536, doc="newest tokens kept in full precision (not in the paged kernels yet)")
+    residual: int = param(0, low=0, high=65536, doc="newest tokens kept in full precision (HF: paged or reference path; not in vLLM yet)")
 
     def group_size(self, head_dim: int) -> int:
         return self.group or head_dim
@@ -48,10 +48,11 @@ class IntCodec(Codec):
             hadamard(head_dim)
 
     def paged_format(self, head_dim: int) -> PagedFormat | None:
-        """One scale/zero per token-head (``group=0``), no residual window, is what the kernels read."""
-        if self.group_size(head_dim) != head_dim or self.residual:
+        """One scale/zero per token-head (``group=0``) is what the kernels read; a residual window
+        is held beside the pages (:class:`~kvplug.codecs.base.PagedFormat`)."""
+        if self.group_size(head_dim) != head_dim:
             return None
-        return PagedFormat(self.bits, self.bits, self.rotate)
+        return PagedFormat(self.bits, self.bits, self.rotate, self.residual)
 
     def bytes_per_token(self, head_dim: int, dtype_bytes: int = 2) -> float:
         groups = head_dim // self.group_size(head_dim)

@@ -29,7 +29,7 @@ class Mixed(Codec):
     key: int = param(8, choices=(8, 4, 2), doc="bits per key element")
     value: int = param(4, choices=(8, 4, 2), doc="bits per value element")
     rotate: bool = param(False, doc="Hadamard-rotate heads before quantizing (power-of-two head_dim)")
-    residual: int = param(0, low=0, high=65536, doc="newest tokens kept in full precision (not in the paged kernels yet)")
+    residual: int = param(0, low=0, high=65536, doc="newest tokens kept in full precision (HF: paged or reference path; not in vLLM yet)")
 
     def role_codec(self, role: Role) -> IntCodec:
         """The per-token codec that stores ``role``."""
@@ -40,7 +40,7 @@ class Mixed(Codec):
             self.role_codec(role).check_head_dim(head_dim)
 
     def paged_format(self, head_dim: int) -> PagedFormat | None:
-        return None if self.residual else PagedFormat(self.key, self.value, self.rotate)
+        return PagedFormat(self.key, self.value, self.rotate, self.residual)
 
     def bytes_per_token(self, head_dim: int, dtype_bytes: int = 2) -> float:
         return sum(self.role_codec(role).bytes_per_token(head_dim, dtype_bytes) / 2 for role in ("key", "value"))
