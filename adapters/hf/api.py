@@ -50,7 +50,9 @@ def cache(model, spec=None, paged: bool | None = None, keep_prompt: bool = False
     instead of dequantizing the cache each step. Default (None): on CUDA devices, where it is
     measured as accurate as the reference path and 15x faster (docs/BENCHMARKS.md); ``True``
     forces it (on the CPU the kernels' PyTorch references read it); ``False`` keeps the reference
-    path. Codecs the layout cannot hold (kivi, fp8, grouped) use the reference path. Also switches the model's
+    path. A residual window (``int4(residual=32)``) sits beside the pages as a dense tail that
+    the decode kernel reads in the same softmax. Codecs the layout cannot hold (kivi, fp8, grouped)
+    use the reference path. Also switches the model's
     attention implementation to ``kvplug`` (see :mod:`.attention`). ``keep_prompt`` retains the
     prompt's K/V and queries so that :meth:`KVPlugCache.fork` can compress it for other strategies.
     """
