@@ -281,6 +281,26 @@ def test_residual_window_in_the_paged_layout(spec, gen, monkeypatch):
     assert (paged_logits - ref_logits).norm() / ref_logits.norm() < 1e-2
 
 
+def test_a_residual_window_after_prefill_eviction_in_pages_equals_the_reference_path(gen):
+    """snapkv keeps 20 of each head's prompt tokens, the 8 newest kept ones stay exact: in the
+    paged layout (tail beside the pages) and on the reference path (grouped one token at a
+    time) the cache holds the same tokens and gives the same logits over 12 steps."""
+    model = tiny().to(torch.bfloat16)
+    ids, _ = prompts(gen, length=52)
+    spec = "snapkv(budget=20, window=4)+int4(residual=8)"
+    logits, caches = [], []
+    for paged in (True, False):
+        cache = kvplug.hf.cache(model, spec, paged=paged)
+        out = [model(input_ids=ids[:, :40], past_key_values=cache).logits[:, -1:]]
+        out += [model(input_ids=ids[:, i:i + 1], past_key_values=cache).logits for i in range(40, 52)]
+        logits.append(torch.cat(out, 1).float())
+        caches.append(cache)
+    paged_store = caches[0].layers[0].slots
+    assert type(paged_store).__name__ == "PagedStore" and bool((paged_store.counts == 20 + 12).all())
+    assert caches[0].kept_tokens() == caches[1].kept_tokens() == 2 * 2 * 2 * (20 + 12)
+    assert (logits[0] - logits[1]).norm() / logits[1].norm() < 1e-2
+
+
 def test_a_residual_window_longer_than_the_context_is_uncompressed(gen):
     model = tiny()
     ids, mask = prompts(gen, length=30)

@@ -215,11 +215,16 @@ class Tail:
 
     def init(self, keys: torch.Tensor, values: torch.Tensor, counts: torch.Tensor) -> None:
         """From ``[B, H, S, D]`` tokens whose first ``counts`` slots per head are real."""
+        b, h, s, d = keys.shape
+        self.keys = keys.new_zeros(b, h, self.n, d, dtype=self.dtype)
+        self.values = torch.zeros_like(self.keys)
+        if s == 0:
+            return
         slots = self.slots(counts)
-        at = slots.clamp_min(0)[..., None].expand(*slots.shape, keys.shape[-1])
+        at = slots.clamp(0, s - 1)[..., None].expand(b, h, self.n, d)
         held = (slots >= 0)[..., None]
-        self.keys = torch.where(held, keys.gather(2, at.clamp_max(keys.shape[2] - 1)), 0).to(self.dtype)
-        self.values = torch.where(held, values.gather(2, at.clamp_max(keys.shape[2] - 1)), 0).to(self.dtype)
+        self.keys = torch.where(held, keys.gather(2, at), 0).to(self.dtype)
+        self.values = torch.where(held, values.gather(2, at), 0).to(self.dtype)
 
     def write(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> None:
         """Tokens ``[B, H, N, D]`` appended at ``slots`` ``[B, H, N]`` (consecutive per head): the
