@@ -4,7 +4,7 @@
     python benchmarks/residual_decode.py --device cpu --shapes 2x256 --heads 4/2 --head-dim 64  # smoke
 
 A residual window (``int4(residual=32)``) keeps each head's newest tokens in the model dtype
-beside the pages: :meth:`adapters.hf.store.PagedStore.attend_one` runs the paged decode kernel
+beside the pages: :meth:`kvplug.adapters.hf.store.PagedStore.attend_one` runs the paged decode kernel
 over the older tokens (with its log-sum-exp output), attends densely over the window and merges
 the two. This times that step against the plain codec's (``int4``: the kernel alone) and fp16
 SDPA over contiguous K/V, side by side in one run, for each (batch, context): medians of

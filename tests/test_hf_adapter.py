@@ -232,7 +232,7 @@ def test_residual_window_in_the_paged_layout(spec, gen, monkeypatch):
     time), whose window is then the same N tokens. Blocks start poisoned (all bits set)."""
     from kvplug.triton_ops import PagedLayout
 
-    from adapters.hf.store import read_paged
+    from kvplug.adapters.hf.store import read_paged
 
     allocate = PagedLayout.allocate
     monkeypatch.setattr(PagedLayout, "allocate", lambda self, n, device="cpu": allocate(self, n, device).view(

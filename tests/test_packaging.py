@@ -29,3 +29,20 @@ def test_import_kvplug_loads_no_engine():
             "print(sorted(m for m in ('transformers', 'vllm', 'triton') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_no_source_imports_adapters_or_triton_ops_as_a_top_level_module():
+    """Installed there is no top-level ``adapters`` or ``triton_ops``; from the repository root they
+    would import as second copies of kvplug's modules (transformers' Auto classes then hold two
+    ``LckvForCausalLM``s, as a CI run showed), so every file imports them under ``kvplug``."""
+    import ast
+
+    found = []
+    for folder in ("kvplug", "adapters", "triton_ops", "tests", "benchmarks", "examples", "models"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+                found += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names
+                          if n.split(".")[0] in ("adapters", "triton_ops")]
+    assert not found, found
