@@ -8,7 +8,7 @@ import torch
 from conftest import naive_affine
 from kvplug import SpecError, parse
 from kvplug.codecs.fp8 import Fp8
-from kvplug.codecs.integer import Int2, Int4, Int8
+from kvplug.codecs.integer import BY_BITS, Int2, Int4, Int8
 from kvplug.codecs.kivi import Kivi
 from kvplug.codecs.mixed import Mixed
 from kvplug.codecs.none import NoCodec
@@ -53,6 +53,60 @@ def test_codes_match_naive_reference(bits, codec, gen):
     assert torch.equal(unpack(enc["codes"], bits).long(), code.long())
     assert torch.equal(enc["scale"].double(), scale)
     assert torch.equal(enc["zero"].double(), zero)
+
+
+@pytest.mark.parametrize("bits, clip", [(2, 0.7), (2, 0.5), (4, 0.9), (8, 0.95)])
+@pytest.mark.parametrize("kind", ["random", "outliers", "constant"])
+def test_clipped_codes_against_float64_reference(bits, clip, kind, gen):
+    """``clip``: the codes span ``clip`` of each head's range, centred; computed here in float64
+    from the documented format and compared with the codec's float16 scale/zero and its codes."""
+    qmax = 2**bits - 1
+    x = inputs(kind, (3, 7, 64), gen)
+    codec = BY_BITS[bits](clip=clip)
+    enc = codec.encode(x, "value")
+    xd = x.double()
+    lo, hi = xd.amin(-1, keepdim=True), xd.amax(-1, keepdim=True)
+    scale = enc["scale"].double()                         # [3, 7, 1]: one group per head
+    zero = enc["zero"].double()
+    want_scale = clip * (hi - lo) / qmax
+    want_zero = lo + (hi - lo) * (1 - clip) / 2
+    # one float16 rounding (plus float32 arithmetic) away from the float64 values
+    assert ((scale - want_scale).abs() <= want_scale.abs() * 2**-10 + 1e-7)[want_scale > 0].all()
+    assert (scale[want_scale == 0] == 1).all()  # a constant head stores scale 1
+    assert ((zero - want_zero).abs() <= want_zero.abs() * 2**-10 + 1e-7).all()
+    # codes: the nearest level of the stored scale/zero, clamped to the end codes
+    t = (xd - zero) / scale + 0.5
+    code = torch.clamp(torch.floor(t), 0, qmax)
+    got = unpack(enc["codes"], bits).double()
+    tie = (t - t.round()).abs() < 1e-4                   # float32 vs float64 at a rounding boundary
+    assert torch.equal(got[~tie], code[~tie])
+    assert ((got - code).abs() <= 1).all()
+    y = codec.decode(enc, "value", torch.float32).double()
+    inside = (xd >= zero) & (xd <= zero + qmax * scale)
+    assert ((y - xd).abs()[inside] <= (0.5 + 1e-3) * scale.expand_as(xd)[inside]).all()
+    assert (got[xd < zero - 0.5 * scale] == 0).all() and (got[xd > zero + (qmax + 0.5) * scale] == qmax).all()
+    if kind == "constant":
+        assert torch.equal(y, xd)
+
+
+def test_clip_lowers_two_bit_error_on_gaussian_heads(gen):
+    """On Gaussian heads of 64 (what a rotation makes of a head), min-max 2-bit codes put the
+    step at ~1.6 sigma where ~1 sigma is optimal: clip=0.7 cuts the squared error by over a
+    third (theory for an ideal clipped 4-level quantizer: 0.12 against 0.20 sigma^2)."""
+    x = torch.randn(4096, 64, generator=gen)
+    err = {}
+    for clip in (1.0, 0.7):
+        c = Int2(clip=clip)
+        err[clip] = (c.decode(c.encode(x, "key"), "key", torch.float64) - x.double()).pow(2).mean().item()
+    print(err)
+    assert 0.17 < err[1.0] < 0.24 and err[0.7] < 0.65 * err[1.0]
+
+
+def test_clip_out_of_range_refused():
+    with pytest.raises(SpecError, match=r"int2: clip=0.0 is out of range; allowed: 0.05..1"):
+        parse("int2(clip=0)")
+    with pytest.raises(SpecError, match=r"mixed: key_clip=1.5 is out of range"):
+        parse("mixed(key_clip=1.5)")
 
 
 @pytest.mark.parametrize("key, value", [(8, 4), (4, 2), (8, 2), (4, 8)])

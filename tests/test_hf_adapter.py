@@ -368,7 +368,8 @@ def test_clear_errors():
 
 @pytest.mark.parametrize("spec", ["none", "int8", "int4", "streaming(sinks=2, window=20)+int4",
                                   "snapkv(budget=20, window=4)+int8", "int4(rotate=true)", "mixed",
-                                  "snapkv(budget=20, window=4)+mixed(rotate=true)"])
+                                  "snapkv(budget=20, window=4)+mixed(rotate=true)",
+                                  "int4(rotate=true, clip=0.8)", "mixed(key_clip=0.9, value_clip=0.7)"])
 def test_paged_layout_matches_slot_store(spec, gen, monkeypatch):
     """The paged layout the Triton kernels read (here through their PyTorch references) gives the
     logits of the plain slot store, within bfloat16 rounding, and holds the same bytes; its blocks

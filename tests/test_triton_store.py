@@ -15,10 +15,10 @@ from kvplug.triton_ops import PagedLayout, store_kv, store_kv_reference  # noqa:
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def layout_of(bits, bs, h, d, dtype=torch.float16):
-    """``bits``: one width for K and V, or ``(key bits, value bits)``."""
+def layout_of(bits, bs, h, d, dtype=torch.float16, clips=(1.0, 1.0)):
+    """``bits``: one width for K and V, or ``(key bits, value bits)``; ``clips``: (key, value)."""
     kb, vb = bits if isinstance(bits, tuple) else (bits, bits)
-    return PagedLayout(bs, h, d, kb, dtype, None if vb == kb else vb)
+    return PagedLayout(bs, h, d, kb, dtype, None if vb == kb else vb, False, *clips)
 
 
 def poisoned_cache(layout, num_blocks, gen):
@@ -41,21 +41,26 @@ def _inputs(t, h, d, dtype, gen):
     return k.to(DEV, dtype), v.to(DEV, dtype)
 
 
-@pytest.mark.parametrize("bits,d,bs,h,dtype,per_head", [
-    (16, 64, 16, 2, torch.float16, False),
-    (16, 128, 32, 3, torch.bfloat16, True),
-    (8, 64, 16, 2, torch.float16, False),
-    (8, 128, 64, 4, torch.bfloat16, True),
-    (4, 64, 32, 3, torch.float16, True),
-    (4, 128, 16, 2, torch.bfloat16, False),
-    (2, 64, 64, 2, torch.bfloat16, False),
-    (2, 128, 16, 4, torch.float16, True),
-    ((8, 4), 128, 16, 3, torch.bfloat16, True),
-    ((4, 2), 64, 32, 2, torch.float16, False),
-    ((2, 8), 64, 16, 2, torch.float16, True),
+@pytest.mark.parametrize("bits,d,bs,h,dtype,per_head,clips", [
+    (16, 64, 16, 2, torch.float16, False, (1.0, 1.0)),
+    (16, 128, 32, 3, torch.bfloat16, True, (1.0, 1.0)),
+    (8, 64, 16, 2, torch.float16, False, (1.0, 1.0)),
+    (8, 128, 64, 4, torch.bfloat16, True, (1.0, 1.0)),
+    (4, 64, 32, 3, torch.float16, True, (1.0, 1.0)),
+    (4, 128, 16, 2, torch.bfloat16, False, (1.0, 1.0)),
+    (2, 64, 64, 2, torch.bfloat16, False, (1.0, 1.0)),
+    (2, 128, 16, 4, torch.float16, True, (1.0, 1.0)),
+    ((8, 4), 128, 16, 3, torch.bfloat16, True, (1.0, 1.0)),
+    ((4, 2), 64, 32, 2, torch.float16, False, (1.0, 1.0)),
+    ((2, 8), 64, 16, 2, torch.float16, True, (1.0, 1.0)),
+    (2, 64, 16, 2, torch.bfloat16, False, (0.7, 0.55)),
+    (4, 128, 32, 3, torch.float16, True, (0.9, 1.0)),
+    ((4, 2), 64, 16, 2, torch.float16, True, (1.0, 0.6)),
+    ((8, 2), 128, 16, 2, torch.bfloat16, False, (0.97, 0.8)),
 ])
-def test_store_matches_core_codec(bits, d, bs, h, dtype, per_head, gen):
-    layout = layout_of(bits, bs, h, d, dtype)
+def test_store_matches_core_codec(bits, d, bs, h, dtype, per_head, clips, gen):
+    """Plain and clipped (``clips``: keys, values) formats: the kernel's bytes are the core codec's."""
+    layout = layout_of(bits, bs, h, d, dtype, clips)
     nb, t = 6, 37
     cache = poisoned_cache(layout, nb, gen)
     ref = cache.clone()
@@ -71,6 +76,10 @@ def test_store_matches_core_codec(bits, d, bs, h, dtype, per_head, gen):
     store_kv_reference(k, v, ref, slots, layout)
     # whole tensor: written slots bit-exact, every other byte (the poison) untouched
     assert torch.equal(cache.view(torch.uint8), ref.view(torch.uint8))
+    if clips != (1.0, 1.0):  # the clip reached the kernel: min-max bytes differ
+        plain = poisoned_cache(layout_of(bits, bs, h, d, dtype), nb, gen)
+        store_kv(k, v, plain, slots, layout_of(bits, bs, h, d, dtype))
+        assert not torch.equal(plain.view(torch.uint8), cache.view(torch.uint8))
 
 
 @pytest.mark.parametrize("kbits, vbits", [(8, 4), (4, 2)])
@@ -137,6 +146,14 @@ def test_layout_sizes():
         PagedLayout.for_codec("fp8", 16, 8, 128)
     with pytest.raises(ValueError, match="both are quantized or neither"):
         PagedLayout(16, 8, 128, 16, value_bits=4)
+    clipped = PagedLayout.for_codec("mixed(key=4, value=2, key_clip=0.9, value_clip=0.6)", 16, 8, 64)
+    assert (clipped.key_clip, clipped.value_clip) == (0.9, 0.6)
+    assert clipped.bytes_per_token() == PagedLayout.for_codec("mixed(key=4, value=2)", 16, 8, 64).bytes_per_token()
+    assert PagedLayout.for_codec("int2(clip=0.7)", 16, 8, 64).role_clip(1) == 0.7
+    with pytest.raises(ValueError, match="clip applies to quantized layouts only"):
+        PagedLayout(16, 8, 128, 16, key_clip=0.5)
+    with pytest.raises(ValueError, match=r"value_clip=0.0 must be in \(0, 1\]"):
+        PagedLayout(16, 8, 128, 4, value_clip=0.0)
 
 
 def test_import_kvplug_does_not_import_triton():

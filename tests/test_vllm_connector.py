@@ -223,7 +223,7 @@ def test_blocks_must_come_first():
 @needs_vllm
 @pytest.mark.parametrize("spec, extra, message", [
     ("snapkv(budget=64)+int4", {}, "evicts tokens, so a block no longer holds what its tokens name"),
-    ("int4", {"codec": "int8"}, "kvplug's pages (strategy 'int4(group=0, rotate=False, residual=0)') are stored as they are"),
+    ("int4", {"codec": "int8"}, "kvplug's pages (strategy 'int4(group=0, rotate=False, residual=0, clip=1.0)') are stored as they are"),
     (None, {"codec": "kivi"}, "encodes tokens in groups"),
     (None, {"host_byte": 1}, "unknown kv_connector_extra_config key(s) ['host_byte']"),
     (None, {"host_bytes": "lots"}, "host_bytes='lots' is not a number of bytes"),

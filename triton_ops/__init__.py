@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from kvplug import quant
+
 from .layout import PagedLayout
 from .reference import (copy_token_rows_reference, decode_attention_reference, dequantize_kv_reference, gather_kv,
                         gather_rows_reference, paged_attention_reference, store_kv_reference)
@@ -72,8 +74,21 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, slot_mapping
     kern._store_kernel[(t,)](
         k, v, slot_mapping, cache, meta,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), st, sh,
-        *layout.strides(), H=h, H_PAD=_pow2(h), D=d, BS=layout.block_size, **_widths(layout),
+        *layout.strides(), *_clips(layout), H=h, H_PAD=_pow2(h), D=d, BS=layout.block_size, **_widths(layout),
+        KCENTRED=layout.key_clip != 1.0, VCENTRED=layout.value_clip != 1.0,
         num_warps=4 if h * d >= 1024 else 2)
+
+
+def _clips(layout: PagedLayout) -> tuple[float, float, float, float]:
+    """The store kernel's divisors per role, ``(kspan, kcentre, vspan, vcentre)``
+    (:func:`kvplug.quant.clip_constants`; a 16-bit layout ignores them; an unclipped role's
+    centre is unused, passed as 1)."""
+    out = []
+    for role in (0, 1):
+        bits = layout.role_bits(role)
+        span, centre = quant.clip_constants(bits, layout.role_clip(role)) if bits != 16 else (1.0, 1.0)
+        out += [span, centre if centre != float("inf") else 1.0]
+    return tuple(out)
 
 
 def _widths(layout: PagedLayout) -> dict:

@@ -22,8 +22,12 @@ import triton.language as tl
 
 @triton.jit
 def _quantize_store(x_ptr, stride_xt, stride_xh, t, offs_h, offs_d, ok, base, off, cache_ptr, meta_ptr,
-                    meta_base, BITS: tl.constexpr, D: tl.constexpr, CB: tl.constexpr,
-                    H_PAD: tl.constexpr):
+                    meta_base, span, centre, BITS: tl.constexpr, D: tl.constexpr, CB: tl.constexpr,
+                    H_PAD: tl.constexpr, CENTRED: tl.constexpr):
+    """Quantize one role's heads of token ``t`` and write codes and (scale, zero): ``span`` and
+    ``centre`` are :func:`kvplug.quant.clip_constants` (``span = 2**BITS - 1`` and not CENTRED
+    for the plain min-max format); divisions only, so no multiply-add is fused and the bytes
+    equal the core codec's."""
     x = tl.load(x_ptr + t * stride_xt + offs_h[:, None] * stride_xh + offs_d[None, :],
                 mask=ok[:, None], other=0.0)
     if BITS == 16:
@@ -34,9 +38,13 @@ def _quantize_store(x_ptr, stride_xt, stride_xh, t, offs_h, offs_d, ok, base, of
         xf = x.to(tl.float32)
         lo = tl.min(xf, axis=1)
         hi = tl.max(xf, axis=1)
-        scale = tl.math.div_rn(hi - lo, tl.full(lo.shape, QMAX, tl.float32)).to(tl.float16)
+        r = hi - lo
+        scale = tl.math.div_rn(r, tl.zeros(lo.shape, tl.float32) + span).to(tl.float16)
         scale = tl.where(scale == 0, 1.0, scale).to(tl.float16)
-        zero = lo.to(tl.float16)
+        if CENTRED:
+            zero = (lo + tl.math.div_rn(r, tl.zeros(lo.shape, tl.float32) + centre)).to(tl.float16)
+        else:
+            zero = lo.to(tl.float16)
         q = tl.math.div_rn(xf - zero.to(tl.float32)[:, None],
                            tl.broadcast_to(scale.to(tl.float32)[:, None], xf.shape))
         q = tl.floor(q + 0.5)
@@ -59,9 +67,10 @@ def _quantize_store(x_ptr, stride_xt, stride_xh, t, offs_h, offs_d, ok, base, of
 @triton.jit
 def _store_kernel(k_ptr, v_ptr, slot_ptr, cache_ptr, meta_ptr,
                   stride_kt, stride_kh, stride_vt, stride_vh, stride_st, stride_sh,
-                  stride_cblk, stride_ckv, stride_ch,
+                  stride_cblk, stride_ckv, stride_ch, kspan, kcentre, vspan, vcentre,
                   H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                  KBITS: tl.constexpr, KCB: tl.constexpr, VBITS: tl.constexpr, VCB: tl.constexpr):
+                  KBITS: tl.constexpr, KCB: tl.constexpr, VBITS: tl.constexpr, VCB: tl.constexpr,
+                  KCENTRED: tl.constexpr, VCENTRED: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     offs_h = tl.arange(0, H_PAD)
     offs_d = tl.arange(0, D)
@@ -73,9 +82,10 @@ def _store_kernel(k_ptr, v_ptr, slot_ptr, cache_ptr, meta_ptr,
     off = slot % BS
     base = blk * stride_cblk + offs_h * stride_ch          # storage elements (bytes if quantized)
     _quantize_store(k_ptr, stride_kt, stride_kh, t, offs_h, offs_d, ok, base, off, cache_ptr, meta_ptr,
-                    base // 2 + (BS * KCB) // 2, KBITS, D, KCB, H_PAD)     # metadata: float16 elements
+                    base // 2 + (BS * KCB) // 2, kspan, kcentre, KBITS, D, KCB, H_PAD, KCENTRED)  # metadata: float16
     _quantize_store(v_ptr, stride_vt, stride_vh, t, offs_h, offs_d, ok, base + stride_ckv, off, cache_ptr,
-                    meta_ptr, (base + stride_ckv) // 2 + (BS * VCB) // 2, VBITS, D, VCB, H_PAD)
+                    meta_ptr, (base + stride_ckv) // 2 + (BS * VCB) // 2, vspan, vcentre, VBITS, D, VCB, H_PAD,
+                    VCENTRED)
 
 
 @triton.jit

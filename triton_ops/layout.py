@@ -40,7 +40,9 @@ class PagedLayout:
     when it differs (both quantized). ``rotated``: the codec Hadamard-rotates heads before
     quantizing; the caller rotates q before attention and the output after (the kernels read the
     rotated basis). ``dtype``: the model dtype (float16 or bfloat16): of q, of the K/V given to
-    ``store`` and of the ``none`` cache.
+    ``store`` and of the ``none`` cache. ``key_clip`` / ``value_clip``: the share of each
+    token-head's min-max range the codes of that role span, centred (:func:`kvplug.quant.affine_params`;
+    1: plain min-max); only the store differs, the cache's bytes decode the same way.
     """
 
     block_size: int
@@ -50,6 +52,8 @@ class PagedLayout:
     dtype: torch.dtype = torch.float16
     value_bits: int | None = None
     rotated: bool = False
+    key_clip: float = 1.0
+    value_clip: float = 1.0
 
     def __post_init__(self):
         for name, bits in (("bits", self.bits), ("value_bits", self.vbits)):
@@ -58,6 +62,11 @@ class PagedLayout:
         if (self.bits == 16) != (self.vbits == 16):
             raise ValueError(f"PagedLayout: keys at {self.bits} and values at {self.vbits} bits: both are "
                              "quantized or neither")
+        for name, clip in (("key_clip", self.key_clip), ("value_clip", self.value_clip)):
+            if not 0.0 < clip <= 1.0:
+                raise ValueError(f"PagedLayout: {name}={clip} must be in (0, 1]")
+        if self.bits == 16 and (self.key_clip, self.value_clip) != (1.0, 1.0):
+            raise ValueError("PagedLayout: clip applies to quantized layouts only")
         if self.dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"PagedLayout: dtype={self.dtype} not supported; allowed: float16, bfloat16")
         if self.block_size < 1 or self.num_kv_heads < 1:
@@ -84,7 +93,8 @@ class PagedLayout:
             raise ValueError(f"PagedLayout: codec {codec} has no paged kernel layout (the kernels read "
                              "per-token integer codes with one scale/zero per token-head, or the model dtype)")
         value_bits = None if fmt.value_bits == fmt.key_bits else fmt.value_bits
-        return cls(block_size, num_kv_heads, head_dim, fmt.key_bits, dtype, value_bits, fmt.rotated)
+        return cls(block_size, num_kv_heads, head_dim, fmt.key_bits, dtype, value_bits, fmt.rotated,
+                   fmt.key_clip, fmt.value_clip)
 
     # sizes -------------------------------------------------------------------------------
     @property
@@ -100,6 +110,10 @@ class PagedLayout:
     def role_bits(self, role: int) -> int:
         """Bits of role 0 (keys) or 1 (values)."""
         return self.bits if role == 0 else self.vbits
+
+    def role_clip(self, role: int) -> float:
+        """Clip of role 0 (keys) or 1 (values)."""
+        return self.key_clip if role == 0 else self.value_clip
 
     @property
     def quantized(self) -> bool:

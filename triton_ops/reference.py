@@ -9,9 +9,6 @@ from kvplug.codecs.integer import BY_BITS
 
 from .layout import PagedLayout
 
-_CODECS = {bits: codec() for bits, codec in BY_BITS.items()}  # per token, unrotated: the bytes the kernels read
-
-
 
 def _per_head(x: torch.Tensor, b: int, h: int) -> torch.Tensor:
     x = x.long()
@@ -43,7 +40,8 @@ def store_kv_reference(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
         if not layout.quantized:
             cache[blk, kv, head, off] = x.to(cache.dtype)
             continue
-        enc = _CODECS[layout.role_bits(kv)].encode(x, "key" if kv == 0 else "value")
+        codec = BY_BITS[layout.role_bits(kv)](clip=layout.role_clip(kv))  # per token, unrotated: the bytes the kernels read
+        enc = codec.encode(x, "key" if kv == 0 else "value")
         layout.role_codes(cache, kv)[blk, head, off] = enc["codes"]
         layout.role_meta(cache, kv)[blk, head, off] = torch.cat([enc["scale"], enc["zero"]], -1)
 

@@ -28,12 +28,18 @@ class PagedFormat:
     written as it arrives, since a per-token code does not depend on when it is written; the
     kernel reads the older tokens and the two parts are merged by log-sum-exp,
     :func:`kvplug.triton_ops.merge_attention`). An adapter that cannot hold that window refuses
-    the codec."""
+    the codec.
+
+    ``key_clip`` / ``value_clip``: the fraction of each token-head's min-max range that the codes
+    of that role span, centred (:func:`kvplug.quant.affine_params`); 1 is the plain min-max
+    format. Only the writer differs: every token decodes as ``code * scale + zero``."""
 
     key_bits: int
     value_bits: int
     rotated: bool = False
     residual: int = 0
+    key_clip: float = 1.0
+    value_clip: float = 1.0
 
 
 @dataclass(frozen=True)

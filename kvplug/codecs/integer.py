@@ -35,6 +35,7 @@ class IntCodec(Codec):
     group: int = param(0, low=0, high=1024, doc="elements per scale/zero along head_dim; 0 = whole head")
     rotate: bool = param(False, doc="Hadamard-rotate heads before quantizing (power-of-two head_dim)")
     residual: int = param(0, low=0, high=65536, doc="newest tokens kept in full precision (HF: paged or reference path; not in vLLM yet)")
+    clip: float = param(1.0, low=0.05, high=1.0, doc="fraction of each group's min-max range the codes span, centred (below 1 clamps the extremes)")
 
     def group_size(self, head_dim: int) -> int:
         return self.group or head_dim
@@ -52,7 +53,7 @@ class IntCodec(Codec):
         is held beside the pages (:class:`~kvplug.codecs.base.PagedFormat`)."""
         if self.group_size(head_dim) != head_dim:
             return None
-        return PagedFormat(self.bits, self.bits, self.rotate, self.residual)
+        return PagedFormat(self.bits, self.bits, self.rotate, self.residual, self.clip, self.clip)
 
     def bytes_per_token(self, head_dim: int, dtype_bytes: int = 2) -> float:
         groups = head_dim // self.group_size(head_dim)
@@ -65,7 +66,7 @@ class IntCodec(Codec):
         if self.rotate:
             x = rotate(x)
         grouped = x.reshape(*x.shape[:-1], d // self.group_size(d), self.group_size(d))
-        scale, zero = quant.affine_params(grouped, self.bits)
+        scale, zero = quant.affine_params(grouped, self.bits, clip=self.clip)
         codes = quant.affine_codes(grouped, scale, zero, self.bits).reshape(x.shape)
         return {"codes": quant.pack(codes, self.bits), "scale": scale.squeeze(-1), "zero": zero.squeeze(-1)}
 
