@@ -7,7 +7,7 @@ from kvplug.budgets.chunkkv import ChunkKV
 from kvplug.budgets.pyramid import Pyramid
 from kvplug.budgets.uniform import Uniform
 from kvplug.codecs.fp8 import Fp8
-from kvplug.codecs.integer import Int2, Int4, Int8
+from kvplug.codecs.integer import Int2, Int3, Int4, Int8
 from kvplug.codecs.kivi import Kivi
 from kvplug.codecs.mixed import Mixed
 from kvplug.codecs.none import NoCodec
@@ -35,7 +35,7 @@ from kvplug.scorers.tova import Tova
 
 @hookimpl
 def kvplug_parts() -> list[type]:
-    return [NoCodec, Int8, Int4, Int2, Mixed, Kivi, Fp8,
+    return [NoCodec, Int8, Int4, Int3, Int2, Mixed, Kivi, Fp8,
             Streaming, H2O, SnapKV, Tova, KNorm, RandomScorer, SimLayerKV, ExpectedAttention, KeyDiff, LagKV, DuoAttention,
             CurDKV, CriticalKV, Cake, Scissorhands, Compactor, AttentionGate,
             Uniform, Pyramid, AdaKV, ChunkKV, MiniCache, InfiniGen]

@@ -16,6 +16,10 @@ The format (the Triton kernels in ``kvplug.triton_ops`` reproduce it bit for bit
 * codes are packed *planar* along the last axis: for ``n`` codes of ``bits`` each, byte ``j`` of
   the ``n * bits / 8`` packed bytes holds element ``j + k * (n * bits / 8)`` at bit ``k * bits``,
   ``k = 0 .. 8 / bits - 1``. A kernel unpacks one plane with a shift and a mask, no shuffles.
+  3-bit codes are the 2-bit packing of their low two bits (``n / 4`` bytes) followed by the 1-bit
+  packing of their high bit (``n / 8`` bytes);
+* the *symmetric* variant stores a scale only (:func:`symmetric_params`): levels
+  ``(code - (2**bits - 1) / 2) * scale``, the zero implied by the scale.
 """
 
 from __future__ import annotations
@@ -76,6 +80,36 @@ def clip_constants(bits: int, clip: float) -> tuple[float, float]:
     return span, centre
 
 
+def symmetric_params(x: torch.Tensor, bits: int, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float16) and implied zero (float32) of the symmetric format of ``x`` over its last
+    axis (kept as size 1): ``scale = fp16(max|x| / span)``, ``span = fp32((2**bits - 1) / (2 clip))``,
+    ``zero = -(2**bits - 1) / 2 * scale`` (exact in float32; not stored). The levels
+    ``(c - (2**bits - 1) / 2) * scale`` are symmetric about 0, none at 0 itself (a mid-rise
+    quantizer), so ``max|x|`` (times ``clip``) sits on the outer levels. A head whose scale
+    rounds to 0 stores 0 and decodes to 0; its codes are those of divisor 1."""
+    m = x.float().abs().amax(-1, keepdim=True)
+    scale = (m / torch.full_like(m, symmetric_span(bits, clip))).to(SCALE_DTYPE)
+    return scale, scale.float() * (-(2**bits - 1) / 2)
+
+
+def symmetric_span(bits: int, clip: float) -> float:
+    """The float32 divisor of the symmetric scale: ``(2**bits - 1) / (2 clip)``."""
+    if not 0.0 < clip <= 1.0:
+        raise ValueError(f"clip={clip} must be in (0, 1]")
+    return float(torch.tensor((2**bits - 1) / (2.0 * clip), dtype=torch.float32))
+
+
+def symmetric_codes(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes of ``x`` for the float16 ``scale`` of :func:`symmetric_params` (broadcast)."""
+    divisor = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return affine_codes(x, divisor, scale.float() * (-(2**bits - 1) / 2), bits)
+
+
+def symmetric_decode(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """float32 values of symmetric ``codes``: ``code * scale + zero``, zero implied by the scale."""
+    return affine_decode(codes, scale, scale.float() * (-(2**bits - 1) / 2))
+
+
 def affine_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Integer codes (uint8) of ``x`` for the given float16 scale/zero (broadcast)."""
     q = torch.floor((x.float() - zero.float()) / scale.float() + 0.5)
@@ -88,9 +122,12 @@ def affine_decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) 
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack uint8 codes of ``bits`` along the last axis, planar (see module docstring)."""
+    """Pack uint8 codes of ``bits`` along the last axis, planar (see module docstring); 3 bits
+    are the 2-bit packing of the low two bits followed by the 1-bit packing of the high bit."""
     if bits == 8:
         return codes
+    if bits == 3:
+        return torch.cat([pack(codes & 3, 2), pack(codes >> 2, 1)], -1)
     per_byte = 8 // bits
     n = codes.shape[-1]
     if n % per_byte:
@@ -104,6 +141,9 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of :func:`pack`."""
     if bits == 8:
         return packed
+    if bits == 3:
+        n = packed.shape[-1] * 8 // 3
+        return unpack(packed[..., : n // 4], 2) | (unpack(packed[..., n // 4:], 1) << 2)
     shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.int32).unsqueeze(-1)
     planes = (packed.to(torch.int32).unsqueeze(-2) >> shifts) & (2**bits - 1)
     return planes.reshape(*packed.shape[:-1], -1).to(torch.uint8)

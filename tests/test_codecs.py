@@ -8,7 +8,7 @@ import torch
 from conftest import naive_affine
 from kvplug import SpecError, parse
 from kvplug.codecs.fp8 import Fp8
-from kvplug.codecs.integer import BY_BITS, Int2, Int4, Int8
+from kvplug.codecs.integer import BY_BITS, Int2, Int3, Int4, Int8
 from kvplug.codecs.kivi import Kivi
 from kvplug.codecs.mixed import Mixed
 from kvplug.codecs.none import NoCodec
@@ -28,7 +28,7 @@ def inputs(kind, shape, gen):
     return x.to(torch.float16)
 
 
-@pytest.mark.parametrize("codec", [Int8(), Int4(), Int2(), Int4(group=32), Int2(group=16)])
+@pytest.mark.parametrize("codec", [Int8(), Int4(), Int3(), Int2(), Int4(group=32), Int2(group=16), Int3(group=16)])
 @pytest.mark.parametrize("kind", ["random", "outliers", "constant"])
 def test_integer_round_trip_bound(codec, kind, gen):
     x = inputs(kind, (2, 3, 17, 64), gen)
@@ -45,7 +45,7 @@ def test_integer_round_trip_bound(codec, kind, gen):
         assert torch.equal(y, x.float())
 
 
-@pytest.mark.parametrize("bits, codec", [(8, Int8()), (4, Int4()), (2, Int2())])
+@pytest.mark.parametrize("bits, codec", [(8, Int8()), (4, Int4()), (3, Int3()), (2, Int2())])
 def test_codes_match_naive_reference(bits, codec, gen):
     x = inputs("outliers", (4, 5, 128), gen)
     code, scale, zero = naive_affine(x, bits)
@@ -89,6 +89,50 @@ def test_clipped_codes_against_float64_reference(bits, clip, kind, gen):
         assert torch.equal(y, xd)
 
 
+@pytest.mark.parametrize("bits, clip", [(3, 1.0), (3, 0.85), (2, 1.0), (4, 0.9), (8, 1.0)])
+@pytest.mark.parametrize("kind", ["random", "outliers", "constant"])
+def test_symmetric_codes_against_float64_reference(bits, clip, kind, gen):
+    """``symmetric=true``: a scale alone, ``max|x| * 2 clip / (2^bits - 1)``, levels
+    ``(c - (2^bits - 1) / 2) * scale``; computed here in float64 and compared with the codec."""
+    qmax = 2**bits - 1
+    x = inputs(kind, (3, 7, 64), gen)
+    x[0, 0] = 0.0                                          # an all-zero head decodes to zeros
+    codec = BY_BITS[bits](clip=clip, symmetric=True)
+    enc = codec.encode(x, "key")
+    assert set(enc) == {"codes", "scale"}
+    xd = x.double()
+    scale = enc["scale"].double()                          # [3, 7, 1]
+    want = xd.abs().amax(-1, keepdim=True) * 2 * clip / qmax
+    assert ((scale - want).abs() <= want * 2**-10 + 1e-7).all()
+    div = torch.where(scale == 0, torch.ones_like(scale), scale)
+    t = (xd + qmax / 2 * scale) / div + 0.5
+    code = torch.clamp(torch.floor(t), 0, qmax)
+    got = unpack(enc["codes"], bits).double()
+    tie = (t - t.round()).abs() < 1e-4
+    assert torch.equal(got[~tie], code[~tie]) and ((got - code).abs() <= 1).all()
+    y = codec.decode(enc, "key", torch.float32).double()
+    assert torch.equal(y, (got - qmax / 2) * scale)
+    inside = xd.abs() <= qmax / 2 * scale
+    assert ((y - xd).abs()[inside] <= (0.5 + 1e-3) * scale.expand_as(xd)[inside]).all()
+    assert (y[0, 0] == 0).all()
+
+
+def test_three_bit_packing_counted_by_hand(gen):
+    """3 bits: the low two bits packed as 2-bit codes (element e at bit 2 (e // 16) of byte
+    e % 16 for 64 elements), then the high bit as 1-bit codes (bit e // 8 of byte 16 + e % 8)."""
+    from kvplug.quant import pack
+
+    codes = torch.randint(0, 8, (5, 64), generator=gen, dtype=torch.uint8)
+    packed = pack(codes, 3)
+    assert packed.shape == (5, 24)
+    for r in range(5):
+        for e in range(64):
+            low = (int(packed[r, e % 16]) >> (2 * (e // 16))) & 3
+            high = (int(packed[r, 16 + e % 8]) >> (e // 8)) & 1
+            assert low | high << 2 == int(codes[r, e])
+    assert torch.equal(unpack(packed, 3), codes)
+
+
 def test_clip_lowers_two_bit_error_on_gaussian_heads(gen):
     """On Gaussian heads of 64 (what a rotation makes of a head), min-max 2-bit codes put the
     step at ~1.6 sigma where ~1 sigma is optimal: clip=0.7 cuts the squared error by over a
@@ -130,8 +174,10 @@ def test_mixed_stores_each_role_at_its_width(key, value, rotate, gen):
         bound = step * (0.5 + 2**bits * 2**-10) + r.abs().amax(-1, keepdim=True) * 2**-10 + 1e-5
         assert ((y - x.double()).norm(dim=-1) <= bound.squeeze(-1) * 64**0.5).all(), role
     assert codec.bytes_per_token(64) == (64 * key / 8 + 4) + (64 * value / 8 + 4)
+    with pytest.raises(SpecError, match=r"mixed: value=3 is out of range; allowed: 8 \| 4 \| 2"):
+        Mixed(value=3)  # 3 bits is a key width
     with pytest.raises(SpecError, match="allowed"):
-        Mixed(key=3)
+        Mixed(key=5)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -191,7 +237,8 @@ def test_fp8_relative_error(gen):
     assert ((y - x.float()).abs() <= x.float().abs() * 2**-3 + amax * 2**-9 + 1e-6).all()
 
 
-@pytest.mark.parametrize("codec", [Int8(), Int4(), Int2(), Kivi(bits=2, group=16, residual=0), Fp8(), Mixed()])
+@pytest.mark.parametrize("codec", [Int8(), Int4(), Int2(), Kivi(bits=2, group=16, residual=0), Fp8(), Mixed(),
+                                   Int3(symmetric=True), Mixed(key=3, value=2, symmetric=True)])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e5])
 def test_non_finite_and_out_of_range_refused(codec, bad, gen):
     x = torch.randn(1, 16, 64, generator=gen)
@@ -202,7 +249,8 @@ def test_non_finite_and_out_of_range_refused(codec, bad, gen):
 
 @pytest.mark.parametrize("spec", ["none", "int8", "int4", "int2", "int4(group=32)", "fp8",
                                   "kivi(bits=2, group=32, residual=0)", "kivi(bits=4, group=64, residual=0)",
-                                  "mixed", "mixed(key=4, value=2, rotate=true)"])
+                                  "mixed", "mixed(key=4, value=2, rotate=true)", "int3", "int2(symmetric=true)",
+                                  "int4(group=32, symmetric=true)", "mixed(key=3, value=2, symmetric=true)"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_bytes_per_token_is_what_encode_produces(spec, head_dim, gen):
     codec = parse(spec).codec

@@ -369,7 +369,9 @@ def test_clear_errors():
 @pytest.mark.parametrize("spec", ["none", "int8", "int4", "streaming(sinks=2, window=20)+int4",
                                   "snapkv(budget=20, window=4)+int8", "int4(rotate=true)", "mixed",
                                   "snapkv(budget=20, window=4)+mixed(rotate=true)",
-                                  "int4(rotate=true, clip=0.8)", "mixed(key_clip=0.9, value_clip=0.7)"])
+                                  "int4(rotate=true, clip=0.8)", "mixed(key_clip=0.9, value_clip=0.7)",
+                                  "mixed(key=3, value=2, symmetric=true, rotate=true, key_clip=0.85)",
+                                  "int2(symmetric=true)"])
 def test_paged_layout_matches_slot_store(spec, gen, monkeypatch):
     """The paged layout the Triton kernels read (here through their PyTorch references) gives the
     logits of the plain slot store, within bfloat16 rounding, and holds the same bytes; its blocks
@@ -380,7 +382,9 @@ def test_paged_layout_matches_slot_store(spec, gen, monkeypatch):
     allocate = PagedLayout.allocate
     monkeypatch.setattr(PagedLayout, "allocate", lambda self, n, device="cpu": allocate(self, n, device).view(
         torch.uint8).fill_(255).view(self.storage_dtype))
-    model = tiny().to(torch.bfloat16)
+    head_dim = 64 if "int2" in spec or "value=2" in spec else 32  # 2-bit codes fill the kernels' 16-byte chunks from head_dim 64
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SMALL, num_key_value_heads=2, head_dim=head_dim)).to(torch.bfloat16)
     ids, _ = prompts(gen, length=64)
     mask = torch.ones_like(ids)
     mask[1, :7] = 0
@@ -396,7 +400,7 @@ def test_paged_layout_matches_slot_store(spec, gen, monkeypatch):
     assert type(caches[1].layers[0].slots).__name__ == "PagedStore"
     assert (logits[0] - logits[1]).norm() / logits[0].norm() < 2e-2
     # the same tokens; both hold every head and row up to the longest, the paged one in 16-token blocks
-    per_token = parse(spec).bytes_per_token(32, dtype_bytes=2)
+    per_token = parse(spec).bytes_per_token(head_dim, dtype_bytes=2)
     for cache, block in ((caches[0], 1), (caches[1], 16)):
         expect = sum(per_token * c.numel() * (-(-int(c.max()) // block) * block)
                      for c in (layer.slots.counts for layer in cache.layers))

@@ -16,9 +16,10 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def layout_of(bits, bs, h, d, dtype=torch.float16, clips=(1.0, 1.0)):
-    """``bits``: one width for K and V, or ``(key bits, value bits)``; ``clips``: (key, value)."""
-    kb, vb = bits if isinstance(bits, tuple) else (bits, bits)
-    return PagedLayout(bs, h, d, kb, dtype, None if vb == kb else vb, False, *clips)
+    """``bits``: one width for K and V, ``(key bits, value bits)``, or ``(key bits, value bits,
+    "sym")`` for the symmetric (scale-only) format; ``clips``: (key, value)."""
+    kb, vb, *sym = bits if isinstance(bits, tuple) else (bits, bits)
+    return PagedLayout(bs, h, d, kb, dtype, None if vb == kb else vb, False, *clips, symmetric=bool(sym))
 
 
 def poisoned_cache(layout, num_blocks, gen):
@@ -57,6 +58,11 @@ def _inputs(t, h, d, dtype, gen):
     (4, 128, 32, 3, torch.float16, True, (0.9, 1.0)),
     ((4, 2), 64, 16, 2, torch.float16, True, (1.0, 0.6)),
     ((8, 2), 128, 16, 2, torch.bfloat16, False, (0.97, 0.8)),
+    ((3, 2, "sym"), 64, 16, 2, torch.float16, True, (0.85, 1.0)),
+    ((3, 4), 128, 32, 3, torch.bfloat16, False, (1.0, 1.0)),
+    ((3, 8), 64, 16, 2, torch.float16, True, (0.9, 1.0)),
+    ((8, 2, "sym"), 64, 16, 2, torch.bfloat16, True, (1.0, 0.8)),
+    ((4, 4, "sym"), 128, 16, 2, torch.float16, False, (1.0, 1.0)),
 ])
 def test_store_matches_core_codec(bits, d, bs, h, dtype, per_head, clips, gen):
     """Plain and clipped (``clips``: keys, values) formats: the kernel's bytes are the core codec's."""
@@ -76,10 +82,45 @@ def test_store_matches_core_codec(bits, d, bs, h, dtype, per_head, clips, gen):
     store_kv_reference(k, v, ref, slots, layout)
     # whole tensor: written slots bit-exact, every other byte (the poison) untouched
     assert torch.equal(cache.view(torch.uint8), ref.view(torch.uint8))
-    if clips != (1.0, 1.0):  # the clip reached the kernel: min-max bytes differ
+    if clips != (1.0, 1.0):  # the clip reached the kernel: unclipped bytes differ
         plain = poisoned_cache(layout_of(bits, bs, h, d, dtype), nb, gen)
         store_kv(k, v, plain, slots, layout_of(bits, bs, h, d, dtype))
         assert not torch.equal(plain.view(torch.uint8), cache.view(torch.uint8))
+
+
+def test_three_bit_keys_and_symmetric_scales_sit_where_the_layout_says(gen):
+    """``mixed(key=3, value=2, symmetric=true)`` counted by hand at head_dim 64, block 16: per
+    head a K row of 16 x 24 code bytes (16 bytes of low bits, then 8 of high bits) and 16 float16
+    scales, then a V row of 16 x 16 code bytes and 16 scales; element e of a key: low bits at bit
+    2 (e // 16) of byte e % 16, high bit at bit e // 8 of byte 16 + e % 8; its value
+    ``(code - 3.5) * scale`` from the bytes read back, within half a step of the input."""
+    bs, h, d, nb = 16, 2, 64, 3
+    layout = layout_of((3, 2, "sym"), bs, h, d)
+    assert layout.bytes_per_token() == h * ((24 + 2) + (16 + 2))
+    cache = poisoned_cache(layout, nb, gen)
+    k, v = _inputs(7, h, d, torch.float16, gen)
+    slots = torch.randperm(nb * bs, generator=gen)[:7].to(DEV)
+    store_kv(k, v, cache, slots, layout)
+    flat = cache.view(-1).cpu().long()
+    rk, rv = bs * 26, bs * 18
+    for t, slot in enumerate(slots.tolist()):
+        b, o = divmod(slot, bs)
+        for head in range(h):
+            row = (b * h + head) * (rk + rv)
+            code = flat[row + o * 24:row + (o + 1) * 24]
+            scale = flat[row + bs * 24 + 2 * o:row + bs * 24 + 2 * o + 2].to(torch.uint8).view(torch.float16).double()
+            x = k[t, head].cpu().double()
+            for e in range(d):
+                c = ((code[e % 16] >> (2 * (e // 16))) & 3) | (((code[16 + e % 8] >> (e // 8)) & 1) << 2)
+                want = min(7, max(0, int(torch.floor(x[e] / scale + 3.5 + 0.5))))
+                assert int(c) == want or abs(float(x[e] / scale + 4.0) - round(float(x[e] / scale + 4.0))) < 1e-3
+                assert abs(float((c - 3.5) * scale) - float(x[e])) <= 0.5 * float(scale) + 1e-3 * float(x.abs().max())
+            vcode = flat[row + rk + o * 16:row + rk + (o + 1) * 16]
+            vscale = flat[row + rk + bs * 16 + 2 * o:row + rk + bs * 16 + 2 * o + 2].to(torch.uint8).view(torch.float16)
+            xv = v[t, head].cpu().double()
+            for e in range(d):
+                c = (vcode[e % 16] >> (2 * (e // 16))) & 3
+                assert abs(float((c - 1.5) * vscale.double()) - float(xv[e])) <= 0.5 * float(vscale) * 1.001 + 1e-6
 
 
 @pytest.mark.parametrize("kbits, vbits", [(8, 4), (4, 2)])
@@ -150,7 +191,7 @@ def test_layout_sizes():
     assert (clipped.key_clip, clipped.value_clip) == (0.9, 0.6)
     assert clipped.bytes_per_token() == PagedLayout.for_codec("mixed(key=4, value=2)", 16, 8, 64).bytes_per_token()
     assert PagedLayout.for_codec("int2(clip=0.7)", 16, 8, 64).role_clip(1) == 0.7
-    with pytest.raises(ValueError, match="clip applies to quantized layouts only"):
+    with pytest.raises(ValueError, match="clip and symmetric apply to quantized layouts only"):
         PagedLayout(16, 8, 128, 16, key_clip=0.5)
     with pytest.raises(ValueError, match=r"value_clip=0.0 must be in \(0, 1\]"):
         PagedLayout(16, 8, 128, 4, value_clip=0.0)

@@ -36,7 +36,8 @@ def _batch(bits, d, bs, hkv, g, ctx, qlen, gen, dtype=torch.float16):
     return layout, cache, bt, q, qsl, torch.tensor(lens, dtype=torch.int32, device=DEV)
 
 
-@pytest.mark.parametrize("bits,g", [(16, 4), (8, 1), (4, 4), (4, 8), (2, 4), ((8, 4), 4), ((4, 2), 1)])
+@pytest.mark.parametrize("bits,g", [(16, 4), (8, 1), (4, 4), (4, 8), (2, 4), ((8, 4), 4), ((4, 2), 1),
+                                    ((3, 2, "sym"), 4), ((3, 8), 1)])
 def test_mixed_batch_matches_the_float64_loop(bits, g, gen):
     """Decode rows (1 token), a fresh prompt, chunks after a context that ends inside a block,
     one longer than a query tile, in one launch; unused slots are NaN."""
@@ -87,7 +88,8 @@ def test_bad_shapes_are_one_line_errors(gen):
 
 
 @pytest.mark.parametrize("bits,dtype", [(16, torch.bfloat16), (8, torch.float16), (4, torch.bfloat16),
-                                        (2, torch.float16), ((8, 4), torch.bfloat16), ((2, 4), torch.float16)])
+                                        (2, torch.float16), ((8, 4), torch.bfloat16), ((2, 4), torch.float16),
+                                        ((3, 2, "sym"), torch.float16), ((3, 4), torch.bfloat16)])
 def test_dequantize_kv_packs_what_the_cache_holds(bits, dtype, gen):
     """Sequences of 1, 0, 40 (ending mid-block) and 70 tokens in shuffled blocks of a poisoned
     cache, packed at cu_seqlens: each value within one rounding (to ``dtype``) of the float64

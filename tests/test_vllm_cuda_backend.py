@@ -87,7 +87,8 @@ def _step_inputs(reqs, lengths, tables, gen):
 
 
 @pytest.mark.parametrize("spec", ["int8", "int4", "int2", "int4(rotate=true)", "mixed",
-                                  "mixed(key=4, value=2, rotate=true)"])
+                                  "mixed(key=4, value=2, rotate=true)",
+                                  "mixed(key=3, value=2, symmetric=true, rotate=true, key_clip=0.85)"])
 def test_forward_mixed_batches_match_float32_reference(cb, spec, gen):
     """Decode rows against float32 attention over each request's K/V as the core codec returns
     them (encode, decode: its own rotation, its own widths), prefills against SDPA over their raw
@@ -151,7 +152,8 @@ def test_forward_mixed_batches_match_float32_reference(cb, spec, gen):
             assert torch.equal(a[slots // BS, :, slots % BS], b[slots // BS, :, slots % BS])
 
 
-@pytest.mark.parametrize("spec", ["int8", "int4", "int2", "mixed(key=4, value=2)", "mixed(rotate=true)"])
+@pytest.mark.parametrize("spec", ["int8", "int4", "int2", "mixed(key=4, value=2)", "mixed(rotate=true)",
+                                  "mixed(key=3, value=2, symmetric=true)"])
 def test_compressed_prefill_serves_chunks_and_cached_context(cb, spec, gen):
     """kvplug_prefill=compressed: a prompt in chunks (its second chunk after 7 cached tokens, a
     context ending inside a block), a prefix-cache-like hit (a fresh request whose first step

@@ -75,7 +75,8 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, slot_mapping
         k, v, slot_mapping, cache, meta,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), st, sh,
         *layout.strides(), *_clips(layout), H=h, H_PAD=_pow2(h), D=d, BS=layout.block_size, **_widths(layout),
-        KCENTRED=layout.key_clip != 1.0, VCENTRED=layout.value_clip != 1.0,
+        KCENTRED=layout.key_clip != 1.0 and not layout.symmetric,
+        VCENTRED=layout.value_clip != 1.0 and not layout.symmetric,
         num_warps=4 if h * d >= 1024 else 2)
 
 
@@ -85,16 +86,25 @@ def _clips(layout: PagedLayout) -> tuple[float, float, float, float]:
     centre is unused, passed as 1)."""
     out = []
     for role in (0, 1):
-        bits = layout.role_bits(role)
-        span, centre = quant.clip_constants(bits, layout.role_clip(role)) if bits != 16 else (1.0, 1.0)
+        bits, clip = layout.role_bits(role), layout.role_clip(role)
+        if bits == 16:
+            span, centre = 1.0, 1.0
+        elif layout.symmetric:
+            span, centre = quant.symmetric_span(bits, clip), 1.0
+        else:
+            span, centre = quant.clip_constants(bits, clip)
         out += [span, centre if centre != float("inf") else 1.0]
     return tuple(out)
 
 
 def _widths(layout: PagedLayout) -> dict:
-    """The kernels' per-role constants: bits and code bytes of keys and values (16 bits: head_dim)."""
+    """The kernels' per-role constants: bits and code bytes of keys and values (16 bits: head_dim);
+    KPW, the elements of one plane of keys (their code bytes, or head_dim / 4 for 3-bit keys,
+    whose 2-bit part holds four planes); META, float16 metadata per token and role (2: scale and
+    zero, 1: the symmetric format's scale)."""
     kcb, vcb = (layout.role_code_bytes(r) if layout.quantized else layout.head_dim for r in (0, 1))
-    return dict(KBITS=layout.bits, KCB=kcb, VBITS=layout.vbits, VCB=vcb)
+    kpw = layout.head_dim // 4 if layout.bits == 3 else kcb
+    return dict(KBITS=layout.bits, KCB=kcb, VBITS=layout.vbits, VCB=vcb, KPW=kpw, META=max(1, layout.meta_bytes // 2))
 
 
 def default_num_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int,
@@ -112,7 +122,8 @@ def default_num_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int
 #: (docs/BENCHMARKS.md): (block_n, num_warps, num_stages, maxnreg, programs per SM that the default
 #: splits aim at: about what fits at once, 128 registers and 10-19 KB of shared memory a one-warp
 #: program; fp16 as measured on the H100, four programs per SM).
-DECODE_TUNING = {16: (64, 4, 2, None, 4), 8: (32, 1, 2, 128, 8), 4: (32, 1, 2, 128, 16), 2: (32, 1, 2, 128, 16)}
+DECODE_TUNING = {16: (64, 4, 2, None, 4), 8: (32, 1, 2, 128, 8), 4: (32, 1, 2, 128, 16), 3: (32, 1, 2, 128, 16),
+                 2: (32, 1, 2, 128, 16)}
 
 
 def decode_attention(q: torch.Tensor, cache: torch.Tensor, layout: PagedLayout,

@@ -21,13 +21,24 @@ import triton.language as tl
 
 
 @triton.jit
+def _pack_plane(q, H_PAD: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr):
+    """int32 codes ``[H_PAD, N]`` of BITS -> their planar bytes ``[H_PAD, N * BITS / 8]`` (int32)."""
+    P: tl.constexpr = 8 // BITS
+    q3 = tl.reshape(q, [H_PAD, P, N // P])
+    shifts = tl.arange(0, P) * BITS
+    return tl.sum(q3 << shifts[None, :, None], axis=1)
+
+
+@triton.jit
 def _quantize_store(x_ptr, stride_xt, stride_xh, t, offs_h, offs_d, ok, base, off, cache_ptr, meta_ptr,
                     meta_base, span, centre, BITS: tl.constexpr, D: tl.constexpr, CB: tl.constexpr,
-                    H_PAD: tl.constexpr, CENTRED: tl.constexpr):
-    """Quantize one role's heads of token ``t`` and write codes and (scale, zero): ``span`` and
+                    H_PAD: tl.constexpr, CENTRED: tl.constexpr, META: tl.constexpr):
+    """Quantize one role's heads of token ``t`` and write codes and metadata: ``span`` and
     ``centre`` are :func:`kvplug.quant.clip_constants` (``span = 2**BITS - 1`` and not CENTRED
-    for the plain min-max format); divisions only, so no multiply-add is fused and the bytes
-    equal the core codec's."""
+    for the plain min-max format); META = 1: the symmetric format (a scale alone, ``span`` of
+    :func:`kvplug.quant.symmetric_span`). Divisions only, so no multiply-add is fused and the
+    bytes equal the core codec's. 3 bits: the 2-bit packing of the low bits, then the 1-bit
+    packing of the high bit."""
     x = tl.load(x_ptr + t * stride_xt + offs_h[:, None] * stride_xh + offs_d[None, :],
                 mask=ok[:, None], other=0.0)
     if BITS == 16:
@@ -36,32 +47,40 @@ def _quantize_store(x_ptr, stride_xt, stride_xh, t, offs_h, offs_d, ok, base, of
     else:
         QMAX: tl.constexpr = (1 << BITS) - 1
         xf = x.to(tl.float32)
-        lo = tl.min(xf, axis=1)
-        hi = tl.max(xf, axis=1)
-        r = hi - lo
-        scale = tl.math.div_rn(r, tl.zeros(lo.shape, tl.float32) + span).to(tl.float16)
-        scale = tl.where(scale == 0, 1.0, scale).to(tl.float16)
-        if CENTRED:
-            zero = (lo + tl.math.div_rn(r, tl.zeros(lo.shape, tl.float32) + centre)).to(tl.float16)
+        if META == 1:
+            m = tl.max(tl.abs(xf), axis=1)
+            scale = tl.math.div_rn(m, tl.zeros(m.shape, tl.float32) + span).to(tl.float16)
+            zero32 = scale.to(tl.float32) * (-QMAX / 2)          # exact: an 11-bit scale times (2^b - 1)/2
+            div = tl.where(scale == 0, 1.0, scale).to(tl.float16)
         else:
-            zero = lo.to(tl.float16)
-        q = tl.math.div_rn(xf - zero.to(tl.float32)[:, None],
-                           tl.broadcast_to(scale.to(tl.float32)[:, None], xf.shape))
+            lo = tl.min(xf, axis=1)
+            hi = tl.max(xf, axis=1)
+            r = hi - lo
+            scale = tl.math.div_rn(r, tl.zeros(lo.shape, tl.float32) + span).to(tl.float16)
+            scale = tl.where(scale == 0, 1.0, scale).to(tl.float16)
+            if CENTRED:
+                zero = (lo + tl.math.div_rn(r, tl.zeros(lo.shape, tl.float32) + centre)).to(tl.float16)
+            else:
+                zero = lo.to(tl.float16)
+            zero32 = zero.to(tl.float32)
+            div = scale
+        q = tl.math.div_rn(xf - zero32[:, None], tl.broadcast_to(div.to(tl.float32)[:, None], xf.shape))
         q = tl.floor(q + 0.5)
         q = tl.minimum(tl.maximum(q, 0.0), QMAX).to(tl.int32)
+        at = cache_ptr + base[:, None] + off[:, None] * CB
         if BITS == 8:
-            packed = q
+            tl.store(at + tl.arange(0, CB)[None, :], q.to(tl.uint8), mask=ok[:, None])
+        elif BITS == 3:
+            LO: tl.constexpr = D // 4
+            tl.store(at + tl.arange(0, LO)[None, :], _pack_plane(q & 3, H_PAD, D, 2).to(tl.uint8), mask=ok[:, None])
+            tl.store(at + LO + tl.arange(0, D // 8)[None, :], _pack_plane(q >> 2, H_PAD, D, 1).to(tl.uint8),
+                     mask=ok[:, None])
         else:
-            P: tl.constexpr = 8 // BITS
-            q3 = tl.reshape(q, [H_PAD, P, CB])
-            shifts = tl.arange(0, P) * BITS
-            packed = tl.sum(q3 << shifts[None, :, None], axis=1)
-        offs_c = tl.arange(0, CB)
-        tl.store(cache_ptr + base[:, None] + off[:, None] * CB + offs_c[None, :],
-                 packed.to(tl.uint8), mask=ok[:, None])
-        mp = meta_ptr + meta_base + off * 2
+            tl.store(at + tl.arange(0, CB)[None, :], _pack_plane(q, H_PAD, D, BITS).to(tl.uint8), mask=ok[:, None])
+        mp = meta_ptr + meta_base + off * META
         tl.store(mp, scale, mask=ok)
-        tl.store(mp + 1, zero, mask=ok)
+        if META == 2:
+            tl.store(mp + 1, zero, mask=ok)
 
 
 @triton.jit
@@ -70,7 +89,7 @@ def _store_kernel(k_ptr, v_ptr, slot_ptr, cache_ptr, meta_ptr,
                   stride_cblk, stride_ckv, stride_ch, kspan, kcentre, vspan, vcentre,
                   H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                   KBITS: tl.constexpr, KCB: tl.constexpr, VBITS: tl.constexpr, VCB: tl.constexpr,
-                  KCENTRED: tl.constexpr, VCENTRED: tl.constexpr):
+                  KPW: tl.constexpr, META: tl.constexpr, KCENTRED: tl.constexpr, VCENTRED: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     offs_h = tl.arange(0, H_PAD)
     offs_d = tl.arange(0, D)
@@ -82,10 +101,10 @@ def _store_kernel(k_ptr, v_ptr, slot_ptr, cache_ptr, meta_ptr,
     off = slot % BS
     base = blk * stride_cblk + offs_h * stride_ch          # storage elements (bytes if quantized)
     _quantize_store(k_ptr, stride_kt, stride_kh, t, offs_h, offs_d, ok, base, off, cache_ptr, meta_ptr,
-                    base // 2 + (BS * KCB) // 2, kspan, kcentre, KBITS, D, KCB, H_PAD, KCENTRED)  # metadata: float16
+                    base // 2 + (BS * KCB) // 2, kspan, kcentre, KBITS, D, KCB, H_PAD, KCENTRED, META)  # float16
     _quantize_store(v_ptr, stride_vt, stride_vh, t, offs_h, offs_d, ok, base + stride_ckv, off, cache_ptr,
                     meta_ptr, (base + stride_ckv) // 2 + (BS * VCB) // 2, vspan, vcentre, VBITS, D, VCB, H_PAD,
-                    VCENTRED)
+                    VCENTRED, META)
 
 
 @triton.jit
@@ -313,21 +332,72 @@ def _planes(x, BITS: tl.constexpr, ASM: tl.constexpr, PURE: tl.constexpr):
 
 
 @triton.jit
+def _high_bits(hx, J: tl.constexpr, KPW: tl.constexpr):
+    """Plane J of 3-bit keys' high bits as float16 ``1024 + b``: ``hx`` ``[N, KPW]`` holds, in
+    column i, the high-bit byte ``i % (KPW / 2)`` (the 1-bit packing of head_dim elements: element
+    ``e`` at bit ``e // (head_dim / 8)`` of byte ``e % (head_dim / 8)``), so plane J's element i
+    is at bit ``2J + (i >= KPW / 2)``."""
+    t = 2 * J + (tl.arange(0, KPW) >= KPW // 2).to(tl.int32)
+    return (((hx.to(tl.int32) >> t[None, :]) & 1) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _meta(meta_ptr, row, off, nmask, BS: tl.constexpr, CB: tl.constexpr, BITS: tl.constexpr,
+          META: tl.constexpr):
+    """float32 (scale, zero) of each token of a tile, ``row`` its role's row in bytes; META = 1:
+    the symmetric format's scale, its zero ``-(2^BITS - 1) / 2 * scale``."""
+    if META == 1:
+        sc = tl.load(meta_ptr + row // 2 + (BS * CB) // 2 + off, mask=nmask, other=0.0).to(tl.float32)
+        return sc, sc * (-((1 << BITS) - 1) / 2)
+    else:
+        mp = meta_ptr + (row // 2 + (BS * CB) // 2 + off * 2)[:, None] + tl.arange(0, 2)[None, :]
+        return tl.split(tl.load(mp, mask=nmask[:, None], other=0.0).to(tl.float32))
+
+
+@triton.jit
 def _quant_tile(cache_ptr, meta_ptr, row, off, nmask, stride_ckv, offs_kc, offs_vc, BS: tl.constexpr,
-                KCB: tl.constexpr, VCB: tl.constexpr, KBITS: tl.constexpr, ASM: tl.constexpr):
-    """One tile of a quantized cache: K's planes (``1024 + 2^(j*KBITS) c``, float16), V's raw code
-    bytes (unpacked where they are used) and the float32 (scale, zero) of K and V, per token.
+                KCB: tl.constexpr, VCB: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
+                KPW: tl.constexpr, META: tl.constexpr, ASM: tl.constexpr):
+    """One tile of a quantized cache: K's planes (``1024 + 2^(j*KBITS) c``, float16; 3-bit keys:
+    the four planes of their 2-bit part, then the four of their high bits, ``1024 + b``), V's raw
+    code bytes (unpacked where they are used) and the float32 (scale, zero) of K and V, per token.
     ``row``: each token's (block, head) K row in bytes (its V row ``stride_ckv`` further), ``off``
-    its offset in the block."""
-    kx = tl.load(cache_ptr + (row + off * KCB)[:, None] + offs_kc[None, :], mask=nmask[:, None], other=0)
+    its offset in the block; ``offs_kc``: ``arange(KPW)``."""
+    kat = cache_ptr + (row + off * KCB)[:, None]
+    kx = tl.load(kat + offs_kc[None, :], mask=nmask[:, None], other=0)
     vrow = row + stride_ckv
     vx = tl.load(cache_ptr + (vrow + off * VCB)[:, None] + offs_vc[None, :], mask=nmask[:, None], other=0)
-    two = tl.arange(0, 2)[None, :]
-    kmp = meta_ptr + (row // 2 + (BS * KCB) // 2 + off * 2)[:, None] + two
-    ks, kz = tl.split(tl.load(kmp, mask=nmask[:, None], other=0.0).to(tl.float32))
-    vmp = meta_ptr + (vrow // 2 + (BS * VCB) // 2 + off * 2)[:, None] + two
-    vs, vz = tl.split(tl.load(vmp, mask=nmask[:, None], other=0.0).to(tl.float32))
-    return _planes(kx, KBITS, ASM, True), vx, ks, kz, vs, vz
+    ks, kz = _meta(meta_ptr, row, off, nmask, BS, KCB, KBITS, META)
+    vs, vz = _meta(meta_ptr, vrow, off, nmask, BS, VCB, VBITS, META)
+    if KBITS == 3:
+        hx = tl.load(kat + KPW + (offs_kc % (KPW // 2))[None, :], mask=nmask[:, None], other=0)
+        kpl = _planes(kx, 2, ASM, True)
+        kpl = kpl + (_high_bits(hx, 0, KPW), _high_bits(hx, 1, KPW), _high_bits(hx, 2, KPW), _high_bits(hx, 3, KPW))
+    else:
+        kpl = _planes(kx, KBITS, ASM, True)
+    return kpl, vx, ks, kz, vs, vz
+
+
+@triton.jit
+def _key_queries(q_ptrs, qmask, sm_scale, qsum, AXIS: tl.constexpr, KBITS: tl.constexpr, KPW: tl.constexpr):
+    """q's planes for the key planes of :func:`_quant_tile`, times the softmax scale and log2(e),
+    float16 (plane j of KPW elements at ``q_ptrs + j * KPW``; ``qmask`` broadcast against it),
+    each divided by its key plane's power of two (3-bit keys: the high-bit planes times 4);
+    and ``qsum`` (zeros) plus ``sum(q)`` in float32, reduced over AXIS (the head_dim axis of ``q_ptrs``)."""
+    LB: tl.constexpr = 2 if KBITS == 3 else KBITS
+    NP: tl.constexpr = 8 // LB
+    qs = ()
+    raw = ()
+    for j in tl.static_range(NP):
+        qj = (tl.load(q_ptrs + j * KPW, mask=qmask, other=0.0).to(tl.float32)
+              * (sm_scale * 1.4426950408889634)).to(tl.float16)
+        qsum += tl.sum(qj.to(tl.float32), axis=AXIS)
+        qs = qs + ((qj.to(tl.float32) * (1.0 / (1 << (j * LB)))).to(tl.float16),)
+        raw = raw + (qj,)
+    if KBITS == 3:
+        for j in tl.static_range(NP):
+            qs = qs + ((raw[j].to(tl.float32) * 4.0).to(tl.float16),)
+    return qs, qsum
 
 
 @triton.jit
@@ -337,7 +407,7 @@ def _decode_planes_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, lens_ptr, held_ptr
                           stride_hb, stride_hh, stride_cblk, stride_ckv, stride_ch, lg_ptr, lg_w, stride_lgb,
                           HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                           BS: tl.constexpr, KBITS: tl.constexpr, KCB: tl.constexpr, VBITS: tl.constexpr,
-                          VCB: tl.constexpr, BLOCK_N: tl.constexpr,
+                          VCB: tl.constexpr, KPW: tl.constexpr, META: tl.constexpr, BLOCK_N: tl.constexpr,
                           SPLIT: tl.constexpr, HELD: tl.constexpr, ASM: tl.constexpr, LOGITS: tl.constexpr):
     """Decode attention over an int8/int4/int2 paged cache, transposed, one plane of codes at a time.
     Keys at KBITS (KCB code bytes per token), values at VBITS (VCB); below, BITS and CB stand for
@@ -360,7 +430,7 @@ def _decode_planes_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, lens_ptr, held_ptr
     (``test_decode_long_diffuse_context``). With LOGITS each held token's logit goes to ``lg_ptr``
     (:func:`_store_logits`).
     """
-    KNP: tl.constexpr = 8 // KBITS
+    KNP: tl.constexpr = 8 if KBITS == 3 else 8 // KBITS      # key planes (3 bits: 4 low + 4 high)
     VNP: tl.constexpr = 8 // VBITS
     C0: tl.constexpr = 1 << (VBITS - 1)
     b, h, split, start, end, first, n_front, recent = _span(lens_ptr, held_ptr, num_splits, stride_lb, stride_lh,
@@ -368,17 +438,11 @@ def _decode_planes_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, lens_ptr, held_ptr
     offs_g = tl.arange(0, G_PAD)
     gmask = offs_g < G
     qh = h * G + offs_g
-    offs_kc = tl.arange(0, KCB)
+    offs_kc = tl.arange(0, KPW)
     offs_vc = tl.arange(0, VCB)
-    # q^T, plane by plane: [KCB, G_PAD]
+    # q^T, plane by plane: [KPW, G_PAD]
     q_col = q_ptr + b.to(tl.int64) * stride_qb + qh[None, :] * stride_qh + offs_kc[:, None]
-    qsum = tl.zeros([G_PAD], tl.float32)
-    qs = ()
-    for j in tl.static_range(KNP):
-        qj = (tl.load(q_col + j * KCB, mask=gmask[None, :], other=0.0).to(tl.float32)
-              * (sm_scale * 1.4426950408889634)).to(tl.float16)
-        qsum += tl.sum(qj.to(tl.float32), axis=0)
-        qs = qs + ((qj.to(tl.float32) * (1.0 / (1 << (j * KBITS)))).to(tl.float16),)
+    qs, qsum = _key_queries(q_col, gmask[None, :], sm_scale, tl.zeros([G_PAD], tl.float32), 0, KBITS, KPW)
     accs = ()
     for j in tl.static_range(VNP):
         accs = accs + (tl.zeros([VCB, G_PAD], tl.float32),)
@@ -390,7 +454,7 @@ def _decode_planes_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, lens_ptr, held_ptr
     for n0 in range(start, end, BLOCK_N):
         nmask, row, off = _tile_rows(n0, end, bt_row, head_off, first, n_front, recent, stride_cblk, BS, BLOCK_N, HELD)
         kpl, vx, ks, kz, vs, vz = _quant_tile(cache_ptr, meta_ptr, row, off, nmask, stride_ckv, offs_kc, offs_vc, BS,
-                                              KCB, VCB, KBITS, ASM)
+                                              KCB, VCB, KBITS, VBITS, KPW, META, ASM)
         s = tl.zeros([BLOCK_N, G_PAD], tl.float32)
         for j in tl.static_range(KNP):
             s = tl.dot(kpl[j] - 1024.0, qs[j], s)
@@ -422,8 +486,8 @@ def _decode_planes_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, lens_ptr, held_ptr
 def _varlen_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, qsl_ptr, lens_ptr, out_ptr, sm_scale,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_btb, stride_cblk, stride_ckv, stride_ch,
                    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, KBITS: tl.constexpr,
-                   KCB: tl.constexpr, VBITS: tl.constexpr, VCB: tl.constexpr, BLOCK_Q: tl.constexpr,
-                   BLOCK_N: tl.constexpr, ASM: tl.constexpr):
+                   KCB: tl.constexpr, VBITS: tl.constexpr, VCB: tl.constexpr, KPW: tl.constexpr,
+                   META: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
     """Causal attention of a varlen batch (decode rows and prefill chunks mixed) over a paged cache.
 
     Grid ``(num_seqs * HKV, query tiles)``: a program takes BLOCK_Q query tokens of one sequence and
@@ -436,7 +500,7 @@ def _varlen_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, qsl_ptr, lens_ptr, out_pt
     cache of codec none (KCB = VCB = D). No splits: a program loops over its whole causal range.
     """
     QUANT: tl.constexpr = KBITS != 16
-    KNP: tl.constexpr = 8 // KBITS if QUANT else 1
+    KNP: tl.constexpr = (8 if KBITS == 3 else 8 // KBITS) if QUANT else 1
     VNP: tl.constexpr = 8 // VBITS if QUANT else 1
     M: tl.constexpr = BLOCK_Q * G
     pid = tl.program_id(0)
@@ -454,18 +518,14 @@ def _varlen_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, qsl_ptr, lens_ptr, out_pt
     rmask = tok < q_len
     pos = ctx + tok                                      # its position
     qh = h * G + offs_r % G
-    offs_kc = tl.arange(0, KCB)
+    offs_kc = tl.arange(0, KPW)
     offs_vc = tl.arange(0, VCB)
     q_row = q_ptr + (q0 + tok).to(tl.int64)[:, None] * stride_qt + qh[:, None] * stride_qh + offs_kc[None, :]
-    qsum = tl.zeros([M], tl.float32)
-    qs = ()
-    for j in tl.static_range(KNP):
-        qj = (tl.load(q_row + j * KCB, mask=rmask[:, None], other=0.0).to(tl.float32)
-              * (sm_scale * 1.4426950408889634)).to(tl.float16)
-        qsum += tl.sum(qj.to(tl.float32), axis=1)
-        if QUANT:
-            qj = (qj.to(tl.float32) * (1.0 / (1 << (j * KBITS)))).to(tl.float16)
-        qs = qs + (qj,)
+    if QUANT:
+        qs, qsum = _key_queries(q_row, rmask[:, None], sm_scale, tl.zeros([M], tl.float32), 1, KBITS, KPW)
+    else:
+        qs = ((tl.load(q_row, mask=rmask[:, None], other=0.0).to(tl.float32)
+               * (sm_scale * 1.4426950408889634)).to(tl.float16),)
     accs = ()
     for j in tl.static_range(VNP):
         accs = accs + (tl.zeros([M, VCB], tl.float32),)
@@ -489,7 +549,7 @@ def _varlen_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, qsl_ptr, lens_ptr, out_pt
             sc = tl.dot(qs[0], tl.trans(k.to(tl.float16)))
         else:
             kpl, vx, ks, kz, vs, vz = _quant_tile(cache_ptr, meta_ptr, row, off, nmask, stride_ckv, offs_kc, offs_vc,
-                                                  BS, KCB, VCB, KBITS, ASM)
+                                                  BS, KCB, VCB, KBITS, VBITS, KPW, META, ASM)
             sc = tl.zeros([M, BLOCK_N], tl.float32)
             for j in tl.static_range(KNP):
                 sc = tl.dot(qs[j], tl.trans(kpl[j] - 1024.0), sc)
@@ -525,30 +585,35 @@ def _varlen_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, qsl_ptr, lens_ptr, out_pt
 
 @triton.jit
 def _dequant_role(cache_ptr, meta_ptr, dst, row, off, tmask, out_row, BS: tl.constexpr, D: tl.constexpr,
-                  BITS: tl.constexpr, CB: tl.constexpr):
+                  BITS: tl.constexpr, CB: tl.constexpr, META: tl.constexpr):
     """One role's tile of :func:`_dequant_kernel`: ``row`` its (block, head) row, ``CB`` its code bytes."""
     if BITS == 16:
         offs_d = tl.arange(0, D)
         x = tl.load(cache_ptr + (row + off * D)[:, None] + offs_d[None, :], mask=tmask[:, None], other=0.0)
         tl.store(dst + out_row + offs_d[None, :], x.to(dst.dtype.element_ty), mask=tmask[:, None])
     else:
-        offs_c = tl.arange(0, CB)
-        codes = tl.load(cache_ptr + (row + off * CB)[:, None] + offs_c[None, :], mask=tmask[:, None],
-                        other=0).to(tl.int32)
-        mp = meta_ptr + row // 2 + (BS * CB) // 2 + off * 2
-        scale = tl.load(mp, mask=tmask, other=0.0).to(tl.float32)
-        zero = tl.load(mp + 1, mask=tmask, other=0.0).to(tl.float32)
-        for j in tl.static_range(8 // BITS):
-            c = (codes >> (j * BITS)) & ((1 << BITS) - 1)
+        scale, zero = _meta(meta_ptr, row, off, tmask, BS, CB, BITS, META)
+        LB: tl.constexpr = 2 if BITS == 3 else BITS          # 3 bits: the 2-bit part's planes, then the high bit
+        PW: tl.constexpr = D * LB // 8
+        offs_c = tl.arange(0, PW)
+        at = cache_ptr + (row + off * CB)[:, None]
+        codes = tl.load(at + offs_c[None, :], mask=tmask[:, None], other=0).to(tl.int32)
+        if BITS == 3:
+            high = tl.load(at + PW + (offs_c % (PW // 2))[None, :], mask=tmask[:, None], other=0).to(tl.int32)
+        for j in tl.static_range(8 // LB):
+            c = (codes >> (j * LB)) & ((1 << LB) - 1)
+            if BITS == 3:
+                c = c | (((high >> (2 * j + (offs_c >= PW // 2).to(tl.int32))[None, :]) & 1) << 2)
             x = c.to(tl.float32) * scale[:, None] + zero[:, None]
-            tl.store(dst + out_row + j * CB + offs_c[None, :], x.to(dst.dtype.element_ty), mask=tmask[:, None])
+            tl.store(dst + out_row + j * PW + offs_c[None, :], x.to(dst.dtype.element_ty), mask=tmask[:, None])
 
 
 @triton.jit
 def _dequant_kernel(cache_ptr, meta_ptr, bt_ptr, lens_ptr, cu_ptr, k_ptr, v_ptr,
                     stride_btb, stride_cblk, stride_ckv, stride_ch, stride_ot, stride_oh,
                     HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, KBITS: tl.constexpr, KCB: tl.constexpr,
-                    VBITS: tl.constexpr, VCB: tl.constexpr, BLOCK_T: tl.constexpr):
+                    VBITS: tl.constexpr, VCB: tl.constexpr, KPW: tl.constexpr, META: tl.constexpr,
+                    BLOCK_T: tl.constexpr):
     """Decoded K and V of sequences' first ``seq_len`` slots, packed: sequence s's token t goes to
     row ``cu[s] + t`` of ``k``/``v`` ``[rows, HKV, D]`` (their dtype). Grid ``(num_seqs, tiles of
     BLOCK_T tokens, HKV)``. Values as the core codec decodes them, ``code * scale + zero`` in float32,
@@ -566,8 +631,8 @@ def _dequant_kernel(cache_ptr, meta_ptr, bt_ptr, lens_ptr, cu_ptr, k_ptr, v_ptr,
     row = blk * stride_cblk + h.to(tl.int64) * stride_ch
     off = offs_t % BS
     out_row = (base + offs_t).to(tl.int64)[:, None] * stride_ot + h * stride_oh
-    _dequant_role(cache_ptr, meta_ptr, k_ptr, row, off, tmask, out_row, BS, D, KBITS, KCB)
-    _dequant_role(cache_ptr, meta_ptr, v_ptr, row + stride_ckv, off, tmask, out_row, BS, D, VBITS, VCB)
+    _dequant_role(cache_ptr, meta_ptr, k_ptr, row, off, tmask, out_row, BS, D, KBITS, KCB, META)
+    _dequant_role(cache_ptr, meta_ptr, v_ptr, row + stride_ckv, off, tmask, out_row, BS, D, VBITS, VCB, META)
 
 
 @triton.jit

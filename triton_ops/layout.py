@@ -12,8 +12,10 @@ head followed by its V row::
 
 Each (block, K/V, head) row holds first the packed codes of its ``block_size`` tokens,
 ``[block_size, code_bytes]`` (``code_bytes = head_dim * bits / 8``, a multiple of 16 bytes, so a
-token's codes are whole 16-byte chunks), then their metadata ``[block_size, 2]`` float16
-(scale, zero). For 16 bits (codec ``none``) it is the model dtype::
+token's codes are whole 16-byte chunks; 3-bit keys: their 2-bit part, a multiple of 16 bytes,
+then their high bits, :func:`kvplug.quant.pack`), then their metadata ``[block_size, 2]`` float16
+(scale, zero), or ``[block_size, 1]`` (the scale) in the symmetric format (the ``+ 4`` below is
+then ``+ 2``). For 16 bits (codec ``none``) it is the model dtype::
 
     [num_blocks, 2 (K, V), num_kv_heads, block_size, head_dim]
 
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-_BITS = (16, 8, 4, 2)
+_BITS = (16, 8, 4, 3, 2)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class PagedLayout:
     rotated: bool = False
     key_clip: float = 1.0
     value_clip: float = 1.0
+    symmetric: bool = False
 
     def __post_init__(self):
         for name, bits in (("bits", self.bits), ("value_bits", self.vbits)):
@@ -65,8 +68,10 @@ class PagedLayout:
         for name, clip in (("key_clip", self.key_clip), ("value_clip", self.value_clip)):
             if not 0.0 < clip <= 1.0:
                 raise ValueError(f"PagedLayout: {name}={clip} must be in (0, 1]")
-        if self.bits == 16 and (self.key_clip, self.value_clip) != (1.0, 1.0):
-            raise ValueError("PagedLayout: clip applies to quantized layouts only")
+        if self.bits == 16 and ((self.key_clip, self.value_clip) != (1.0, 1.0) or self.symmetric):
+            raise ValueError("PagedLayout: clip and symmetric apply to quantized layouts only")
+        if self.vbits == 3:
+            raise ValueError("PagedLayout: 3 bits is a key width (the kernels read 3-bit keys, not values)")
         if self.dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"PagedLayout: dtype={self.dtype} not supported; allowed: float16, bfloat16")
         if self.block_size < 1 or self.num_kv_heads < 1:
@@ -75,7 +80,8 @@ class PagedLayout:
         if hd < 16 or hd & (hd - 1):
             raise ValueError(f"PagedLayout: head_dim={hd} must be a power of two >= 16")
         for bits in {self.bits, self.vbits} - {16}:
-            if (hd * bits // 8) % 16:
+            part = 2 if bits == 3 else bits          # 3 bits: its 2-bit part comes first
+            if (hd * part // 8) % 16:
                 raise ValueError(f"PagedLayout: head_dim={hd} at {bits} bits gives "
                                  f"{hd * bits / 8:g} code bytes, not a multiple of 16")
 
@@ -94,7 +100,7 @@ class PagedLayout:
                              "per-token integer codes with one scale/zero per token-head, or the model dtype)")
         value_bits = None if fmt.value_bits == fmt.key_bits else fmt.value_bits
         return cls(block_size, num_kv_heads, head_dim, fmt.key_bits, dtype, value_bits, fmt.rotated,
-                   fmt.key_clip, fmt.value_clip)
+                   fmt.key_clip, fmt.value_clip, fmt.symmetric)
 
     # sizes -------------------------------------------------------------------------------
     @property
@@ -130,9 +136,15 @@ class PagedLayout:
         bits = self.role_bits(role)
         return self.head_dim * bits // 8 if bits != 16 else self.head_dim * self.dtype.itemsize
 
+    @property
+    def meta_bytes(self) -> int:
+        """Bytes of one token's metadata per role and head: (scale, zero) float16, a scale alone
+        when symmetric, none for 16 bits."""
+        return 0 if not self.quantized else 2 if self.symmetric else 4
+
     def role_row_bytes(self, role: int) -> int:
         """Bytes of one (block, role, head) row: codes, then (scale, zero) when quantized."""
-        return self.block_size * (self.role_code_bytes(role) + (4 if self.quantized else 0))
+        return self.block_size * (self.role_code_bytes(role) + self.meta_bytes)
 
     @property
     def row_bytes(self) -> int:
@@ -185,8 +197,9 @@ class PagedLayout:
             out.append((at, cb, role * role_stride, cb))
             at += cb
             if self.quantized:
-                out.append((at, 4, role * role_stride + self.block_size * cb, 4))
-                at += 4
+                mb = self.meta_bytes
+                out.append((at, mb, role * role_stride + self.block_size * cb, mb))
+                at += mb
         return out
 
     # tensors -----------------------------------------------------------------------------
@@ -209,10 +222,11 @@ class PagedLayout:
         return self._rows(cache, role)[..., : bs * cb].unflatten(-1, (bs, cb))
 
     def role_meta(self, cache: torch.Tensor, role: int) -> torch.Tensor:
-        """float16 view ``[num_blocks, heads, block_size, 2]`` of role 0 (K) or 1 (V)'s (scale, zero)."""
+        """float16 view ``[num_blocks, heads, block_size, 2]`` of role 0 (K) or 1 (V)'s (scale, zero)
+        (``[..., 1]``, the scale alone, when symmetric)."""
         self._need_quantized()
         bs, cb = self.block_size, self.role_code_bytes(role)
-        return self._rows(cache, role)[..., bs * cb:].view(torch.float16).unflatten(-1, (bs, 2))
+        return self._rows(cache, role)[..., bs * cb:].view(torch.float16).unflatten(-1, (bs, self.meta_bytes // 2))
 
     def _rows(self, cache: torch.Tensor, role: int) -> torch.Tensor:
         """``[num_blocks, heads, row_bytes]`` rows of one role."""
@@ -230,7 +244,7 @@ class PagedLayout:
         """float16 view ``[num_blocks, 2, heads, block_size, 2]`` of (scale, zero) (one width)."""
         self._need_one_width()
         bs = self.block_size
-        return cache[..., bs * self.code_bytes:].view(torch.float16).unflatten(-1, (bs, 2))
+        return cache[..., bs * self.code_bytes:].view(torch.float16).unflatten(-1, (bs, self.meta_bytes // 2))
 
     def scale(self, cache: torch.Tensor) -> torch.Tensor:
         """float16 view ``[num_blocks, 2, heads, block_size]`` of the scales (one width)."""
@@ -238,6 +252,8 @@ class PagedLayout:
 
     def zero(self, cache: torch.Tensor) -> torch.Tensor:
         """float16 view ``[num_blocks, 2, heads, block_size]`` of the zeros (one width)."""
+        if self.symmetric:
+            raise ValueError(f"{self}: the symmetric format stores no zero (it is -(2**bits - 1) / 2 * scale)")
         return self.meta(cache)[..., 1]
 
     def values(self, cache: torch.Tensor) -> torch.Tensor:

@@ -40,10 +40,20 @@ def store_kv_reference(k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
         if not layout.quantized:
             cache[blk, kv, head, off] = x.to(cache.dtype)
             continue
-        codec = BY_BITS[layout.role_bits(kv)](clip=layout.role_clip(kv))  # per token, unrotated: the bytes the kernels read
+        # per token, unrotated: the bytes the kernels read
+        codec = BY_BITS[layout.role_bits(kv)](clip=layout.role_clip(kv), symmetric=layout.symmetric)
         enc = codec.encode(x, "key" if kv == 0 else "value")
         layout.role_codes(cache, kv)[blk, head, off] = enc["codes"]
-        layout.role_meta(cache, kv)[blk, head, off] = torch.cat([enc["scale"], enc["zero"]], -1)
+        layout.role_meta(cache, kv)[blk, head, off] = torch.cat([enc[f] for f in ("scale", "zero") if f in enc], -1)
+
+
+def _decode(layout: PagedLayout, role: int, codes: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """float32 values of packed ``codes`` ``[..., code_bytes]`` with their ``meta`` ``[..., 1 or 2]``."""
+    bits = layout.role_bits(role)
+    c = quant.unpack(codes, bits)
+    if layout.symmetric:
+        return quant.symmetric_decode(c, meta[..., :1], bits)
+    return quant.affine_decode(c, meta[..., :1], meta[..., 1:])
 
 
 def gather_kv(cache: torch.Tensor, layout: PagedLayout, block_tables: torch.Tensor, max_len: int,
@@ -61,7 +71,7 @@ def gather_kv(cache: torch.Tensor, layout: PagedLayout, block_tables: torch.Tens
             meta = layout.role_meta(cache, kv)             # [NB, H, BS, 2]
             c = codes[blk, :, off].permute(0, 2, 1, 3)     # [B, H, L, CB]
             m = meta[blk, :, off].permute(0, 2, 1, 3)      # [B, H, L, 2]
-            x = quant.affine_decode(quant.unpack(c, layout.role_bits(kv)), m[..., :1], m[..., 1:])
+            x = _decode(layout, kv, c, m)
         else:
             x = cache[:, kv][blk, :, off].permute(0, 2, 1, 3)
         out.append(x.to(dtype))

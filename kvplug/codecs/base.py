@@ -32,7 +32,9 @@ class PagedFormat:
 
     ``key_clip`` / ``value_clip``: the fraction of each token-head's min-max range that the codes
     of that role span, centred (:func:`kvplug.quant.affine_params`); 1 is the plain min-max
-    format. Only the writer differs: every token decodes as ``code * scale + zero``."""
+    format. Only the writer differs: every token decodes as ``code * scale + zero``.
+    ``symmetric``: both roles store a scale only, the zero implied (``-(2**bits - 1) / 2 * scale``,
+    :func:`kvplug.quant.symmetric_params`). Keys may be 3 bits (:func:`kvplug.quant.pack`)."""
 
     key_bits: int
     value_bits: int
@@ -40,6 +42,7 @@ class PagedFormat:
     residual: int = 0
     key_clip: float = 1.0
     value_clip: float = 1.0
+    symmetric: bool = False
 
 
 @dataclass(frozen=True)

@@ -26,25 +26,27 @@ class Mixed(Codec):
 
     name = "mixed"
     paper = "KIVI 2402.02750; QuaRot 2404.00456 (rotate)"
-    key: int = param(8, choices=(8, 4, 2), doc="bits per key element")
+    key: int = param(8, choices=(8, 4, 3, 2), doc="bits per key element")
     value: int = param(4, choices=(8, 4, 2), doc="bits per value element")
     rotate: bool = param(False, doc="Hadamard-rotate heads before quantizing (power-of-two head_dim)")
     residual: int = param(0, low=0, high=65536, doc="newest tokens kept in full precision (HF: paged or reference path; not in vLLM yet)")
     key_clip: float = param(1.0, low=0.05, high=1.0, doc="fraction of each key's min-max range the codes span, centred (as int2's clip)")
     value_clip: float = param(1.0, low=0.05, high=1.0, doc="fraction of each value's min-max range the codes span, centred")
+    symmetric: bool = param(False, doc="both roles store a scale only, levels symmetric about 0")
 
     def role_codec(self, role: Role) -> IntCodec:
         """The per-token codec that stores ``role``."""
         if role == "key":
-            return BY_BITS[self.key](rotate=self.rotate, clip=self.key_clip)
-        return BY_BITS[self.value](rotate=self.rotate, clip=self.value_clip)
+            return BY_BITS[self.key](rotate=self.rotate, clip=self.key_clip, symmetric=self.symmetric)
+        return BY_BITS[self.value](rotate=self.rotate, clip=self.value_clip, symmetric=self.symmetric)
 
     def check_head_dim(self, head_dim: int) -> None:
         for role in ("key", "value"):
             self.role_codec(role).check_head_dim(head_dim)
 
     def paged_format(self, head_dim: int) -> PagedFormat | None:
-        return PagedFormat(self.key, self.value, self.rotate, self.residual, self.key_clip, self.value_clip)
+        return PagedFormat(self.key, self.value, self.rotate, self.residual, self.key_clip, self.value_clip,
+                           self.symmetric)
 
     def bytes_per_token(self, head_dim: int, dtype_bytes: int = 2) -> float:
         return sum(self.role_codec(role).bytes_per_token(head_dim, dtype_bytes) / 2 for role in ("key", "value"))
