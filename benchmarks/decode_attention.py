@@ -32,22 +32,24 @@ SHAPES = [(8, 32768), (1, 131072), (16, 8192), (64, 4096)]
 NAME = {16: "fp16", 8: "int8", 4: "int4", 2: "int2"}
 
 
-def parse_format(text: str) -> tuple[int, int]:
-    """``--bits`` entry: ``4`` (keys and values at 4 bits) or ``8/4`` (8-bit keys, 4-bit values)."""
-    widths = tuple(int(x) for x in text.split("/"))
+def parse_format(text: str) -> tuple:
+    """``--bits`` entry: ``4`` (keys and values at 4 bits), ``8/4`` (8-bit keys, 4-bit values), a
+    trailing ``s`` for the symmetric (scale-only) format (``3/2s``: 3-bit keys, 2-bit values)."""
+    sym = text.endswith("s")
+    widths = tuple(int(x) for x in text.rstrip("s").split("/"))
     if len(widths) not in (1, 2):
         raise SystemExit(f"--bits: {text!r} is not BITS or KEY/VALUE bits")
-    return widths[0], widths[-1]
+    return (widths[0], widths[-1]) + (("sym",) if sym else ())
 
 
 def fmt_name(fmt) -> str:
-    k, v = fmt
-    return NAME[k] if k == v else f"k{k}v{v}"
+    k, v = fmt[:2]
+    return (NAME.get(k, f"int{k}") if k == v else f"k{k}v{v}") + ("s" if len(fmt) > 2 else "")
 
 
 def layout(fmt, bs) -> PagedLayout:
-    k, v = fmt
-    return PagedLayout(bs, HKV, D, k, torch.float16, None if v == k else v)
+    k, v = fmt[:2]
+    return PagedLayout(bs, HKV, D, k, torch.float16, None if v == k else v, symmetric=len(fmt) > 2)
 
 
 def bench(fn, dev):
@@ -67,7 +69,7 @@ def kv_bytes(fmt, b, length):
 def check_store(dev, log):
     """Store kernel vs the core codec on the GPU: codes/scale/zero bit-exact?"""
     res = {}
-    for fmt in ((16, 16), (8, 8), (4, 4), (2, 2), (8, 4), (4, 2)):
+    for fmt in ((16, 16), (8, 8), (4, 4), (2, 2), (8, 4), (4, 2), (3, 2, "sym"), (3, 4), (2, 2, "sym")):
         lay = layout(fmt, 16)
         t = 4096 if dev == "cuda" else 64
         nb = t // 16 + 4
@@ -276,7 +278,7 @@ def main():
             results["rows"] += vllm_rows(q, k_tok, v_tok, o_sdpa, t_sdpa, b, length, dev, log)
         lens = torch.full((b,), length, dtype=torch.int32, device=dev)
         for fmt in [parse_format(x) for x in args.bits.split(",")]:
-            name_f, tune = fmt_name(fmt), DECODE_TUNING[min(fmt)]  # as decode_attention picks
+            name_f, tune = fmt_name(fmt), DECODE_TUNING[min(fmt[:2])]  # as decode_attention picks
             for bs in ([int(x) for x in args.block_sizes.split(",")] if not args.smoke else (16,)):
                 if time.time() - t_start > args.budget:
                     log(f"budget reached, skipping {name_f} bs={bs}")
@@ -329,7 +331,7 @@ def main():
                         log(f"  {name}: failed {type(e).__name__}: {str(e)[:300]}")
                         continue
                     extra = b * HQ * splits * (D + 2) * 4 * 2 if splits > 1 else 0
-                    bits = fmt[0] if fmt[0] == fmt[1] else f"{fmt[0]}/{fmt[1]}"
+                    bits = fmt_name(fmt)
                     row = dict(B=b, L=length, kernel=f"paged-{name_f}", bits=bits, block_size=bs,
                                block_n=cfg[0], warps=cfg[1], stages=cfg[2], splits=splits, maxnreg=cfg[4],
                                rel_err_ref=rel_v, rel_err_sdpa=rel_sdpa, finite=ok, nbytes=nbytes + extra)
