@@ -332,13 +332,33 @@ def _planes(x, BITS: tl.constexpr, ASM: tl.constexpr, PURE: tl.constexpr):
 
 
 @triton.jit
-def _high_bits(hx, J: tl.constexpr, KPW: tl.constexpr):
-    """Plane J of 3-bit keys' high bits as float16 ``1024 + b``: ``hx`` ``[N, KPW]`` holds, in
-    column i, the high-bit byte ``i % (KPW / 2)`` (the 1-bit packing of head_dim elements: element
-    ``e`` at bit ``e // (head_dim / 8)`` of byte ``e % (head_dim / 8)``), so plane J's element i
-    is at bit ``2J + (i >= KPW / 2)``."""
-    t = 2 * J + (tl.arange(0, KPW) >= KPW // 2).to(tl.int32)
-    return (((hx.to(tl.int32) >> t[None, :]) & 1) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+def _high_planes(hx, KPW: tl.constexpr, ASM: tl.constexpr):
+    """The high bits of 3-bit keys as four float16 planes ``1024 + 4^j b`` (``[N, KPW]`` each),
+    aligned with the planes of their 2-bit part. ``hx`` ``[N, KPW]`` holds in column i the
+    high-bit byte ``i % (KPW / 2)`` (the 1-bit packing: element ``e`` at bit ``e // (head_dim / 8)``
+    of byte ``e % (head_dim / 8)``), so plane j's element i is at bit ``2j`` of its byte in the
+    first half of the columns and at bit ``2j + 1`` in the second: the second half is shifted right
+    by one, then the bits 0, 2, 4, 6 masked in place as the 2-bit planes are (:func:`_planes`).
+    On the GPU one ``and`` and one ``shr`` per four bytes (the four columns of a register lie in
+    one half; the bit shifted in from the next byte lands on bit 7, which no plane reads), then
+    the 2-bit path's ``prmt`` and ``and``."""
+    sel = tl.broadcast_to((tl.arange(0, KPW) >= KPW // 2).to(tl.uint8)[None, :], hx.shape)
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 s, x, t0, t1; and.b32 s, $9, 1; shr.b32 x, $8, s;"
+            " prmt.b32 t0, x, 0x64646464, 0x4140; prmt.b32 t1, x, 0x64646464, 0x4342;"
+            " and.b32 $0, t0, 0xFF01FF01; and.b32 $1, t1, 0xFF01FF01;"
+            " and.b32 $2, t0, 0xFF04FF04; and.b32 $3, t1, 0xFF04FF04;"
+            " and.b32 $4, t0, 0xFF10FF10; and.b32 $5, t1, 0xFF10FF10;"
+            " and.b32 $6, t0, 0xFF40FF40; and.b32 $7, t1, 0xFF40FF40; }",
+            "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [hx, sel], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+            is_pure=True, pack=4)
+    else:
+        x = hx.to(tl.int32) >> sel.to(tl.int32)
+        return (((x & 1) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True),
+                ((x & 4) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True),
+                ((x & 16) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True),
+                ((x & 64) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True))
 
 
 @triton.jit
@@ -359,7 +379,7 @@ def _quant_tile(cache_ptr, meta_ptr, row, off, nmask, stride_ckv, offs_kc, offs_
                 KCB: tl.constexpr, VCB: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr,
                 KPW: tl.constexpr, META: tl.constexpr, ASM: tl.constexpr):
     """One tile of a quantized cache: K's planes (``1024 + 2^(j*KBITS) c``, float16; 3-bit keys:
-    the four planes of their 2-bit part, then the four of their high bits, ``1024 + b``), V's raw
+    four planes ``1024 + 4^j c`` as 2-bit keys have, their high bit added in), V's raw
     code bytes (unpacked where they are used) and the float32 (scale, zero) of K and V, per token.
     ``row``: each token's (block, head) K row in bytes (its V row ``stride_ckv`` further), ``off``
     its offset in the block; ``offs_kc``: ``arange(KPW)``."""
@@ -369,10 +389,12 @@ def _quant_tile(cache_ptr, meta_ptr, row, off, nmask, stride_ckv, offs_kc, offs_
     vx = tl.load(cache_ptr + (vrow + off * VCB)[:, None] + offs_vc[None, :], mask=nmask[:, None], other=0)
     ks, kz = _meta(meta_ptr, row, off, nmask, BS, KCB, KBITS, META)
     vs, vz = _meta(meta_ptr, vrow, off, nmask, BS, VCB, VBITS, META)
-    if KBITS == 3:
+    if KBITS == 3:  # plane j: 1024 + 4^j (low + 4 high), exact in float16 (an integer below 2048)
         hx = tl.load(kat + KPW + (offs_kc % (KPW // 2))[None, :], mask=nmask[:, None], other=0)
-        kpl = _planes(kx, 2, ASM, True)
-        kpl = kpl + (_high_bits(hx, 0, KPW), _high_bits(hx, 1, KPW), _high_bits(hx, 2, KPW), _high_bits(hx, 3, KPW))
+        lo = _planes(kx, 2, ASM, True)
+        hi = _high_planes(hx, KPW, ASM)
+        kpl = (lo[0] + (hi[0] * 4.0 - 4096.0), lo[1] + (hi[1] * 4.0 - 4096.0), lo[2] + (hi[2] * 4.0 - 4096.0),
+               lo[3] + (hi[3] * 4.0 - 4096.0))
     else:
         kpl = _planes(kx, KBITS, ASM, True)
     return kpl, vx, ks, kz, vs, vz
@@ -382,21 +404,16 @@ def _quant_tile(cache_ptr, meta_ptr, row, off, nmask, stride_ckv, offs_kc, offs_
 def _key_queries(q_ptrs, qmask, sm_scale, qsum, AXIS: tl.constexpr, KBITS: tl.constexpr, KPW: tl.constexpr):
     """q's planes for the key planes of :func:`_quant_tile`, times the softmax scale and log2(e),
     float16 (plane j of KPW elements at ``q_ptrs + j * KPW``; ``qmask`` broadcast against it),
-    each divided by its key plane's power of two (3-bit keys: the high-bit planes times 4);
+    each divided by its key plane's power of two (3-bit keys: as 2-bit keys);
     and ``qsum`` (zeros) plus ``sum(q)`` in float32, reduced over AXIS (the head_dim axis of ``q_ptrs``)."""
     LB: tl.constexpr = 2 if KBITS == 3 else KBITS
     NP: tl.constexpr = 8 // LB
     qs = ()
-    raw = ()
     for j in tl.static_range(NP):
         qj = (tl.load(q_ptrs + j * KPW, mask=qmask, other=0.0).to(tl.float32)
               * (sm_scale * 1.4426950408889634)).to(tl.float16)
         qsum += tl.sum(qj.to(tl.float32), axis=AXIS)
         qs = qs + ((qj.to(tl.float32) * (1.0 / (1 << (j * LB)))).to(tl.float16),)
-        raw = raw + (qj,)
-    if KBITS == 3:
-        for j in tl.static_range(NP):
-            qs = qs + ((raw[j].to(tl.float32) * 4.0).to(tl.float16),)
     return qs, qsum
 
 
@@ -430,7 +447,7 @@ def _decode_planes_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, lens_ptr, held_ptr
     (``test_decode_long_diffuse_context``). With LOGITS each held token's logit goes to ``lg_ptr``
     (:func:`_store_logits`).
     """
-    KNP: tl.constexpr = 8 if KBITS == 3 else 8 // KBITS      # key planes (3 bits: 4 low + 4 high)
+    KNP: tl.constexpr = 4 if KBITS == 3 else 8 // KBITS      # key planes (3 bits: as 2 bits)
     VNP: tl.constexpr = 8 // VBITS
     C0: tl.constexpr = 1 << (VBITS - 1)
     b, h, split, start, end, first, n_front, recent = _span(lens_ptr, held_ptr, num_splits, stride_lb, stride_lh,
@@ -500,7 +517,7 @@ def _varlen_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, qsl_ptr, lens_ptr, out_pt
     cache of codec none (KCB = VCB = D). No splits: a program loops over its whole causal range.
     """
     QUANT: tl.constexpr = KBITS != 16
-    KNP: tl.constexpr = (8 if KBITS == 3 else 8 // KBITS) if QUANT else 1
+    KNP: tl.constexpr = (4 if KBITS == 3 else 8 // KBITS) if QUANT else 1
     VNP: tl.constexpr = 8 // VBITS if QUANT else 1
     M: tl.constexpr = BLOCK_Q * G
     pid = tl.program_id(0)
