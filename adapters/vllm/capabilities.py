@@ -49,7 +49,8 @@ def cpu_page(codec, head_dim: int, dtype: torch.dtype):
 def cuda_page(codec, head_dim: int, dtype: torch.dtype, block_size: int = 16, num_kv_heads: int = 1):
     """The Triton kernels' :class:`~kvplug.triton_ops.PagedLayout` for ``codec``: what the codec
     declares (:meth:`~kvplug.codecs.base.Codec.paged_format`; none, int8/int4/int2 and mixed with
-    one scale/zero per token and head, rotated or not)."""
+    one scale/zero (or, symmetric, one scale) per token and head, 3-bit keys, rotated or not,
+    clipped or not)."""
     from kvplug import triton_ops
 
     fmt = codec.paged_format(head_dim)
