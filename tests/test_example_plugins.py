@@ -148,6 +148,7 @@ def engines(tmp_path_factory):
 ])
 def test_the_plugins_scorers_run_in_vllm_with_the_hf_tokens_and_the_budgets_blocks(engines, name, blocks):
     import kvplug.hf
+    from test_vllm_engine import TIE_NATS
     from transformers import LlamaForCausalLM
 
     runs, model_path, site = engines
@@ -158,8 +159,15 @@ def test_the_plugins_scorers_run_in_vllm_with_the_hf_tokens_and_the_budgets_bloc
         model = LlamaForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
         for prompt, ours in zip(job["prompts"], result["tokens"], strict=True):
             out = model.generate(torch.tensor([prompt]), max_new_tokens=STEPS, do_sample=False, pad_token_id=0,
-                                 past_key_values=kvplug.hf.cache(model, parse(job["spec"], registry=reg)))
-            assert ours == out[0, len(prompt):].tolist()
+                                 past_key_values=kvplug.hf.cache(model, parse(job["spec"], registry=reg)),
+                                 output_scores=True, return_dict_in_generate=True)
+            theirs = out.sequences[0, len(prompt):].tolist()
+            # equal up to the end, or up to a step where HF's own top two are a near-tie (TIE_NATS,
+            # which the bf16 engine cannot separate; seen: 0.044 nats at step 28 of 40 for ema)
+            split = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
+            if split < len(ours):
+                top = torch.log_softmax(out.scores[split][0].double(), -1).topk(2).values
+                assert float(top[0] - top[1]) < TIE_NATS, (split, ours, theirs)
     finally:
         sys.path.remove(str(site))
         sys.modules.pop("kvplug_evict", None)

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_vllm_engine import HAS_VLLM, TIE_NATS, _gap, engine, make_model, prompts  # noqa: E402
 
 from kvplug.adapters.vllm.prefix_store import HostBlocks, HostIndex, HostPool, Plan, block_keys, check_blocks_first  # noqa: E402
+from kvplug import parse  # noqa: E402
 
 SEED = 11
 LONG = 300
@@ -223,7 +224,7 @@ def test_blocks_must_come_first():
 @needs_vllm
 @pytest.mark.parametrize("spec, extra, message", [
     ("snapkv(budget=64)+int4", {}, "evicts tokens, so a block no longer holds what its tokens name"),
-    ("int4", {"codec": "int8"}, "kvplug's pages (strategy 'int4(group=0, rotate=False, residual=0, clip=1.0)') are stored as they are"),
+    ("int4", {"codec": "int8"}, f"kvplug's pages (strategy '{parse('int4')}') are stored as they are"),
     (None, {"codec": "kivi"}, "encodes tokens in groups"),
     (None, {"host_byte": 1}, "unknown kv_connector_extra_config key(s) ['host_byte']"),
     (None, {"host_bytes": "lots"}, "host_bytes='lots' is not a number of bytes"),

@@ -12,6 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kvplug import parse
+
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None or importlib.util.find_spec("triton") is None,
                                 reason="needs vllm and triton")
 
@@ -321,7 +323,7 @@ def test_each_engine_gets_its_own_backend_class_importable_by_name(cb):
     assert module == "kvplug.adapters.vllm.cuda_backend"
     delattr(cb, name)  # as in a process that never configured it
     rebuilt = getattr(importlib.import_module(module), name)
-    assert rebuilt.engine == a.engine == Engine("int4(group=0, rotate=False, residual=0, clip=1.0)", "float16", LAYERS)
+    assert rebuilt.engine == a.engine == Engine(str(parse("int4")), "float16", LAYERS)
     assert configured(cb.KVPlugCudaBackend, rebuilt.engine) is rebuilt
     with pytest.raises(AttributeError):
         getattr(cb, "KVPlugCudaBackend__NOT-A-TOKEN")

