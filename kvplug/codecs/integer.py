@@ -36,7 +36,7 @@ class IntCodec(Codec):
     """Per-token asymmetric integer quantization (subclasses fix ``bits``)."""
 
     bits: ClassVar[int]
-    paper: ClassVar[str] = "KIVI 2402.02750 (groups); QuaRot 2404.00456 (rotate)"
+    paper: ClassVar[str] = "KIVI 2402.02750 (groups); QuaRot 2404.00456 (rotate); ACIQ 1810.05723 (clip)"
     group: int = param(0, low=0, high=1024, doc="elements per scale/zero along head_dim; 0 = whole head")
     rotate: bool = param(False, doc="Hadamard-rotate heads before quantizing (power-of-two head_dim)")
     residual: int = param(0, low=0, high=65536, doc="newest tokens kept in full precision (HF: paged or reference path; not in vLLM yet)")
