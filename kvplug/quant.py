@@ -18,7 +18,7 @@ The format (the Triton kernels in ``kvplug.triton_ops`` reproduce it bit for bit
   ``k = 0 .. 8 / bits - 1``. A kernel unpacks one plane with a shift and a mask, no shuffles.
   3-bit codes are the 2-bit packing of their low two bits (``n / 4`` bytes) followed by the 1-bit
   packing of their high bit (``n / 8`` bytes);
-* the *symmetric* variant stores a scale only (:func:`symmetric_params`): levels
+* the *symmetric* variant stores a scale only (:func:`symmetric_scale`): levels
   ``(code - (2**bits - 1) / 2) * scale``, the zero implied by the scale.
 """
 
@@ -72,42 +72,49 @@ def clip_constants(bits: int, clip: float) -> tuple[float, float]:
     ``centre = 2 / (1 - clip)`` (so the codes cover ``clip`` of the range, centred). Divisions
     only, no multiply-add that a compiler could fuse: the kernels reproduce them bit for bit.
     ``clip = 1`` gives ``span = 2**bits - 1`` and no centring (``zero = fp16(min)``)."""
-    if not 0.0 < clip <= 1.0:
-        raise ValueError(f"clip={clip} must be in (0, 1]")
-    qmax = 2**bits - 1
-    span = float(torch.tensor(qmax / clip, dtype=torch.float32))
+    _check_clip(clip)
+    span = float(torch.tensor((2**bits - 1) / clip, dtype=torch.float32))
     centre = float(torch.tensor(2.0 / (1.0 - clip), dtype=torch.float32)) if clip < 1.0 else float("inf")
     return span, centre
 
 
-def symmetric_params(x: torch.Tensor, bits: int, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale (float16) and implied zero (float32) of the symmetric format of ``x`` over its last
-    axis (kept as size 1): ``scale = fp16(max|x| / span)``, ``span = fp32((2**bits - 1) / (2 clip))``,
-    ``zero = -(2**bits - 1) / 2 * scale`` (exact in float32; not stored). The levels
-    ``(c - (2**bits - 1) / 2) * scale`` are symmetric about 0, none at 0 itself (a mid-rise
-    quantizer), so ``max|x|`` (times ``clip``) sits on the outer levels. A head whose scale
-    rounds to 0 stores 0 and decodes to 0; its codes are those of divisor 1."""
+def symmetric_scale(x: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Tensor:
+    """Scale (float16) of the symmetric format of ``x`` over its last axis (kept as size 1):
+    ``scale = fp16(max|x| / span)``, ``span = fp32((2**bits - 1) / (2 clip))``. The levels
+    ``code * scale + zero`` with the implied zero :func:`symmetric_zero` are symmetric about 0,
+    none at 0 itself (a mid-rise quantizer), so ``max|x|`` (times ``clip``) sits on the outer
+    levels. A head whose scale rounds to 0 stores 0 and decodes to 0; its codes are those of
+    divisor 1."""
     m = x.float().abs().amax(-1, keepdim=True)
-    scale = (m / torch.full_like(m, symmetric_span(bits, clip))).to(SCALE_DTYPE)
-    return scale, scale.float() * (-(2**bits - 1) / 2)
+    return (m / torch.full_like(m, symmetric_span(bits, clip))).to(SCALE_DTYPE)
+
+
+def symmetric_zero(scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """The implied zero of the symmetric format, ``-(2**bits - 1) / 2 * scale`` in float32 (exact:
+    an 11-bit scale times a number of at most 8 significant bits); not stored."""
+    return scale.float() * (-(2**bits - 1) / 2)
 
 
 def symmetric_span(bits: int, clip: float) -> float:
     """The float32 divisor of the symmetric scale: ``(2**bits - 1) / (2 clip)``."""
-    if not 0.0 < clip <= 1.0:
-        raise ValueError(f"clip={clip} must be in (0, 1]")
+    _check_clip(clip)
     return float(torch.tensor((2**bits - 1) / (2.0 * clip), dtype=torch.float32))
 
 
+def _check_clip(clip: float) -> None:
+    if not 0.0 < clip <= 1.0:
+        raise ValueError(f"clip={clip} must be in (0, 1]")
+
+
 def symmetric_codes(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes of ``x`` for the float16 ``scale`` of :func:`symmetric_params` (broadcast)."""
+    """Codes of ``x`` for the float16 ``scale`` of :func:`symmetric_scale` (broadcast)."""
     divisor = torch.where(scale == 0, torch.ones_like(scale), scale)
-    return affine_codes(x, divisor, scale.float() * (-(2**bits - 1) / 2), bits)
+    return affine_codes(x, divisor, symmetric_zero(scale, bits), bits)
 
 
 def symmetric_decode(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """float32 values of symmetric ``codes``: ``code * scale + zero``, zero implied by the scale."""
-    return affine_decode(codes, scale, scale.float() * (-(2**bits - 1) / 2))
+    return affine_decode(codes, scale, symmetric_zero(scale, bits))
 
 
 def affine_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:

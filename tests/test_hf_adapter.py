@@ -21,10 +21,10 @@ SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_lay
              max_position_embeddings=1024)
 
 
-def tiny(kind="llama", seed=0):
+def tiny(kind="llama", seed=0, head_dim=32):
     torch.manual_seed(seed)
     if kind == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**SMALL, num_key_value_heads=2, head_dim=32))
+        model = LlamaForCausalLM(LlamaConfig(**SMALL, num_key_value_heads=2, head_dim=head_dim))
     elif kind == "mistral":
         model = MistralForCausalLM(MistralConfig(**SMALL, num_key_value_heads=2, head_dim=32, sliding_window=None))
     elif kind == "qwen2":
@@ -383,8 +383,7 @@ def test_paged_layout_matches_slot_store(spec, gen, monkeypatch):
     monkeypatch.setattr(PagedLayout, "allocate", lambda self, n, device="cpu": allocate(self, n, device).view(
         torch.uint8).fill_(255).view(self.storage_dtype))
     head_dim = 64 if "int2" in spec or "value=2" in spec else 32  # 2-bit codes fill the kernels' 16-byte chunks from head_dim 64
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SMALL, num_key_value_heads=2, head_dim=head_dim)).to(torch.bfloat16)
+    model = tiny(head_dim=head_dim).to(torch.bfloat16)
     ids, _ = prompts(gen, length=64)
     mask = torch.ones_like(ids)
     mask[1, :7] = 0

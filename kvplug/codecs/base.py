@@ -34,7 +34,7 @@ class PagedFormat:
     of that role span, centred (:func:`kvplug.quant.affine_params`); 1 is the plain min-max
     format. Only the writer differs: every token decodes as ``code * scale + zero``.
     ``symmetric``: both roles store a scale only, the zero implied (``-(2**bits - 1) / 2 * scale``,
-    :func:`kvplug.quant.symmetric_params`). Keys may be 3 bits (:func:`kvplug.quant.pack`)."""
+    :func:`kvplug.quant.symmetric_scale`). Keys may be 3 bits (:func:`kvplug.quant.pack`)."""
 
     key_bits: int
     value_bits: int

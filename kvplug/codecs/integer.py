@@ -74,7 +74,7 @@ class IntCodec(Codec):
             x = rotate(x)
         grouped = x.reshape(*x.shape[:-1], d // self.group_size(d), self.group_size(d))
         if self.symmetric:
-            scale, _ = quant.symmetric_params(grouped, self.bits, self.clip)
+            scale = quant.symmetric_scale(grouped, self.bits, self.clip)
             codes = quant.symmetric_codes(grouped, scale, self.bits).reshape(x.shape)
             return {"codes": quant.pack(codes, self.bits), "scale": scale.squeeze(-1)}
         scale, zero = quant.affine_params(grouped, self.bits, clip=self.clip)

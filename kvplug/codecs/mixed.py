@@ -40,9 +40,8 @@ class Mixed(Codec):
 
     def role_codec(self, role: Role) -> IntCodec:
         """The per-token codec that stores ``role``."""
-        if role == "key":
-            return BY_BITS[self.key](rotate=self.rotate, clip=self.key_clip, symmetric=self.symmetric)
-        return BY_BITS[self.value](rotate=self.rotate, clip=self.value_clip, symmetric=self.symmetric)
+        bits, clip = (self.key, self.key_clip) if role == "key" else (self.value, self.value_clip)
+        return BY_BITS[bits](rotate=self.rotate, clip=clip, symmetric=self.symmetric)
 
     def check_head_dim(self, head_dim: int) -> None:
         for role in ("key", "value"):
