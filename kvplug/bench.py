@@ -42,7 +42,8 @@ def make_cache(name: str, model):
     """``DynamicCache``, ``OffloadedCache`` (HF's DynamicCache with ``offloading=True``: whole
     layers moved to and from host memory), ``QuantizedCache-4``/``-2`` (HF's, quanto backend), a
     kvplug spec, or ``paged:SPEC`` / ``ref:SPEC`` (that spec in the paged layout / on the
-    reference path)."""
+    reference path); ``graph:`` before a kvplug cache replays its decode step as a CUDA graph
+    (:class:`kvplug.hf.DecodeGraph`)."""
     if name == "DynamicCache":
         return DynamicCache(config=model.config)
     if name == "OffloadedCache":
@@ -52,7 +53,7 @@ def make_cache(name: str, model):
 
         bits = int(name.split("-")[1])
         return QuantizedCache(backend="quanto", config=model.config, nbits=bits, q_group_size=64, residual_length=128)
-    spec, paged = split_paged(name)
+    spec, paged = split_paged(name.removeprefix("graph:"))
     return kvplug.hf.cache(model, spec, paged=paged)
 
 
@@ -72,12 +73,17 @@ def bench(model, name, batch, context, steps, device, gen) -> dict:
             sync(device)
             whole_peak = torch.cuda.max_memory_allocated()
             torch.cuda.reset_peak_memory_stats()
+        # graph: the first step runs eagerly and captures; the median below skips it
+        graph = kvplug.hf.DecodeGraph(model, cache, max_new_tokens=steps) if name.startswith("graph:") else None
         times = []
         for _ in range(steps):
             sync(device)
             start = time.perf_counter()
-            out = model(input_ids=token, past_key_values=cache, logits_to_keep=1)
-            token = out.logits[:, -1:].argmax(-1)
+            if graph is None:
+                out = model(input_ids=token, past_key_values=cache, logits_to_keep=1)
+                token = out.logits[:, -1:].argmax(-1)
+            else:
+                token = graph(token).argmax(-1, keepdim=True)
             sync(device)
             times.append(time.perf_counter() - start)
     ms = statistics.median(times[2:] if steps > 4 else times) * 1e3
@@ -87,7 +93,7 @@ def bench(model, name, batch, context, steps, device, gen) -> dict:
         decode_peak = torch.cuda.max_memory_allocated()
         row["peak_gib_over_weights"] = (max(whole_peak, decode_peak) - base) / 2**30
         row["decode_peak_gib_over_weights"] = (decode_peak - base) / 2**30
-    del cache, out
+    del cache, out, graph
     return row
 
 

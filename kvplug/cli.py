@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--preset", default="tiny", choices=("tiny", "llama-8l"))
     p_bench.add_argument("--caches", default=";".join(BENCH_CACHES),
                          help="';'-separated: DynamicCache, OffloadedCache, QuantizedCache-4/-2 (optimum-quanto), kvplug specs "
-                              "(paged:SPEC / ref:SPEC: the paged layout / the reference path; default paged on cuda)")
+                              "(paged:SPEC / ref:SPEC: the paged layout / the reference path; default paged on cuda; "
+                              "graph:paged:SPEC: its decode step replayed as a CUDA graph)")
     p_bench.add_argument("--batch", default="1")
     p_bench.add_argument("--contexts", default="1024,4096")
     p_bench.add_argument("--steps", type=int, default=16)

@@ -8,16 +8,19 @@
 
     blob = cache.to_bytes(model)              # after a prompt: the compressed cache as bytes
     again = kvplug.hf.load(model, blob)       # continues generating as the saved cache would
+
+    graph = kvplug.hf.DecodeGraph(model, cache)  # after the prompt: decode steps replayed as a CUDA graph
 """
 
 from .api import SUPPORTED, cache, check_model, compress
 from .cache import KVPlugCache
 from .documents import DocumentStore
+from .graphs import DecodeGraph
 from .layer import KVPlugLayer
 from .lckv import LckvConfig, LckvForCausalLM, register as _register_lckv
 from .persist import load
 
 _register_lckv()  # kvplug_lckv checkpoints load through AutoModelForCausalLM, no trust_remote_code
 
-__all__ = ["cache", "compress", "check_model", "load", "DocumentStore", "KVPlugCache", "KVPlugLayer", "LckvConfig", "LckvForCausalLM",
+__all__ = ["cache", "compress", "check_model", "load", "DocumentStore", "DecodeGraph", "KVPlugCache", "KVPlugLayer", "LckvConfig", "LckvForCausalLM",
            "SUPPORTED"]

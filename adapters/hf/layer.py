@@ -182,7 +182,7 @@ class KVPlugLayer(PromptFirstLayer):
             pos = (self.next_pos.view(-1, 1, 1) + ahead).expand_as(slot)
             self.high += n
             self.slots.write(keys, values, slot, pos, None, top=self.high, added=n)
-            self.next_pos = self.next_pos + n
+            self.next_pos += n  # in place, as the counts: a CUDA graph of the step reads the same tensors
         for i in range(keys.shape[-2] if evicting else 0):  # token by token: each may replace a slot
             step = self.next_pos.view(-1, 1, 1)
             counts = self.slots.counts

@@ -319,22 +319,33 @@ class PagedStore:
         if self.tail is not None:
             self.tail.init(keys, values, self.counts)
 
+    def reserve(self, slots: int) -> None:
+        """Make room for ``slots`` token slots per row (whole blocks, ``GROWTH`` more when it has
+        to grow): the pages, positions and scores are reallocated only here, so tensors read by a
+        captured CUDA graph stay where they are while the capacity suffices."""
+        if slots <= self.capacity:
+            return
+        b = self.positions.shape[0]
+        self._allocate(b, slots + GROWTH)
+        extra = self.cache.shape[0] // b * self.BLOCK - self.positions.shape[-1]
+        self.positions, self.scores = _pad(self.positions, extra, -1, -1), _pad(self.scores, extra, -1)
+
     def write(self, keys, values, slots, positions, scores, top: int | None = None, added=None) -> None:
-        """As :meth:`SlotStore.write` (``top``, ``added``, ``scores`` None likewise)."""
+        """As :meth:`SlotStore.write` (``top``, ``added``, ``scores`` None likewise). The counts
+        change in place (a CUDA graph of the step keeps reading the same tensor)."""
         if top is None:
             top = int(slots.max()) + 1 if slots.numel() else 0
-        if top > self.capacity:
-            b = slots.shape[0]
-            self._allocate(b, top + GROWTH)
-            extra = self.cache.shape[0] // b * self.BLOCK - self.positions.shape[-1]
-            self.positions, self.scores = _pad(self.positions, extra, -1, -1), _pad(self.scores, extra, -1)
+        self.reserve(top)
         self._store(keys, values, slots, skips=False)
         if self.tail is not None:  # appends only: a residual window and eviction are refused together
             self.tail.write(keys, values, slots)
         self.positions.scatter_(-1, slots, positions)
         if scores is not None:
             self.scores.scatter_(-1, slots, scores)
-        self.counts = (self.positions >= 0).sum(-1) if added is None else self.counts + added
+        if added is None:
+            self.counts.copy_((self.positions >= 0).sum(-1))
+        else:
+            self.counts.add_(added)
 
     def decode(self):
         k, v = read_paged(self.layout, self.cache, self.block_tables, self.capacity, self.read_dtype)

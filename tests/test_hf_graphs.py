@@ -1,0 +1,124 @@
+"""``kvplug.hf.DecodeGraph``: the captured decode step gives generate()'s logits, keeps the cache's
+tensors in place, grows when it must, and refuses what it cannot capture in one line."""
+
+import pytest
+import torch
+
+import kvplug.hf
+from test_hf_adapter import prompts, tiny
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+def _reference(model, ids, mask, spec, steps, device):
+    """generate()'s greedy tokens and per-step logits over a fresh paged cache (positions from the
+    mask, as generate computes them)."""
+    cache = kvplug.hf.cache(model, spec, paged=True)
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=steps,
+                         do_sample=False, past_key_values=cache, pad_token_id=0, output_logits=True,
+                         return_dict_in_generate=True)
+    return out.sequences[:, ids.shape[1]:], [x.float() for x in out.logits]
+
+
+def _graphed(model, ids, mask, spec, tokens, device, **kwargs):
+    """The prompt through generate() (one token, the cache then holds the prompt alone), then the
+    reference's tokens fed through a DecodeGraph: the logits after each."""
+    cache = kvplug.hf.cache(model, spec, paged=True)
+    model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=1, do_sample=False,
+                   past_key_values=cache, pad_token_id=0)
+    graph = kvplug.hf.DecodeGraph(model, cache, **kwargs)
+    return cache, graph, [graph(tokens[:, t]).float().clone() for t in range(tokens.shape[1] - 1)]
+
+
+@pytest.mark.parametrize("spec", ["int4", "none", "int4(residual=8)", "snapkv(budget=24, window=4)+int8"])
+def test_the_static_step_gives_generates_logits(spec, gen):
+    """Left-padded prompts: the step the graph holds (positions read from the cache, no mask)
+    gives the logits generate() computes with the mask, step for step (CPU: the kernels'
+    references, the same step run eagerly)."""
+    model = tiny(head_dim=32).to(torch.bfloat16)
+    ids, mask = prompts(gen, length=40)
+    tokens, logits = _reference(model, ids, mask, spec, 10, "cpu")
+    cache, graph, ours = _graphed(model, ids, mask, spec, tokens, "cpu", capture=False)
+    for t, got in enumerate(ours):
+        want = logits[t + 1]
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (spec, t)
+    assert cache.get_seq_length() == ids.shape[1] + tokens.shape[1] - 1
+
+
+def test_the_step_changes_the_cache_in_place_and_counts_exactly(gen, monkeypatch):
+    """The tensors a graph reads stay where they are while the capacity lasts (counts, next
+    positions, pages); each step adds exactly one token per head; past the capacity the store
+    grows (reserve) and the logits stay generate()'s."""
+    import kvplug.adapters.hf.store as store
+
+    monkeypatch.setattr(store, "GROWTH", 4)  # 40-token prompt + 4: 3 blocks of 16, full after 8 steps
+    model = tiny(head_dim=32).to(torch.bfloat16)
+    ids, mask = prompts(gen, length=40)
+    tokens, logits = _reference(model, ids, mask, "int4", 16, "cpu")
+    cache = kvplug.hf.cache(model, "int4", paged=True)
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, do_sample=False,
+                   past_key_values=cache, pad_token_id=0)
+    graph = kvplug.hf.DecodeGraph(model, cache, max_new_tokens=5, capture=False)
+    first = cache.layers[0]
+    counts0, pos0 = first.slots.counts.clone(), first.next_pos.clone()
+    where = (first.slots.counts.data_ptr(), first.next_pos.data_ptr(), first.slots.cache.data_ptr())
+    assert first.slots.capacity == 48
+    for t in range(15):
+        got = graph(tokens[:, t]).float()
+        assert (got - logits[t + 1]).abs().max() <= 1e-5 * logits[t + 1].abs().max(), t
+        if t < 7:
+            assert (first.slots.counts.data_ptr(), first.next_pos.data_ptr(), first.slots.cache.data_ptr()) == where
+    assert torch.equal(first.slots.counts, counts0 + 15) and torch.equal(first.next_pos, pos0 + 15)
+    assert first.slots.capacity == 64  # grew once: 8 + 15 - 1 = 22 tokens past 40 + 5 reserved, in blocks
+    assert first.slots.counts.data_ptr() == where[0]  # the counts never move; the pages did
+
+
+@pytest.mark.parametrize("spec, paged, message", [
+    ("h2o(budget=24)+int4", True, "evicts while generating"),
+    ("int4", False, "not in the paged layout"),
+    ("minicache(start=0)+int4", True, "outside the pages"),
+    ("kivi", True, "outside the pages"),
+])
+def test_what_cannot_be_captured_is_refused_in_one_line(spec, paged, message, gen):
+    model = tiny(head_dim=32).to(torch.bfloat16)
+    ids, mask = prompts(gen, length=40)
+    cache = kvplug.hf.cache(model, spec, paged=paged)
+    with pytest.raises(ValueError, match="holds no prompt yet"):
+        kvplug.hf.DecodeGraph(model, cache, capture=False)
+    model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+    with pytest.raises(ValueError, match=message) as err:
+        kvplug.hf.DecodeGraph(model, cache, capture=False)
+    assert "\n" not in str(err.value)
+
+
+def test_a_graph_needs_cuda_and_one_token_per_sequence(gen):
+    model = tiny(head_dim=32).to(torch.bfloat16)
+    ids, mask = prompts(gen, length=40)
+    cache = kvplug.hf.cache(model, "int4", paged=True)
+    model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="need the model on CUDA"):
+            kvplug.hf.DecodeGraph(model, cache)
+    graph = kvplug.hf.DecodeGraph(model, cache, capture=False)
+    with pytest.raises(ValueError, match="made for 2 sequences"):
+        graph(torch.zeros(3, dtype=torch.long))
+
+
+@cuda
+@pytest.mark.parametrize("spec", ["int4", "none", "int4(residual=32)",
+                                  "mixed(key=3, value=2, symmetric=true, rotate=true, key_clip=0.85, residual=64)"])
+def test_replayed_graph_equals_the_eager_step_on_cuda(spec, gen, monkeypatch):
+    """On CUDA, in bfloat16: the captured step's logits equal the same step run eagerly, through
+    a growth of the store (captured again) and past it."""
+    import kvplug.adapters.hf.store as store
+
+    monkeypatch.setattr(store, "GROWTH", 8)
+    model = tiny(head_dim=64).to("cuda", torch.bfloat16)
+    ids, mask = prompts(gen, length=200)
+    tokens, logits = _reference(model, ids, mask, spec, 40, "cuda")
+    eager = _graphed(model, ids, mask, spec, tokens, "cuda", capture=False, max_new_tokens=8)
+    graphed = _graphed(model, ids, mask, spec, tokens, "cuda", max_new_tokens=8)
+    assert graphed[1].replays == 38 and graphed[1].captures >= 2  # grown at least once: captured again
+    for t, (a, b) in enumerate(zip(eager[2], graphed[2])):
+        assert (a - b).abs().max() <= 1e-3 * a.abs().max(), (spec, t)
+        assert (a - logits[t + 1]).abs().max() <= 2e-2 * a.abs().max(), (spec, t)  # bf16 rounding apart
