@@ -122,3 +122,39 @@ def test_replayed_graph_equals_the_eager_step_on_cuda(spec, gen, monkeypatch):
     for t, (a, b) in enumerate(zip(eager[2], graphed[2])):
         assert (a - b).abs().max() <= 1e-3 * a.abs().max(), (spec, t)
         assert (a - logits[t + 1]).abs().max() <= 2e-2 * a.abs().max(), (spec, t)  # bf16 rounding apart
+
+
+@pytest.mark.parametrize("spec, graphed", [("int4", True), ("h2o(budget=24)+int4", False)])
+def test_generate_inside_cuda_graphs_gives_generates_tokens(spec, graphed, gen):
+    """generate() within ``kvplug.hf.cuda_graphs`` (the static step run eagerly on the CPU):
+    the tokens of generate() outside it, left padding included; its decode steps went through
+    the graph, or (a cache it cannot capture) ran as before."""
+    model = tiny(head_dim=32).to(torch.bfloat16)
+    ids, mask = prompts(gen, length=40)
+    want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                          past_key_values=kvplug.hf.cache(model, spec, paged=True))
+    with kvplug.hf.cuda_graphs(model, capture=False) as state:
+        got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                             past_key_values=kvplug.hf.cache(model, spec, paged=True))
+    assert torch.equal(got, want)
+    assert state["steps"] == (11 if graphed else 0)
+    assert "forward" not in vars(model)  # the block restores the model
+
+
+@cuda
+def test_generate_replays_the_graph_on_cuda(gen):
+    """generate() within ``cuda_graphs`` on CUDA: the tokens and logits of the same static step
+    run eagerly (capture=False), with every decode step after the first replayed."""
+    model = tiny(head_dim=64).to("cuda", torch.bfloat16)
+    ids, mask = prompts(gen, length=300)
+    kw = dict(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=30, do_sample=False, pad_token_id=0,
+              output_logits=True, return_dict_in_generate=True)
+    runs = []
+    for capture in (False, True):
+        with kvplug.hf.cuda_graphs(model, capture=capture) as state:
+            runs.append(model.generate(**kw, past_key_values=kvplug.hf.cache(model, "int4")))
+            if capture:
+                assert state["graph"].replays == 28 and state["steps"] == 29
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    for a, b in zip(runs[0].logits, runs[1].logits):
+        assert (a.float() - b.float()).abs().max() <= 1e-3 * a.float().abs().max()

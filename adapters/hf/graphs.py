@@ -13,6 +13,9 @@ what one captured step advanced them.
     graph = kvplug.hf.DecodeGraph(model, cache, max_new_tokens=256)
     logits = graph(next_tokens)           # [B, vocab]; valid until the next call
 
+    with kvplug.hf.cuda_graphs(model):    # generate()'s decode steps go through a DecodeGraph
+        model.generate(**inputs, past_key_values=kvplug.hf.cache(model, "int4"))
+
 The first call runs the step eagerly (compiling the kernels) and captures it; the cache must
 hold its prompt already (run the model on the prompt first). Supported: every layer in the paged
 layout (CUDA; codecs the paged kernels read, with or without a residual window), prefill-only
@@ -22,10 +25,16 @@ eagerly (their steps decide on the host), and :class:`DecodeGraph` says so in on
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
+
 import torch
 
 from .layer import KVPlugLayer
 from .store import PagedStore
+
+log = logging.getLogger("kvplug")
 
 
 def graph_blocker(cache) -> str | None:
@@ -51,9 +60,9 @@ class DecodeGraph:
     ``max_new_tokens``: tokens to reserve room for at once; the graph is captured again (tensors
     moved; no step lost) whenever the cache has to grow past it. ``capture=False``
     runs the same static-buffer step eagerly on any device (what the graph replays, for tests and
-    CPUs)."""
+    CPUs). ``forward``: what runs the model (default ``model`` itself)."""
 
-    def __init__(self, model, cache, max_new_tokens: int = 256, capture: bool = True):
+    def __init__(self, model, cache, max_new_tokens: int = 256, capture: bool = True, forward=None):
         why = graph_blocker(cache)
         if why is not None:
             raise ValueError(f"kvplug: DecodeGraph cannot capture this cache's decode step: {why}")
@@ -64,18 +73,19 @@ class DecodeGraph:
             raise ValueError(f"kvplug: CUDA graphs need the model on CUDA, not {first.device}; "
                              f"pass capture=False to run the same step eagerly")
         self.model, self.cache, self.max_new_tokens, self.capture = model, cache, max_new_tokens, capture
+        self.forward = model if forward is None else forward
         batch = first.next_pos.shape[0]
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=first.device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=first.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         self.delta: list[tuple[int, int]] = []  # per layer: (seen, high) one step adds
-        self.replays = self.captures = 0
+        self.steps = self.replays = self.captures = 0
 
     def _step(self) -> torch.Tensor:
         """The step as the graph holds it: positions read from the cache, logits of the last token."""
         self.positions.copy_(self.cache.layers[0].next_pos.view(-1, 1))
-        out = self.model(input_ids=self.tokens, position_ids=self.positions, past_key_values=self.cache,
+        out = self.forward(input_ids=self.tokens, position_ids=self.positions, past_key_values=self.cache,
                          use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
 
@@ -115,6 +125,7 @@ class DecodeGraph:
                              f"{tuple(tokens.shape)} tokens")
         self.tokens.copy_(tokens.view(-1, 1))
         grew = self._reserve()
+        self.steps += 1
         if not self.capture:
             return self._step()
         if self.graph is None:  # compile and warm up on a side stream (as torch.cuda.graphs asks), eagerly
@@ -133,3 +144,45 @@ class DecodeGraph:
         self._set_host([(s + ds, h + dh) for (s, h), (ds, dh) in zip(self._host(), self.delta)])
         self.replays += 1
         return self.logits
+
+
+@contextlib.contextmanager
+def cuda_graphs(model, max_new_tokens: int = 256, capture: bool = True):
+    """Within the block, ``model``'s one-token forward calls over a capturable kvplug cache (the
+    decode steps of ``generate()``) replay a :class:`DecodeGraph`; every other call (prompts,
+    other caches, a cache :func:`graph_blocker` refuses: logged once) runs as before. The step
+    takes its positions from the cache (the real tokens before it, as ``generate()`` computes
+    them from the mask) and ignores the mask, as kvplug's paged decode attention does. One graph
+    at a time: a new cache replaces the last one's graph (until then it holds that cache).
+    Yields a dict: ``graph`` (the current :class:`DecodeGraph` or None) and ``steps`` (decode
+    steps it served, over all caches)."""
+    original = model.forward
+    state: dict = {"graph": None, "steps": 0, "refused": None}
+
+    @functools.wraps(original)  # generate() passes what the signature names (position_ids among them)
+    def forward(input_ids=None, past_key_values=None, **kwargs):
+        if (input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] != 1 or kwargs.get("inputs_embeds") is not None
+                or not hasattr(past_key_values, "strategy") or state["refused"] is past_key_values
+                or not past_key_values.layers[0].prompt_stored()):
+            return original(input_ids=input_ids, past_key_values=past_key_values, **kwargs)
+        graph = state["graph"]
+        if graph is None or graph.cache is not past_key_values:
+            state["graph"] = None  # the last cache's graph goes before a new one is captured
+            why = graph_blocker(past_key_values)
+            if why is not None:
+                state["refused"] = past_key_values
+                log.warning("kvplug: decode steps run eagerly (no CUDA graph): %s", why)
+                return original(input_ids=input_ids, past_key_values=past_key_values, **kwargs)
+            graph = state["graph"] = DecodeGraph(model, past_key_values, max_new_tokens, capture,
+                                                            forward=original)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        state["steps"] += 1
+        return CausalLMOutputWithPast(logits=graph(input_ids)[:, None], past_key_values=past_key_values)
+
+    model.forward = forward
+    try:
+        yield state
+    finally:
+        del model.forward
+        state["graph"] = state["refused"] = None
