@@ -85,6 +85,7 @@ def _eval(args: argparse.Namespace, console: Console) -> None:
         settings.device = args.device
     if args.heldout:
         settings.heldout = args.heldout
+    settings.cuda_graphs = not args.eager
     results = evaluate(settings, console)
     out = Path(args.out)
     console.print(table([results]))
@@ -139,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--heldout", default="", metavar="FILE",
                         help="held-out text, documents joined by <|endoftext|> (default: heldout.txt beside the model)")
     p_eval.add_argument("--seed", type=int, default=0)
+    p_eval.add_argument("--eager", action="store_true",
+                        help="run every decode step eagerly (default on CUDA: replay a CUDA graph where the cache allows)")
     p_eval.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 is faster on a small, shared CPU)")
     p_eval.add_argument("--out", default="kvplug-eval", help="folder for results.json and plots")

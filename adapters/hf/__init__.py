@@ -15,12 +15,12 @@
 from .api import SUPPORTED, cache, check_model, compress
 from .cache import KVPlugCache
 from .documents import DocumentStore
-from .graphs import DecodeGraph, cuda_graphs
+from .graphs import DecodeGraph, cuda_graphs, graph_blocker
 from .layer import KVPlugLayer
 from .lckv import LckvConfig, LckvForCausalLM, register as _register_lckv
 from .persist import load
 
 _register_lckv()  # kvplug_lckv checkpoints load through AutoModelForCausalLM, no trust_remote_code
 
-__all__ = ["cache", "compress", "check_model", "load", "DocumentStore", "DecodeGraph", "cuda_graphs", "KVPlugCache", "KVPlugLayer", "LckvConfig", "LckvForCausalLM",
+__all__ = ["cache", "compress", "check_model", "load", "DocumentStore", "DecodeGraph", "cuda_graphs", "graph_blocker", "KVPlugCache", "KVPlugLayer", "LckvConfig", "LckvForCausalLM",
            "SUPPORTED"]

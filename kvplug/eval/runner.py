@@ -42,6 +42,7 @@ class EvalSettings:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     seed: int = 0
     heldout: str = ""  # held-out text file; "" = heldout.txt beside the model
+    cuda_graphs: bool = True  # on CUDA, decode steps of capturable caches replay a CUDA graph (same kernels)
 
     def check(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -105,7 +106,7 @@ def _context(board: _Board, settings: EvalSettings, context: int, model, tokeniz
     seed, device = settings.seed, settings.device
     if "perplexity" in settings.tasks:
         ids = inputs.perplexity_ids(source, seed, context, settings.ppl_sequences, settings.ppl_tokens, device)
-        prompt = measure.Prompt(model, ids[:, :context])
+        prompt = measure.Prompt(model, ids[:, :context], settings.cuda_graphs)
         nll = board.each(lambda spec: measure.decode_nll(prompt, spec, ids[:, context:]))
         base = nll.get("none")
         board.put("perplexity", context, {
@@ -116,7 +117,8 @@ def _context(board: _Board, settings: EvalSettings, context: int, model, tokeniz
         cells: dict[str, dict] = {}
         for depth in settings.depths:
             samples = inputs.lookup_samples(tokenizer, source, seed, context, depth, settings.trials)
-            prompt = measure.Prompt(model, torch.tensor([s.prompt_ids for s in samples], device=device))
+            prompt = measure.Prompt(model, torch.tensor([s.prompt_ids for s in samples], device=device),
+                                    settings.cuda_graphs)
             steps = len(samples[0].answer_ids)
             hits = board.each(lambda spec: inputs.exact_matches(measure.greedy(prompt, spec, steps)[0], samples))
             for spec, correct in hits.items():
@@ -125,7 +127,8 @@ def _context(board: _Board, settings: EvalSettings, context: int, model, tokeniz
             progress.advance(bar)
         board.put("retrieval", context, cells)
     if "agreement" in settings.tasks:
-        prompt = measure.Prompt(model, inputs.agreement_prompts(source, seed, context, settings.agreement_sequences, device))
+        prompt = measure.Prompt(model, inputs.agreement_prompts(source, seed, context, settings.agreement_sequences,
+                                                                device), settings.cuda_graphs)
         tokens = board.each(lambda spec: measure.greedy(prompt, spec, settings.agreement_tokens)[0])
         ref = tokens.get("none")
         if ref is not None:
@@ -133,7 +136,7 @@ def _context(board: _Board, settings: EvalSettings, context: int, model, tokeniz
                                              for spec, t in tokens.items()})
         progress.advance(bar)
     if "memory" in settings.tasks:
-        prompt = measure.Prompt(model, inputs.memory_prompt(source, seed, context, device))
+        prompt = measure.Prompt(model, inputs.memory_prompt(source, seed, context, device), settings.cuda_graphs)
         steps = 16
         def held(spec):  # (K/V bytes, bookkeeping bytes, accelerator K/V bytes); the cache is dropped at once
             cache = measure.greedy(prompt, spec, steps + 1)[1]
