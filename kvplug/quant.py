@@ -128,13 +128,21 @@ def affine_decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) 
     return codes.float() * scale.float() + zero.float()
 
 
+def first_part_bits(bits: int) -> int:
+    """Width of the part of a code :func:`pack` writes first: 2 for 3-bit codes (their low bits;
+    the high bit follows as a 1-bit packing), ``bits`` otherwise. The paged layout and kernels
+    size and unpack a role's planes by it."""
+    return 2 if bits == 3 else bits
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack uint8 codes of ``bits`` along the last axis, planar (see module docstring); 3 bits
     are the 2-bit packing of the low two bits followed by the 1-bit packing of the high bit."""
     if bits == 8:
         return codes
     if bits == 3:
-        return torch.cat([pack(codes & 3, 2), pack(codes >> 2, 1)], -1)
+        low = first_part_bits(bits)
+        return torch.cat([pack(codes & (1 << low) - 1, low), pack(codes >> low, 1)], -1)
     per_byte = 8 // bits
     n = codes.shape[-1]
     if n % per_byte:
@@ -149,8 +157,9 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return packed
     if bits == 3:
-        n = packed.shape[-1] * 8 // 3
-        return unpack(packed[..., : n // 4], 2) | (unpack(packed[..., n // 4:], 1) << 2)
+        low = first_part_bits(bits)
+        first = packed.shape[-1] * 8 // 3 * low // 8  # bytes of the low part
+        return unpack(packed[..., :first], low) | (unpack(packed[..., first:], 1) << low)
     shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.int32).unsqueeze(-1)
     planes = (packed.to(torch.int32).unsqueeze(-2) >> shifts) & (2**bits - 1)
     return planes.reshape(*packed.shape[:-1], -1).to(torch.uint8)

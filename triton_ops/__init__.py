@@ -99,12 +99,15 @@ def _clips(layout: PagedLayout) -> tuple[float, float, float, float]:
 
 def _widths(layout: PagedLayout) -> dict:
     """The kernels' per-role constants: bits and code bytes of keys and values (16 bits: head_dim);
-    KPW, the elements of one plane of keys (their code bytes, or head_dim / 4 for 3-bit keys,
-    whose 2-bit part holds four planes); META, float16 metadata per token and role (2: scale and
-    zero, 1: the symmetric format's scale)."""
+    KLB, the bits of the keys' first packed part (:func:`kvplug.quant.first_part_bits`: 2 for
+    3-bit keys), whose ``8 // KLB`` planes of KPW elements the kernels read (KPW: that part's
+    bytes); META, float16 metadata per token and role (2: scale and zero, 1: the symmetric
+    format's scale)."""
     kcb, vcb = (layout.role_code_bytes(r) if layout.quantized else layout.head_dim for r in (0, 1))
-    kpw = layout.head_dim // 4 if layout.bits == 3 else kcb
-    return dict(KBITS=layout.bits, KCB=kcb, VBITS=layout.vbits, VCB=vcb, KPW=kpw, META=max(1, layout.meta_bytes // 2))
+    klb = quant.first_part_bits(layout.bits)
+    kpw = layout.head_dim * klb // 8 if layout.quantized else kcb
+    return dict(KBITS=layout.bits, KCB=kcb, VBITS=layout.vbits, VCB=vcb, KLB=klb, KPW=kpw,
+                META=max(1, layout.meta_bytes // 2))
 
 
 def default_num_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int,

@@ -89,7 +89,7 @@ def _store_kernel(k_ptr, v_ptr, slot_ptr, cache_ptr, meta_ptr,
                   stride_cblk, stride_ckv, stride_ch, kspan, kcentre, vspan, vcentre,
                   H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                   KBITS: tl.constexpr, KCB: tl.constexpr, VBITS: tl.constexpr, VCB: tl.constexpr,
-                  KPW: tl.constexpr, META: tl.constexpr, KCENTRED: tl.constexpr, VCENTRED: tl.constexpr):
+                  KLB: tl.constexpr, KPW: tl.constexpr, META: tl.constexpr, KCENTRED: tl.constexpr, VCENTRED: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     offs_h = tl.arange(0, H_PAD)
     offs_d = tl.arange(0, D)
@@ -401,19 +401,18 @@ def _quant_tile(cache_ptr, meta_ptr, row, off, nmask, stride_ckv, offs_kc, offs_
 
 
 @triton.jit
-def _key_queries(q_ptrs, qmask, sm_scale, qsum, AXIS: tl.constexpr, KBITS: tl.constexpr, KPW: tl.constexpr):
+def _key_queries(q_ptrs, qmask, sm_scale, qsum, AXIS: tl.constexpr, KLB: tl.constexpr, KPW: tl.constexpr):
     """q's planes for the key planes of :func:`_quant_tile`, times the softmax scale and log2(e),
     float16 (plane j of KPW elements at ``q_ptrs + j * KPW``; ``qmask`` broadcast against it),
-    each divided by its key plane's power of two (3-bit keys: as 2-bit keys);
+    each divided by its key plane's power of two (KLB: the keys' first-part bits, 2 for 3-bit keys);
     and ``qsum`` (zeros) plus ``sum(q)`` in float32, reduced over AXIS (the head_dim axis of ``q_ptrs``)."""
-    LB: tl.constexpr = 2 if KBITS == 3 else KBITS
-    NP: tl.constexpr = 8 // LB
+    NP: tl.constexpr = 8 // KLB
     qs = ()
     for j in tl.static_range(NP):
         qj = (tl.load(q_ptrs + j * KPW, mask=qmask, other=0.0).to(tl.float32)
               * (sm_scale * 1.4426950408889634)).to(tl.float16)
         qsum += tl.sum(qj.to(tl.float32), axis=AXIS)
-        qs = qs + ((qj.to(tl.float32) * (1.0 / (1 << (j * LB)))).to(tl.float16),)
+        qs = qs + ((qj.to(tl.float32) * (1.0 / (1 << (j * KLB)))).to(tl.float16),)
     return qs, qsum
 
 
@@ -424,7 +423,7 @@ def _decode_planes_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, lens_ptr, held_ptr
                           stride_hb, stride_hh, stride_cblk, stride_ckv, stride_ch, lg_ptr, lg_w, stride_lgb,
                           HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                           BS: tl.constexpr, KBITS: tl.constexpr, KCB: tl.constexpr, VBITS: tl.constexpr,
-                          VCB: tl.constexpr, KPW: tl.constexpr, META: tl.constexpr, BLOCK_N: tl.constexpr,
+                          VCB: tl.constexpr, KLB: tl.constexpr, KPW: tl.constexpr, META: tl.constexpr, BLOCK_N: tl.constexpr,
                           SPLIT: tl.constexpr, HELD: tl.constexpr, ASM: tl.constexpr, LOGITS: tl.constexpr):
     """Decode attention over an int8/int4/int2 paged cache, transposed, one plane of codes at a time.
     Keys at KBITS (KCB code bytes per token), values at VBITS (VCB); below, BITS and CB stand for
@@ -447,7 +446,7 @@ def _decode_planes_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, lens_ptr, held_ptr
     (``test_decode_long_diffuse_context``). With LOGITS each held token's logit goes to ``lg_ptr``
     (:func:`_store_logits`).
     """
-    KNP: tl.constexpr = 4 if KBITS == 3 else 8 // KBITS      # key planes (3 bits: as 2 bits)
+    KNP: tl.constexpr = 8 // KLB      # key planes (3 bits: the 2-bit part's)
     VNP: tl.constexpr = 8 // VBITS
     C0: tl.constexpr = 1 << (VBITS - 1)
     b, h, split, start, end, first, n_front, recent = _span(lens_ptr, held_ptr, num_splits, stride_lb, stride_lh,
@@ -459,7 +458,7 @@ def _decode_planes_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, lens_ptr, held_ptr
     offs_vc = tl.arange(0, VCB)
     # q^T, plane by plane: [KPW, G_PAD]
     q_col = q_ptr + b.to(tl.int64) * stride_qb + qh[None, :] * stride_qh + offs_kc[:, None]
-    qs, qsum = _key_queries(q_col, gmask[None, :], sm_scale, tl.zeros([G_PAD], tl.float32), 0, KBITS, KPW)
+    qs, qsum = _key_queries(q_col, gmask[None, :], sm_scale, tl.zeros([G_PAD], tl.float32), 0, KLB, KPW)
     accs = ()
     for j in tl.static_range(VNP):
         accs = accs + (tl.zeros([VCB, G_PAD], tl.float32),)
@@ -503,7 +502,7 @@ def _decode_planes_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, lens_ptr, held_ptr
 def _varlen_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, qsl_ptr, lens_ptr, out_ptr, sm_scale,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_btb, stride_cblk, stride_ckv, stride_ch,
                    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, KBITS: tl.constexpr,
-                   KCB: tl.constexpr, VBITS: tl.constexpr, VCB: tl.constexpr, KPW: tl.constexpr,
+                   KCB: tl.constexpr, VBITS: tl.constexpr, VCB: tl.constexpr, KLB: tl.constexpr, KPW: tl.constexpr,
                    META: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
     """Causal attention of a varlen batch (decode rows and prefill chunks mixed) over a paged cache.
 
@@ -517,7 +516,7 @@ def _varlen_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, qsl_ptr, lens_ptr, out_pt
     cache of codec none (KCB = VCB = D). No splits: a program loops over its whole causal range.
     """
     QUANT: tl.constexpr = KBITS != 16
-    KNP: tl.constexpr = (4 if KBITS == 3 else 8 // KBITS) if QUANT else 1
+    KNP: tl.constexpr = 8 // KLB if QUANT else 1
     VNP: tl.constexpr = 8 // VBITS if QUANT else 1
     M: tl.constexpr = BLOCK_Q * G
     pid = tl.program_id(0)
@@ -539,7 +538,7 @@ def _varlen_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, qsl_ptr, lens_ptr, out_pt
     offs_vc = tl.arange(0, VCB)
     q_row = q_ptr + (q0 + tok).to(tl.int64)[:, None] * stride_qt + qh[:, None] * stride_qh + offs_kc[None, :]
     if QUANT:
-        qs, qsum = _key_queries(q_row, rmask[:, None], sm_scale, tl.zeros([M], tl.float32), 1, KBITS, KPW)
+        qs, qsum = _key_queries(q_row, rmask[:, None], sm_scale, tl.zeros([M], tl.float32), 1, KLB, KPW)
     else:
         qs = ((tl.load(q_row, mask=rmask[:, None], other=0.0).to(tl.float32)
                * (sm_scale * 1.4426950408889634)).to(tl.float16),)
@@ -602,15 +601,15 @@ def _varlen_kernel(q_ptr, cache_ptr, meta_ptr, bt_ptr, qsl_ptr, lens_ptr, out_pt
 
 @triton.jit
 def _dequant_role(cache_ptr, meta_ptr, dst, row, off, tmask, out_row, BS: tl.constexpr, D: tl.constexpr,
-                  BITS: tl.constexpr, CB: tl.constexpr, META: tl.constexpr):
-    """One role's tile of :func:`_dequant_kernel`: ``row`` its (block, head) row, ``CB`` its code bytes."""
+                  BITS: tl.constexpr, LB: tl.constexpr, CB: tl.constexpr, META: tl.constexpr):
+    """One role's tile of :func:`_dequant_kernel`: ``row`` its (block, head) row, ``CB`` its code
+    bytes, ``LB`` the bits of its first packed part (3 bits: the 2-bit part's planes, then the high bit)."""
     if BITS == 16:
         offs_d = tl.arange(0, D)
         x = tl.load(cache_ptr + (row + off * D)[:, None] + offs_d[None, :], mask=tmask[:, None], other=0.0)
         tl.store(dst + out_row + offs_d[None, :], x.to(dst.dtype.element_ty), mask=tmask[:, None])
     else:
         scale, zero = _meta(meta_ptr, row, off, tmask, BS, CB, BITS, META)
-        LB: tl.constexpr = 2 if BITS == 3 else BITS          # 3 bits: the 2-bit part's planes, then the high bit
         PW: tl.constexpr = D * LB // 8
         offs_c = tl.arange(0, PW)
         at = cache_ptr + (row + off * CB)[:, None]
@@ -629,7 +628,7 @@ def _dequant_role(cache_ptr, meta_ptr, dst, row, off, tmask, out_row, BS: tl.con
 def _dequant_kernel(cache_ptr, meta_ptr, bt_ptr, lens_ptr, cu_ptr, k_ptr, v_ptr,
                     stride_btb, stride_cblk, stride_ckv, stride_ch, stride_ot, stride_oh,
                     HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, KBITS: tl.constexpr, KCB: tl.constexpr,
-                    VBITS: tl.constexpr, VCB: tl.constexpr, KPW: tl.constexpr, META: tl.constexpr,
+                    VBITS: tl.constexpr, VCB: tl.constexpr, KLB: tl.constexpr, KPW: tl.constexpr, META: tl.constexpr,
                     BLOCK_T: tl.constexpr):
     """Decoded K and V of sequences' first ``seq_len`` slots, packed: sequence s's token t goes to
     row ``cu[s] + t`` of ``k``/``v`` ``[rows, HKV, D]`` (their dtype). Grid ``(num_seqs, tiles of
@@ -648,8 +647,8 @@ def _dequant_kernel(cache_ptr, meta_ptr, bt_ptr, lens_ptr, cu_ptr, k_ptr, v_ptr,
     row = blk * stride_cblk + h.to(tl.int64) * stride_ch
     off = offs_t % BS
     out_row = (base + offs_t).to(tl.int64)[:, None] * stride_ot + h * stride_oh
-    _dequant_role(cache_ptr, meta_ptr, k_ptr, row, off, tmask, out_row, BS, D, KBITS, KCB, META)
-    _dequant_role(cache_ptr, meta_ptr, v_ptr, row + stride_ckv, off, tmask, out_row, BS, D, VBITS, VCB, META)
+    _dequant_role(cache_ptr, meta_ptr, k_ptr, row, off, tmask, out_row, BS, D, KBITS, KLB, KCB, META)
+    _dequant_role(cache_ptr, meta_ptr, v_ptr, row + stride_ckv, off, tmask, out_row, BS, D, VBITS, VBITS, VCB, META)
 
 
 @triton.jit

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvplug import quant
+
 _BITS = (16, 8, 4, 3, 2)
 
 
@@ -80,8 +82,7 @@ class PagedLayout:
         if hd < 16 or hd & (hd - 1):
             raise ValueError(f"PagedLayout: head_dim={hd} must be a power of two >= 16")
         for bits in {self.bits, self.vbits} - {16}:
-            part = 2 if bits == 3 else bits          # 3 bits: its 2-bit part comes first
-            if (hd * part // 8) % 16:
+            if (hd * quant.first_part_bits(bits) // 8) % 16:  # 3 bits: its 2-bit part comes first
                 raise ValueError(f"PagedLayout: head_dim={hd} at {bits} bits gives "
                                  f"{hd * bits / 8:g} code bytes, not a multiple of 16")
 
