@@ -141,6 +141,18 @@ def test_generate_inside_cuda_graphs_gives_generates_tokens(spec, graphed, gen):
     assert "forward" not in vars(model)  # the block restores the model
 
 
+def test_cuda_graphs_around_generate_on_the_cpu_runs_eagerly_and_says_so(gen, caplog):
+    model = tiny(head_dim=32).to(torch.bfloat16)
+    ids, mask = prompts(gen, length=40)
+    want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                          past_key_values=kvplug.hf.cache(model, "int4", paged=True))
+    with kvplug.hf.cuda_graphs(model) as state:
+        got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                             past_key_values=kvplug.hf.cache(model, "int4", paged=True))
+    assert torch.equal(got, want) and state["steps"] == 0
+    assert sum("CUDA graphs need CUDA" in r.getMessage() for r in caplog.records) == 1
+
+
 @cuda
 def test_generate_replays_the_graph_on_cuda(gen):
     """generate() within ``cuda_graphs`` on CUDA: the tokens and logits of the same static step

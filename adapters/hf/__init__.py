@@ -9,7 +9,8 @@
     blob = cache.to_bytes(model)              # after a prompt: the compressed cache as bytes
     again = kvplug.hf.load(model, blob)       # continues generating as the saved cache would
 
-    graph = kvplug.hf.DecodeGraph(model, cache)  # after the prompt: decode steps replayed as a CUDA graph
+    with kvplug.hf.cuda_graphs(model):        # generate()'s decode steps replayed as a CUDA graph
+        model.generate(**inputs, past_key_values=kvplug.hf.cache(model, "int4"))
 """
 
 from .api import SUPPORTED, cache, check_model, compress

@@ -169,6 +169,8 @@ def cuda_graphs(model, max_new_tokens: int = 256, capture: bool = True):
         if graph is None or graph.cache is not past_key_values:
             state["graph"] = None  # the last cache's graph goes before a new one is captured
             why = graph_blocker(past_key_values)
+            if why is None and capture and past_key_values.layers[0].device.type != "cuda":
+                why = f"the cache is on {past_key_values.layers[0].device}, and CUDA graphs need CUDA"
             if why is not None:
                 state["refused"] = past_key_values
                 log.warning("kvplug: decode steps run eagerly (no CUDA graph): %s", why)
