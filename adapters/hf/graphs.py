@@ -86,7 +86,7 @@ class DecodeGraph:
         """The step as the graph holds it: positions read from the cache, logits of the last token."""
         self.positions.copy_(self.cache.layers[0].next_pos.view(-1, 1))
         out = self.forward(input_ids=self.tokens, position_ids=self.positions, past_key_values=self.cache,
-                         use_cache=True, logits_to_keep=1)
+                           use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
 
     def _host(self) -> list[tuple[int, int]]:
