@@ -30,7 +30,8 @@ def _graphed(model, ids, mask, spec, tokens, device, **kwargs):
     return cache, graph, [graph(tokens[:, t]).float().clone() for t in range(tokens.shape[1] - 1)]
 
 
-@pytest.mark.parametrize("spec", ["int4", "none", "int4(residual=8)", "snapkv(budget=24, window=4)+int8"])
+@pytest.mark.parametrize("spec", ["int4", "none", "int4(residual=8)", "snapkv(budget=24, window=4)+int8",
+                                  "h2o(budget=24)+int4", "streaming(sinks=4, window=20)+int8", "tova(budget=24)+int4"])
 def test_the_static_step_gives_generates_logits(spec, gen):
     """Left-padded prompts: the step the graph holds (positions read from the cache, no mask)
     gives the logits generate() computes with the mask, step for step (CPU: the kernels'
@@ -74,12 +75,15 @@ def test_the_step_changes_the_cache_in_place_and_counts_exactly(gen, monkeypatch
 
 
 @pytest.mark.parametrize("spec, paged, message", [
-    ("h2o(budget=24)+int4", True, "evicts while generating"),
+    ("h2o(budget=24)+int4", True, "does not declare its decode-time eviction graph-safe"),
     ("int4", False, "not in the paged layout"),
     ("minicache(start=0)+int4", True, "outside the pages"),
     ("kivi", True, "outside the pages"),
 ])
-def test_what_cannot_be_captured_is_refused_in_one_line(spec, paged, message, gen):
+def test_what_cannot_be_captured_is_refused_in_one_line(spec, paged, message, gen, monkeypatch):
+    from kvplug.scorers.h2o import H2O
+
+    monkeypatch.setattr(H2O, "decode_on_device", False)  # as a third-party scorer that does not say
     model = tiny(head_dim=32).to(torch.bfloat16)
     ids, mask = prompts(gen, length=40)
     cache = kvplug.hf.cache(model, spec, paged=paged)
@@ -106,10 +110,12 @@ def test_a_graph_needs_cuda_and_one_token_per_sequence(gen):
 
 @cuda
 @pytest.mark.parametrize("spec", ["int4", "none", "int4(residual=32)",
-                                  "mixed(key=3, value=2, symmetric=true, rotate=true, key_clip=0.85, residual=64)"])
+                                  "mixed(key=3, value=2, symmetric=true, rotate=true, key_clip=0.85, residual=64)",
+                                  "h2o(budget=96)+int4", "streaming(sinks=4, window=120)+int8", "tova(budget=96)+int4"])
 def test_replayed_graph_equals_the_eager_step_on_cuda(spec, gen, monkeypatch):
     """On CUDA, in bfloat16: the captured step's logits equal the same step run eagerly, through
-    a growth of the store (captured again) and past it."""
+    a growth of the store (captured again) and past it; an evicting cache, at its budget, never
+    grows (its victims are picked on the device in every replay)."""
     import kvplug.adapters.hf.store as store
 
     monkeypatch.setattr(store, "GROWTH", 8)
@@ -118,13 +124,15 @@ def test_replayed_graph_equals_the_eager_step_on_cuda(spec, gen, monkeypatch):
     tokens, logits = _reference(model, ids, mask, spec, 40, "cuda")
     eager = _graphed(model, ids, mask, spec, tokens, "cuda", capture=False, max_new_tokens=8)
     graphed = _graphed(model, ids, mask, spec, tokens, "cuda", max_new_tokens=8)
-    assert graphed[1].replays == 38 and graphed[1].captures >= 2  # grown at least once: captured again
+    evicting = "budget" in spec or "window" in spec  # holds at most its budget: never grows
+    assert graphed[1].replays == 38 and (graphed[1].captures == 1 if evicting else graphed[1].captures >= 2)
     for t, (a, b) in enumerate(zip(eager[2], graphed[2])):
         assert (a - b).abs().max() <= 1e-3 * a.abs().max(), (spec, t)
         assert (a - logits[t + 1]).abs().max() <= 2e-2 * a.abs().max(), (spec, t)  # bf16 rounding apart
 
 
-@pytest.mark.parametrize("spec, graphed", [("int4", True), ("h2o(budget=24)+int4", False)])
+@pytest.mark.parametrize("spec, graphed", [("int4", True), ("h2o(budget=24)+int4", True),
+                                            ("minicache(start=0)+int4", False)])
 def test_generate_inside_cuda_graphs_gives_generates_tokens(spec, graphed, gen):
     """generate() within ``kvplug.hf.cuda_graphs`` (the static step run eagerly on the CPU):
     the tokens of generate() outside it, left padding included; its decode steps went through
@@ -170,3 +178,31 @@ def test_generate_replays_the_graph_on_cuda(gen):
     assert torch.equal(runs[0].sequences, runs[1].sequences)
     for a, b in zip(runs[0].logits, runs[1].logits):
         assert (a.float() - b.float()).abs().max() <= 1e-3 * a.float().abs().max()
+
+
+@cuda
+@pytest.mark.parametrize("spec", ["h2o(budget=96)+int4", "tova(budget=96)+int8(rotate=true)"])
+def test_eviction_scores_from_the_kernels_logits_equal_the_dequantized_cache_s_on_cuda(spec, gen):
+    """On CUDA a decode-time scorer's step attention comes from the logits the decode kernel
+    writes (no second pass): equal to :func:`kvplug.attention.step_attention` over the decoded
+    keys, and the output to SDPA over the decoded cache, within float16 rounding."""
+    import torch.nn.functional as F
+
+    from kvplug.attention import step_attention
+
+    model = tiny(head_dim=64).to("cuda", torch.bfloat16)
+    ids, mask = prompts(gen, length=200)
+    cache = kvplug.hf.cache(model, spec)
+    model(input_ids=ids.cuda(), attention_mask=mask.cuda(), past_key_values=cache)
+    layer = cache.layers[1]
+    h, d = layer.slots.counts.shape[1], 64
+    q = torch.randn(2, 2 * h, d, generator=gen).to("cuda", torch.bfloat16)
+    out, probs = layer.slots.attend_scored(q, d ** -0.5, h)
+    keys, values, filled = layer.slots.decode()
+    want = step_attention(q, keys, d ** -0.5, filled)
+    assert (probs - want).abs().max() <= 2e-3 * want.max()
+    assert torch.all(probs[~filled] == 0)
+    ref = F.scaled_dot_product_attention(q[:, :, None].float(), keys.float(), values.float(),
+                                         attn_mask=filled.repeat_interleave(2, 1)[:, :, None], scale=d ** -0.5,
+                                         enable_gqa=True)[:, :, 0]
+    assert (out.float() - ref).norm() / ref.norm() < 1e-2

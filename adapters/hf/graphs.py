@@ -7,8 +7,8 @@ modules, the Triton launchers) sets its pace. Replaying a graph costs one launch
 step capturable: the paged cache's tensors are allocated ahead (:meth:`.store.PagedStore.reserve`)
 and change in place (token counts, next positions), the kernels size their grids from the block
 table's capacity rather than the lengths, and the step's positions come from the cache on the
-device. The host-side counters the layers keep (tokens seen, a bound on the slots) advance by
-what one captured step advanced them.
+device. The host-side counters the layers keep (tokens seen, a bound on the slots) advance after
+each replay as the step would move them (:meth:`.layer.KVPlugLayer.replayed`).
 
     graph = kvplug.hf.DecodeGraph(model, cache, max_new_tokens=256)
     logits = graph(next_tokens)           # [B, vocab]; valid until the next call
@@ -19,8 +19,10 @@ what one captured step advanced them.
 The first call runs the step eagerly (compiling the kernels) and captures it; the cache must
 hold its prompt already (run the model on the prompt first). Supported: every layer in the paged
 layout (CUDA; codecs the paged kernels read, with or without a residual window), prefill-only
-scorers (snapkv, knorm, ...). Decode-time eviction, mergers, grouped codecs and offloading run
-eagerly (their steps decide on the host), and :class:`DecodeGraph` says so in one line.
+scorers (snapkv, knorm, ...) and decode-time eviction by scorers that declare it graph-safe
+(``decode_on_device``: streaming, h2o, tova, scissorhands, DuoAttention, SimLayerKV). Mergers,
+grouped codecs and offloading run eagerly (their steps decide on the host), and
+:class:`DecodeGraph` says so in one line.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ def graph_blocker(cache) -> str | None:
         if not layer.prompt_stored():
             return f"layer {i} holds no prompt yet; run the model on the prompt first"
         scorer = layer.scorer
-        if scorer is not None and (scorer.evicts_on_decode or scorer.needs_decode_attention):
-            return f"{scorer.name} evicts while generating (its victims are picked step by step)"
+        if scorer is not None and scorer.evicts_on_decode and not scorer.decode_on_device:
+            return f"{scorer.name} does not declare its decode-time eviction graph-safe (decode_on_device)"
         if layer.merged is not None or layer.groups is not None:
             return f"{layer.strategy} holds part of its prompt outside the pages (merged or grouped)"
         if not isinstance(layer.slots, PagedStore):
@@ -79,7 +81,6 @@ class DecodeGraph:
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=first.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
-        self.delta: list[tuple[int, int]] = []  # per layer: (seen, high) one step adds
         self.steps = self.replays = self.captures = 0
 
     def _step(self) -> torch.Tensor:
@@ -101,20 +102,21 @@ class DecodeGraph:
         True when a store had to grow (its tensors moved: capture again)."""
         grew = False
         for layer in self.cache.layers:
-            if layer.high + 1 > layer.slots.capacity:
+            if layer._bound_after(1) > layer.slots.capacity:
                 layer.slots.reserve(layer.high + self.max_new_tokens)
                 grew = True
         return grew
 
     def _record(self) -> None:
-        """Capture the step (nothing runs on the device) and learn what it adds to the host counters."""
+        """Capture the step: nothing runs on the device, so the host counters the capture moved
+        go back to where they were."""
         before = self._host()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._step()
-        after = self._host()
-        self.delta = [(s1 - s0, h1 - h0) for (s0, h0), (s1, h1) in zip(before, after)]
-        self._set_host(before)
+        try:
+            with torch.cuda.graph(self.graph):
+                self.logits = self._step()
+        finally:
+            self._set_host(before)
         self.captures += 1
 
     @torch.no_grad()
@@ -141,7 +143,8 @@ class DecodeGraph:
         if grew:
             self._record()
         self.graph.replay()
-        self._set_host([(s + ds, h + dh) for (s, h), (ds, dh) in zip(self._host(), self.delta)])
+        for layer in self.cache.layers:
+            layer.replayed(1)
         self.replays += 1
         return self.logits
 

@@ -171,6 +171,18 @@ class KVPlugLayer(PromptFirstLayer):
         first.merged, self.merged = (store, 0), (store, 1)
 
     # decode -----------------------------------------------------------------------------------
+    def _bound_after(self, n: int) -> int:
+        """The host-side bound on the slots' counts after ``n`` more tokens (a head that evicts
+        while generating stops at its budget)."""
+        evicting = self.scorer is not None and self.scorer.evicts_on_decode
+        return min(self.high + n, self.cap_max) if evicting else self.high + n
+
+    def replayed(self, n: int = 1) -> None:
+        """The host-side counters after a replayed CUDA graph of a step of ``n`` tokens
+        (:class:`~.graphs.DecodeGraph`): what :meth:`update` moves on the host as it runs."""
+        self.seen += n
+        self.high = self._bound_after(n)
+
     @torch.no_grad()
     def _append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         scorer = self.scorer
@@ -180,14 +192,14 @@ class KVPlugLayer(PromptFirstLayer):
             ahead = torch.arange(n, device=keys.device)
             slot = self.slots.counts[..., None] + ahead
             pos = (self.next_pos.view(-1, 1, 1) + ahead).expand_as(slot)
-            self.high += n
+            self.high = self._bound_after(n)
             self.slots.write(keys, values, slot, pos, None, top=self.high, added=n)
             self.next_pos += n  # in place, as the counts: a CUDA graph of the step reads the same tensors
         for i in range(keys.shape[-2] if evicting else 0):  # token by token: each may replace a slot
             step = self.next_pos.view(-1, 1, 1)
             counts = self.slots.counts
             slot, added = counts, 1  # a head below its budget appends at its count
-            self.high = min(self.high + 1, self.cap_max)  # a head at its budget overwrites
+            self.high = self._bound_after(1)  # a head at its budget overwrites
             if self.slots.capacity:
                 room = counts < self.capacity
                 victim = scorer.replaced(self.slots.scores, self.slots.positions, step, self.capacity)
@@ -196,7 +208,7 @@ class KVPlugLayer(PromptFirstLayer):
             new_score = scorer.new_token_score(pos)[..., None]
             self.slots.write(keys[..., i:i + 1, :], values[..., i:i + 1, :], slot[..., None], pos[..., None],
                              new_score, top=self.high, added=added)
-            self.next_pos = self.next_pos + 1
+            self.next_pos += 1  # in place (pos, a view of it, has been written)
         if self.groups is not None:
             codec = self.strategy.codec
             self.low += keys.shape[-2]
@@ -215,8 +227,13 @@ class KVPlugLayer(PromptFirstLayer):
         if self.pair is not None and self.merged is None:
             raise RuntimeError(f"kvplug: layer {self.layer_idx} shares its prompt with layer {self.pair[0][1]}, "
                                f"which has not seen it")
-        if tq == 1 and isinstance(self.slots, PagedStore) and not needs_probs and self.merged is None:
-            return self.slots.attend_one(queries[:, :, 0], scale)[:, None]
+        if tq == 1 and isinstance(self.slots, PagedStore) and self.merged is None:
+            if not needs_probs:
+                return self.slots.attend_one(queries[:, :, 0], scale)[:, None]
+            if self.slots.tail is None and self.device.type == "cuda":  # the kernel's logits give the scores
+                out, probs = self.slots.attend_scored(queries[:, :, 0], scale, self.slots.counts.shape[1])
+                self.slots.scores.copy_(scorer.decode_update(self.slots.scores, probs))
+                return out[:, None]
         keys, values, filled = self.slots.decode()
         qpos = self.next_pos.view(b, 1, 1, 1) - tq + torch.arange(tq, device=queries.device).view(1, 1, tq, 1)
         visible = filled[:, :, None, :] & (self.slots.positions[:, :, None, :] <= qpos)
@@ -229,7 +246,7 @@ class KVPlugLayer(PromptFirstLayer):
                                              enable_gqa=hq != h).to(queries.dtype)
         if needs_probs:
             probs = step_attention(queries[:, :, -1], keys, scale, visible[:, :, -1, :])
-            self.slots.scores = scorer.decode_update(self.slots.scores, probs)
+            self.slots.scores.copy_(scorer.decode_update(self.slots.scores, probs))
         return out.transpose(1, 2)
 
     def _prefixes(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

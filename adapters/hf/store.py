@@ -182,19 +182,22 @@ def read_paged(layout, cache: torch.Tensor, tables: torch.Tensor, slots: int,
 
 
 def attend_paged_one(layout, queries: torch.Tensor, cache: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
-                     scale: float, tail: tuple | None = None) -> torch.Tensor:
+                     scale: float, tail: tuple | None = None, logits: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention of one query per sequence ``[B, Hq, D]`` straight from the codes of the
     first ``lens`` slots (the Triton kernel on CUDA, its reference elsewhere; a rotated layout:
     q rotated in, the output rotated back, scores unchanged). ``tail``: dense tokens attended
     besides them, ``(keys, values, counts)`` as :func:`kvplug.triton_ops.decode_attention` takes
-    them, in the model's basis (rotated here for a rotated layout)."""
+    them, in the model's basis (rotated here for a rotated layout). ``logits`` (CUDA only, float32
+    ``[B, Hq, W]``): receives each slot's ``q . k * scale`` as the kernel computed it."""
     from kvplug import triton_ops
 
     q = (rotate(queries).to(queries.dtype) if layout.rotated else queries).contiguous()
     if tail is not None and layout.rotated:
         tail = (rotate(tail[0]), rotate(tail[1]), tail[2])
-    attend = triton_ops.decode_attention if cache.device.type == "cuda" else triton_ops.decode_attention_reference
-    out = attend(q, cache, layout, tables, lens, scale, tail=tail)
+    if cache.device.type == "cuda":
+        out = triton_ops.decode_attention(q, cache, layout, tables, lens, scale, tail=tail, logits=logits)
+    else:
+        out = triton_ops.decode_attention_reference(q, cache, layout, tables, lens, scale, tail=tail)
     return (rotate(out) if layout.rotated else out).to(queries.dtype)
 
 
@@ -368,6 +371,18 @@ class PagedStore:
         older, recent = (self.counts - n).clamp_min(0), self.counts.clamp_max(n)
         return attend_paged_one(self.layout, queries, self.cache, self.block_tables, older, scale,
                                 tail=(self.tail.keys, self.tail.values, recent))
+
+    def attend_scored(self, queries: torch.Tensor, scale: float, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """CUDA: :meth:`attend_one` (no residual window) and the step's attention per slot as
+        decode-time eviction reads it (:func:`kvplug.attention.step_probs` of the logits the
+        kernel wrote while attending: no second pass over the codes; slots past a head's count,
+        never written, are masked)."""
+        from kvplug.attention import step_probs
+
+        b, hq, _ = queries.shape
+        logits = torch.empty(b, hq, self.capacity, dtype=torch.float32, device=queries.device)
+        out = attend_paged_one(self.layout, queries, self.cache, self.block_tables, self.counts, scale, logits=logits)
+        return out, step_probs(logits, num_kv_heads, self.positions >= 0)
 
     def used_slots(self) -> int:
         """Token slots per row the blocks hold: the longest head's count in whole blocks (a block

@@ -87,6 +87,11 @@ class Scorer(Part):
     needs_all_queries: ClassVar[bool] = False
     evicts_on_decode: ClassVar[bool] = False
     needs_decode_attention: ClassVar[bool] = False
+    decode_on_device: ClassVar[bool] = False
+    """``evicts_on_decode``: whether the decode-time methods (:meth:`new_token_score`,
+    :meth:`decode_update`, :meth:`replaced`, :meth:`protected`) are tensor operations on their
+    arguments alone (no host reads, no Python state that changes), so a CUDA graph of the decode
+    step may replay them (:class:`kvplug.hf.DecodeGraph`); a scorer that does not say so runs eagerly."""
     needs_rope: ClassVar[bool] = False  # reads ScoreInputs.rope (queries before rotation)
     needs_out_proj: ClassVar[bool] = False  # reads ScoreInputs.out_proj (what a value adds to the layer's output)
     placement: ClassVar[str] = "select"

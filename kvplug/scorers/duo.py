@@ -57,6 +57,7 @@ class DuoAttention(RecentFirst, Scorer):
     name = "duo"
     paper = "DuoAttention, arXiv 2410.10819"
     evicts_on_decode = True
+    decode_on_device = True
     placement = "per_head"
     example: ClassVar[str] = "duo(pattern='10/01/11/00', window=16)"  # 4 layers x 2 KV heads
     pattern: str = param("", doc="head gates: a TSV file (DuoAttention's format) or bits per layer, e.g. 10/01")

@@ -26,6 +26,7 @@ class H2O(KeepsRecentShare, Scorer):
     paper = "H2O, arXiv 2306.14048"
     needs_all_queries = True
     evicts_on_decode = True
+    decode_on_device = True
     needs_decode_attention = True
     budget: TokenCount = param(TokenCount(tokens=1024), doc="tokens kept per head (count or %)")
     recent_ratio: float = param(0.5, low=0.0, high=1.0, doc="share of the budget kept as recent tokens")

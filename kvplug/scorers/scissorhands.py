@@ -44,6 +44,7 @@ class Scissorhands(KeepsRecentShare, Scorer):
     name = "scissorhands"
     paper = "Scissorhands, arXiv 2305.17118"
     evicts_on_decode = True
+    decode_on_device = True
     needs_decode_attention = True
     budget: TokenCount = param(TokenCount(tokens=1024), doc="tokens kept per head (count or %)")
     window: int = param(32, low=1, high=4096, doc="prompt queries whose attention is counted at prefill")

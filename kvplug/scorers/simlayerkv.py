@@ -27,6 +27,7 @@ class SimLayerKV(Scorer):
     per_layer = True
     paper = "SimLayerKV, arXiv 2410.13846"
     evicts_on_decode = True  # its lazy layers do (as streaming)
+    decode_on_device = True
     threshold: float = param(0.9, low=0.0, high=1.0, doc="attention share on sinks + window that makes a layer lazy")
     sinks: int = param(4, low=0, high=1 << 20, doc="first tokens a lazy layer keeps")
     window: TokenCount = param(TokenCount(tokens=1020), doc="recent tokens a lazy layer keeps (count or %)")

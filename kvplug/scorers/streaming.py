@@ -38,6 +38,7 @@ class Streaming(RecentFirst, Scorer):
     name = "streaming"
     paper = "StreamingLLM, arXiv 2309.17453"
     evicts_on_decode = True
+    decode_on_device = True
     placement = "window"
     sinks: int = param(4, low=0, high=1 << 20, doc="first tokens always kept")
     window: TokenCount = param(TokenCount(tokens=1020), doc="most recent tokens kept (count or % of the prompt)")

@@ -26,6 +26,7 @@ class Tova(Scorer):
     name = "tova"
     paper = "TOVA, arXiv 2401.06104"
     evicts_on_decode = True
+    decode_on_device = True
     needs_decode_attention = True
     budget: TokenCount = param(TokenCount(tokens=1024), doc="tokens kept per head (count or %)")
     keep_last: bool = param(True, doc="always keep the last prompt token at prefill (TOVA's and kvpress's code)")
