@@ -180,23 +180,25 @@ def test_generate_replays_the_graph_on_cuda(gen):
         assert (a.float() - b.float()).abs().max() <= 1e-3 * a.float().abs().max()
 
 
-@cuda
 @pytest.mark.parametrize("spec", ["h2o(budget=96)+int4", "tova(budget=96)+int8(rotate=true)"])
-def test_eviction_scores_from_the_kernels_logits_equal_the_dequantized_cache_s_on_cuda(spec, gen):
-    """On CUDA a decode-time scorer's step attention comes from the logits the decode kernel
-    writes (no second pass): equal to :func:`kvplug.attention.step_attention` over the decoded
-    keys, and the output to SDPA over the decoded cache, within float16 rounding."""
+def test_eviction_scores_from_the_decode_logits_equal_the_dequantized_cache_s(spec, gen):
+    """A decode-time scorer's step attention in the paged layout comes from the logits the decode
+    kernel (CUDA) or its reference (elsewhere) writes while attending (no second pass): equal to
+    :func:`kvplug.attention.step_attention` over the decoded keys, and the output to SDPA over the
+    decoded cache, within float16 rounding; slots no token holds get 0."""
     import torch.nn.functional as F
 
     from kvplug.attention import step_attention
 
-    model = tiny(head_dim=64).to("cuda", torch.bfloat16)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny(head_dim=64).to(dev, torch.bfloat16)
     ids, mask = prompts(gen, length=200)
-    cache = kvplug.hf.cache(model, spec)
-    model(input_ids=ids.cuda(), attention_mask=mask.cuda(), past_key_values=cache)
+    cache = kvplug.hf.cache(model, spec, paged=True)
+    model(input_ids=ids.to(dev), attention_mask=mask.to(dev), past_key_values=cache)
     layer = cache.layers[1]
+    assert layer.slots.capacity > int(layer.slots.counts.max())  # slots past the counts exist, unwritten
     h, d = layer.slots.counts.shape[1], 64
-    q = torch.randn(2, 2 * h, d, generator=gen).to("cuda", torch.bfloat16)
+    q = torch.randn(2, 2 * h, d, generator=gen).to(dev, torch.bfloat16)
     out, probs = layer.slots.attend_scored(q, d ** -0.5, h)
     keys, values, filled = layer.slots.decode()
     want = step_attention(q, keys, d ** -0.5, filled)

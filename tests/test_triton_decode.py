@@ -195,6 +195,31 @@ def test_decode_reads_only_the_held_slots(bits, per_head, splits, gen):
     assert _rel(out.cpu(), exact) < sanity(bits)
 
 
+@pytest.mark.parametrize("bits,splits", [(4, 1), (8, 3), (2, 2)])
+def test_logits_of_every_slot_with_a_length_per_head(bits, splits, gen):
+    """No ``held`` and a length per head (HF's paged eviction): entry i of ``logits`` is slot i's
+    ``q . k * scale`` over the dequantized keys (a float64 loop), for the kernel and for its
+    reference alike; entries past a head's length stay as they were (NaN)."""
+    b, hkv, g, d, width = 2, 2, 4, 64, 112
+    lens = torch.randint(20, 100, (b, hkv), dtype=torch.int32, generator=gen)
+    layout, cache, bt, k, v, q = _case(bits, d, 16, hkv, g, lens, gen)
+    lens = lens.to(DEV)
+    dk, _ = gather_kv(cache, layout, bt, k.shape[2], torch.float64)
+    for attend in (lambda lg: decode_attention(q, cache, layout, bt, lens, num_splits=splits, block_n=32, logits=lg),
+                   lambda lg: decode_attention_reference(q, cache, layout, bt, lens, logits=lg)):
+        logits = torch.full((b, hkv * g, width), float("nan"), device=DEV)
+        attend(logits)
+        for i in range(b):
+            for h in range(hkv):
+                n = int(lens[i, h])
+                want = [[float(q[i, qh].double() @ dk[i, h, t]) * d ** -0.5 for t in range(n)]
+                        for qh in range(h * g, (h + 1) * g)]
+                got = logits[i, h * g:(h + 1) * g]
+                assert torch.allclose(got[:, :n].double().cpu(), torch.tensor(want, dtype=torch.float64),
+                                      rtol=2e-3, atol=2e-3), (i, h)
+                assert got[:, n:].isnan().all(), (i, h)
+
+
 @pytest.mark.parametrize("bits,splits,per_head", [(16, 1, False), (4, 1, True), (8, 3, False), ((8, 4), 2, True)])
 def test_decode_log_sum_exp_and_its_merge_with_tokens_held_elsewhere(bits, splits, per_head, gen):
     """``lse`` is log(sum_t exp(q . k_t * scale)) over the dequantized keys (a float64 loop here;

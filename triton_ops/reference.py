@@ -83,7 +83,8 @@ def decode_attention_reference(q: torch.Tensor, cache: torch.Tensor, layout: Pag
                                sm_scale: float | None = None,
                                compute_dtype: torch.dtype = torch.float32,
                                held: torch.Tensor | None = None, return_lse: bool = False,
-                               tail: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+                               tail: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                               logits: torch.Tensor | None = None):
     """Attention of one query token per sequence over its dequantized paged K/V.
 
     q ``[batch, q_heads, head_dim]``; ``seq_lens`` ``[batch]`` or ``[batch, kv_heads]``; ``held``
@@ -92,6 +93,9 @@ def decode_attention_reference(q: torch.Tensor, cache: torch.Tensor, layout: Pag
     ``return_lse``: also the natural log-sum-exp of each query head's logits, ``[batch, q_heads]``
     (-inf where nothing is read), as ``(out, lse)``. ``tail``: ``(keys, values, counts)``, dense
     tokens attended besides the paged ones, as :func:`kvplug.triton_ops.decode_attention` takes them.
+    ``logits`` (``[batch, q_heads, W]``): entry ``i`` receives the scaled logit of the paged token
+    read ``i``-th (the front run, then the window), for ``i < W``, as the kernel's ``logits``;
+    other entries are left as they are.
     """
     layout.check(cache)
     b, hq, d = q.shape
@@ -121,6 +125,11 @@ def decode_attention_reference(q: torch.Tensor, cache: torch.Tensor, layout: Pag
     qf = q.to(compute_dtype).view(b, h, g, d)
     s = torch.einsum("bhgd,bhld->bhgl", qf, k) * sm_scale
     s = s.masked_fill(~valid[:, :, None, :], float("-inf"))
+    if logits is not None:
+        paged, w = valid[..., :max_len], logits.shape[2]
+        order = paged.cumsum(-1) - 1                        # read order of the paged tokens
+        bi, hi, li = (paged & (order < w)).nonzero(as_tuple=True)
+        logits.view(b, h, g, w)[bi, hi, :, order[bi, hi, li]] = s[bi, hi, :, li].to(logits.dtype)
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)           # all -inf rows (length 0) -> 0
     o = torch.einsum("bhgl,bhld->bhgd", p, v).reshape(b, hq, d)
     return (o, torch.logsumexp(s, dim=-1).reshape(b, hq)) if return_lse else o

@@ -230,7 +230,7 @@ class KVPlugLayer(PromptFirstLayer):
         if tq == 1 and isinstance(self.slots, PagedStore) and self.merged is None:
             if not needs_probs:
                 return self.slots.attend_one(queries[:, :, 0], scale)[:, None]
-            if self.slots.tail is None and self.device.type == "cuda":  # the kernel's logits give the scores
+            if self.slots.tail is None:  # the logits the kernel (or its reference) writes give the scores
                 out, probs = self.slots.attend_scored(queries[:, :, 0], scale, self.slots.counts.shape[1])
                 self.slots.scores.copy_(scorer.decode_update(self.slots.scores, probs))
                 return out[:, None]

@@ -187,8 +187,8 @@ def attend_paged_one(layout, queries: torch.Tensor, cache: torch.Tensor, tables:
     first ``lens`` slots (the Triton kernel on CUDA, its reference elsewhere; a rotated layout:
     q rotated in, the output rotated back, scores unchanged). ``tail``: dense tokens attended
     besides them, ``(keys, values, counts)`` as :func:`kvplug.triton_ops.decode_attention` takes
-    them, in the model's basis (rotated here for a rotated layout). ``logits`` (CUDA only, float32
-    ``[B, Hq, W]``): receives each slot's ``q . k * scale`` as the kernel computed it."""
+    them, in the model's basis (rotated here for a rotated layout). ``logits`` (float32
+    ``[B, Hq, W]``): receives each slot's ``q . k * scale`` as the kernel (or its reference) computes it."""
     from kvplug import triton_ops
 
     q = (rotate(queries).to(queries.dtype) if layout.rotated else queries).contiguous()
@@ -197,7 +197,7 @@ def attend_paged_one(layout, queries: torch.Tensor, cache: torch.Tensor, tables:
     if cache.device.type == "cuda":
         out = triton_ops.decode_attention(q, cache, layout, tables, lens, scale, tail=tail, logits=logits)
     else:
-        out = triton_ops.decode_attention_reference(q, cache, layout, tables, lens, scale, tail=tail)
+        out = triton_ops.decode_attention_reference(q, cache, layout, tables, lens, scale, tail=tail, logits=logits)
     return (rotate(out) if layout.rotated else out).to(queries.dtype)
 
 
@@ -373,7 +373,7 @@ class PagedStore:
                                 tail=(self.tail.keys, self.tail.values, recent))
 
     def attend_scored(self, queries: torch.Tensor, scale: float, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """CUDA: :meth:`attend_one` (no residual window) and the step's attention per slot as
+        """:meth:`attend_one` (no residual window) and the step's attention per slot as
         decode-time eviction reads it (:func:`kvplug.attention.step_probs` of the logits the
         kernel wrote while attending: no second pass over the codes; slots past a head's count,
         never written, are masked)."""
