@@ -60,6 +60,26 @@ def test_recent_keeps_the_newest_tokens_while_generating(plugin, gen):
                 assert held == list(range(n + 7 - 10, n + 7))  # 7 generated tokens were fed back
 
 
+def test_the_plugins_declared_eviction_runs_in_the_graphed_step(plugin, gen):
+    """``decode_on_device``, as the plugin declares it: its cache passes ``graph_blocker``, and
+    generate() inside ``kvplug.hf.cuda_graphs`` (the static step eagerly, on the CPU) gives the
+    tokens of generate() outside it, each decode step through the graph's step."""
+    import kvplug.hf
+
+    reg, _ = plugin
+    model = _tiny().to(torch.bfloat16)
+    ids = torch.randint(0, 96, (2, 30), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    for spec in ("recent(window=10)+int8", "ema(budget=12)+int4"):
+        strategy = parse(spec, registry=reg)
+        want = model.generate(**kw, past_key_values=kvplug.hf.cache(model, strategy, paged=True))
+        with kvplug.hf.cuda_graphs(model, capture=False) as state:
+            got = model.generate(**kw, past_key_values=kvplug.hf.cache(model, strategy, paged=True))
+        assert torch.equal(got, want) and state["steps"] == 9, spec
+
+
 def test_ema_follows_a_naive_moving_average_loop(plugin, gen, monkeypatch):
     """A float64 loop over the recorded prompt and each step's query and key: the prefill keeps the
     top of the last 8 queries' mean attention (group mean); each new token takes the slot of the

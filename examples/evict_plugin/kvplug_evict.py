@@ -11,7 +11,8 @@ Neither names an engine. What the engines need they read from what the classes d
 ``placement`` ("window": sinks plus a recent window, known from the prompt length; "select": a
 prompt-time selection whose lowest-ranked slot a generated token replaces), ``evicts_on_decode``
 and ``needs_decode_attention``, ``sinks_and_window`` for the first, ``decode_update`` and
-``new_token_score`` for the second. So ``kvplug.hf.cache(model, "ema(budget=256)+int4")`` and
+``new_token_score`` for the second, and ``decode_on_device`` (those methods are tensor operations
+alone, so HF's CUDA-graph decode may replay them). So ``kvplug.hf.cache(model, "ema(budget=256)+int4")`` and
 ``vllm serve MODEL --additional-config '{"kvplug": "recent(window=512)"}'`` work as they do for
 kvplug's own parts, and vLLM frees the blocks the evicted tokens leave.
 
@@ -41,6 +42,7 @@ class Recent(Scorer):
     name = "recent"
     paper = "example plugin (window attention)"
     evicts_on_decode = True
+    decode_on_device = True  # its decode-time methods are tensor ops alone: a CUDA graph may replay them
     placement = "window"
     window: TokenCount = param(TokenCount(tokens=256), doc="newest tokens kept (count or % of the prompt)")
 
@@ -64,6 +66,7 @@ class Ema(Scorer):
     name = "ema"
     paper = "example plugin"
     evicts_on_decode = True
+    decode_on_device = True
     needs_decode_attention = True
     budget: TokenCount = param(TokenCount(tokens=256), doc="tokens kept per head (count or %)")
     decay: float = param(0.9, low=0.0, high=1.0, doc="weight of the past in the moving average")
