@@ -158,7 +158,7 @@ def test_cuda_graphs_around_generate_on_the_cpu_runs_eagerly_and_says_so(gen, ca
         got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
                              past_key_values=kvplug.hf.cache(model, "int4", paged=True))
     assert torch.equal(got, want) and state["steps"] == 0
-    assert sum("CUDA graphs need CUDA" in r.getMessage() for r in caplog.records) == 1
+    assert sum("CUDA graphs need the model on CUDA" in r.getMessage() for r in caplog.records) == 1
 
 
 @cuda
@@ -199,7 +199,7 @@ def test_eviction_scores_from_the_decode_logits_equal_the_dequantized_cache_s(sp
     assert layer.slots.capacity > int(layer.slots.counts.max())  # slots past the counts exist, unwritten
     h, d = layer.slots.counts.shape[1], 64
     q = torch.randn(2, 2 * h, d, generator=gen).to(dev, torch.bfloat16)
-    out, probs = layer.slots.attend_scored(q, d ** -0.5, h)
+    out, probs = layer.slots.attend_scored(q, d ** -0.5)
     keys, values, filled = layer.slots.decode()
     want = step_attention(q, keys, d ** -0.5, filled)
     assert (probs - want).abs().max() <= 2e-3 * want.max()

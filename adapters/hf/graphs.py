@@ -39,8 +39,9 @@ from .store import PagedStore
 log = logging.getLogger("kvplug")
 
 
-def graph_blocker(cache) -> str | None:
-    """Why ``cache``'s decode step cannot be captured, or None when it can."""
+def graph_blocker(cache, cuda: bool = True) -> str | None:
+    """Why ``cache``'s decode step cannot be captured, or None when it can (``cuda`` False: the
+    same static step run eagerly, on any device)."""
     for i, layer in enumerate(cache.layers):
         if type(layer) is not KVPlugLayer:  # an offloading layer fetches on the host's decision
             return f"layer {i} is a {type(layer).__name__} (offloading decides on the host each step)"
@@ -53,6 +54,9 @@ def graph_blocker(cache) -> str | None:
             return f"{layer.strategy} holds part of its prompt outside the pages (merged or grouped)"
         if not isinstance(layer.slots, PagedStore):
             return f"layer {i} is not in the paged layout (paged=False, or a codec the paged kernels cannot read)"
+        if cuda and layer.device.type != "cuda":
+            return (f"the cache is on {layer.device}, and CUDA graphs need the model on CUDA "
+                    f"(capture=False runs the same step eagerly)")
     return None
 
 
@@ -65,15 +69,12 @@ class DecodeGraph:
     CPUs). ``forward``: what runs the model (default ``model`` itself)."""
 
     def __init__(self, model, cache, max_new_tokens: int = 256, capture: bool = True, forward=None):
-        why = graph_blocker(cache)
+        why = graph_blocker(cache, capture)
         if why is not None:
             raise ValueError(f"kvplug: DecodeGraph cannot capture this cache's decode step: {why}")
         if max_new_tokens < 1:
             raise ValueError(f"kvplug: DecodeGraph needs max_new_tokens >= 1, got {max_new_tokens}")
         first = cache.layers[0]
-        if capture and first.device.type != "cuda":
-            raise ValueError(f"kvplug: CUDA graphs need the model on CUDA, not {first.device}; "
-                             f"pass capture=False to run the same step eagerly")
         self.model, self.cache, self.max_new_tokens, self.capture = model, cache, max_new_tokens, capture
         self.forward = model if forward is None else forward
         batch = first.next_pos.shape[0]
@@ -171,9 +172,7 @@ def cuda_graphs(model, max_new_tokens: int = 256, capture: bool = True):
         graph = state["graph"]
         if graph is None or graph.cache is not past_key_values:
             state["graph"] = None  # the last cache's graph goes before a new one is captured
-            why = graph_blocker(past_key_values)
-            if why is None and capture and past_key_values.layers[0].device.type != "cuda":
-                why = f"the cache is on {past_key_values.layers[0].device}, and CUDA graphs need CUDA"
+            why = graph_blocker(past_key_values, capture)
             if why is not None:
                 state["refused"] = past_key_values
                 log.warning("kvplug: decode steps run eagerly (no CUDA graph): %s", why)

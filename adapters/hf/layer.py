@@ -231,7 +231,7 @@ class KVPlugLayer(PromptFirstLayer):
             if not needs_probs:
                 return self.slots.attend_one(queries[:, :, 0], scale)[:, None]
             if self.slots.tail is None:  # the logits the kernel (or its reference) writes give the scores
-                out, probs = self.slots.attend_scored(queries[:, :, 0], scale, self.slots.counts.shape[1])
+                out, probs = self.slots.attend_scored(queries[:, :, 0], scale)
                 self.slots.scores.copy_(scorer.decode_update(self.slots.scores, probs))
                 return out[:, None]
         keys, values, filled = self.slots.decode()

@@ -372,7 +372,7 @@ class PagedStore:
         return attend_paged_one(self.layout, queries, self.cache, self.block_tables, older, scale,
                                 tail=(self.tail.keys, self.tail.values, recent))
 
-    def attend_scored(self, queries: torch.Tensor, scale: float, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend_scored(self, queries: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`attend_one` (no residual window) and the step's attention per slot as
         decode-time eviction reads it (:func:`kvplug.attention.step_probs` of the logits the
         kernel wrote while attending: no second pass over the codes; slots past a head's count,
@@ -382,7 +382,7 @@ class PagedStore:
         b, hq, _ = queries.shape
         logits = torch.empty(b, hq, self.capacity, dtype=torch.float32, device=queries.device)
         out = attend_paged_one(self.layout, queries, self.cache, self.block_tables, self.counts, scale, logits=logits)
-        return out, step_probs(logits, num_kv_heads, self.positions >= 0)
+        return out, step_probs(logits, self.layout.num_kv_heads, self.positions >= 0)
 
     def used_slots(self) -> int:
         """Token slots per row the blocks hold: the longest head's count in whole blocks (a block

@@ -51,8 +51,7 @@ class Prompt:
         """What feeds ``cache`` one token per sequence and returns the logits, for ``steps`` steps:
         on CUDA a replayed :class:`kvplug.hf.DecodeGraph` where the cache allows one (the same
         kernels, without the host's time per step), else the model eagerly."""
-        if self.cuda_graphs and not self.own_cache and cache.layers[0].device.type == "cuda" \
-                and kvplug.hf.graph_blocker(cache) is None:
+        if self.cuda_graphs and not self.own_cache and kvplug.hf.graph_blocker(cache) is None:
             graph = kvplug.hf.DecodeGraph(self.model, cache, max_new_tokens=max(steps, 1))
             return lambda tokens: graph(tokens).clone()
         return lambda tokens: self.step(cache, tokens)
